@@ -1,0 +1,1 @@
+"""OXnet: omni-supervised thoracic disease detection (RetinaNet + DAA + GPA + mean teacher/SFL)."""
