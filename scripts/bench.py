@@ -1,0 +1,26 @@
+"""Benchmarks. Each prints one JSON object on stdout (seconds, the machine, ratios).
+
+    python scripts/bench.py train-step [--help]   model step time vs torchvision's RetinaNet
+    python scripts/bench.py db [--help]           store queries and import at 100k images
+
+The logic lives in the packages (oxnet.bench, db.bench); this file only dispatches.
+"""
+
+import json
+import sys
+from importlib import import_module
+
+COMMANDS = {"train-step": "oxnet.bench", "db": "db.bench"}
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] not in COMMANDS:
+        print(__doc__, file=sys.stderr)
+        return 2
+    result = import_module(COMMANDS[argv[0]]).main(argv[1:])
+    print(json.dumps(result, indent=2, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
