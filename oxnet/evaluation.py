@@ -156,7 +156,11 @@ def _gt_dataset(ground_truth: Mapping[str, Any]) -> dict[str, Any]:
     for key in ("images", "categories"):
         if key not in ground_truth:
             raise ValueError(f"ground_truth: missing key {key!r}")
-    categories = [{"id": int(c["id"]), "name": str(c["name"])} for c in ground_truth["categories"]]
+    categories = []
+    for i, category in enumerate(ground_truth["categories"]):
+        if "id" not in category or "name" not in category:
+            raise ValueError(f"ground_truth['categories'][{i}]: needs 'id' and 'name'")
+        categories.append({"id": int(category["id"]), "name": str(category["name"])})
     if not categories:
         raise ValueError("ground_truth: 'categories' is empty")
     category_ids = {c["id"] for c in categories}

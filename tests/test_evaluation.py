@@ -273,6 +273,8 @@ def test_bad_predictions(predictions, error, match):
     ("gt", "match"),
     [
         ({"images": [{"id": 1}]}, "categories"),
+        ({"images": [{"id": 1}], "categories": [{"id": 1}]}, "'name'"),
+        ({"images": [{"id": 1}], "categories": []}, "empty"),
         (make_gt(1, [box(9, 1, 0, 0, 5, 5)]), "image_id 9"),
         (make_gt(1, [box(1, 4, 0, 0, 5, 5)]), "category_id 4"),
         (make_gt(1, [box(1, 1, 0, 0, -5, 5)]), "bbox"),
