@@ -1,0 +1,29 @@
+"""Data for OXnet: records of three granularities, two-view datasets, a mixing batch sampler and
+synthetic chest X-rays.
+
+Names load lazily, so ``import oxnet.data.synthetic`` (numpy and Pillow only) does not import torch.
+"""
+
+from importlib import import_module
+
+_LAZY = {
+    "GRANULARITIES": "oxnet.data.records",
+    "Record": "oxnet.data.records",
+    "Records": "oxnet.data.records",
+    "records_from_coco": "oxnet.data.records",
+    "load_image": "oxnet.data.transforms",
+    "Photometric": "oxnet.data.transforms",
+    "STUDENT_AUGMENT": "oxnet.data.transforms",
+    "TEACHER_AUGMENT": "oxnet.data.transforms",
+    "OmniDataset": "oxnet.data.datasets",
+    "collate": "oxnet.data.datasets",
+    "MixedBatchSampler": "oxnet.data.sampler",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'oxnet.data' has no attribute {name!r}")
