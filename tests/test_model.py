@@ -1,0 +1,321 @@
+"""The OXnet model: forward contract, which loss applies to which granularity, the box losses against a
+loop oracle, DAA gradient flow, prototype buffers, the EMA teacher and pseudo-box filtering."""
+
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from oxnet.model import LOSS_NAMES, ModelConfig, OXNet, build_model
+from oxnet.teacher import MeanTeacher
+
+N = 3
+SIZE = 64
+
+
+def make_model(**overrides):
+    torch.manual_seed(0)
+    return build_model(preset="tiny", num_classes=N, **overrides)
+
+
+def full(boxes, labels):
+    boxes = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+    labels = torch.tensor(labels, dtype=torch.int64)
+    y = torch.zeros(N)
+    y[labels[labels < N]] = 1
+    return {"granularity": "full", "boxes": boxes, "labels": labels, "image_labels": y}
+
+
+def weak(present):
+    y = torch.zeros(N)
+    y[list(present)] = 1
+    return {"granularity": "weak", "image_labels": y}
+
+
+def unlabeled():
+    return {"granularity": "unlabeled"}
+
+
+def images(b):
+    return torch.rand(b, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(b))
+
+
+# ------------------------------------------------------------------------------------------ building
+def test_presets_and_options():
+    assert build_model(preset="paper", num_classes=9).config.levels == (2, 3, 4, 5, 6, 7)
+    m = build_model(preset="tiny", num_classes=4, depth=34, fpn_width=16, head_depth=2)
+    assert m.backbone.out_channels == 16 and len(m.cls_head.conv) == 2 and m.prototypes.shape == (4, 512)
+    with pytest.raises(ValueError, match="preset"):
+        build_model(preset="huge")
+    with pytest.raises(TypeError, match="unknown model options"):
+        build_model(preset="tiny", depht=50)
+    with pytest.raises(ValueError, match="levels"):
+        build_model(preset="tiny", levels=(3, 5))
+    with pytest.raises(ValueError, match="gpa=True needs daa"):
+        build_model(preset="tiny", daa=False)
+
+
+def test_imagenet_weights_unavailable_warns_and_trains_from_scratch(monkeypatch):
+    from torchvision.models import ResNet18_Weights
+
+    def offline(self, *a, **k):
+        raise OSError("no internet")
+
+    monkeypatch.setattr(type(ResNet18_Weights.DEFAULT), "get_state_dict", offline)
+    with pytest.warns(UserWarning, match=r"unavailable.*weights='/path/to/resnet18.pth'"):
+        m = build_model(preset="tiny", num_classes=N, weights="imagenet")
+    assert isinstance(m, OXNet)
+
+
+def test_local_backbone_weights(tmp_path):
+    from torchvision.models import resnet18, resnet34
+
+    ref = resnet18()
+    torch.save(ref.state_dict(), tmp_path / "r18.pth")
+    m = build_model(preset="tiny", num_classes=N, weights=str(tmp_path / "r18.pth"))
+    torch.testing.assert_close(m.backbone.body.conv1.weight, ref.conv1.weight)
+    torch.save(resnet34().state_dict(), tmp_path / "r34.pth")
+    with pytest.raises(ValueError, match="r34.pth is not a ResNet-18"):
+        build_model(preset="tiny", num_classes=N, weights=str(tmp_path / "r34.pth"))
+    with pytest.raises(FileNotFoundError, match="missing.pth"):
+        build_model(preset="tiny", num_classes=N, weights=str(tmp_path / "missing.pth"))
+
+
+# ------------------------------------------------------------------------------------------ contract
+def test_eval_returns_detections_image_probs_and_attention():
+    m = make_model().eval()
+    out = m(images(2))
+    assert len(out) == 2
+    for det in out:
+        assert det["boxes"].shape[1] == 4 and det["scores"].shape == det["labels"].shape
+        assert det["labels"].dtype == torch.int64
+        assert det["image_probs"].shape == (N,)
+        assert det["attention"].shape == (N, 2, 2)  # C5 grid of a 64 px image
+        torch.testing.assert_close(det["attention"].sum((-2, -1)), torch.ones(N))
+
+
+def test_grayscale_and_rgb_inputs_agree():
+    m = make_model().eval()
+    x = images(1)
+    a, b = m(x)[0], m(x.expand(-1, 3, -1, -1))[0]
+    torch.testing.assert_close(a["image_probs"], b["image_probs"])
+
+
+@pytest.mark.parametrize(
+    "targets, nonzero, zero",
+    [
+        ([full([[5, 5, 40, 40]], [1])], {"classification", "bbox_regression", "image_bce"}, {"soft_focal"}),
+        ([full([], [])], {"classification", "image_bce"}, {"bbox_regression", "soft_focal"}),  # negative image
+        ([weak([0])], {"image_bce", "soft_focal"}, {"classification", "bbox_regression"}),
+        ([weak([])], {"image_bce", "soft_focal"}, {"classification", "bbox_regression"}),  # "no finding"
+        ([unlabeled()], {"soft_focal"}, {"classification", "bbox_regression", "image_bce", "prototype_intra"}),
+        ([full([[5, 5, 40, 40]], [0]), weak([2]), unlabeled()], {"classification", "image_bce", "soft_focal"}, set()),
+    ],
+)
+def test_each_loss_applies_only_to_its_granularities(targets, nonzero, zero):
+    mt = MeanTeacher(make_model()).train()
+    losses = mt(images(len(targets)), targets, images(len(targets)) * 0.9)
+    assert set(losses) == set(LOSS_NAMES)
+    for name in nonzero:
+        assert losses[name] > 0, name
+    for name in zero:
+        assert losses[name] == 0, name
+    sum(losses.values()).backward()
+    assert all(torch.isfinite(p.grad).all() for p in mt.student.parameters() if p.grad is not None)
+
+
+def test_retinanet_mode_ignores_weak_and_unlabeled():
+    m = make_model(daa=False, gpa=False, sfl=False).train()
+    losses = m(images(3), [full([[5, 5, 40, 40]], [1]), weak([0]), unlabeled()])
+    assert losses["classification"] > 0
+    assert all(losses[k] == 0 for k in ("image_bce", "prototype_intra", "prototype_inter", "soft_focal"))
+
+
+def test_loss_weights_scale_named_losses():
+    t = [full([[5, 5, 40, 40]], [1])]
+    a = make_model().train()(images(1), t)
+    b = make_model(loss_weights={"classification": 2.0}).train()(images(1), t)
+    torch.testing.assert_close(b["classification"], 2 * a["classification"])
+    with pytest.raises(ValueError, match="unknown loss_weights"):
+        make_model(loss_weights={"focal": 1.0})
+
+
+@pytest.mark.parametrize(
+    "x, targets, match",
+    [
+        (torch.full((1, 1, SIZE, SIZE), float("nan")), [full([], [])], "NaN"),
+        (images(1), [full([[5, 5, float("nan"), 40]], [1])], "NaN"),
+        (images(1), [full([[5, 5, 5, 40]], [1])], "zero or negative size"),
+        (images(1), [full([[5, 5, 30, 40]], [7])], "labels"),
+        (images(1), [{"granularity": "boxes"}], "granularity"),
+        (images(1), [{"granularity": "weak"}], "image_labels"),
+        (images(2), [full([], [])], "2 images but 1 targets"),
+        (torch.rand(1, 2, SIZE, SIZE), [full([], [])], "images must be"),
+    ],
+)
+def test_bad_input_is_rejected_clearly(x, targets, match):
+    with pytest.raises(ValueError, match=match):
+        make_model().train()(x, targets)
+
+
+# ------------------------------------------------------------------------------------------ box losses vs oracle
+def _iou(a, b):
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
+def _smooth_l1(x, beta=1 / 9):
+    x = abs(x)
+    return 0.5 * x * x / beta if x < beta else x - 0.5 * beta
+
+
+def box_loss_oracle(logits, deltas, anchors, targets, alpha=0.25, gamma=2.0):
+    """Loops over images, anchors, boxes and classes: matching (0.5 / 0.4 with low-quality matches),
+    focal loss on non-ignored anchors, smooth-L1 on encoded deltas, both over the batch's foreground count."""
+    cls_sum, reg_sum, n_fg = 0.0, 0.0, 0
+    A = anchors.tolist()
+    for b, t in enumerate(targets):
+        gts, gl = t["boxes"].tolist(), t["labels"].tolist()
+        match = []
+        for a in A:
+            ious = [_iou(g, a) for g in gts]
+            best = max(ious) if ious else 0.0
+            j = ious.index(best) if ious else -1
+            match.append(j if best >= 0.5 else (-1 if best < 0.4 else -2))
+        for j, g in enumerate(gts):  # low-quality matches: every box keeps its best anchors
+            ious = [_iou(g, a) for a in A]
+            top = max(ious)
+            for ai, v in enumerate(ious):
+                if v == top:
+                    own = [_iou(h, A[ai]) for h in gts]
+                    match[ai] = own.index(max(own))
+        for ai, a in enumerate(A):
+            if match[ai] == -2:
+                continue
+            for c in range(logits.shape[-1]):
+                q = torch.sigmoid(logits[b, ai, c])
+                if match[ai] >= 0 and gl[match[ai]] == c:
+                    cls_sum = cls_sum - alpha * (1 - q) ** gamma * torch.log(q)
+                else:
+                    cls_sum = cls_sum - (1 - alpha) * q**gamma * torch.log(1 - q)
+            if match[ai] >= 0:
+                n_fg += 1
+                g = gts[match[ai]]
+                aw, ah = a[2] - a[0], a[3] - a[1]
+                gw, gh = g[2] - g[0], g[3] - g[1]
+                tgt = [
+                    10 * ((g[0] + gw / 2) - (a[0] + aw / 2)) / aw,
+                    10 * ((g[1] + gh / 2) - (a[1] + ah / 2)) / ah,
+                    5 * math.log(gw / aw),
+                    5 * math.log(gh / ah),
+                ]
+                for k in range(4):
+                    reg_sum = reg_sum + _smooth_l1(float(deltas[b, ai, k]) - tgt[k])
+    n = max(1, n_fg)
+    return cls_sum / n, reg_sum / n
+
+
+def test_box_losses_match_loop_oracle():
+    m = make_model(daa=False, gpa=False, sfl=False).train()
+    targets = [full([[4, 6, 30, 28], [20, 22, 60, 50]], [0, 2]), full([], []), full([[33, 1, 47, 21]], [1])]
+    x = images(3)
+    losses = m(x, targets)
+    with torch.no_grad():
+        dense = m.dense(x)
+    cls, reg = box_loss_oracle(dense["cls_logits"], dense["bbox_deltas"], dense["anchors"], targets)
+    torch.testing.assert_close(losses["classification"], cls.float(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(losses["bbox_regression"], torch.tensor(reg, dtype=torch.float32), rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ DAA, GPA
+def test_daa_gradient_reaches_the_local_classification_head():
+    m = make_model(gpa=False, sfl=False).train()
+    torch.nn.init.normal_(m.image_head.weight)  # zero-initialised: give X some signal first
+    losses = m(images(2), [weak([0]), weak([1, 2])])
+    losses["image_bce"].backward()
+    assert m.cls_head.out.weight.grad.abs().sum() > 0
+    assert m.cls_head.conv[0][0].weight.grad.abs().sum() > 0
+    assert m.reg_head.out.weight.grad is None or m.reg_head.out.weight.grad.abs().sum() == 0
+
+
+def test_prototypes_are_buffers_that_survive_state_dict_and_to():
+    m = make_model().train()
+    m(images(2), [weak([0]), full([[5, 5, 40, 40]], [2])])
+    assert m.prototype_initialized.tolist() == [True, False, True]
+    assert m.prototypes[0].abs().sum() > 0 and m.prototypes[1].abs().sum() == 0
+    state = m.state_dict()
+    assert "prototypes" in state and "prototype_initialized" in state
+    fresh = make_model()
+    fresh.load_state_dict(state)
+    torch.testing.assert_close(fresh.prototypes, m.prototypes)
+    assert torch.equal(fresh.prototype_initialized, m.prototype_initialized)
+    as_double = fresh.to(torch.float64)
+    assert as_double.prototypes.dtype == torch.float64
+    assert as_double.prototype_initialized.dtype == torch.bool
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_prototypes_move_to_cuda_and_train_under_amp():
+    m = make_model().cuda().train()
+    with torch.autocast("cuda", dtype=torch.float16):
+        losses = m(images(2).cuda(), [weak([0]), full([[5, 5, 40, 40]], [2])])
+    sum(losses.values()).backward()
+    assert m.prototypes.is_cuda and m.prototype_initialized.any()
+
+
+# ------------------------------------------------------------------------------------------ teacher
+def test_teacher_ema_matches_formula():
+    student = make_model()
+    mt = MeanTeacher(student, ema_decay=0.99)
+    expected = {k: v.clone() for k, v in mt.teacher.state_dict().items()}
+    for t in range(4):
+        with torch.no_grad():
+            for p in student.parameters():
+                p.add_(torch.randn_like(p) * 0.1)
+        lam = mt.update_teacher()
+        assert lam == pytest.approx(min(1 - 1 / (t + 1), 0.99))
+        for k, s in student.state_dict().items():
+            if s.dtype.is_floating_point:
+                expected[k] = lam * expected[k] + (1 - lam) * s
+            else:
+                expected[k] = s.clone()
+    for k, v in mt.teacher.state_dict().items():
+        torch.testing.assert_close(v, expected[k], msg=k)
+    assert not any(p.requires_grad for p in mt.teacher.parameters())
+
+
+def test_teacher_stays_in_eval_mode_and_gets_no_gradient():
+    mt = MeanTeacher(make_model()).train()
+    assert mt.student.training and not mt.teacher.training
+    losses = mt(images(2), [weak([0]), unlabeled()], images(2))
+    sum(losses.values()).backward()
+    assert all(p.grad is None for p in mt.teacher.parameters())
+
+
+def test_pseudo_boxes_follow_image_labels_on_weak_images_only():
+    mt = MeanTeacher(make_model())
+    with torch.no_grad():
+        mt.teacher.cls_head.out.bias.fill_(4.0)  # a confident teacher: every class everywhere
+    targets = mt.pseudo_label(images(3), [weak([1]), unlabeled(), weak([])])
+    assert targets[0]["pseudo_labels"].unique().tolist() == [1]
+    assert set(targets[1]["pseudo_labels"].unique().tolist()) == {0, 1, 2}
+    assert len(targets[2]["pseudo_boxes"]) == 0  # "no finding": nothing kept, SFL still applies
+    for t in targets:
+        assert t["soft_labels"].shape[1] == N
+        assert (t["pseudo_boxes"][:, 2:] > t["pseudo_boxes"][:, :2]).all()
+    losses = mt.train()(images(3), [weak([1]), unlabeled(), weak([])], images(3))
+    assert losses["soft_focal"] > 0 and losses["pseudo_bbox_regression"] > 0
+
+
+def test_soft_focal_is_zero_when_student_equals_teacher_view():
+    mt = MeanTeacher(make_model(daa=False, gpa=False))
+    mt.update_teacher()  # l_0 = 0: teacher := student
+    mt.student.eval()  # same BatchNorm behaviour as the teacher
+    x = images(1)
+    targets = mt.pseudo_label(x, [unlabeled()])
+    losses = mt.student.compute_losses(x, targets)
+    assert losses["soft_focal"] < 1e-8
