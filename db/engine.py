@@ -1,0 +1,93 @@
+"""The one place that makes engines and sessions, and brings a database's schema up to date.
+
+    >>> from db.engine import init_db, make_sessionmaker
+    >>> engine = init_db("sqlite:///workbench.db")      # creates or upgrades the schema (Alembic)
+    >>> Session = make_sessionmaker(engine)
+    >>> with Session.begin() as session:                 # the caller owns the transaction
+    ...     ...
+
+SQLite connections get ``journal_mode=WAL`` (readers never block the writer), ``busy_timeout`` (a writer
+waits for another writer instead of failing with "database is locked") and ``foreign_keys=ON``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session, sessionmaker
+
+#: Environment variable holding the store's SQLAlchemy URL.
+DB_URL_ENV = "OXNET_DB_URL"
+#: The store used when ``OXNET_DB_URL`` is not set: ``workbench.db`` in the working directory.
+DEFAULT_DB_URL = "sqlite:///workbench.db"
+#: Milliseconds a SQLite writer waits for another writer's lock before giving up.
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+_MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+
+
+def database_url(url: str | None = None) -> str:
+    """``url`` if given, else ``$OXNET_DB_URL``, else ``sqlite:///workbench.db``."""
+    return url or os.environ.get(DB_URL_ENV) or DEFAULT_DB_URL
+
+
+def _sqlite_pragmas(dbapi_connection, connection_record) -> None:
+    """Set WAL, busy timeout and foreign keys on every new SQLite connection."""
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
+
+
+def make_engine(url: str | None = None, **kwargs) -> Engine:
+    """Create an engine for ``url`` (see :func:`database_url`); SQLite gets the pragmas on every connection.
+
+    Extra keyword arguments go to :func:`sqlalchemy.create_engine`.
+    """
+    url = database_url(url)
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        kwargs.setdefault("connect_args", {}).setdefault("timeout", SQLITE_BUSY_TIMEOUT_MS / 1000)
+        database = parsed.database
+        if database and database != ":memory:" and not database.startswith("file:"):
+            Path(database).expanduser().resolve().parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(url, **kwargs)
+    if engine.dialect.name == "sqlite":
+        event.listen(engine, "connect", _sqlite_pragmas)
+    return engine
+
+
+def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
+    """A ``sessionmaker`` bound to ``engine``; objects stay usable after commit (``expire_on_commit=False``)."""
+    return sessionmaker(engine, expire_on_commit=False)
+
+
+def alembic_config(engine: Engine) -> Config:
+    """An Alembic configuration for ``engine`` that needs no ``alembic.ini`` (the scripts ship in the package)."""
+    config = Config()
+    config.set_main_option("script_location", str(_MIGRATIONS))
+    config.set_main_option("sqlalchemy.url", engine.url.render_as_string(hide_password=False).replace("%", "%%"))
+    config.attributes["engine"] = engine
+    return config
+
+
+def upgrade(engine: Engine, revision: str = "head") -> None:
+    """Run the Alembic migrations of ``db/migrations`` up to ``revision`` on ``engine``'s database."""
+    command.upgrade(alembic_config(engine), revision)
+
+
+def init_db(url: str | None = None, **kwargs) -> Engine:
+    """Make the engine for ``url`` and create or upgrade its schema to the newest revision.
+
+    Safe on an existing store: only the missing migrations run, the data stays.
+    """
+    engine = make_engine(url, **kwargs)
+    upgrade(engine)
+    return engine
