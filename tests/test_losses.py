@@ -9,10 +9,12 @@ from torchvision.ops import sigmoid_focal_loss
 
 from oxnet import losses as L
 
-torch.set_default_dtype(torch.float64)  # oracles compare to 1e-10; restored below
 
-
-def teardown_module():
+@pytest.fixture(autouse=True)
+def float64():
+    """Oracles and vectorised ops are compared in double precision."""
+    torch.set_default_dtype(torch.float64)
+    yield
     torch.set_default_dtype(torch.float32)
 
 
