@@ -1,0 +1,134 @@
+"""Export: COCO JSON per granularity, and the train/val/test mix the trainer learns from.
+
+The COCO dialect is the one of ``../shared/data/nih-cxr/annotations/*.json`` and
+:func:`oxnet.data.records_from_coco`: ``bbox`` = [x, y, w, h] in pixels of the file, and per image
+``granularity``, ``image_labels`` (present class names; ``["No Finding"]`` for explicit negatives; empty
+for unlabeled images), ``patient_id``, ``view_position`` and ``split``. Boxes are exported for full
+images only (boxes of a weak image are incomplete; their classes are in ``image_labels``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from db.models import Box, FileStatus, Granularity, Image, ImageLabel, LabelClass, Split
+from db.repository import DEFAULT_PROJECT, get_project
+from oxnet.classes import NO_FINDING
+
+#: Decimals kept in exported coordinates (x2 - x1 of stored floats would otherwise show float noise).
+COORD_DECIMALS = 6
+
+
+def export_coco(
+    session: Session,
+    split: Split | str | None = None,
+    granularity: Granularity | str | None = None,
+    *,
+    project: str = DEFAULT_PROJECT,
+    images_root: str | Path | None = None,
+) -> dict[str, Any]:
+    """The project's images as a COCO dict.
+
+    Args:
+        split: only this split (``"train"``, ``"val"``, ``"test"``); None for all images.
+        granularity: only this granularity; None or ``"all"`` for all.
+        images_root: write ``file_name`` relative to this folder (images outside it keep absolute
+            paths); None writes absolute paths. The dict's ``images_root`` key repeats it.
+
+    Returns:
+        ``{"info", "images_root", "categories", "images", "annotations"}``; category ids are the
+        project's class order (1-based), image ids the store's. Missing and corrupt files are left out.
+    """
+    project_ = get_project(session, project)
+    query = select(Image).where(Image.project_id == project_.id, Image.file_status.not_in([FileStatus.MISSING, FileStatus.CORRUPT]))
+    if split is not None:
+        query = query.where(Image.split == Split(split))
+    if granularity is not None and granularity != "all":
+        query = query.where(Image.granularity == Granularity(granularity))
+    images = list(session.scalars(query.order_by(Image.id)))
+    classes = list(session.scalars(select(LabelClass).where(LabelClass.project_id == project_.id).order_by(LabelClass.ordinal)))
+    name_of = {c.id: c.name for c in classes}
+    ordinal_of = {c.id: c.ordinal for c in classes}
+
+    ids = [image.id for image in images]
+    present: dict[int, set[int]] = defaultdict(set)
+    boxes: dict[int, list[Box]] = defaultdict(list)
+    for chunk in (ids[i : i + 20_000] for i in range(0, len(ids), 20_000)):
+        for image_id, class_id in session.execute(
+            select(ImageLabel.image_id, ImageLabel.class_id).where(ImageLabel.image_id.in_(chunk), ImageLabel.present)
+        ):
+            present[image_id].add(class_id)
+        for box in session.scalars(select(Box).where(Box.image_id.in_(chunk)).order_by(Box.id)):
+            boxes[box.image_id].append(box)
+
+    root = Path(images_root).expanduser().resolve() if images_root is not None else None
+    coco_images, annotations = [], []
+    for image in images:
+        full = image.granularity is Granularity.FULL
+        class_ids = present[image.id] | ({b.class_id for b in boxes[image.id]} if full else set())
+        labels = [name_of[c] for c in sorted(class_ids, key=ordinal_of.__getitem__)]
+        if image.no_finding:
+            labels = [NO_FINDING]
+        coco_images.append({
+            "id": image.id,
+            "file_name": _file_name(image.path, root),
+            "width": image.width,
+            "height": image.height,
+            "patient_id": image.patient_id,
+            "view_position": image.view,
+            "split": image.split.value if image.split else None,
+            "granularity": image.granularity.value,
+            "image_labels": labels,
+        })
+        if not full:
+            continue
+        for box in boxes[image.id]:
+            x, y = round(box.x1, COORD_DECIMALS), round(box.y1, COORD_DECIMALS)
+            w, h = round(box.x2 - box.x1, COORD_DECIMALS), round(box.y2 - box.y1, COORD_DECIMALS)
+            annotations.append({
+                "id": box.id, "image_id": image.id, "category_id": ordinal_of[box.class_id],
+                "bbox": [x, y, w, h], "area": round(w * h, COORD_DECIMALS), "iscrowd": 0,
+            })
+    return {
+        "info": {"description": f"OXnet workbench store, project {project!r}", "split": str(split) if split else None,
+                 "granularity": str(granularity) if granularity else "all"},
+        "images_root": str(root) if root is not None else None,
+        "categories": [{"id": c.ordinal, "name": c.name} for c in classes],
+        "images": coco_images,
+        "annotations": annotations,
+    }
+
+
+def _file_name(path: str, root: Path | None) -> str:
+    if root is None:
+        return path
+    try:
+        return Path(path).relative_to(root).as_posix()
+    except ValueError:
+        return path
+
+
+def export_training_mix(session: Session, *, project: str = DEFAULT_PROJECT) -> dict[str, dict[str, Any]]:
+    """``{"train": coco, "val": coco, "test": coco}`` of the current label mix, absolute file names.
+
+    The bridge to the trainer: every image carries its granularity. Images without a split are left
+    out (run :func:`db.repository.assign_splits`, ``python -m db split``, first).
+    """
+    return {s.value: export_coco(session, split=s, project=project) for s in Split}
+
+
+def write_json(data: dict[str, Any], path: str | Path) -> None:
+    """Write ``data`` as JSON atomically (temp file + rename), creating the folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, path)
