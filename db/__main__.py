@@ -1,0 +1,162 @@
+"""Command line of the workbench store: ``python -m db --help``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from tqdm import tqdm
+
+from db.engine import DB_URL_ENV, DEFAULT_DB_URL, database_url, init_db, make_sessionmaker
+from db.export import export_coco, export_training_mix, write_json
+from db.importers import ImportReport, check_files, import_coco, import_folder, import_nih, import_vindr
+from db.repository import DEFAULT_PROJECT, assign_splits, stats
+
+SALT_ENV = "OXNET_PSEUDONYM_SALT"
+
+DESCRIPTION = f"""\
+The OXnet workbench store: the database that remembers your images, their labels and boxes, and the
+models trained on them. Images stay where they are; the store only records their paths.
+
+Where the store is: the SQLAlchemy URL in the environment variable {DB_URL_ENV}, or --db.
+Default: {DEFAULT_DB_URL} (a file workbench.db in the current folder, created on first use).
+Examples:
+  python -m db import folder /data/xrays                  every PNG, JPEG and DICOM under the folder
+  python -m db import coco boxes.json --images /data/png  a COCO JSON whose file names are under /data/png
+  python -m db import nih Data_Entry_2017_v2020.csv --bbox BBox_List_2017.csv --images /data/nih/images_*
+  python -m db import vindr train.csv --images /data/vindr/train
+  python -m db split                                      train/val/test by patient
+  python -m db stats                                      counts per granularity and split
+  python -m db export coco out.json --granularity full    boxes of the fully labelled images
+Patient ids can be replaced by salted hashes: set {SALT_ENV} (or --pseudonymize-salt) when importing.
+Each import is one transaction: if it stops half-way, nothing of it is stored. Bad files are listed
+with the reason and the rest is imported; the exit status is 1 when there were errors."""
+
+
+def _progress(description: str) -> tuple[Callable[[int, int], None], Callable[[], None]]:
+    bar = tqdm(desc=description, unit="item", file=sys.stderr, disable=None)
+
+    def update(done: int, total: int) -> None:
+        bar.total, bar.n = total, done
+        if done == total or done % 500 == 0:
+            bar.refresh()
+
+    return update, bar.close
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m db", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--db", metavar="URL", help=f"store URL (default: ${DB_URL_ENV} or {DEFAULT_DB_URL})")
+    parser.add_argument("--project", default=DEFAULT_PROJECT, help="project name (default: %(default)s)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    commands.add_parser("init", help="create the store, or bring an existing one up to date")
+
+    imports = commands.add_parser("import", help="add images and their labels").add_subparsers(dest="kind", required=True, metavar="KIND")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--split", choices=["train", "val", "test"], help="put every imported image in this split")
+    common.add_argument("--pseudonymize-salt", metavar="SALT", help=f"replace patient ids by salted hashes (default: ${SALT_ENV})")
+    common.add_argument("--report", metavar="FILE", help="also write the full report (every item and reason) as JSON")
+
+    folder = imports.add_parser("folder", parents=[common], help="every PNG, JPEG and DICOM file under a folder (unlabeled)")
+    folder.add_argument("folder", metavar="DIR")
+
+    coco = imports.add_parser("coco", parents=[common], help="a COCO JSON file (boxes, image_labels)")
+    coco.add_argument("file", metavar="FILE")
+    coco.add_argument("--images", metavar="DIR", help="folder the file names are relative to (default: the JSON's folder)")
+    coco.add_argument("--no-verify", action="store_true", help="do not read every image now (faster; run 'check' later)")
+
+    nih = imports.add_parser("nih", parents=[common], help="NIH ChestX-ray14 Data_Entry CSV(s), box list and image folders")
+    nih.add_argument("data_entry", nargs="+", metavar="DATA_ENTRY.csv")
+    nih.add_argument("--images", nargs="+", required=True, metavar="DIR", help="image folder(s) (images_001 ... images_012)")
+    nih.add_argument("--bbox", metavar="BBox_List_2017.csv", help="NIH's box list")
+    nih.add_argument("--verify", action="store_true", help="read every image now (default: later, with 'check')")
+
+    vindr = imports.add_parser("vindr", parents=[common], help="VinDr-CXR train.csv and its DICOM folder")
+    vindr.add_argument("csv", metavar="train.csv")
+    vindr.add_argument("--images", required=True, metavar="DIR", help="folder with <image_id>.dicom files")
+
+    export = commands.add_parser("export", help="write labels out").add_subparsers(dest="kind", required=True, metavar="KIND")
+    coco_out = export.add_parser("coco", help="a COCO JSON file (with image_labels and granularity per image)")
+    coco_out.add_argument("out", metavar="OUT")
+    coco_out.add_argument("--granularity", choices=["full", "weak", "unlabeled", "all"], default="all")
+    coco_out.add_argument("--split", choices=["train", "val", "test"])
+    coco_out.add_argument("--images-root", metavar="DIR", help="write file names relative to this folder (default: absolute)")
+    mix = export.add_parser("mix", help="train.json, val.json and test.json: what the trainer learns from")
+    mix.add_argument("out", metavar="OUTDIR")
+
+    commands.add_parser("stats", help="image counts per granularity and split (JSON)")
+
+    split = commands.add_parser("split", help="assign train/val/test to images without a split, by patient")
+    split.add_argument("--fractions", nargs=3, type=float, default=(0.8, 0.1, 0.1), metavar=("TRAIN", "VAL", "TEST"))
+    split.add_argument("--seed", type=int, default=0)
+    split.add_argument("--reassign", action="store_true", help="redo every image, not only new ones")
+
+    check = commands.add_parser("check", help="read the files imported without reading them (NIH) and mark missing or corrupt ones")
+    check.add_argument("--recheck", action="store_true", help="check every file again")
+    return parser
+
+
+def _finish(report: ImportReport, args: argparse.Namespace) -> int:
+    print(report.summary())
+    if getattr(args, "report", None):
+        write_json(report.as_dict(), args.report)
+    return 1 if report.errors else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    url = database_url(args.db)
+    Session = make_sessionmaker(init_db(url))
+    salt = getattr(args, "pseudonymize_salt", None) or os.environ.get(SALT_ENV) or None
+    progress, close = _progress(f"{args.command} {getattr(args, 'kind', '')}".strip())
+    try:
+        with Session.begin() as session:
+            if args.command == "init":
+                print(f"store ready: {url}")
+                return 0
+            if args.command == "import":
+                options = {"project": args.project, "split": args.split, "patient_salt": salt, "progress": progress}
+                if args.kind == "folder":
+                    report = import_folder(session, args.folder, **options)
+                elif args.kind == "coco":
+                    report = import_coco(session, args.file, images=args.images, verify=not args.no_verify, **options)
+                elif args.kind == "nih":
+                    report = import_nih(session, args.data_entry, images=args.images, bbox_list=args.bbox, verify=args.verify, **options)
+                else:
+                    report = import_vindr(session, args.csv, images=args.images, **options)
+                close()
+                return _finish(report, args)
+            if args.command == "check":
+                report = check_files(session, args.project, recheck=args.recheck, progress=progress)
+                close()
+                return _finish(report, args)
+            if args.command == "export":
+                if args.kind == "coco":
+                    data = export_coco(session, split=args.split, granularity=args.granularity, project=args.project, images_root=args.images_root)
+                    write_json(data, args.out)
+                    print(f"wrote {len(data['images'])} images, {len(data['annotations'])} boxes to {args.out}")
+                else:
+                    for name, data in export_training_mix(session, project=args.project).items():
+                        write_json(data, Path(args.out) / f"{name}.json")
+                        print(f"{name}: {len(data['images'])} images -> {Path(args.out) / f'{name}.json'}")
+                return 0
+            if args.command == "split":
+                counts = assign_splits(session, args.project, fractions=tuple(args.fractions), seed=args.seed, reassign=args.reassign)
+                print(json.dumps({"assigned": counts}))
+                return 0
+            print(json.dumps(stats(session, args.project), indent=2))
+            return 0
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

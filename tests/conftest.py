@@ -1,0 +1,21 @@
+"""Shared fixtures. Store fixtures are prefixed ``db_``."""
+
+import pytest
+
+from db.engine import init_db, make_sessionmaker
+
+
+@pytest.fixture
+def db_url(tmp_path):
+    """URL of a fresh, migrated SQLite store in a temporary folder."""
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    init_db(url).dispose()
+    return url
+
+
+@pytest.fixture
+def db_sessionmaker(db_url):
+    """A sessionmaker on :func:`db_url`'s store."""
+    engine = init_db(db_url)
+    yield make_sessionmaker(engine)
+    engine.dispose()
