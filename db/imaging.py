@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from PIL import Image as PILImage
+from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut
 
@@ -92,7 +93,7 @@ def _dicom_array(path: Path, ds: pydicom.Dataset) -> np.ndarray:
     try:
         return ds.pixel_array
     except Exception as e:  # pydicom raises RuntimeError, ValueError, NotImplementedError ... per plugin
-        syntax = ds.file_meta.get("TransferSyntaxUID") if "file_meta" in ds else None
+        syntax = getattr(ds, "file_meta", Dataset()).get("TransferSyntaxUID")
         if syntax is not None and syntax.is_compressed and importlib.util.find_spec("pylibjpeg") is None:
             raise ValueError(
                 f"{path}: pixel data is compressed ({syntax.name}) and no installed decoder handles it; "
