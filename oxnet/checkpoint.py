@@ -1,0 +1,144 @@
+"""Checkpoints: plain state_dicts written atomically and read with ``torch.load(weights_only=True)``.
+
+A checkpoint is a dict of tensors and plain Python values (never a pickled module)::
+
+    "format":        "oxnet-checkpoint"
+    "version":       1
+    "classes":       list of class names (model index i = classes[i])
+    "model_config":  ModelConfig.to_dict()
+    "train_config":  TrainConfig.to_dict()
+    "student":       OXNet state_dict (prototypes included)
+    "teacher":       OXNet state_dict of the mean teacher, or None
+    "ema_step":      int, EMA steps taken by the teacher
+    "optimizer", "scaler", "scheduler": state_dicts (None in inference-only checkpoints)
+    "phase":         "pretrain" | "train"
+    "epoch":         completed epochs, over both phases
+    "step":          optimizer steps, over both phases
+    "best_metric":   best validation mAP of the phase, or None
+    "history":       History.to_dict()
+
+Example::
+
+    >>> from oxnet.checkpoint import load_model
+    >>> model = load_model("runs/oxnet/best.pt")  # OXNet in eval mode, on the CPU
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from oxnet.model import ModelConfig, OXNet
+
+FORMAT = "oxnet-checkpoint"
+VERSION = 1
+_REQUIRED = ("format", "version", "classes", "model_config", "student")
+
+__all__ = ["FORMAT", "VERSION", "load_checkpoint", "load_model", "save_checkpoint"]
+
+
+def save_checkpoint(state: Mapping[str, Any], path: str | Path) -> Path:
+    """Write ``state`` to ``path`` atomically: a temporary file in the same folder is written, flushed
+    and fsync'ed, then renamed over ``path`` (``os.replace``). If anything fails midway, ``path`` keeps
+    its previous content and the temporary file is removed.
+
+    Args:
+        state: the checkpoint dict (tensors and plain Python values only); ``format`` and ``version``
+            are added.
+        path: destination file; its folder is created if needed.
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {"format": FORMAT, "version": VERSION, **state}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the rename durable (POSIX); a no-op where folders cannot be opened (Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint written by :func:`save_checkpoint` (``weights_only=True``: no code is run).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: naming ``path``, when the file is truncated or corrupt, not an OXnet checkpoint,
+            or of a newer format version.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises RuntimeError, EOFError, UnpicklingError, ... for a bad file
+        raise ValueError(f"checkpoint {path} cannot be read (truncated or corrupt?): {type(e).__name__}: {e}") from e
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise ValueError(f"{path} is not an OXnet checkpoint (no format={FORMAT!r} entry)")
+    missing = [key for key in _REQUIRED if key not in state]
+    if missing:
+        raise ValueError(f"checkpoint {path} lacks the entries {missing}")
+    if state["version"] > VERSION:
+        raise ValueError(f"checkpoint {path} has format version {state['version']}; this oxnet reads <= {VERSION}")
+    return state
+
+
+def model_from_state(state: Mapping[str, Any], *, weights: str = "student", source: str = "checkpoint") -> OXNet:
+    """Rebuild the model of a loaded checkpoint dict (``weights``: "student" or "teacher"), in eval mode."""
+    if weights not in ("student", "teacher"):
+        raise ValueError(f"weights must be 'student' or 'teacher', got {weights!r}")
+    if state.get(weights) is None:
+        raise ValueError(f"{source} holds no {weights} weights")
+    config = dict(state["model_config"])
+    config["weights"] = "random"  # the backbone weights are in the state_dict
+    model = OXNet.from_config(ModelConfig(**config))
+    try:
+        model.load_state_dict(state[weights])
+    except RuntimeError as e:
+        raise ValueError(f"{source}: {weights} weights do not fit its model_config: {e}") from e
+    return model.eval()
+
+
+def load_model(
+    path: str | Path, *, weights: str = "student", device: str | torch.device = "cpu"
+) -> OXNet:
+    """Load an :class:`~oxnet.model.OXNet` for inference from a checkpoint file.
+
+    Args:
+        path: a checkpoint (``best.pt``, ``last.pt``, ...).
+        weights: "student" (the trained detector) or "teacher" (its EMA, when the method has one).
+        device: where to put the model.
+
+    Returns:
+        The model in eval mode. Its class names are the checkpoint's ``"classes"``.
+    """
+    state = load_checkpoint(path)
+    return model_from_state(state, weights=weights, source=f"checkpoint {path}").to(device)

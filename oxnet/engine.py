@@ -1,0 +1,772 @@
+"""The training engine: a plain loop in the style of torchvision's detection references.
+
+- :func:`train_one_round`: batches -> loss dict -> sum -> finite check -> backward -> clip -> step -> EMA.
+- :func:`fit`: datasets, mixed sampler and loaders for the granularities the method can use, optional
+  RetinaNet pretraining, epochs with validation mAP, ``ReduceLROnPlateau``, early stopping, atomic
+  checkpoints (``last.pt``, ``best.pt``), resume, progress callback; runs under ``torchrun`` as well.
+- :func:`predict`, :func:`evaluate_model`, :func:`ground_truth`: inference in original image pixels and
+  evaluation through :func:`oxnet.evaluation.evaluate`.
+
+Example::
+
+    >>> from oxnet.data import records_from_coco
+    >>> from oxnet.engine import fit
+    >>> from oxnet.settings import TrainConfig
+    >>> train = records_from_coco("train.json") + records_from_coco("weak.json", granularity="weak")
+    >>> val = records_from_coco("val.json")
+    >>> history = fit(train, val, TrainConfig(method="oxnet", preset="cpu", epochs=10), classes=val.classes)
+    >>> history.best_metric, history.best_checkpoint
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from oxnet.checkpoint import load_checkpoint, model_from_state, save_checkpoint
+from oxnet.data.datasets import OmniDataset, collate
+from oxnet.data.records import Record
+from oxnet.data.sampler import MixedBatchSampler
+from oxnet.evaluation import evaluate
+from oxnet.model import OXNet
+from oxnet.settings import METHODS, TrainConfig
+from oxnet.teacher import MeanTeacher
+
+__all__ = [
+    "History",
+    "Progress",
+    "draw_overlay",
+    "evaluate_model",
+    "fit",
+    "ground_truth",
+    "predict",
+    "resolve_device",
+    "train_one_round",
+]
+
+logger = logging.getLogger(__name__)
+
+LAST = "last.pt"
+BEST = "best.pt"
+PRETRAIN_BEST = "pretrain_best.pt"
+#: Settings that must match for a run to resume from an existing ``last.pt``.
+_RESUME_KEYS = ("preset", "model", "method", "pretrain_epochs", "seed")
+
+
+# --------------------------------------------------------------------------------------------------
+# Devices and torch.distributed
+# --------------------------------------------------------------------------------------------------
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` -> CUDA when available (``cuda:LOCAL_RANK`` under torchrun), else CPU."""
+    if isinstance(device, torch.device):
+        return device
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("device 'cuda' requested but CUDA is not available")
+        return torch.device("cuda", local_rank)
+    return torch.device(device)
+
+
+@dataclass(frozen=True)
+class _Dist:
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+@contextlib.contextmanager
+def _distributed(device: str) -> Iterator[_Dist]:
+    """Join the process group that ``torchrun`` describes in the environment (NCCL on CUDA, gloo on
+    the CPU) unless one exists already; leave it on exit if it was created here."""
+    created = False
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        target = resolve_device(device)
+        if target.type == "cuda":
+            torch.cuda.set_device(target)
+        dist.init_process_group("nccl" if target.type == "cuda" else "gloo")
+        created = True
+    try:
+        if dist.is_initialized():
+            target = resolve_device(device)
+            yield _Dist(dist.get_rank(), dist.get_world_size(), target)
+        else:
+            yield _Dist(0, 1, resolve_device(device))
+    finally:
+        if created:
+            dist.destroy_process_group()
+
+
+def _distributed_world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+@torch.no_grad()
+def _average_batchnorm_stats(model: nn.Module) -> None:
+    """Average BatchNorm running statistics over the processes (DDP syncs gradients, not buffers), so
+    every rank keeps identical student and teacher state."""
+    buffers = [
+        b
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+        for b in (m.running_mean, m.running_var)
+    ]
+    if not buffers:
+        return
+    flat = torch.cat([b.flatten() for b in buffers])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for b in buffers:
+        b.copy_(flat[offset : offset + b.numel()].view_as(b))
+        offset += b.numel()
+
+
+# --------------------------------------------------------------------------------------------------
+# One round of training
+# --------------------------------------------------------------------------------------------------
+Batch = tuple[Tensor, Tensor, list[dict[str, Any]]]
+
+
+def _to_device(images: Tensor, device: torch.device) -> Tensor:
+    images = images.to(device, non_blocking=True)
+    return images.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else images
+
+
+def _target_to(target: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in target.items()}
+
+
+def train_one_round(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: Iterable[Batch],
+    *,
+    device: str | torch.device,
+    grad_clip: float = 0.1,
+    teacher: MeanTeacher | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    epoch: int = 0,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
+) -> dict[str, float]:
+    """Train over ``loader`` once.
+
+    Each batch ``(images, teacher_images, targets)`` (see :func:`oxnet.data.collate`: images
+    Tensor[B, 1, S, S] in [0, 1], boxes (x1, y1, x2, y2) in input pixels) goes: teacher pseudo-labels
+    (when ``teacher`` is given) -> ``model(images, targets)`` loss dict -> sum (the model applies its
+    ``loss_weights``) -> finite check -> backward -> gradient-norm clipping -> optimizer step -> EMA
+    update of the teacher.
+
+    Args:
+        model: the student :class:`~oxnet.model.OXNet`, or it wrapped in ``DistributedDataParallel``.
+        optimizer: optimizer of the student's parameters.
+        loader: batches as produced by ``oxnet.data.collate``.
+        device: where the model is; batches are moved there (channels_last on CUDA).
+        grad_clip: maximum total gradient norm; 0 switches clipping off.
+        teacher: the :class:`~oxnet.teacher.MeanTeacher` whose student ``model`` is, for methods with
+            soft focal loss; ``None`` otherwise.
+        scaler: a ``GradScaler`` for mixed precision; autocast (float16) is on when it is enabled.
+        epoch: only used in messages.
+        on_step: called after every step with (step index, the step's losses as floats, "total" included).
+
+    Returns:
+        The mean of every named loss over the round, plus "total" (their sum). Under torch.distributed
+        the values are averaged over the processes.
+
+    Raises:
+        FloatingPointError: a loss is NaN or infinite; the message names the epoch, the step, the
+            non-finite losses and the image ids of the batch.
+        ValueError: ``loader`` yields no batch.
+    """
+    device = torch.device(device)
+    student = teacher.student if teacher is not None else getattr(model, "module", model)
+    params = [p for p in student.parameters() if p.requires_grad]
+    amp = scaler is not None and scaler.is_enabled()
+    world = _distributed_world()
+    (teacher if teacher is not None else model).train()
+    sums: Tensor | None = None
+    names: list[str] = []
+    steps = 0
+    for step, (images, teacher_images, targets) in enumerate(loader):
+        images = _to_device(images, device)
+        targets = [_target_to(t, device) for t in targets]
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+            if teacher is not None:
+                targets = teacher.pseudo_label(_to_device(teacher_images, device), targets)
+            losses = model(images, targets)
+        names = list(losses)
+        total = torch.stack([losses[k].float() for k in names]).sum()
+        values = torch.stack([losses[k].detach().float() for k in names] + [total.detach()])
+        if world > 1:
+            dist.all_reduce(values)
+            values /= world
+        floats = values.tolist()
+        bad = [f"{k}={v}" for k, v in zip(names + ["total"], floats) if not math.isfinite(v)]
+        if bad:
+            ids = [t.get("image_id") for t in targets]
+            raise FloatingPointError(
+                f"non-finite loss at epoch {epoch}, step {step}: {', '.join(bad)} (batch image ids {ids}); "
+                "lower the learning rate or check these images and their boxes"
+            )
+        if amp:
+            scaler.scale(total).backward()
+            scaler.unscale_(optimizer)
+        else:
+            total.backward()
+        if grad_clip:
+            nn.utils.clip_grad_norm_(params, grad_clip)
+        if amp:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        if world > 1:
+            _average_batchnorm_stats(student)
+        if teacher is not None:
+            teacher.update_teacher()
+        sums = values if sums is None else sums + values
+        steps += 1
+        if on_step is not None:
+            on_step(step, dict(zip(names + ["total"], floats)))
+    if sums is None:
+        raise ValueError("train_one_round: the loader yielded no batch")
+    return dict(zip(names + ["total"], (sums / steps).tolist()))
+
+
+# --------------------------------------------------------------------------------------------------
+# Prediction and evaluation
+# --------------------------------------------------------------------------------------------------
+def ground_truth(records: Sequence[Record], classes: Sequence[str]) -> dict[str, Any]:
+    """The COCO ground-truth dict of fully labeled records, in ORIGINAL pixels, for
+    :func:`oxnet.evaluation.evaluate`: category id ``i + 1`` is ``classes[i]``; every image keeps its
+    image-level labels (``image_labels``, class names) for the image-level AUC.
+
+    Raises:
+        ValueError: a record is not "full" (boxes may be missing: it cannot be evaluated).
+    """
+    images, annotations = [], []
+    for r in records:
+        if r.granularity != "full":
+            raise ValueError(
+                f"{r.path} (image id {r.image_id}) is {r.granularity}: evaluation needs fully labeled images"
+            )
+        images.append(
+            {
+                "id": r.image_id,
+                "file_name": str(r.path),
+                "width": r.width,
+                "height": r.height,
+                "image_labels": [classes[c] for c in r.image_labels],
+            }
+        )
+        for (x1, y1, x2, y2), label in zip(r.boxes.tolist(), r.labels.tolist()):
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": r.image_id,
+                    "category_id": label + 1,
+                    "bbox": [x1, y1, x2 - x1, y2 - y1],
+                }
+            )
+    categories = [{"id": i + 1, "name": name} for i, name in enumerate(classes)]
+    return {"images": images, "annotations": annotations, "categories": categories}
+
+
+@torch.no_grad()
+def predict(
+    model: OXNet,
+    records: Sequence[Record],
+    *,
+    batch_size: int = 8,
+    device: str | torch.device = "cpu",
+    category_ids: Sequence[int] | None = None,
+    num_workers: int = 0,
+    progress: bool = False,
+) -> list[dict[str, Any]]:
+    """Detect on ``records`` (any granularity; images are resized to the model's ``image_size``).
+
+    Args:
+        model: an :class:`~oxnet.model.OXNet` (put in eval mode for the call, then restored).
+        records: the images.
+        batch_size, num_workers: of the DataLoader.
+        device: where ``model`` is.
+        category_ids: COCO category id of each class index; default ``1..C``.
+        progress: show a tqdm bar.
+
+    Returns:
+        One dict per record, in order, on the CPU, ready for :func:`oxnet.evaluation.evaluate` and
+        :func:`oxnet.evaluation.coco_results`: "image_id" int, "boxes" Tensor[D, 4] (x1, y1, x2, y2) in
+        ORIGINAL image pixels, "scores" Tensor[D], "labels" Tensor[D] int64 category ids,
+        "image_probs" Tensor[C] (class index order) and "attention" Tensor[C, h, w] (DAA attention on the
+        C5 grid of the resized image).
+    """
+    device = torch.device(device)
+    num_classes = model.num_classes
+    ids = torch.arange(1, num_classes + 1) if category_ids is None else torch.as_tensor(list(category_ids))
+    if ids.shape != (num_classes,):
+        raise ValueError(f"category_ids must have one id per class ({num_classes}), got {ids.tolist()}")
+    dataset = OmniDataset(records, num_classes=num_classes, size=model.config.image_size, train=False)
+    loader = DataLoader(
+        dataset, batch_size=batch_size, collate_fn=collate, num_workers=num_workers, pin_memory=device.type == "cuda"
+    )
+    was_training = model.training
+    model.eval()
+    results = []
+    try:
+        for images, _, targets in tqdm(loader, desc="predict", disable=not progress, leave=False):
+            height, width = images.shape[-2:]
+            for det, t in zip(model(_to_device(images, device)), targets):
+                orig_h, orig_w = t["orig_size"]
+                scale = torch.tensor([orig_w / width, orig_h / height] * 2)
+                results.append(
+                    {
+                        "image_id": int(t["image_id"]),
+                        "boxes": det["boxes"].float().cpu() * scale,
+                        "scores": det["scores"].float().cpu(),
+                        "labels": ids[det["labels"].cpu()],
+                        "image_probs": det["image_probs"].float().cpu(),
+                        "attention": det["attention"].float().cpu(),
+                    }
+                )
+    finally:
+        model.train(was_training)
+    return results
+
+
+def evaluate_model(
+    model: OXNet,
+    records: Sequence[Record],
+    classes: Sequence[str],
+    *,
+    batch_size: int = 8,
+    device: str | torch.device = "cpu",
+    num_workers: int = 0,
+) -> dict[str, Any]:
+    """:func:`predict` on fully labeled ``records`` and :func:`oxnet.evaluation.evaluate` against their
+    ground truth in original pixels. Returns the metrics dict of ``evaluate`` (mAP, AP40, ...)."""
+    truth = ground_truth(records, classes)
+    predictions = predict(model, records, batch_size=batch_size, device=device, num_workers=num_workers)
+    return evaluate(truth, predictions)
+
+
+def draw_overlay(
+    image: Tensor,
+    prediction: Mapping[str, Any],
+    classes: Sequence[str],
+    *,
+    category_ids: Sequence[int] | None = None,
+    score_threshold: float = 0.3,
+    alpha: float = 0.5,
+) -> Image.Image:
+    """An RGB picture of a prediction: the DAA attention map of the most probable class blended in
+    orange, and the boxes with ``score >= score_threshold`` with class name and score.
+
+    Args:
+        image: Tensor[1, H, W] in [0, 1], the original image (``oxnet.data.load_image``).
+        prediction: one item of :func:`predict` (boxes in the pixels of ``image``).
+        classes: class names in class index order.
+        category_ids: the category ids ``predict`` used; default ``1..C``.
+    """
+    gray = image[0].clamp(0, 1)
+    height, width = gray.shape
+    probs = prediction["image_probs"]
+    top = int(probs.argmax())
+    attention = F.interpolate(prediction["attention"][top][None, None].float(), size=(height, width), mode="bilinear")[0, 0]
+    attention = (attention - attention.min()) / (attention.max() - attention.min()).clamp_min(1e-12)
+    weight = (alpha * attention)[..., None]
+    color = torch.tensor([1.0, 0.45, 0.0])
+    rgb = gray[..., None] * (1 - weight) + color * weight
+    picture = Image.fromarray((rgb * 255).round().byte().numpy(), mode="RGB")
+    draw = ImageDraw.Draw(picture)
+    name_of = dict(zip(category_ids or range(1, len(classes) + 1), classes))
+    line = max(1, round(max(height, width) / 256))
+    for box, score, label in zip(prediction["boxes"].tolist(), prediction["scores"].tolist(), prediction["labels"].tolist()):
+        if score >= score_threshold:
+            draw.rectangle(box, outline=(0, 255, 0), width=line)
+            draw.text((box[0] + 2, box[1] + 1), f"{name_of.get(label, label)} {score:.2f}", fill=(0, 255, 0))
+    draw.text((4, 4), f"attention: {classes[top]} (p={float(probs[top]):.2f})", fill=(255, 160, 0))
+    return picture
+
+
+# --------------------------------------------------------------------------------------------------
+# fit
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Progress:
+    """What :func:`fit` reports to its callback after every step (``kind="step"``) and after every
+    epoch's validation (``kind="epoch"``, with ``metrics``)."""
+
+    kind: str
+    phase: str  # "pretrain" (plain RetinaNet first) or "train"
+    epoch: int  # 0-based, counted over both phases
+    epochs: int  # total epochs over both phases
+    step: int  # steps done in this epoch
+    steps_per_epoch: int
+    global_step: int
+    losses: dict[str, float]
+    lr: float
+    elapsed_s: float
+    eta_s: float  # seconds left, estimated
+    metrics: dict[str, Any] | None = None
+
+
+@dataclass
+class History:
+    """Per-epoch record of a :func:`fit` run.
+
+    ``epochs``: one dict per epoch: "epoch" (0-based over both phases), "phase", "losses" (means),
+    "metrics" (validation metrics of :func:`oxnet.evaluation.evaluate`), "lr", "steps", "seconds".
+    ``best_epoch``/``best_metric``: the best validation mAP of the "train" phase; ``best_checkpoint``
+    holds that model.
+    """
+
+    out_dir: str
+    epochs: list[dict[str, Any]] = field(default_factory=list)
+    best_epoch: int | None = None
+    best_metric: float | None = None
+    stopped_early: bool = False
+
+    @property
+    def best_checkpoint(self) -> Path | None:
+        return Path(self.out_dir) / BEST if self.best_epoch is not None else None
+
+    @property
+    def last_checkpoint(self) -> Path:
+        return Path(self.out_dir) / LAST
+
+    def done(self, phase: str) -> int:
+        """Epochs completed in ``phase``."""
+        return sum(e["phase"] == phase for e in self.epochs)
+
+    def best(self, phase: str) -> tuple[int | None, float | None]:
+        """(epoch, mAP) of the best validation mAP in ``phase``; the first epoch wins ties."""
+        best: tuple[int | None, float | None] = (None, None)
+        for e in self.epochs:
+            score = e["metrics"]["mAP"]
+            if e["phase"] == phase and (best[1] is None or score > best[1]):
+                best = (e["epoch"], score)
+        return best
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "History":
+        return cls(**data)
+
+
+def _phases(config: TrainConfig) -> list[tuple[str, str, int]]:
+    """(phase, method, epochs) in order: optional RetinaNet pretraining, then the method."""
+    if config.pretrain_epochs and config.method != "retinanet":
+        return [("pretrain", "retinanet", config.pretrain_epochs), ("train", config.method, config.epochs)]
+    return [("train", config.method, config.epochs)]
+
+
+def _usable_records(records: Sequence[Record], method: str, proportions: Mapping[str, float], log: Callable) -> list[Record]:
+    """The records ``method`` learns from, with a clear log line for every granularity left out."""
+    counts = Counter(r.granularity for r in records)
+    usable = METHODS[method]["granularities"]
+    used = {g for g in usable if counts[g] and proportions.get(g, 0) > 0}
+    for g in ("full", "weak", "unlabeled"):
+        if counts[g] and g not in usable:
+            log(
+                logging.WARNING,
+                "method %r cannot learn from %s images: %d %s training images are left out (it uses %s images)",
+                method, g, counts[g], g, "/".join(usable),
+            )
+        elif counts[g] and g not in used:
+            log(logging.WARNING, "proportions give %s images a share of 0: %d %s images are left out", g, counts[g], g)
+    kept = [r for r in records if r.granularity in used]
+    if not kept:
+        raise ValueError(f"no training images that method {method!r} can use ({dict(counts)}, proportions {dict(proportions)})")
+    log(
+        logging.INFO,
+        "method %r trains on %s",
+        method, ", ".join(f"{counts[g]} {g}" for g in ("full", "weak", "unlabeled") if g in used),
+    )
+    return kept
+
+
+def _check_resumable(state: Mapping[str, Any], config: TrainConfig, classes: Sequence[str], path: Path) -> None:
+    stored = state.get("train_config") or {}
+    diffs = [k for k in _RESUME_KEYS if stored.get(k) != config.to_dict()[k]]
+    if list(state["classes"]) != list(classes):
+        diffs.append("classes")
+    if diffs:
+        raise ValueError(
+            f"{path} belongs to a run with other settings ({', '.join(diffs)} differ); "
+            "resume with the same settings, or choose another out_dir"
+        )
+
+
+def fit(
+    train_records: Sequence[Record],
+    val_records: Sequence[Record],
+    config: TrainConfig,
+    *,
+    classes: Sequence[str] | None = None,
+    callback: Callable[[Progress], None] | None = None,
+    progress: bool = True,
+) -> History:
+    """Train ``config.method`` on ``train_records`` and validate on ``val_records`` every epoch.
+
+    The training records may mix full, weak and unlabeled images; those the method cannot learn from
+    are left out with a log line saying so. With ``config.pretrain_epochs`` plain RetinaNet is first
+    trained on the full images; its best epoch (by validation mAP) starts student and teacher.
+    After every epoch: validation mAP (predictions in original pixels against the records' boxes),
+    ``ReduceLROnPlateau`` (mode "max"), ``last.pt`` and, when mAP improved, ``best.pt`` in
+    ``config.out_dir``; training stops early after ``config.early_stop_patience`` epochs without
+    improvement. If ``out_dir`` holds a ``last.pt`` of the same settings, the run resumes after its last
+    complete epoch (``epochs`` may be raised to train longer).
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) every process trains its slice of each batch in
+    DistributedDataParallel; rank 0 validates, logs and writes checkpoints.
+
+    Args:
+        train_records: training images (``oxnet.data.Record``), any granularities.
+        val_records: fully labeled validation images.
+        config: the settings.
+        classes: class names (model index i = ``classes[i]``); default ``train_records.classes``.
+        callback: receives a :class:`Progress` after every step and every epoch (rank 0 only).
+        progress: show a tqdm bar (rank 0 only).
+
+    Returns:
+        The :class:`History` (also stored in the checkpoints).
+    """
+    classes = list(classes if classes is not None else getattr(train_records, "classes", None) or [])
+    if not classes:
+        raise ValueError("classes are required (pass classes=, or Records from oxnet.data.records_from_coco)")
+    truth = ground_truth(val_records, classes)
+    if not truth["annotations"]:
+        raise ValueError("val_records have no boxes: validation mAP is undefined")
+    out_dir = Path(config.out_dir)
+    last_path = out_dir / LAST
+    resume = load_checkpoint(last_path) if last_path.is_file() else None
+    if resume is not None:
+        _check_resumable(resume, config, classes, last_path)
+    history = History.from_dict(resume["history"]) if resume is not None else History(out_dir=str(out_dir))
+    history.out_dir = str(out_dir)
+
+    with _distributed(config.device) as env:
+
+        def log(level: int, message: str, *args: Any) -> None:
+            if env.is_main:
+                logger.log(level, message, *args)
+
+        if resume is not None:
+            log(logging.INFO, "resuming %s after epoch %d", last_path, resume["epoch"])
+        amp = config.amp if config.amp is not None else env.device.type == "cuda"
+        if amp and env.device.type != "cuda":
+            raise ValueError("amp=True needs a CUDA device")
+        phases = _phases(config)
+        run = _Run(config, classes, train_records, val_records, env, amp, history, callback, progress, log)
+        run.total_epochs = sum(n for _, _, n in phases)
+        first_epoch = 0
+        for index, (phase, method, epochs) in enumerate(phases):
+            if not history.stopped_early and history.done(phase) < epochs:
+                state = init = None
+                if resume is not None and resume["phase"] == phase:
+                    state = resume
+                elif index > 0:  # after pretraining: student and teacher start from its best epoch
+                    init = load_checkpoint(out_dir / PRETRAIN_BEST)
+                elif config.init_checkpoint:
+                    init = load_checkpoint(config.init_checkpoint)
+                run.phase(phase, method, epochs, first_epoch=first_epoch, state=state, init=init)
+            first_epoch += epochs
+    return history
+
+
+class _Run:
+    """The state shared by the phases of one :func:`fit` call."""
+
+    def __init__(self, config, classes, train_records, val_records, env, amp, history, callback, progress, log):
+        self.config: TrainConfig = config
+        self.classes: list[str] = classes
+        self.train_records = train_records
+        self.val_records = val_records
+        self.env: _Dist = env
+        self.amp: bool = amp
+        self.history: History = history
+        self.callback = callback if env.is_main else None
+        self.progress = progress and env.is_main
+        self.log = log
+        self.out_dir = Path(config.out_dir)
+        self.total_epochs = 0
+        self.global_step = sum(e["steps"] for e in history.epochs)
+        self.started = time.perf_counter()
+        self.epoch_seconds = 0.0  # time spent in the current epoch so far
+
+    def _build(self, method: str, state: Mapping[str, Any] | None, init: Mapping[str, Any] | None):
+        config, device = self.config, self.env.device
+        model_config = config.model_config(len(self.classes), method=method)
+        torch.manual_seed(config.seed)
+        student = OXNet.from_config(model_config)
+        source = state or init
+        if source is not None:
+            try:
+                student.load_state_dict(source["student"])
+            except RuntimeError as e:
+                raise ValueError(f"the checkpoint's student weights do not fit the model of this run: {e}") from e
+        student.to(device)
+        if device.type == "cuda":
+            student.to(memory_format=torch.channels_last)
+        teacher = MeanTeacher(student, ema_decay=config.ema_decay) if METHODS[method]["sfl"] else None
+        if teacher is not None and state is not None:
+            teacher.teacher.load_state_dict(state["teacher"])
+            teacher.ema_step.fill_(int(state["ema_step"]))
+        model: nn.Module = student
+        if self.env.world_size > 1:
+            pools = {r.granularity for r in self.train_records} & set(METHODS[method]["granularities"])
+            model = DistributedDataParallel(
+                student,
+                device_ids=[device.index] if device.type == "cuda" else None,
+                broadcast_buffers=False,  # BatchNorm statistics are averaged after every step
+                find_unused_parameters=not model_config.daa or config.batch_size < len(pools),
+            )
+        optimizer = torch.optim.Adam(student.parameters(), lr=config.learning_rate(), weight_decay=config.weight_decay)
+        scaler = torch.amp.GradScaler(device.type, enabled=self.amp)
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="max", factor=config.plateau_factor, patience=config.plateau_patience
+        )
+        if state is not None:
+            optimizer.load_state_dict(state["optimizer"])
+            scaler.load_state_dict(state["scaler"])
+            scheduler.load_state_dict(state["scheduler"])
+        return model_config, student, teacher, model, optimizer, scaler, scheduler
+
+    def _loader(self, method: str) -> DataLoader:
+        config, env = self.config, self.env
+        records = _usable_records(self.train_records, method, config.proportions, self.log)
+        size = config.model_config(len(self.classes), method=method).image_size
+        dataset = OmniDataset(records, num_classes=len(self.classes), size=size, train=True, seed=config.seed)
+        options = dict(batch_size=config.batch_size, proportions=config.proportions, seed=config.seed,
+                       rank=env.rank, world_size=env.world_size)
+        sampler = MixedBatchSampler(dataset.granularities, **options)
+        if config.steps_per_epoch is not None and config.steps_per_epoch < len(sampler):
+            sampler = MixedBatchSampler(dataset.granularities, num_batches=config.steps_per_epoch, **options)
+        return DataLoader(
+            dataset, batch_sampler=sampler, collate_fn=collate, num_workers=config.num_workers,
+            pin_memory=env.device.type == "cuda",
+        )
+
+    def phase(self, phase: str, method: str, epochs: int, *, first_epoch: int, state, init) -> None:
+        """Train ``epochs`` epochs of ``method`` (global epoch numbers start at ``first_epoch``), from
+        ``state`` (resume: a ``last.pt``) or ``init`` (warm start: student weights) or scratch."""
+        config, env, history = self.config, self.env, self.history
+        model_config, student, teacher, model, optimizer, scaler, scheduler = self._build(method, state, init)
+        loader = self._loader(method)
+        for local in range(history.done(phase), epochs):
+            epoch = first_epoch + local
+            loader.dataset.set_epoch(epoch)
+            loader.batch_sampler.set_epoch(epoch)
+            started = time.perf_counter()
+            lr = optimizer.param_groups[0]["lr"]
+            bar = tqdm(loader, desc=f"{phase} epoch {epoch + 1}/{self.total_epochs}", disable=not self.progress,
+                       leave=False, dynamic_ncols=True)
+
+            def on_step(step: int, losses: dict[str, float]) -> None:
+                self.global_step += 1
+                self.epoch_seconds = time.perf_counter() - started
+                bar.set_postfix(loss=f"{losses['total']:.4f}")
+                if self.callback is not None:
+                    self.callback(self._progress("step", phase, epoch, step + 1, len(loader), losses, lr))
+
+            losses = train_one_round(
+                model, optimizer, bar, device=env.device, grad_clip=config.grad_clip, teacher=teacher,
+                scaler=scaler, epoch=epoch, on_step=on_step,
+            )
+            bar.close()
+            metrics = self._validate(student)
+            scheduler.step(metrics["mAP"])
+            history.epochs.append(
+                {"epoch": epoch, "phase": phase, "losses": losses, "metrics": metrics, "lr": lr,
+                 "steps": len(loader), "seconds": time.perf_counter() - started}
+            )
+            best_epoch, best_metric = history.best(phase)
+            if phase == "train":
+                history.best_epoch, history.best_metric = best_epoch, best_metric
+            bad_epochs = epoch - best_epoch
+            stop = (phase == "train" and config.early_stop_patience is not None and local + 1 < epochs
+                    and bad_epochs >= config.early_stop_patience)
+            history.stopped_early = stop
+            self.log(
+                logging.INFO,
+                "%s epoch %d/%d: loss %.4f (%s), val mAP %.4f AP40 %.4f (best %.4f at epoch %d), lr %.2g, %.1f s",
+                phase, epoch + 1, self.total_epochs, losses["total"],
+                ", ".join(f"{k} {v:.4f}" for k, v in losses.items() if k != "total" and v),
+                metrics["mAP"], metrics["AP40"] or 0.0, best_metric, best_epoch + 1, lr,
+                history.epochs[-1]["seconds"],
+            )
+            if env.is_main:
+                checkpoint = {
+                    "classes": self.classes, "model_config": model_config.to_dict(),
+                    "train_config": config.to_dict(), "student": student.state_dict(),
+                    "teacher": teacher.teacher.state_dict() if teacher is not None else None,
+                    "ema_step": int(teacher.ema_step) if teacher is not None else 0,
+                    "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                    "scheduler": scheduler.state_dict(), "phase": phase, "epoch": epoch + 1,
+                    "step": self.global_step, "best_metric": best_metric, "history": history.to_dict(),
+                }
+                if best_epoch == epoch:
+                    save_checkpoint(checkpoint, self.out_dir / (BEST if phase == "train" else PRETRAIN_BEST))
+                save_checkpoint(checkpoint, self.out_dir / LAST)
+            if self.callback is not None:
+                self.callback(self._progress("epoch", phase, epoch, len(loader), len(loader), losses,
+                                             optimizer.param_groups[0]["lr"], metrics))
+            if stop:
+                self.log(logging.INFO, "early stop: no better val mAP for %d epochs", bad_epochs)
+                break
+        if env.world_size > 1:
+            dist.barrier()  # the next phase reads the checkpoints rank 0 wrote
+
+    def _validate(self, student: OXNet) -> dict[str, Any]:
+        """Rank 0 evaluates; the metrics go to every rank (the scheduler and early stop need them)."""
+        metrics = None
+        if self.env.is_main:
+            metrics = evaluate_model(
+                student, self.val_records, self.classes, batch_size=self.config.batch_size,
+                device=self.env.device, num_workers=self.config.num_workers,
+            )
+        if self.env.world_size > 1:
+            box = [metrics]
+            dist.broadcast_object_list(box, src=0)
+            metrics = box[0]
+        return metrics
+
+    def _progress(self, kind, phase, epoch, step, steps, losses, lr, metrics=None) -> Progress:
+        """ETA: remaining steps of this epoch at this epoch's pace, plus the remaining epochs at the pace
+        of the last complete ones (validation included), or of this one before any is complete."""
+        per_step = self.epoch_seconds / step if kind == "step" else 0.0
+        done = [e["seconds"] for e in self.history.epochs[-3:]]
+        per_epoch = float(np.mean(done)) if done else per_step * steps
+        eta = per_step * (steps - step) + per_epoch * (self.total_epochs - epoch - 1)
+        return Progress(
+            kind=kind, phase=phase, epoch=epoch, epochs=self.total_epochs, step=step, steps_per_epoch=steps,
+            global_step=self.global_step, losses=losses, lr=lr, elapsed_s=time.perf_counter() - self.started,
+            eta_s=eta, metrics=metrics,
+        )

@@ -1,0 +1,168 @@
+"""Typed training settings: one dataclass and the named training methods. No config DSL.
+
+Example::
+
+    >>> from oxnet.settings import TrainConfig
+    >>> config = TrainConfig(method="oxnet", preset="tiny", epochs=2, batch_size=4, out_dir="runs/demo")
+    >>> config.model_config(num_classes=9).gpa
+    True
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+from oxnet.model import GRANULARITIES, PRESETS, ModelConfig
+
+#: Training methods: which parts of OXnet are switched on, which granularities each can learn from,
+#: and whether a mean teacher is needed (only for the soft focal loss).
+METHODS: dict[str, dict[str, Any]] = {
+    # Plain RetinaNet: focal + box regression on full images only.
+    "retinanet": {"daa": False, "gpa": False, "sfl": False, "granularities": ("full",)},
+    # RetinaNet + mean teacher with soft focal loss: full, and weak/unlabeled through the teacher.
+    "sfl": {"daa": False, "gpa": False, "sfl": True, "granularities": ("full", "weak", "unlabeled")},
+    # RetinaNet + image-level head with dual attention alignment: full and weak.
+    "daa": {"daa": True, "gpa": False, "sfl": False, "granularities": ("full", "weak")},
+    # DAA + global prototype alignment: full and weak.
+    "daa_gpa": {"daa": True, "gpa": True, "sfl": False, "granularities": ("full", "weak")},
+    # Everything (the paper's OXnet): full, weak and unlabeled.
+    "oxnet": {"daa": True, "gpa": True, "sfl": True, "granularities": ("full", "weak", "unlabeled")},
+}
+
+#: Default learning rates of Adam: from a random start and from pretrained weights (the paper's 1e-5).
+LR_FROM_SCRATCH = 1e-4
+LR_PRETRAINED = 1e-5
+
+
+def _default_proportions() -> dict[str, float]:
+    return {"full": 0.5, "weak": 0.25, "unlabeled": 0.25}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run needs besides the data. Stored in checkpoints (``to_dict``).
+
+    Args:
+        preset: model preset of :data:`oxnet.model.PRESETS` ("paper", "cpu", "tiny").
+        model: :class:`~oxnet.model.ModelConfig` overrides, e.g. ``{"depth": 50, "image_size": 512}``.
+            ``daa``/``gpa``/``sfl`` are set by ``method`` and may not appear here.
+        method: one of :data:`METHODS`.
+        epochs: epochs of ``method``.
+        pretrain_epochs: epochs of plain RetinaNet on the full images first (the authors' recipe); the
+            best of them starts both student and teacher. Ignored by ``method="retinanet"``.
+        batch_size: images per batch and process.
+        proportions: share of each granularity in a batch (``oxnet.data.MixedBatchSampler``).
+        steps_per_epoch: optional cap on the batches per epoch (default: every image once on average).
+        lr: Adam learning rate; ``None``: 1e-4 from a random start, 1e-5 from pretrained backbone
+            weights or ``init_checkpoint``.
+        weight_decay: Adam weight decay.
+        grad_clip: maximum gradient norm (the authors clip at 0.1); 0 switches clipping off.
+        ema_decay: mean teacher decay lambda.
+        plateau_patience, plateau_factor: ``ReduceLROnPlateau`` on validation mAP (mode "max").
+        early_stop_patience: stop after this many epochs without a better validation mAP (``None``: never).
+        num_workers: DataLoader worker processes.
+        seed: seed of the model initialisation, augmentation and batch order.
+        device: "auto" (CUDA when available, else CPU), "cpu", "cuda" or "cuda:N".
+        amp: mixed precision (autocast + GradScaler); ``None``: on for CUDA. Needs CUDA.
+        out_dir: folder of the checkpoints (``last.pt``, ``best.pt``, ``pretrain_best.pt``). A run
+            restarted with the same ``out_dir`` resumes after its last complete epoch.
+        init_checkpoint: warm start: the student (and teacher) start from this checkpoint's student.
+    """
+
+    preset: str = "cpu"
+    model: dict[str, Any] = field(default_factory=dict)
+    method: str = "oxnet"
+    epochs: int = 10
+    pretrain_epochs: int = 0
+    batch_size: int = 4
+    proportions: dict[str, float] = field(default_factory=_default_proportions)
+    steps_per_epoch: int | None = None
+    lr: float | None = None
+    weight_decay: float = 0.0
+    grad_clip: float = 0.1
+    ema_decay: float = 0.99
+    plateau_patience: int = 2
+    plateau_factor: float = 0.1
+    early_stop_patience: int | None = 5
+    num_workers: int = 0
+    seed: int = 0
+    device: str = "auto"
+    amp: bool | None = None
+    out_dir: str = "runs/oxnet"
+    init_checkpoint: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.preset not in PRESETS:
+            raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {sorted(METHODS)}, got {self.method!r}")
+        object.__setattr__(self, "model", dict(self.model))
+        object.__setattr__(self, "proportions", {k: float(v) for k, v in self.proportions.items()})
+        model_fields = {f.name for f in fields(ModelConfig)}
+        unknown = set(self.model) - model_fields
+        if unknown:
+            raise ValueError(f"model: unknown ModelConfig fields {sorted(unknown)}")
+        owned = {"daa", "gpa", "sfl", "num_classes"} & set(self.model)
+        if owned:
+            raise ValueError(f"model: {sorted(owned)} are set by method= and the data, not as model options")
+        if self.epochs < 0 or self.pretrain_epochs < 0:
+            raise ValueError(f"epochs and pretrain_epochs must be >= 0, got {self.epochs}, {self.pretrain_epochs}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
+            raise ValueError(f"steps_per_epoch must be >= 1 or None, got {self.steps_per_epoch}")
+        unknown = set(self.proportions) - set(GRANULARITIES)
+        if unknown:
+            raise ValueError(f"proportions: keys must be among {GRANULARITIES}, got {sorted(unknown)}")
+        if any(p < 0 or not math.isfinite(p) for p in self.proportions.values()):
+            raise ValueError(f"proportions must be finite and >= 0, got {self.proportions}")
+        if self.lr is not None and not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.weight_decay < 0 or self.grad_clip < 0:
+            raise ValueError("weight_decay and grad_clip must be >= 0")
+        if not 0.0 <= self.ema_decay <= 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1], got {self.ema_decay}")
+        if self.plateau_patience < 0 or not 0.0 < self.plateau_factor < 1.0:
+            raise ValueError("plateau_patience must be >= 0 and plateau_factor in (0, 1)")
+        if self.early_stop_patience is not None and self.early_stop_patience < 1:
+            raise ValueError(f"early_stop_patience must be >= 1 or None, got {self.early_stop_patience}")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+        if not (self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda")):
+            raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+
+    @property
+    def uses_teacher(self) -> bool:
+        """Whether ``method`` trains against a mean teacher (soft focal loss)."""
+        return bool(METHODS[self.method]["sfl"])
+
+    @property
+    def granularities(self) -> tuple[str, ...]:
+        """The granularities ``method`` can learn from."""
+        return METHODS[self.method]["granularities"]
+
+    def model_config(self, num_classes: int, *, method: str | None = None) -> ModelConfig:
+        """The :class:`ModelConfig` of ``preset`` + ``model`` overrides with the flags of ``method``
+        (default: this config's method)."""
+        flags = {k: v for k, v in METHODS[method or self.method].items() if k != "granularities"}
+        return replace(PRESETS[self.preset], num_classes=num_classes, **self.model, **flags)
+
+    def learning_rate(self) -> float:
+        """``lr``, or its default: 1e-5 from pretrained weights or a warm start, else 1e-4."""
+        if self.lr is not None:
+            return self.lr
+        pretrained = self.init_checkpoint is not None or self.model.get("weights", "random") != "random"
+        return LR_PRETRAINED if pretrained else LR_FROM_SCRATCH
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain types only (JSON and ``torch.load(weights_only=True)`` safe)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        unknown = set(data) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown TrainConfig fields {sorted(unknown)}")
+        return cls(**data)
