@@ -71,6 +71,11 @@ def _sigmoid(z: np.ndarray) -> np.ndarray:
     return 0.5 + 0.5 * np.tanh(0.5 * z)
 
 
+def _rib_curve(d):
+    """Drop of a posterior rib below its height at the spine, at lateral distance ``d``."""
+    return -0.35 * d + 1.6 * d**2
+
+
 def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
     """Band-limited noise ``ndarray[size, size]`` with unit-ish variance: ``cells`` random values per side, bicubic."""
     coarse = Image.fromarray(rng.normal(0.0, 1.0, (cells, cells)).astype(np.float32))
@@ -138,6 +143,7 @@ class _Chest:
         return self.dome[0 if side < 0 else 1] + 2.4 * (x - peak) ** 2 / self.scale
 
     def lung_mask(self, side: int, *, cut: bool = True, **shrink) -> np.ndarray:
+        """Soft mask ``ndarray[S, S]`` of one lung, cut by its hemidiaphragm unless ``cut=False``."""
         mask = _sigmoid((1.0 - self.lung_value(side, self.x, self.y, **shrink)) / 0.04)
         if cut:
             mask = mask * _sigmoid((self.diaphragm(side, self.x) - self.y) / (1.5 * self.px))
@@ -150,14 +156,16 @@ class _Chest:
         return bool(self.lung_value(side, x, y) < 0.75 and y < self.diaphragm(side, x) - 0.03 and heart > 1.2)
 
     def heart_mask(self) -> np.ndarray:
+        """Soft mask of the cardiac silhouette, wider to the image right (patient's left)."""
         x, y = self.x, self.y
         half = np.where(x > self.heart_x, 1.2, 0.8) * self.heart_half
         value = ((x - self.heart_x) / half) ** 2 + ((y - self.dome[1] - 0.02) / 0.2) ** 2
         return _sigmoid((1.0 - value) / 0.05) * _sigmoid((y - 0.38) / 0.03) * _sigmoid((self.dome[1] + 0.03 - y) / 0.01)
 
     def draw_anatomy(self) -> None:
+        """Draw the normal anatomy into the layers (ribs with the planned fracture, if any)."""
         x, y, cx, rng = self.x, self.y, self.cx, self.rng
-        # torso: an elliptic cross-section, thicker in the middle; shoulders and arms at the top
+        # torso thinning towards the flanks, neck, shoulders
         half = 0.45 * self.scale
         torso = np.clip(1.0 - np.abs((x - cx) / half) ** 5, 0.0, 1.0) ** 0.6 * _sigmoid((y - 0.05) / 0.03)
         neck = np.clip(1.0 - np.abs((x - cx) / 0.12) ** 4, 0.0, 1.0) ** 0.5
@@ -196,9 +204,8 @@ class _Chest:
         d = np.abs(x - cx)  # lateral distance, [1, S]
         side = np.sign(x - cx)
         first = self.top - 0.01
-        # index coordinate along the family of curves y = first + k * spacing + g(d)
-        g = -0.35 * d + 1.6 * d**2
-        k = (y - first - g) / self.rib_spacing  # [S, S]
+        # rib index coordinate k: rib k runs along y = first + k * spacing + _rib_curve(d)
+        k = (y - first - _rib_curve(d)) / self.rib_spacing  # [S, S]
         nearest = np.round(k)
         if self.fracture is not None:
             fs, fk, fd, shift = self.fracture
@@ -231,7 +238,7 @@ class _Chest:
         self.bone += 0.14 * clavicle * _sigmoid((d - 0.035) / 0.01) * _sigmoid((0.36 * self.scale - d) / 0.02)
 
     def draw_markings(self) -> np.ndarray:
-        """Vessel markings: branching, tapering trees from each hilum; clear in the outer third."""
+        """Vessel markings ``ndarray[S, S]`` in [0, 1]: branching, tapering trees from each hilum."""
         size, rng = self.size, self.rng
         canvas = Image.new("L", (size, size), 0)
         draw = ImageDraw.Draw(canvas)
@@ -260,6 +267,7 @@ class _Chest:
         return self.cx - 0.2, 0.5 * (y_range[0] + y_range[1])
 
     def box(self, mask: np.ndarray, threshold: float = 0.5, pad: float = 1.0) -> tuple[float, ...]:
+        """Pixel box (x1, y1, x2, y2) around ``mask > threshold``, grown by ``pad`` pixels."""
         rows = np.flatnonzero(mask.max(1) > threshold)
         cols = np.flatnonzero(mask.max(0) > threshold)
         return (cols[0] - pad, rows[0] - pad, cols[-1] + 1 + pad, rows[-1] + 1 + pad)
@@ -270,6 +278,7 @@ class _Chest:
         return np.sqrt(np.clip(1.0 - r2, 0.0, 1.0)) * 0.6 + 0.4 * _sigmoid((1.0 - np.sqrt(r2)) * radius / edge)
 
     def add_opacity(self, density: np.ndarray) -> None:
+        """Let a lesion's density (fraction of lung air it replaces, in [0, 1]) join the others."""
         self.opacity = 1.0 - (1.0 - self.opacity) * (1.0 - np.clip(density, 0.0, 1.0))
 
     def nodule(self) -> tuple[float, ...]:
@@ -339,7 +348,7 @@ class _Chest:
         self.clear *= 1.0 - gap
         value = self.lung_value(side, self.x, self.y, about=about, ratio=ratio)
         line = np.exp(-(((value - 1.0) / 0.05) ** 2)) * extent * self.lung_mask(side, cut=False)
-        self.thickness += 0.08 * line * _sigmoid((gap.max() * 0.5 - 0.01 + gap) / 0.01)
+        self.thickness += 0.08 * line
         self.add_opacity(0.12 * collapsed)  # the collapsed lung is denser
         return self.box(gap, 0.4, pad=2.0)
 
@@ -361,12 +370,13 @@ class _Chest:
     def fracture_box(self) -> tuple[float, ...]:
         side, k, d, shift = self.fracture
         x = self.cx + side * d
-        y = self.top - 0.01 + k * self.rib_spacing - 0.35 * d + 1.6 * d**2 + shift / 2
+        y = self.top - 0.01 + k * self.rib_spacing + _rib_curve(d) + shift / 2
         half = 0.028
         return tuple(v * self.size for v in (x - half, y - half, x + half, y + half))
 
     # ----- film -------------------------------------------------------------------------------------
     def render(self, bit_depth: int) -> np.ndarray:
+        """The film ``ndarray[S, S]`` (uint8 or uint16): lungs with markings, layers, exposure, noise."""
         rng = self.rng
         t = np.clip(1.0 - self.lung_value(-1, self.x, self.y), 0, 1) + np.clip(1.0 - self.lung_value(1, self.x, self.y), 0, 1)
         depth = 0.7 + 0.3 * np.sqrt(t)  # more air in the middle of a lung than at its edges
@@ -416,6 +426,7 @@ def generate(
 
 
 def _sample(rng: np.random.Generator, size: int, normal_fraction: float, max_lesions: int, bit_depth: int) -> Sample:
+    """Pick the findings of one image (none with probability ``normal_fraction``) and draw it."""
     findings: list[int] = []
     if rng.random() >= normal_fraction:
         count = int(rng.integers(1, max_lesions + 1))
