@@ -62,6 +62,20 @@ def test_classes_argument_maps_by_name(tmp_path):
     assert records[0].labels.tolist() == [0, 1]
 
 
+def test_concatenation_keeps_classes_and_checks_them(tmp_path):
+    coco = _coco(tmp_path)
+    full = records_from_coco(coco, image_root=tmp_path)
+    weak = records_from_coco({"images": [], "categories": CATEGORIES}, granularity="weak")
+    combined = full + weak + [full[0]]
+    assert combined.classes == ("Mass", "Nodule") and len(combined) == 4
+    assert combined[1:].classes == combined.classes and combined[1:][0] is full[1]
+    other = records_from_coco(coco, image_root=tmp_path, classes=["Nodule", "Mass"])
+    with pytest.raises(ValueError, match="cannot concatenate"):
+        full + other
+    with pytest.raises(ValueError, match="cannot concatenate"):
+        full += other
+
+
 def test_granularity_defaults_and_overrides(tmp_path):
     coco = _coco(tmp_path)
     weak = {"images": coco["images"][1:], "categories": CATEGORIES}

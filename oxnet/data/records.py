@@ -94,6 +94,21 @@ class Records(list[Record]):
         self.classes: tuple[str, ...] = tuple(classes)
         self.skipped: list[str] = list(skipped)
 
+    def __add__(self, other: Iterable[Record]) -> Records:
+        """Concatenate, keeping ``classes`` (which must agree) and ``skipped``: ``boxes + weak + unlabeled``."""
+        classes = getattr(other, "classes", self.classes)
+        if tuple(classes) != self.classes:
+            raise ValueError(f"cannot concatenate records with classes {self.classes} and {tuple(classes)}")
+        return Records([*self, *other], classes=self.classes, skipped=self.skipped + getattr(other, "skipped", []))
+
+    def __iadd__(self, other: Iterable[Record]) -> Records:  # type: ignore[override]
+        return self + other
+
+    def __getitem__(self, index):  # a slice keeps the classes
+        if isinstance(index, slice):
+            return Records(super().__getitem__(index), classes=self.classes)
+        return super().__getitem__(index)
+
 
 def records_from_coco(
     coco: Mapping[str, Any] | str | Path,
