@@ -24,7 +24,7 @@ from sqlalchemy import case, exists, or_, select
 from sqlalchemy.orm import Session, selectinload
 from sqlalchemy.orm.exc import StaleDataError
 
-from db.models import AuditEntry, Box, Granularity, Image, ImageLabel, LabelClass, utcnow
+from db.models import Annotator, AuditEntry, Box, Granularity, Image, ImageLabel, LabelClass, utcnow
 from db.repository import get_annotator
 
 #: A box as edited: (class name, x1, y1, x2, y2) in original pixels.
@@ -38,9 +38,10 @@ class ConflictError(RuntimeError):
     """The image was saved by someone else after the caller loaded it; reload and redo the edit."""
 
     def __init__(self, image_id: int, expected: int | None, actual: int | None) -> None:
+        now = f"version {actual}" if actual is not None else "a newer version"
         super().__init__(
             f"image {image_id} was changed by someone else (you edited version {expected}, the store has "
-            f"version {actual}); reload the image and apply your change again - nothing was saved"
+            f"{now}); reload the image and apply your change again - nothing was saved"
         )
         self.image_id, self.expected, self.actual = image_id, expected, actual
 
@@ -136,28 +137,26 @@ def _check_class(name: str, classes: Mapping[str, LabelClass], image: Image) -> 
         raise ValueError(f"image {image.id}: unknown class {name!r}; the project's classes are {sorted(classes)}") from None
 
 
-def _save(session: Session, image: Image, before: dict[str, Any], annotator: str, action: str, note: str | None) -> Image:
+def _save(session: Session, image: Image, before: dict[str, Any], who: Annotator, action: str, note: str | None) -> Image:
+    """Re-derive the granularity, append the audit entry and flush (the version check runs here)."""
     after = image_state(image)
     image.granularity = state_granularity(after)
     image.updated_at = utcnow()
-    who = get_annotator(session, annotator)
-    session.add(AuditEntry(annotator=who, image_id=image.id, action=action, note=note, before=before, after=after))
-    expected = image.version
+    image_id, expected = image.id, image.version
+    session.add(AuditEntry(annotator=who, image_id=image_id, action=action, note=note, before=before, after=after))
     try:
         session.flush()
-    except StaleDataError:
-        raise ConflictError(image.id, expected, None) from None
+    except StaleDataError:  # another writer saved between our load and this flush
+        raise ConflictError(image_id, expected, None) from None
     return image
 
 
-def _set_label(session: Session, image: Image, cls: LabelClass, present: bool, annotator: str) -> None:
+def _set_label(image: Image, cls: LabelClass, present: bool, who: Annotator) -> None:
     for label in image.labels:
         if label.class_id == cls.id:
             label.present = present
             return
-    image.labels.append(
-        ImageLabel(class_id=cls.id, label_class=cls, present=present, annotator=get_annotator(session, annotator))
-    )
+    image.labels.append(ImageLabel(class_id=cls.id, label_class=cls, present=present, annotator=who))
 
 
 def set_image_labels(
@@ -189,12 +188,13 @@ def set_image_labels(
     wanted = {**labels, **{name: True for name in boxed}}
     if not wanted and not no_finding and image.granularity != Granularity.UNLABELED:
         raise ValueError(f"image {image_id}: removing every label downgrades it; use downgrade() with a reason")
+    who = get_annotator(session, annotator)
     before = image_state(image)
     image.labels[:] = [label for label in image.labels if label.label_class.name in wanted]
     for name, present in wanted.items():
-        _set_label(session, image, classes[name], present, annotator)
+        _set_label(image, classes[name], present, who)
     image.no_finding = no_finding
-    return _save(session, image, before, annotator, "set_labels", None)
+    return _save(session, image, before, who, "set_labels", None)
 
 
 def set_boxes(
@@ -243,10 +243,10 @@ def set_boxes(
             kept.append(Box(class_id=cls.id, label_class=cls, x1=key[1], y1=key[2], x2=key[3], y2=key[4], annotator=who))
     image.boxes[:] = kept
     for name in {name for name, *_ in boxes}:
-        _set_label(session, image, classes[name], True, annotator)
+        _set_label(image, classes[name], True, who)
     if complete:
         image.boxes_complete = True
-    return _save(session, image, before, annotator, "set_boxes", None)
+    return _save(session, image, before, who, "set_boxes", None)
 
 
 def mark_boxes_complete(
@@ -258,9 +258,10 @@ def mark_boxes_complete(
         raise ValueError(f"image {image_id} is already full")
     if not (image.labels or image.no_finding or image.boxes):
         raise ValueError(f"image {image_id} has no image-level labels; set them (or 'No Finding') first")
+    who = get_annotator(session, annotator)
     before = image_state(image)
     image.boxes_complete = True
-    return _save(session, image, before, annotator, "mark_complete", None)
+    return _save(session, image, before, who, "mark_complete", None)
 
 
 def downgrade(
@@ -283,13 +284,14 @@ def downgrade(
     image = _load(session, image_id, expected_version)
     if to.rank >= image.granularity.rank:
         raise ValueError(f"image {image_id} is {image.granularity.value}; {to.value} is not a downgrade")
+    who = get_annotator(session, annotator)
     before = image_state(image)
     image.boxes_complete = False
     if to is Granularity.UNLABELED:
         image.labels[:] = []
         image.boxes[:] = []
         image.no_finding = False
-    return _save(session, image, before, annotator, "downgrade", reason)
+    return _save(session, image, before, who, "downgrade", reason)
 
 
 def replay_audit(session: Session, image_id: int) -> dict[str, Any]:
