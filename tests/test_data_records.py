@@ -1,7 +1,6 @@
 """Records from COCO-style dicts and files, image loading, bad input."""
 
 import json
-import warnings
 from pathlib import Path
 
 import numpy as np
