@@ -259,10 +259,11 @@ class _Chest:
 
     # ----- lesions: each edits the layers and returns its box (x1, y1, x2, y2) in pixels ------------
     def lung_point(self, y_range: tuple[float, float]) -> tuple[float, float]:
-        """A random point well inside a lung field, off the heart, with y in ``y_range``."""
+        """A random point well inside a lung field, off the heart and off earlier lesions, with y in ``y_range``."""
         for _ in range(200):
             x, y = self.rng.uniform(0.1, 0.9), self.rng.uniform(*y_range)
-            if self.in_lung(x, y):
+            i, j = int(y * self.size), int(x * self.size)
+            if self.in_lung(x, y) and self.opacity[i, j] < 0.2 and self.lucency[i, j] < 0.01:
                 return x, y
         return self.cx - 0.2, 0.5 * (y_range[0] + y_range[1])
 
@@ -449,10 +450,12 @@ def _draw(rng: np.random.Generator, size: int, findings: Sequence[int], bit_dept
         PNEUMOTHORAX: chest.pneumothorax,
         TUBERCULOSIS: chest.tuberculosis,
     }
-    boxes = np.array([draw[c]() for c in findings], np.float32).reshape(-1, 4)
+    # effusion and pneumothorax first, so that focal lesions are placed where they stay visible
+    order = sorted(findings, key=lambda c: c not in (PLEURAL_EFFUSION, PNEUMOTHORAX))
+    boxes = np.array([draw[c]() for c in order], np.float32).reshape(-1, 4)
     boxes = np.clip(boxes, 0, size)
     image = chest.render(bit_depth)
-    return Sample(image, boxes, np.array(findings, np.int64), tuple(findings))
+    return Sample(image, boxes, np.array(order, np.int64), tuple(findings))
 
 
 def write_coco(
