@@ -1,0 +1,102 @@
+"""What the pages show of an image: windowed, inverted, fitted to the canvas, with overlays.
+
+Pixels come from :func:`db.imaging.read_pixels` (DICOM windows and MONOCHROME1 handled there). The
+window/level controls are in percent of the image's value range so they mean the same for 8- and
+16-bit data. Rendered images are cached per (file, settings) with ``st.cache_data``.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import streamlit as st
+from PIL import Image as PILImage
+from PIL import ImageDraw
+
+from db.imaging import read_pixels, window
+
+#: Colour of the model's suggested boxes drawn into the background image.
+SUGGESTION_COLOUR = (255, 196, 0)
+
+
+def fit(width: int, height: int, max_width: int, max_height: int) -> tuple[int, int]:
+    """The largest (w, h) with the image's aspect ratio inside ``max_width`` x ``max_height`` (at least 1 px)."""
+    if width < 1 or height < 1:
+        raise ValueError(f"image size must be positive, got {width}x{height}")
+    scale = min(max_width / width, max_height / height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+@st.cache_data(ttl=600, max_entries=64, show_spinner=False)
+def render(path: str, size: tuple[int, int], level: float = 50.0, width: float = 100.0, invert: bool = False) -> PILImage.Image:
+    """The image at ``path`` resized to ``size`` (w, h) as 8-bit grayscale.
+
+    ``level`` (window centre) and ``width`` are percent of the full value range (0-255 or 0-65535);
+    level 50 / width 100 shows the stored values unchanged. ``invert`` flips black and white.
+    Raises ValueError (file missing, unreadable or not an image) with the path in the message.
+    """
+    try:
+        pixels = read_pixels(path)
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read the file ({e.strerror or e})") from e
+    top = 255.0 if pixels.dtype == np.uint8 else 65535.0
+    unit = window(pixels.astype(np.float32), level / 100.0 * top, max(1.0, width / 100.0 * top))
+    if invert:
+        unit = 1.0 - unit
+    image = PILImage.fromarray(np.rint(unit * 255).astype(np.uint8), mode="L")
+    return image.resize(size, PILImage.Resampling.LANCZOS if size[0] < image.width else PILImage.Resampling.BILINEAR)
+
+
+@st.cache_data(ttl=600, max_entries=512, show_spinner=False)
+def thumbnail(path: str, side: int = 192) -> bytes | None:
+    """A PNG thumbnail (longest side ``side``) of the image, or None when it cannot be read."""
+    try:
+        pixels = read_pixels(path)
+    except (OSError, ValueError):
+        return None
+    if pixels.dtype != np.uint8:
+        pixels = (pixels // 257).astype(np.uint8)
+    image = PILImage.fromarray(pixels, mode="L")
+    image.thumbnail((side, side))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def heatmap(values: Sequence[Sequence[float]], size: tuple[int, int]) -> PILImage.Image:
+    """An RGBA overlay of a 2-D attention map stretched to ``size``: red, opaque where the map peaks."""
+    grid = np.asarray(values, dtype=np.float32)
+    if grid.ndim != 2 or grid.size == 0 or not np.isfinite(grid).all():
+        raise ValueError(f"an attention map must be a finite 2-D grid, got shape {grid.shape}")
+    grid = grid - grid.min()
+    grid = grid / grid.max() if grid.max() > 0 else grid
+    alpha = PILImage.fromarray(np.rint(grid * 150).astype(np.uint8), mode="L").resize(size, PILImage.Resampling.BILINEAR)
+    overlay = PILImage.new("RGBA", size, (255, 40, 0, 0))
+    overlay.putalpha(alpha)
+    return overlay
+
+
+def compose(
+    base: PILImage.Image,
+    scale: float,
+    suggestions: Sequence[Mapping[str, Any]] = (),
+    attention: Sequence[Sequence[float]] | None = None,
+) -> PILImage.Image:
+    """``base`` as RGB with the model's boxes (original pixels, times ``scale``) and an attention overlay."""
+    image = base.convert("RGBA")
+    if attention is not None:
+        image = PILImage.alpha_composite(image, heatmap(attention, image.size))
+    draw = ImageDraw.Draw(image)
+    for k, box in enumerate(suggestions, 1):
+        x1, y1, x2, y2 = (float(v) * scale for v in box["bbox"])
+        for start in range(int(x1), int(x2), 8):  # dashed outline: suggestions, not annotations
+            draw.line([(start, y1), (min(start + 4, x2), y1)], fill=SUGGESTION_COLOUR, width=2)
+            draw.line([(start, y2), (min(start + 4, x2), y2)], fill=SUGGESTION_COLOUR, width=2)
+        for start in range(int(y1), int(y2), 8):
+            draw.line([(x1, start), (x1, min(start + 4, y2))], fill=SUGGESTION_COLOUR, width=2)
+            draw.line([(x2, start), (x2, min(start + 4, y2))], fill=SUGGESTION_COLOUR, width=2)
+        draw.text((x1 + 3, max(0.0, y1 - 12)), f"S{k} {box.get('class', '?')} {float(box.get('score', 0)):.2f}", fill=SUGGESTION_COLOUR)
+    return image.convert("RGB")

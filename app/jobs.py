@@ -1,0 +1,239 @@
+"""Background jobs of the workbench: demo seeding, imports and exports, each in its own process.
+
+A page never runs long work itself: it calls :func:`start_job`, which launches
+``python -m app.jobs <command> ...`` in a new process session and returns at once. The job writes its
+progress to a JSON status file in ``<data dir>/jobs/`` (:func:`db.demo.data_dir`), which pages poll::
+
+    {"id", "command", "args", "pid", "status": "running" | "done" | "failed", "done", "total",
+     "message", "result", "started_at", "updated_at"}
+
+Command line (what :func:`start_job` runs; the store is ``$OXNET_DB_URL``)::
+
+    python -m app.jobs seed --n 300                      the synthetic demo project
+    python -m app.jobs import coco boxes.json --images DIR
+    python -m app.jobs import folder DIR | nih CSV... --images DIR... [--bbox CSV] | vindr CSV --images DIR
+    python -m app.jobs export OUT.json [--granularity full] [--split val] [--with-patient-ids]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from db.demo import data_dir, seed_demo
+from db.engine import DB_URL_ENV, database_url, init_db, make_sessionmaker
+from db.export import export_coco, write_json
+from db.importers import ImportReport, import_coco, import_folder, import_nih, import_vindr
+
+#: The repository root (the jobs run with it as working directory, so ``app`` imports).
+ROOT = Path(__file__).resolve().parent.parent
+#: Name of the demo seeding job (one per store: its status file makes it exclusive).
+DEMO_JOB = "demo-seed"
+#: Environment variable: "0" turns off seeding the demo project automatically on first run.
+AUTO_DEMO_ENV = "OXNET_DEMO"
+#: Seconds between two writes of a running job's status file.
+WRITE_EVERY_S = 0.5
+
+
+def jobs_dir(url: str | None = None) -> Path:
+    """Where the status files of the store's jobs live."""
+    return data_dir(url) / "jobs"
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _write_status(path: Path, status: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(status, default=str), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def start_job(command: str, args: Sequence[str] = (), *, url: str | None = None, name: str | None = None) -> Path | None:
+    """Launch ``python -m app.jobs command *args`` for the store at ``url``; returns its status file.
+
+    ``name`` fixes the status file's name and makes the job exclusive: when a status file of that name
+    exists already (the job ran or runs), nothing is launched and None is returned.
+    """
+    url = database_url(url)
+    folder = jobs_dir(url)
+    folder.mkdir(parents=True, exist_ok=True)
+    job_id = name or f"{time.strftime('%Y%m%d-%H%M%S')}-{command}-{uuid.uuid4().hex[:6]}"
+    path = folder / f"{job_id}.json"
+    status = {"id": job_id, "command": command, "args": list(args), "pid": None, "status": "running", "done": 0,
+              "total": 0, "message": "starting", "result": None, "started_at": _now(), "updated_at": _now()}
+    try:
+        with open(path, "x", encoding="utf-8") as f:  # exclusive: two browser sessions start one job
+            json.dump(status, f)
+    except FileExistsError:
+        return None
+    process = subprocess.Popen(
+        [sys.executable, "-m", "app.jobs", "--status", str(path), command, *args],
+        cwd=ROOT, env={**os.environ, DB_URL_ENV: url}, start_new_session=True,
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    path.with_suffix(".pid").write_text(str(process.pid), encoding="utf-8")
+    return path
+
+
+def read_job(path: str | Path) -> dict[str, Any] | None:
+    """A job's status (None when the file is gone or half-written). A running job whose process died is ``failed``."""
+    try:
+        status = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    pid = status.get("pid") or _launched_pid(Path(path))
+    if status.get("status") == "running" and pid and not process_alive(pid):
+        status = {**status, "status": "failed", "message": "the job's process ended without reporting (killed?)"}
+    return status
+
+
+def _launched_pid(path: Path) -> int | None:
+    """The pid :func:`start_job` recorded beside the status file (the job writes its own once it runs)."""
+    try:
+        return int(path.with_suffix(".pid").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a finished child of ours is reaped; a zombie counts as ended)."""
+    try:
+        finished, _ = os.waitpid(pid, os.WNOHANG)  # reap our own finished children
+        if finished:
+            return False
+    except ChildProcessError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:  # no /proc (not Linux), or the process just ended
+        return not Path("/proc").is_dir()
+
+
+def list_jobs(url: str | None = None, command: str | None = None, limit: int = 20) -> list[dict[str, Any]]:
+    """The newest ``limit`` jobs of the store (of ``command`` when given), newest first."""
+    folder = jobs_dir(url)
+    if not folder.is_dir():
+        return []
+    paths = sorted(folder.glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True)
+    jobs = []
+    for path in paths:
+        status = read_job(path)
+        if status is not None and (command is None or status.get("command") == command):
+            jobs.append({**status, "path": str(path)})
+            if len(jobs) == limit:
+                break
+    return jobs
+
+
+class _Reporter:
+    """Writes a running job's status file, at most every ``WRITE_EVERY_S`` seconds."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.status = json.loads(path.read_text(encoding="utf-8"))
+        self.status["pid"] = os.getpid()
+        self.last = 0.0
+
+    def update(self, force: bool = False, **fields: Any) -> None:
+        self.status.update(fields, updated_at=_now())
+        if force or time.monotonic() - self.last >= WRITE_EVERY_S:
+            self.last = time.monotonic()
+            _write_status(self.path, self.status)
+
+    def progress(self, message: str) -> Callable[[int, int], None]:
+        return lambda done, total: self.update(done=done, total=total, message=message)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m app.jobs", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--status", required=True, metavar="FILE", help="the job's status file (made by start_job)")
+    commands = parser.add_subparsers(dest="command", required=True)
+    seed = commands.add_parser("seed", help="create the synthetic demo project")
+    seed.add_argument("--n", type=int, default=300)
+    seed.add_argument("--size", type=int, default=512)
+    seed.add_argument("--seed", type=int, default=0)
+    imports = commands.add_parser("import", help="import images").add_subparsers(dest="kind", required=True)
+    imports.add_parser("folder").add_argument("folder")
+    coco = imports.add_parser("coco")
+    coco.add_argument("file")
+    coco.add_argument("--images")
+    nih = imports.add_parser("nih")
+    nih.add_argument("data_entry", nargs="+")
+    nih.add_argument("--images", nargs="+", required=True)
+    nih.add_argument("--bbox")
+    vindr = imports.add_parser("vindr")
+    vindr.add_argument("csv")
+    vindr.add_argument("--images", required=True)
+    for sub in (imports.choices[k] for k in ("folder", "coco", "nih", "vindr")):
+        sub.add_argument("--split", choices=["train", "val", "test"])
+        sub.add_argument("--pseudonymize-salt")
+    export = commands.add_parser("export", help="write a COCO JSON of the store")
+    export.add_argument("out")
+    export.add_argument("--granularity", choices=["full", "weak", "unlabeled", "all"], default="all")
+    export.add_argument("--split", choices=["train", "val", "test"])
+    export.add_argument("--images-root", help="write file names relative to this folder")
+    export.add_argument("--with-patient-ids", action="store_true", help="keep patient ids (left out by default)")
+    return parser
+
+
+def _import(session, args: argparse.Namespace, progress: Callable[[int, int], None]) -> ImportReport:
+    options = {"split": args.split, "patient_salt": args.pseudonymize_salt, "progress": progress}
+    if args.kind == "folder":
+        return import_folder(session, args.folder, **options)
+    if args.kind == "coco":
+        return import_coco(session, args.file, images=args.images, **options)
+    if args.kind == "nih":
+        return import_nih(session, args.data_entry, images=args.images, bbox_list=args.bbox, **options)
+    return import_vindr(session, args.csv, images=args.images, **options)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one job, keeping its status file up to date; exit status 0 when it succeeded."""
+    args = _parser().parse_args(argv)
+    reporter = _Reporter(Path(args.status))
+    url = database_url()
+    try:
+        if args.command == "seed":
+            report = seed_demo(url, n=args.n, size=args.size, seed=args.seed, progress=reporter.progress("drawing and importing synthetic X-rays"))
+            result: dict[str, Any] = {"summary": report.summary(), "imported": len(report.imported)}
+        elif args.command == "import":
+            with make_sessionmaker(init_db(url)).begin() as session:
+                report = _import(session, args, reporter.progress(f"importing ({args.kind})"))
+                reporter.update(force=True, message="committing")
+            result = {"summary": report.summary(), **report.as_dict()}
+        else:
+            with make_sessionmaker(init_db(url)).begin() as session:
+                reporter.update(force=True, message="reading the store")
+                data = export_coco(session, split=args.split, granularity=args.granularity, images_root=args.images_root)
+            if not args.with_patient_ids:
+                for image in data["images"]:
+                    image["patient_id"] = None
+            write_json(data, args.out)
+            result = {"summary": f"wrote {len(data['images'])} images, {len(data['annotations'])} boxes to {args.out}",
+                      "out": str(args.out)}
+    except Exception as e:  # noqa: BLE001 - any failure must reach the page that polls the status
+        reporter.update(force=True, status="failed", message=f"{type(e).__name__}: {e}")
+        return 1
+    reporter.update(force=True, status="done", message="done", result=result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

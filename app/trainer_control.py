@@ -1,0 +1,98 @@
+"""Start and stop the background trainer (``scripts/trainer.py``, issue 5) from the Overview page.
+
+The trainer is its own process in its own session (never inside a Streamlit script run). Starting it
+records ``{"pid", "command", "started_at"}`` in ``<data dir>/trainer.pid`` (:func:`db.demo.data_dir`);
+stopping sends SIGTERM to the trainer's process group: the pid named at the end of the store's lock
+owner (``TrainerState.lock_owner``, e.g. ``host:1234``) when that process is a ``trainer.py``, else the
+recorded pid. The trainer itself keeps its single-instance lock and heartbeat in the store.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+from app.jobs import ROOT, process_alive
+from db.demo import data_dir
+from db.engine import DB_URL_ENV, database_url
+
+#: The trainer's entry point (issue 5).
+TRAINER_SCRIPT = ROOT / "scripts" / "trainer.py"
+
+
+def trainer_available() -> bool:
+    """Whether the trainer script exists in this checkout."""
+    return TRAINER_SCRIPT.is_file()
+
+
+def default_preset() -> str:
+    """``"paper"`` when a CUDA GPU is present, else ``"cpu"`` (imports torch: call it on a click, not per render)."""
+    import torch
+
+    return "paper" if torch.cuda.is_available() else "cpu"
+
+
+def pid_file(url: str | None = None) -> Path:
+    return data_dir(url) / "trainer.pid"
+
+
+def start_trainer(url: str | None = None, preset: str | None = None) -> int:
+    """Launch ``python scripts/trainer.py --preset <preset>`` on the store at ``url``; returns its pid.
+
+    Raises FileNotFoundError when the trainer script is missing.
+    """
+    if not trainer_available():
+        raise FileNotFoundError(f"the trainer script {TRAINER_SCRIPT} is missing (it comes with issue 5)")
+    url = database_url(url)
+    command = [sys.executable, str(TRAINER_SCRIPT), "--preset", preset or default_preset()]
+    log = data_dir(url) / "trainer.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as out:
+        process = subprocess.Popen(
+            command, cwd=ROOT, env={**os.environ, DB_URL_ENV: url}, start_new_session=True,
+            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+        )
+    record = {"pid": process.pid, "command": command, "started_at": datetime.now(UTC).isoformat(timespec="seconds")}
+    pid_file(url).write_text(json.dumps(record), encoding="utf-8")
+    return process.pid
+
+
+def _is_trainer(pid: int) -> bool:
+    """Process ``pid`` runs and, where /proc tells, runs ``trainer.py``."""
+    if not process_alive(pid):
+        return False
+    try:
+        return TRAINER_SCRIPT.name in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return True  # no /proc: trust the pid
+
+
+def trainer_pid(lock_owner: str | None, url: str | None = None) -> int | None:
+    """The pid of the running trainer: from the lock owner's trailing number, else the pid file (None: none runs)."""
+    candidates = []
+    match = re.search(r"(\d+)$", lock_owner or "")
+    if match:
+        candidates.append(int(match.group(1)))
+    try:
+        candidates.append(int(json.loads(pid_file(url).read_text(encoding="utf-8"))["pid"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return next((pid for pid in candidates if _is_trainer(pid)), None)
+
+
+def stop_trainer(lock_owner: str | None, url: str | None = None) -> int | None:
+    """SIGTERM the running trainer's process group; returns its pid, or None when no trainer runs here."""
+    pid = trainer_pid(lock_owner, url)
+    if pid is None:
+        return None
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except (ProcessLookupError, PermissionError):
+        os.kill(pid, signal.SIGTERM)
+    return pid

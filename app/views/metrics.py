@@ -1,0 +1,98 @@
+"""Metrics: mAP against the label mix across model versions, the granularity sweep (the paper's
+Table 2), per-class AP, image-level AUC and training losses. Hovering a point names the model version."""
+
+from __future__ import annotations
+
+import pandas as pd
+import plotly.express as px
+import streamlit as st
+
+from app.store import sessions, store_url
+from db.ui_queries import IMAGE_AUC_PREFIX, LOSS_PREFIX, PER_CLASS_AP_PREFIX, model_versions, project_exists, sweep_results
+
+PLOT = {"width": "stretch"}
+
+
+@st.cache_data(ttl=30, show_spinner=False)
+def _data(url: str) -> tuple[list, list] | None:
+    with sessions()() as session:
+        if not project_exists(session):
+            return None
+        return model_versions(session), sweep_results(session)
+
+
+def _per_class(metrics: dict[str, float], prefix: str) -> pd.DataFrame:
+    return pd.DataFrame([{"class": k[len(prefix):], "value": v} for k, v in metrics.items() if k.startswith(prefix)])
+
+
+st.title("Metrics")
+data = _data(store_url())
+if data is None:
+    st.info("The store has no project yet: see **Overview**.")
+    st.stop()
+versions, sweeps = data
+
+st.subheader("mAP against annotation granularity, by model version")
+rows = [
+    {"version": v["id"], "round": v["round"], "full images": v["label_counts"].get("full", 0),
+     "weak images": v["label_counts"].get("weak", 0), "unlabeled images": v["label_counts"].get("unlabeled", 0),
+     "mAP": v["metrics"].get("val", {}).get("mAP")}
+    for v in versions
+]
+table = pd.DataFrame(rows)
+if table.empty or table["mAP"].isna().all():
+    st.info("No evaluated model version yet: the trainer adds one per round, with its mAP on the val split.")
+else:
+    hover = ["version", "round", "full images", "weak images", "unlabeled images"]
+    left, right = st.columns(2)
+    left.plotly_chart(px.line(table, x="full images", y="mAP", markers=True, hover_data=hover,
+                              title="mAP (val) vs full images"), key="metrics_full", **PLOT)
+    right.plotly_chart(px.line(table, x="weak images", y="mAP", markers=True, hover_data=hover,
+                               title="mAP (val) vs weak images"), key="metrics_weak", **PLOT)
+
+st.subheader("Granularity sweep (the paper's Table 2)")
+if not sweeps:
+    st.info("No sweep results yet: run the granularity sweep script; each run adds a point here.")
+else:
+    frame = pd.DataFrame([{**{k: r[k] for k in ("id", "method", "seed", "n_full", "n_weak")}, "mAP": r["metrics"].get("mAP")} for r in sweeps])
+    summary = (frame.groupby(["method", "n_full"], as_index=False)
+               .agg(mAP=("mAP", "mean"), sd=("mAP", "std"), seeds=("seed", "nunique"), n_weak=("n_weak", "max"), runs=("id", "count")))
+    figure = px.line(summary, x="n_full", y="mAP", color="method", error_y="sd", markers=True,
+                     hover_data=["n_weak", "seeds", "runs"], title="mAP (mean over seeds, +/- sd) vs full images",
+                     labels={"n_full": "full images"})
+    st.plotly_chart(figure, key="metrics_sweep", **PLOT)
+
+latest = versions[-1] if versions else None
+val = latest["metrics"].get("val", {}) if latest else {}
+left, right = st.columns(2)
+with left:
+    st.subheader("Per-class AP")
+    per_class = _per_class(val, PER_CLASS_AP_PREFIX)
+    if per_class.empty:
+        st.info("The latest model version has no per-class AP.")
+    else:
+        per_class["version"] = latest["id"]
+        st.plotly_chart(px.bar(per_class, x="class", y="value", hover_data=["version"], labels={"value": "AP (val)"},
+                               title=f"model version {latest['id']}"), key="metrics_ap", **PLOT)
+with right:
+    st.subheader("Image-level AUC")
+    auc = _per_class(val, IMAGE_AUC_PREFIX)
+    if auc.empty:
+        st.info("The latest model version has no image-level AUC.")
+    else:
+        auc["version"] = latest["id"]
+        mean = val.get("mean_image_auc")
+        title = f"model version {latest['id']}" + (f", mean {mean:.3f}" if mean is not None else "")
+        st.plotly_chart(px.bar(auc, x="class", y="value", hover_data=["version"], labels={"value": "ROC AUC (val)"},
+                               range_y=[0, 1], title=title), key="metrics_auc", **PLOT)
+
+st.subheader("Training losses")
+losses = pd.DataFrame([
+    {"version": v["id"], "round": v["round"], "loss": k[len(LOSS_PREFIX):], "value": value}
+    for v in versions for k, value in v["metrics"].get("train", {}).items() if k.startswith(LOSS_PREFIX)
+])
+if losses.empty:
+    st.info("No training losses recorded yet.")
+else:
+    st.plotly_chart(px.line(losses, x="round", y="value", color="loss", markers=True, hover_data=["version"],
+                            title="mean loss per round"), key="metrics_loss", **PLOT)

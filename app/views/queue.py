@@ -1,0 +1,88 @@
+"""Queue: the images worth labelling next, best first, as a thumbnail grid; a click opens Annotate."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from app.imaging import thumbnail
+from app.store import annotator, sessions, store_url
+from db.models import Split, SuggestedAction
+from db.repository import take_lease
+from db.ui_queries import project_classes, project_exists, queue
+
+COLUMNS = 4
+PER_PAGE = 24
+#: Session-state keys the Annotate page reads.
+OPEN_IMAGE_KEY = "annotate_image_id"
+OPEN_ACTION_KEY = "annotate_action"
+DIRTY_KEY = "annotate_dirty"
+
+
+@st.cache_data(ttl=5, show_spinner=False)
+def _page(url: str, action: str, who: str, class_name: str | None, split: str | None, page: int) -> list:
+    with sessions()() as session:
+        return queue(session, action, annotator=who, class_name=class_name, split=split, limit=PER_PAGE, offset=page * PER_PAGE)
+
+
+@st.cache_data(ttl=60, show_spinner=False)
+def _classes(url: str) -> list[str]:
+    with sessions()() as session:
+        return project_classes(session) if project_exists(session) else []
+
+
+def _open(image_id: int, action: str, who: str) -> None:
+    """Take the image's lease and switch to Annotate (refused while someone else holds it)."""
+    with sessions().begin() as session:
+        leased = take_lease(session, image_id, who)
+    if not leased:
+        st.session_state["queue_message"] = f"Image {image_id} is being annotated by someone else; pick another."
+        _page.clear()
+        st.rerun()
+    st.session_state[OPEN_IMAGE_KEY] = image_id
+    st.session_state[OPEN_ACTION_KEY] = action
+    st.session_state[DIRTY_KEY] = False
+    st.switch_page("views/annotate.py")
+
+
+st.title("Queue")
+url = store_url()
+who = annotator()
+classes = _classes(url)
+if not classes:
+    st.info("The store has no project yet: see **Overview**.")
+    st.stop()
+if not who:
+    st.warning("Enter your name in the sidebar first: the queue hands each image to one annotator at a time.")
+    st.stop()
+
+left, middle, right, pager = st.columns([2, 2, 1, 1])
+action = left.selectbox("Action", [a.value for a in SuggestedAction], key="queue_action",
+                        help="add image-level labels: unlabeled images; draw boxes: unlabeled and weak images")
+class_name = middle.selectbox("Class", ["any class", *classes], key="queue_class")
+split = right.selectbox("Split", ["any split", *[s.value for s in Split]], key="queue_split")
+page = pager.number_input("Page", min_value=1, value=1, step=1, key="queue_page") - 1
+items = _page(url, action, who, None if class_name == "any class" else class_name, None if split == "any split" else split, page)
+
+if message := st.session_state.pop("queue_message", None):
+    st.warning(message)
+if st.session_state.get(DIRTY_KEY) and st.session_state.get(OPEN_IMAGE_KEY) is not None:
+    st.warning(f"Image {st.session_state[OPEN_IMAGE_KEY]} has unsaved changes on **Annotate**; opening another image discards them.")
+if not items:
+    st.info("Nothing waiting for this action and these filters." if page == 0 else "No more images: go back a page.")
+    st.stop()
+if items[0].score is None:
+    st.caption("No model has ranked the images yet: they are listed in store order until the trainer's first round.")
+
+for start in range(0, len(items), COLUMNS):
+    for col, item in zip(st.columns(COLUMNS), items[start : start + COLUMNS]):
+        with col.container(border=True):
+            data = thumbnail(item.path)
+            if data is None:
+                st.error("file not readable")
+            else:
+                st.image(data, width="stretch")
+            score = "-" if item.score is None else f"{item.score:.3f}"
+            st.markdown(f"**#{item.image_id}** · {item.granularity} · {item.split or 'no split'} · score {score}")
+            st.caption(item.reason or "")
+            if st.button(f"Open #{item.image_id}", key=f"queue_open_{item.image_id}", width="stretch"):
+                _open(item.image_id, action, who)

@@ -1,0 +1,381 @@
+"""Queries and the one annotation save behind the Streamlit pages (``app/views``).
+
+Pages only render; what they read and write goes through here. Each function takes a Session and the
+caller owns the transaction. Results are plain dataclasses and dicts (safe to cache and to pickle).
+
+Contracts with the trainer (issue 5), read here and documented in the README:
+
+- metrics are :class:`~db.models.Metric` rows; :func:`oxnet.evaluation.evaluate`'s nested dicts are
+  flattened as ``per_class_AP/<class>`` and ``image_auc/<class>``; training losses are ``loss/<name>``
+  rows on the ``train`` split (one value per model version, the round's mean);
+- an attention map of a prediction is ``Prediction.image_probs["attention"][<class>]``: a 2-D list of
+  non-negative floats over the image (any grid size; it is stretched to the image).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import String, and_, cast, exists, or_, select
+from sqlalchemy.orm import Session, selectinload
+
+from db.lifecycle import BoxInput, ConflictError, box_error, downgrade, mark_boxes_complete, set_boxes, set_image_labels
+from db.models import (
+    Annotator,
+    Granularity,
+    Image,
+    ImageLabel,
+    LabelClass,
+    Lease,
+    Metric,
+    ModelVersion,
+    Prediction,
+    Project,
+    Split,
+    SuggestedAction,
+    Suggestion,
+    SweepResult,
+    utcnow,
+)
+from db.repository import DEFAULT_PROJECT, class_names, get_annotator, get_project, latest_model_version, take_lease
+
+#: Metric name prefixes of the flattened per-class dicts of :func:`oxnet.evaluation.evaluate`.
+PER_CLASS_AP_PREFIX = "per_class_AP/"
+IMAGE_AUC_PREFIX = "image_auc/"
+#: Prefix of the training-loss metrics (split ``train``) of a model version.
+LOSS_PREFIX = "loss/"
+#: Key of the attention maps inside ``Prediction.image_probs``.
+ATTENTION_KEY = "attention"
+
+
+@dataclass(frozen=True)
+class QueueItem:
+    """One image of the annotation queue. ``score`` is None when no model has ranked the queue yet."""
+
+    image_id: int
+    path: str
+    width: int
+    height: int
+    granularity: str
+    split: str | None
+    action: str
+    score: float | None
+    reason: str
+    classes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ImageDetail:
+    """An image with its annotation, as the Annotate page edits it.
+
+    ``boxes``: (class, x1, y1, x2, y2) in original pixels; ``labels``: {class: present} for the classes
+    that have a label row.
+    """
+
+    id: int
+    path: str
+    width: int
+    height: int
+    version: int
+    granularity: str
+    split: str | None
+    file_status: str
+    no_finding: bool
+    boxes_complete: bool
+    labels: dict[str, bool]
+    boxes: list[tuple[str, float, float, float, float]]
+    classes: list[str]
+    leased_by: str | None = None
+
+
+@dataclass(frozen=True)
+class ModelOutput:
+    """The latest ready model's output on one image (empty lists when it has no prediction for it).
+
+    ``boxes``: ``{"class", "bbox": [x1, y1, x2, y2] (original pixels), "score"}`` dicts, best first;
+    ``attention``: {class: 2-D list}.
+    """
+
+    model_version_id: int | None
+    boxes: list[dict[str, Any]] = field(default_factory=list)
+    image_probs: dict[str, float] = field(default_factory=dict)
+    attention: dict[str, list[list[float]]] = field(default_factory=dict)
+
+
+def project_exists(session: Session, project: str = DEFAULT_PROJECT) -> bool:
+    """Whether the store has the project (a fresh store has none)."""
+    return session.execute(select(Project.id).where(Project.name == project)).first() is not None
+
+
+def project_classes(session: Session, project: str = DEFAULT_PROJECT) -> list[str]:
+    """The project's class names in category-id order."""
+    return class_names(session, get_project(session, project))
+
+
+# --- the queue -----------------------------------------------------------------------------------
+
+
+def _free_for(annotator_id: int, now: datetime):
+    """SQL condition: the image (outer-joined ``Lease``) is not leased to someone else right now."""
+    return or_(Lease.image_id.is_(None), Lease.expires_at <= now, Lease.annotator_id == annotator_id)
+
+
+def queue(
+    session: Session,
+    action: SuggestedAction | str,
+    *,
+    annotator: str,
+    project: str = DEFAULT_PROJECT,
+    class_name: str | None = None,
+    split: Split | str | None = None,
+    limit: int = 24,
+    offset: int = 0,
+    exclude: Collection[int] = (),
+    now: datetime | None = None,
+) -> list[QueueItem]:
+    """Images waiting for ``action``, best first, skipping images leased to other annotators.
+
+    With a ready model version: its suggestions by score (``class_name`` keeps suggestions whose reason
+    names the class). Before any model: images below the action's target granularity in store order
+    (``class_name`` keeps images labelled with the class), reason "no model yet". Images already at or
+    past the action's target are never listed.
+    """
+    action = SuggestedAction(action)
+    project_id = get_project(session, project).id
+    who = get_annotator(session, annotator).id
+    now = now or utcnow()
+    below = [g for g in Granularity if g.rank < action.target.rank]
+    version = latest_model_version(session, project)
+    columns = (Image.id, Image.path, Image.width, Image.height, Image.granularity, Image.split)
+    if version is not None:
+        query = (
+            select(*columns, Suggestion.score, Suggestion.reason)
+            .join(Image, Image.id == Suggestion.image_id)
+            .where(Suggestion.model_version_id == version.id, Suggestion.action == action)
+            .order_by(Suggestion.score.desc(), Suggestion.id)
+        )
+        if class_name:
+            query = query.where(cast(Suggestion.reason, String).like(f'%"{_like_escape(class_name)}"%', escape="\\"))
+    else:
+        query = select(*columns).where(Image.project_id == project_id).order_by(Image.id)
+        if class_name:
+            query = query.where(
+                exists().where(
+                    ImageLabel.image_id == Image.id, ImageLabel.present,
+                    ImageLabel.class_id == LabelClass.id, LabelClass.name == class_name,
+                )
+            )
+    query = query.outerjoin(Lease, Lease.image_id == Image.id).where(Image.granularity.in_(below), _free_for(who, now))
+    if split:
+        query = query.where(Image.split == Split(split))
+    if exclude:
+        query = query.where(Image.id.not_in(list(exclude)))
+    items = []
+    for row in session.execute(query.limit(limit).offset(offset)):
+        score, reason = (row[6], row[7] or {}) if version is not None else (None, {"text": "no model yet: images in store order"})
+        items.append(QueueItem(
+            image_id=row.id, path=row.path, width=row.width, height=row.height, granularity=row.granularity.value,
+            split=row.split.value if row.split else None, action=action.value, score=score,
+            reason=str(reason.get("text", "")), classes=tuple(reason.get("classes") or ()),
+        ))
+    return items
+
+
+def _like_escape(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+def claim_next_image(
+    session: Session,
+    action: SuggestedAction | str,
+    *,
+    annotator: str,
+    project: str = DEFAULT_PROJECT,
+    exclude: Collection[int] = (),
+    class_name: str | None = None,
+    split: Split | str | None = None,
+) -> int | None:
+    """Lease the top of the queue (:func:`queue`) to ``annotator`` and return its image id (None: empty)."""
+    for item in queue(session, action, annotator=annotator, project=project, class_name=class_name, split=split,
+                      limit=20, exclude=exclude):
+        if take_lease(session, item.image_id, annotator):
+            return item.image_id
+    return None
+
+
+# --- one image -----------------------------------------------------------------------------------
+
+
+def image_detail(session: Session, image_id: int, *, annotator: str | None = None) -> ImageDetail:
+    """The image's annotation; ``leased_by`` names another annotator holding an unexpired lease."""
+    image = session.scalars(
+        select(Image).where(Image.id == image_id).options(selectinload(Image.labels), selectinload(Image.boxes))
+        .execution_options(populate_existing=True)
+    ).one_or_none()
+    if image is None:
+        raise ValueError(f"no image with id {image_id}")
+    holder = session.execute(
+        select(Annotator.name).join(Lease, Lease.annotator_id == Annotator.id)
+        .where(Lease.image_id == image_id, Lease.expires_at > utcnow())
+    ).scalar()
+    classes = list(session.scalars(select(LabelClass.name).where(LabelClass.project_id == image.project_id).order_by(LabelClass.ordinal)))
+    return ImageDetail(
+        id=image.id, path=image.path, width=image.width, height=image.height, version=image.version,
+        granularity=image.granularity.value, split=image.split.value if image.split else None,
+        file_status=image.file_status.value, no_finding=image.no_finding, boxes_complete=image.boxes_complete,
+        labels={label.label_class.name: label.present for label in image.labels},
+        boxes=sorted((b.label_class.name, b.x1, b.y1, b.x2, b.y2) for b in image.boxes),
+        classes=classes, leased_by=holder if holder not in (None, annotator) else None,
+    )
+
+
+def model_output(session: Session, image_id: int, *, project: str = DEFAULT_PROJECT) -> ModelOutput:
+    """The latest ready model version's prediction on the image (see :class:`ModelOutput`)."""
+    version = latest_model_version(session, project)
+    if version is None:
+        return ModelOutput(model_version_id=None)
+    prediction = session.scalars(
+        select(Prediction).where(Prediction.model_version_id == version.id, Prediction.image_id == image_id)
+    ).first()
+    if prediction is None:
+        return ModelOutput(model_version_id=version.id)
+    probs = dict(prediction.image_probs or {})
+    attention = probs.pop(ATTENTION_KEY, None) or {}
+    boxes = sorted(prediction.boxes or [], key=lambda b: -float(b.get("score", 0.0)))
+    return ModelOutput(
+        model_version_id=version.id, boxes=boxes,
+        image_probs={k: float(v) for k, v in probs.items() if isinstance(v, (int, float))},
+        attention={k: v for k, v in attention.items() if isinstance(v, list)} if isinstance(attention, Mapping) else {},
+    )
+
+
+def validate_annotation(
+    classes: Sequence[str],
+    present: Collection[str],
+    no_finding: bool,
+    boxes: Sequence[BoxInput],
+    width: int,
+    height: int,
+    *,
+    complete: bool = False,
+) -> list[str]:
+    """Why an annotation cannot be saved, one message per problem ([] when it can).
+
+    Checks: every box has a known class and a non-empty extent inside the image, "No finding" goes
+    with no finding and no box, something is labelled at all, and a ``complete`` (full) annotation has
+    a box for every ticked finding.
+    """
+    problems = []
+    known = set(classes)
+    for k, (name, *coords) in enumerate(boxes, 1):
+        if not name:
+            problems.append(f"box {k} has no class: pick a class for it (or delete it)")
+            continue
+        if name not in known:
+            problems.append(f"box {k}: unknown class {name!r}")
+            continue
+        reason = box_error(*coords, width, height)
+        if reason:
+            problems.append(f"box {k} ({name}): {reason}; draw it again")
+    unknown = sorted(set(present) - known)
+    if unknown:
+        problems.append(f"unknown findings {unknown}")
+    if no_finding and (present or boxes):
+        problems.append("'No finding' cannot go with ticked findings or boxes: untick one of them")
+    if not (no_finding or present or boxes):
+        problems.append("nothing labelled: tick the findings you see, or 'No finding'")
+    unboxed = sorted(set(present) & known - {b[0] for b in boxes})
+    if complete and unboxed:
+        problems.append(f"'all lesions are boxed' but {unboxed} have no box: draw them, or untick 'all lesions are boxed'")
+    return problems
+
+
+def save_annotation(
+    session: Session,
+    image_id: int,
+    *,
+    present: Collection[str],
+    no_finding: bool,
+    boxes: Sequence[BoxInput],
+    complete: bool,
+    annotator: str,
+    expected_version: int,
+) -> Image:
+    """Save what the annotator sees as the image's whole annotation, or nothing.
+
+    ``present``: the ticked findings (the other classes become absent; classes with boxes are present);
+    ``boxes``: (class, x1, y1, x2, y2) in original pixels; ``complete``: all lesions are boxed (full).
+    Runs the :mod:`db.lifecycle` edits that change something, in an order that never passes through a
+    contradiction, each audited. Raises ValueError (see :func:`validate_annotation`) or
+    :class:`~db.lifecycle.ConflictError` when the image changed since ``expected_version``; the caller's
+    transaction then rolls back and nothing is saved.
+    """
+    detail = image_detail(session, image_id)
+    if detail.version != expected_version:
+        raise ConflictError(image_id, expected_version, detail.version)
+    problems = validate_annotation(detail.classes, present, no_finding, boxes, detail.width, detail.height, complete=complete)
+    if problems:
+        raise ValueError("; ".join(problems))
+    new_boxes = sorted((str(n), float(a), float(b), float(c), float(d)) for n, a, b, c, d in boxes)
+    final = {name: name in present or any(b[0] == name for b in new_boxes) for name in detail.classes}
+    old_boxed = {b[0] for b in detail.boxes}
+    image = None
+    first = {name: value or name in old_boxed for name, value in final.items()}
+    first_nf = no_finding and not old_boxed
+    if (first, first_nf) != (detail.labels, detail.no_finding):
+        image = set_image_labels(session, image_id, first, annotator=annotator, no_finding=first_nf)
+    if new_boxes != detail.boxes:
+        image = set_boxes(session, image_id, new_boxes, annotator=annotator)
+    if (final, no_finding) != (first, first_nf):
+        image = set_image_labels(session, image_id, final, annotator=annotator, no_finding=no_finding)
+    if complete and not detail.boxes_complete:
+        image = mark_boxes_complete(session, image_id, annotator=annotator)
+    elif not complete and detail.boxes_complete:
+        image = downgrade(session, image_id, Granularity.WEAK, annotator=annotator, reason="annotator unticked 'all lesions boxed'")
+    return image if image is not None else session.get(Image, image_id)
+
+
+# --- models and metrics --------------------------------------------------------------------------
+
+
+def model_versions(session: Session, project: str = DEFAULT_PROJECT, *, limit: int = 200) -> list[dict[str, Any]]:
+    """The newest ``limit`` ready model versions, oldest first, each with its metrics.
+
+    ``{"id", "round", "created_at", "label_counts": {granularity: n}, "metrics": {split: {name: value}}}``.
+    """
+    project_id = get_project(session, project).id
+    versions = list(session.scalars(
+        select(ModelVersion).where(ModelVersion.project_id == project_id, ModelVersion.status == "ready")
+        .order_by(ModelVersion.id.desc()).limit(limit)
+    ))[::-1]
+    metrics: dict[int, dict[str, dict[str, float]]] = {v.id: {} for v in versions}
+    if versions:
+        for version_id, split, name, value in session.execute(
+            select(Metric.model_version_id, Metric.split, Metric.name, Metric.value).where(Metric.model_version_id.in_(list(metrics)))
+        ):
+            metrics[version_id].setdefault(split.value, {})[name] = value
+    return [
+        {"id": v.id, "round": v.round, "created_at": v.created_at, "label_counts": dict(v.label_counts or {}), "metrics": metrics[v.id]}
+        for v in versions
+    ]
+
+
+def sweep_results(session: Session, project: str = DEFAULT_PROJECT) -> list[dict[str, Any]]:
+    """Every sweep run: ``{"id", "method", "seed", "n_full", "n_weak", "n_unlabeled", "metrics", "created_at"}``."""
+    project_id = get_project(session, project).id
+    rows = session.scalars(select(SweepResult).where(SweepResult.project_id == project_id).order_by(SweepResult.id))
+    return [
+        {"id": r.id, "method": r.method, "seed": r.seed, "n_full": r.n_full, "n_weak": r.n_weak,
+         "n_unlabeled": r.n_unlabeled, "metrics": dict(r.metrics or {}), "created_at": r.created_at}
+        for r in rows
+    ]
+
+
+def leases_of(session: Session, annotator: str) -> list[int]:
+    """Ids of the images ``annotator`` holds an unexpired lease on."""
+    now = utcnow()
+    query = select(Lease.image_id).join(Annotator, Annotator.id == Lease.annotator_id).where(and_(Annotator.name == annotator, Lease.expires_at > now))
+    return list(session.scalars(query))
