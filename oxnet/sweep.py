@@ -1,0 +1,497 @@
+"""The granularity study (the paper's Tables 1 and 2): mAP against the annotation mix, per method.
+
+A fully annotated pool is relabelled into mixes: for each fraction ``f`` and seed, ``f`` of the pool
+keeps its boxes (full), the rest keeps only image-level labels (weak) or nothing (unlabeled). Optional
+extra weak and unlabeled files join every mix. Each method trains on each mix; all methods of a
+(mix, seed) share the same selection, and OXnet variants start from the same RetinaNet pre-training,
+as in the authors' recipe. Model selection uses a validation split held out of the pool; the reported
+metrics are on a patient-disjoint test set.
+
+Results (``results.json``, ``results.csv``, ``figure.html`` in ``out_dir``) are rewritten after every
+run, so a long sweep can be watched, interrupted and resumed (finished runs are skipped).
+
+``results.json`` schema ("oxnet.sweep/1")::
+
+    {"schema": "oxnet.sweep/1", "config": {...SweepConfig...}, "machine": {...}, "classes": [...],
+     "pool": {"images": int, "val_images": int, "test_images": int, "extra_weak": int, "extra_unlabeled": int},
+     "started": iso time, "updated": iso time, "wall_seconds": float,
+     "rows": [{"method", "full_fraction", "seed", "n_full", "n_weak", "n_unlabeled", "train_seconds",
+               "epochs_trained", "best_epoch", "val_mAP", "mAP", "AP40", "AP50", "AP75", "AP_S", "AP_M", "AP_L",
+               "mean_image_auc", "per_class_AP": {...}, "teacher_mAP"}],
+     "summary": [{"method", "full_fraction", "n_full", "n_weak", "n_unlabeled", "seeds",
+                  "mAP_mean", "mAP_std", "AP40_mean", "AP75_mean"}]}
+
+Metrics are fractions in [0, 1] (the figure shows percent); ``n_*`` count the images the mix offered
+(a method uses those of the granularities it can learn from); ``teacher_mAP`` is the EMA teacher's
+test mAP for methods with a teacher, else null.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import platform
+import shutil
+import statistics
+import time
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from oxnet.data.records import Record, Records
+from oxnet.settings import METHODS, TrainConfig
+
+logger = logging.getLogger(__name__)
+SCHEMA = "oxnet.sweep/1"
+METRIC_KEYS = ("mAP", "AP40", "AP50", "AP75", "AP_S", "AP_M", "AP_L", "mean_image_auc")
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """What to sweep and the training budget of every run.
+
+    Args:
+        full_fractions: fractions of the training pool that keep their boxes.
+        weak_fraction: share of the rest of the pool that keeps image-level labels (the remainder
+            becomes unlabeled); 1.0 = the paper's Table 2 upper rows.
+        methods: names of :data:`oxnet.settings.METHODS`.
+        seeds: one run per seed and mix; the seed picks the full images and seeds training.
+        train: the :class:`TrainConfig` template of every run (preset, epochs, pretrain_epochs,
+            batch_size, steps_per_epoch, lr, ...); ``method``, ``seed`` and ``out_dir`` are set per run.
+        out_dir: where results and checkpoints go.
+    """
+
+    full_fractions: tuple[float, ...] = (0.1, 0.25, 0.5)
+    weak_fraction: float = 1.0
+    methods: tuple[str, ...] = ("retinanet", "oxnet")
+    seeds: tuple[int, ...] = (0, 1, 2)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    out_dir: str = "runs/sweep"
+
+    def __post_init__(self) -> None:
+        if not self.full_fractions or any(not 0 < f <= 1 for f in self.full_fractions):
+            raise ValueError(f"full_fractions must be in (0, 1], got {self.full_fractions}")
+        if not 0 <= self.weak_fraction <= 1:
+            raise ValueError(f"weak_fraction must be in [0, 1], got {self.weak_fraction}")
+        unknown = set(self.methods) - set(METHODS)
+        if unknown or not self.methods:
+            raise ValueError(f"methods must be among {sorted(METHODS)}, got {list(self.methods)}")
+        if not self.seeds:
+            raise ValueError("seeds must not be empty")
+
+
+def relabel(
+    pool: Sequence[Record],
+    full_fraction: float,
+    *,
+    weak_fraction: float = 1.0,
+    seed: int = 0,
+    weak_labels: Mapping[int, Sequence[int]] | None = None,
+) -> list[Record]:
+    """Relabel a fully annotated pool into a full / weak / unlabeled mix.
+
+    ``round(full_fraction * len(pool))`` images (at least one), picked by ``seed``, keep their boxes;
+    ``weak_fraction`` of the others keep image-level labels (``weak_labels[image_id]`` when given, for
+    example NIH's text-mined findings, else the classes of their boxes) and drop their boxes; the rest
+    drop everything. Records are new objects; the pool is unchanged.
+    """
+    if any(r.granularity != "full" for r in pool):
+        raise ValueError("the pool must be fully labeled (every record 'full')")
+    order = np.random.default_rng(seed).permutation(len(pool))
+    n_full = max(1, round(full_fraction * len(pool)))
+    n_weak = round(weak_fraction * (len(pool) - n_full))
+    out = []
+    for rank, i in enumerate(order.tolist()):
+        r = pool[i]
+        if rank < n_full:
+            out.append(r)
+            continue
+        if rank < n_full + n_weak:
+            labels = tuple(weak_labels[r.image_id]) if weak_labels is not None else r.image_labels
+            out.append(Record(r.image_id, r.path, "weak", r.width, r.height, image_labels=labels,
+                              patient_id=r.patient_id, negative=not labels))
+        else:
+            out.append(Record(r.image_id, r.path, "unlabeled", r.width, r.height, patient_id=r.patient_id))
+    return out
+
+
+def split_by_patient(records: Sequence[Record], fraction: float, *, seed: int = 0) -> tuple[list[Record], list[Record]]:
+    """(rest, held_out): about ``fraction`` of the patients (all their images) are held out."""
+    patients = sorted({str(r.patient_id if r.patient_id is not None else f"image-{r.image_id}") for r in records})
+    rng = np.random.default_rng(seed)
+    held = set(rng.choice(patients, size=max(1, round(fraction * len(patients))), replace=False).tolist())
+    key = lambda r: str(r.patient_id if r.patient_id is not None else f"image-{r.image_id}")  # noqa: E731
+    return [r for r in records if key(r) not in held], [r for r in records if key(r) in held]
+
+
+def check_patient_disjoint(a: Sequence[Record], b: Sequence[Record], what: str) -> None:
+    shared = {r.patient_id for r in a if r.patient_id is not None} & {r.patient_id for r in b if r.patient_id is not None}
+    if shared:
+        raise ValueError(f"{what} share {len(shared)} patients (e.g. {sorted(map(str, shared))[:3]}): the test must be patient-disjoint")
+
+
+def machine() -> dict[str, Any]:
+    import torch
+
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+    }
+
+
+def summarize(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Mean and sample standard deviation over seeds, per (method, full fraction)."""
+    groups: dict[tuple[str, float], list[Mapping[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((row["method"], row["full_fraction"]), []).append(row)
+    summary = []
+    for (method, fraction), group in sorted(groups.items()):
+        maps = [g["mAP"] for g in group if g["mAP"] is not None]
+        summary.append({
+            "method": method, "full_fraction": fraction, "n_full": group[0]["n_full"], "n_weak": group[0]["n_weak"],
+            "n_unlabeled": group[0]["n_unlabeled"], "seeds": len(group),
+            "mAP_mean": statistics.fmean(maps) if maps else None,
+            "mAP_std": statistics.stdev(maps) if len(maps) > 1 else 0.0 if maps else None,
+            "AP40_mean": _mean(g["AP40"] for g in group), "AP75_mean": _mean(g["AP75"] for g in group),
+        })
+    return summary
+
+
+def _mean(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.fmean(values) if values else None
+
+
+def figure(results: Mapping[str, Any]):
+    """plotly figure: test mAP (%) against the number of full images, one line per method, error
+    bars = standard deviation over seeds."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    for method in dict.fromkeys(s["method"] for s in results["summary"]):
+        points = sorted((s for s in results["summary"] if s["method"] == method and s["mAP_mean"] is not None),
+                        key=lambda s: s["n_full"])
+        fig.add_trace(go.Scatter(
+            x=[s["n_full"] for s in points], y=[100 * s["mAP_mean"] for s in points],
+            error_y={"type": "data", "array": [100 * s["mAP_std"] for s in points]},
+            mode="lines+markers", name=method,
+            customdata=[[s["n_weak"], s["n_unlabeled"], s["seeds"]] for s in points],
+            hovertemplate="%{x} full, %{customdata[0]} weak, %{customdata[1]} unlabeled<br>"
+                          "mAP %{y:.2f} (%{customdata[2]} seeds)<extra>" + method + "</extra>",
+        ))
+    preset = results["config"]["train"]["preset"]
+    fig.update_layout(
+        title=f"Test mAP (IoU 0.40:0.75) against annotation granularity - preset {preset}",
+        xaxis_title="fully labeled (box) training images", yaxis_title="mAP (%)", template="plotly_white",
+    )
+    return fig
+
+
+def _write(results: dict[str, Any], out_dir: Path) -> None:
+    """results.json, results.csv and figure.html, each replaced atomically."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    def atomic(name: str, write: Callable[[Path], None]) -> None:
+        tmp = out_dir / f".{name}.tmp"
+        write(tmp)
+        os.replace(tmp, out_dir / name)
+
+    atomic("results.json", lambda p: p.write_text(json.dumps(results, indent=2)))
+    columns = ["method", "full_fraction", "seed", "n_full", "n_weak", "n_unlabeled", "epochs_trained", "best_epoch",
+               "train_seconds", "val_mAP", *METRIC_KEYS, "teacher_mAP"]
+
+    def write_csv(p: Path) -> None:
+        with p.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(results["rows"])
+
+    atomic("results.csv", write_csv)
+    if results["summary"]:
+        atomic("figure.html", lambda p: figure(results).write_html(p, include_plotlyjs=True))
+
+
+def run_sweep(
+    pool: Records,
+    val: Sequence[Record],
+    test: Sequence[Record],
+    config: SweepConfig,
+    *,
+    extra_weak: Sequence[Record] = (),
+    extra_unlabeled: Sequence[Record] = (),
+    weak_labels: Mapping[int, Sequence[int]] | None = None,
+    on_row: Callable[[dict[str, Any]], None] | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Train every method on every mix and seed; evaluate on ``test``. Returns the results dict (and
+    writes it to ``config.out_dir`` after every run). ``on_row`` receives each new row (e.g. to store it)."""
+    from oxnet.checkpoint import load_checkpoint, model_from_state
+    from oxnet.engine import evaluate_model, fit, resolve_device
+
+    classes = list(pool.classes)
+    check_patient_disjoint(list(pool) + list(val), test, "training/validation and test images")
+    out_dir = Path(config.out_dir)
+    path = out_dir / "results.json"
+    previous = json.loads(path.read_text()) if path.is_file() else None
+    results = {
+        "schema": SCHEMA,
+        "config": _jsonable(asdict(config)),
+        "machine": machine(),
+        "classes": classes,
+        "pool": {"images": len(pool), "val_images": len(val), "test_images": len(test),
+                 "extra_weak": len(extra_weak), "extra_unlabeled": len(extra_unlabeled)},
+        "started": previous["started"] if previous else _now(),
+        "wall_seconds": previous["wall_seconds"] if previous else 0.0,
+        "rows": previous["rows"] if previous else [],
+    }
+    if previous and previous["config"] != results["config"]:
+        raise ValueError(f"{path} belongs to a sweep with other settings; use another out_dir")
+    done = {(r["method"], r["full_fraction"], r["seed"]) for r in results["rows"]}
+    device = resolve_device(config.train.device)
+    started = time.perf_counter()
+    base_wall = results["wall_seconds"]
+
+    for fraction in config.full_fractions:
+        for seed in config.seeds:
+            mix = relabel(pool, fraction, weak_fraction=config.weak_fraction, seed=seed, weak_labels=weak_labels)
+            train = Records(mix + list(extra_weak) + list(extra_unlabeled), classes=classes)
+            counts = {g: sum(r.granularity == g for r in train) for g in ("full", "weak", "unlabeled")}
+            run_dir = out_dir / f"full{fraction:g}_seed{seed}"
+            template = replace(config.train, seed=seed)
+            pretrain = run_dir / "pretrain.pt"
+            needs_pretrain = template.pretrain_epochs > 0 and any(m != "retinanet" for m in config.methods)
+            if needs_pretrain and not pretrain.is_file() and any(
+                (m, fraction, seed) not in done for m in config.methods if m != "retinanet"
+            ):
+                # RetinaNet on the full images: its best epoch starts every OXnet variant of this mix.
+                leg = replace(template, method="retinanet", epochs=template.pretrain_epochs, pretrain_epochs=0,
+                              out_dir=str(run_dir / "retinanet"))
+                history = fit(train, val, leg, classes=classes, progress=progress)
+                shutil.copyfile(history.best_checkpoint or history.last_checkpoint, pretrain)
+            for method in config.methods:
+                if (method, fraction, seed) in done:
+                    continue
+                if method == "retinanet":  # same number of epochs as pre-training + the method's epochs
+                    run = replace(template, method=method, epochs=template.pretrain_epochs + template.epochs,
+                                  pretrain_epochs=0, out_dir=str(run_dir / "retinanet"))
+                else:
+                    run = replace(template, method=method, pretrain_epochs=0, out_dir=str(run_dir / method),
+                                  init_checkpoint=str(pretrain) if needs_pretrain else None)
+                t0 = time.perf_counter()
+                history = fit(train, val, run, classes=classes, progress=progress)
+                seconds = time.perf_counter() - t0
+                state = load_checkpoint(history.best_checkpoint or history.last_checkpoint)
+                metrics = evaluate_model(model_from_state(state).to(device), test, classes, device=device)
+                teacher_map = None
+                if state.get("teacher") is not None:
+                    teacher = model_from_state(state, weights="teacher").to(device)
+                    teacher_map = evaluate_model(teacher, test, classes, device=device)["mAP"]
+                row = {
+                    "method": method, "full_fraction": fraction, "seed": seed,
+                    "n_full": counts["full"], "n_weak": counts["weak"], "n_unlabeled": counts["unlabeled"],
+                    "train_seconds": round(seconds, 1), "epochs_trained": len(history.epochs),
+                    "best_epoch": history.best_epoch, "val_mAP": history.best_metric,
+                    **{k: metrics.get(k) for k in METRIC_KEYS},
+                    "per_class_AP": metrics.get("per_class_AP"), "teacher_mAP": teacher_map,
+                }
+                results["rows"].append(row)
+                results["summary"] = summarize(results["rows"])
+                results["updated"] = _now()
+                results["wall_seconds"] = round(base_wall + time.perf_counter() - started, 1)
+                _write(results, out_dir)
+                logger.info("%s full=%g seed=%d: test mAP %.4f (%.0f s)", method, fraction, seed, row["mAP"] or 0, seconds)
+                if on_row is not None:
+                    on_row(row)
+    results["summary"] = summarize(results["rows"])
+    results["updated"] = _now()
+    results["wall_seconds"] = round(base_wall + time.perf_counter() - started, 1)
+    _write(results, out_dir)
+    return results
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading a study and the command line (scripts/sweep.py)
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class Study:
+    pool: Records
+    val: list[Record]
+    test: list[Record]
+    extra_weak: list[Record]
+    extra_unlabeled: list[Record]
+    weak_labels: dict[int, tuple[int, ...]] | None
+
+
+def load_study(
+    dataset: str | Path,
+    *,
+    images: str | Path | None = None,
+    test: str | Path | None = None,
+    test_fold: int | None = None,
+    pool_folds: Sequence[int] | None = None,
+    val: str | Path | None = None,
+    val_fraction: float = 0.15,
+    extra_weak: Sequence[str | Path] = (),
+    extra_unlabeled: Sequence[str | Path] = (),
+    weak_labels: str = "boxes",
+    seed: int = 0,
+) -> Study:
+    """Read the pool, validation, test and extra files of a study.
+
+    Args:
+        dataset: fully labeled COCO file (the pool). Its images may carry ``suggested_fold`` (nih-cxr).
+        images: image folder of every file (default: each file's folder).
+        test / test_fold: an explicit test file, or the pool's images with ``suggested_fold == test_fold``.
+        pool_folds: keep only pool images of these folds (after taking the test fold out).
+        val / val_fraction: an explicit validation file, or that fraction of the pool's patients held out.
+        extra_weak / extra_unlabeled: COCO files added to every mix as weak / unlabeled images.
+        weak_labels: "boxes" (a relabelled weak image keeps the classes of its boxes) or "nih" (it keeps
+            its ``nih_finding_labels`` restricted to the pool's classes, i.e. report-mined labels).
+    """
+    from oxnet.data.records import records_from_coco
+
+    if (test is None) == (test_fold is None):
+        raise ValueError("give exactly one of test (a file) and test_fold (a fold of the pool)")
+    if weak_labels not in ("boxes", "nih"):
+        raise ValueError(f"weak_labels must be 'boxes' or 'nih', got {weak_labels!r}")
+    coco = json.loads(Path(dataset).read_text())
+    root = images if images is not None else Path(dataset).parent
+    everything = records_from_coco(dataset, image_root=root)
+    classes = list(everything.classes)
+    folds = {im["id"]: im.get("suggested_fold") for im in coco["images"]}
+    if test_fold is not None:
+        if all(f is None for f in folds.values()):
+            raise ValueError(f"{dataset}: no image has 'suggested_fold'; pass an explicit test file")
+        test_records = [r for r in everything if folds[r.image_id] == test_fold]
+        rest = [r for r in everything if folds[r.image_id] != test_fold]
+    else:
+        test_records = list(records_from_coco(test, image_root=images if images is not None else Path(test).parent,
+                                              classes=classes))
+        rest = list(everything)
+    if pool_folds is not None:
+        rest = [r for r in rest if folds[r.image_id] in set(pool_folds)]
+    if val is not None:
+        val_records = list(records_from_coco(val, image_root=images if images is not None else Path(val).parent,
+                                             classes=classes))
+        pool = rest
+    else:
+        pool, val_records = split_by_patient(rest, val_fraction, seed=seed)
+    check_patient_disjoint(pool, test_records, "pool and test")
+    check_patient_disjoint(val_records, test_records, "validation and test")
+
+    def extra(files: Sequence[str | Path], granularity: str) -> list[Record]:
+        out: list[Record] = []
+        for f in files:
+            out += records_from_coco(f, granularity=granularity, classes=classes,
+                                     image_root=images if images is not None else Path(f).parent)
+        return out
+
+    nih = None
+    if weak_labels == "nih":
+        index = {name: i for i, name in enumerate(classes)}
+        nih = {im["id"]: tuple(sorted(index[n] for n in im.get("nih_finding_labels", []) if n in index))
+               for im in coco["images"]}
+        missing = [im["id"] for im in coco["images"] if "nih_finding_labels" not in im]
+        if missing:
+            raise ValueError(f"{dataset}: weak_labels='nih' but images {missing[:3]} have no 'nih_finding_labels'")
+    return Study(Records(pool, classes=classes), val_records, test_records,
+                 extra(extra_weak, "weak"), extra(extra_unlabeled, "unlabeled"), nih)
+
+
+def _numbers(value: str, kind=float) -> tuple:
+    return tuple(kind(v) for v in value.split(",") if v)
+
+
+def _seeds(value: str) -> tuple[int, ...]:
+    """"3" -> (0, 1, 2); "0,4" -> (0, 4)."""
+    return tuple(range(int(value))) if "," not in value else _numbers(value, int)
+
+
+def build_parser():
+    import argparse
+
+    from oxnet.model import PRESETS
+
+    p = argparse.ArgumentParser(
+        prog="python scripts/sweep.py",
+        description="The granularity study (the paper's Table 2): relabel a fully annotated pool into "
+        "full/weak/unlabeled mixes, train each method on each mix and seed, and report test mAP.",
+    )
+    d = p.add_argument_group("data")
+    d.add_argument("--dataset", required=True, help="fully labeled COCO file: the pool to relabel")
+    d.add_argument("--images", help="image folder (default: each file's folder)")
+    d.add_argument("--test", help="test COCO file (patient-disjoint from the pool)")
+    d.add_argument("--test-fold", type=int, help="use the pool's images with suggested_fold == K as the test set")
+    d.add_argument("--pool-folds", type=lambda v: _numbers(v, int), help="keep only these folds in the pool, e.g. 0,1,2")
+    d.add_argument("--val", help="validation COCO file (default: hold out --val-fraction of the pool's patients)")
+    d.add_argument("--val-fraction", type=float, default=0.15)
+    d.add_argument("--extra-weak", action="append", default=[], help="COCO file added to every mix as weak images")
+    d.add_argument("--extra-unlabeled", action="append", default=[], help="COCO file added as unlabeled images")
+    d.add_argument("--weak-labels", choices=("boxes", "nih"), default="boxes",
+                   help="labels a relabelled weak image keeps: its box classes, or its NIH report-mined findings")
+    s = p.add_argument_group("sweep")
+    s.add_argument("--full", type=_numbers, default=(0.1, 0.25, 0.5), help="fractions of the pool keeping boxes")
+    s.add_argument("--weak-fraction", type=float, default=1.0, help="share of the rest that keeps image-level labels")
+    s.add_argument("--methods", type=lambda v: tuple(v.split(",")), default=("retinanet", "oxnet"),
+                   help=f"comma list of {','.join(METHODS)}")
+    s.add_argument("--seeds", type=_seeds, default=(0, 1, 2), help="a count (3) or a list (0,1,2)")
+    t = p.add_argument_group("training budget (every run)")
+    t.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
+    t.add_argument("--epochs", type=int, default=6, help="epochs of each method (RetinaNet: pretrain + epochs)")
+    t.add_argument("--pretrain-epochs", type=int, default=4, help="RetinaNet epochs that start the OXnet variants")
+    t.add_argument("--batch-size", type=int, default=8)
+    t.add_argument("--steps-per-epoch", type=int, help="same number of steps for every method (recommended)")
+    t.add_argument("--lr", type=float, default=1e-4,
+                   help="Adam learning rate of every run (from scratch; the same for every method)")
+    t.add_argument("--early-stop-patience", type=int)
+    t.add_argument("--num-workers", type=int, default=0)
+    t.add_argument("--device", default="auto")
+    p.add_argument("--out", default="runs/sweep", help="results.json, results.csv, figure.html and checkpoints")
+    p.add_argument("--progress", action="store_true", help="show progress bars")
+    return p
+
+
+def config_from_args(args) -> SweepConfig:
+    train = TrainConfig(
+        preset=args.preset, epochs=args.epochs, pretrain_epochs=args.pretrain_epochs, batch_size=args.batch_size,
+        steps_per_epoch=args.steps_per_epoch, lr=args.lr, early_stop_patience=args.early_stop_patience,
+        num_workers=args.num_workers, device=args.device, plateau_patience=2,
+    )
+    return SweepConfig(full_fractions=args.full, weak_fraction=args.weak_fraction, methods=args.methods,
+                       seeds=args.seeds, train=train, out_dir=args.out)
+
+
+def main(argv: Sequence[str] | None = None, *, on_row: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    args = build_parser().parse_args(argv)
+    config = config_from_args(args)
+    study = load_study(
+        args.dataset, images=args.images, test=args.test, test_fold=args.test_fold, pool_folds=args.pool_folds,
+        val=args.val, val_fraction=args.val_fraction, extra_weak=args.extra_weak,
+        extra_unlabeled=args.extra_unlabeled, weak_labels=args.weak_labels,
+    )
+    return run_sweep(study.pool, study.val, study.test, config, extra_weak=study.extra_weak,
+                     extra_unlabeled=study.extra_unlabeled, weak_labels=study.weak_labels, on_row=on_row,
+                     progress=args.progress)
