@@ -1,0 +1,156 @@
+"""The granularity study: relabelling, patient-disjoint splits, summaries, and a tiny end-to-end sweep."""
+
+import json
+
+import numpy as np
+import pytest
+
+from oxnet import sweep
+from oxnet.data.records import Record, Records, records_from_coco
+from oxnet.data.synthetic import write_coco
+from oxnet.settings import TrainConfig
+
+
+def pool_records(n=20):
+    return [
+        Record(i, f"/x/{i}.png", "full", 64, 64, boxes=[[1, 1, 9, 9]], labels=[i % 3], patient_id=f"p{i // 2}")
+        for i in range(n)
+    ]
+
+
+def test_relabel_keeps_boxes_for_the_full_fraction_and_labels_for_weak():
+    pool = pool_records()
+    mix = sweep.relabel(pool, 0.25, weak_fraction=0.6, seed=1)
+    kinds = [r.granularity for r in mix]
+    assert kinds.count("full") == 5 and kinds.count("weak") == 9 and kinds.count("unlabeled") == 6
+    by_id = {r.image_id: r for r in pool}
+    for r in mix:
+        original = by_id[r.image_id]
+        if r.granularity == "full":
+            assert r is original
+        elif r.granularity == "weak":
+            assert len(r.boxes) == 0 and r.image_labels == original.image_labels
+        else:
+            assert len(r.boxes) == 0 and r.image_labels == ()
+    assert all(r.granularity == "full" for r in pool)  # the pool is not modified
+    same = sweep.relabel(pool, 0.25, weak_fraction=0.6, seed=1)
+    other = sweep.relabel(pool, 0.25, weak_fraction=0.6, seed=2)
+    full_ids = lambda m: {r.image_id for r in m if r.granularity == "full"}  # noqa: E731
+    assert full_ids(mix) == full_ids(same) and full_ids(mix) != full_ids(other)
+
+
+def test_relabel_with_report_labels_and_explicit_negatives():
+    pool = pool_records(4)
+    labels = {0: (1, 2), 1: (), 2: (0,), 3: (2,)}
+    mix = sweep.relabel(pool, 0.25, seed=0, weak_labels=labels)
+    for r in mix:
+        if r.granularity == "weak":
+            assert r.image_labels == labels[r.image_id]
+            assert r.negative == (labels[r.image_id] == ())
+    with pytest.raises(ValueError, match="fully labeled"):
+        sweep.relabel(mix, 0.5)
+
+
+def test_split_by_patient_never_splits_a_patient():
+    rest, held = sweep.split_by_patient(pool_records(), 0.3, seed=0)
+    assert len(rest) + len(held) == 20 and held
+    assert not {r.patient_id for r in rest} & {r.patient_id for r in held}
+    with pytest.raises(ValueError, match="patient-disjoint"):
+        sweep.check_patient_disjoint(rest + held[:1], held, "pool and test")
+
+
+def test_summary_is_mean_and_sample_std_over_seeds():
+    rows = [
+        {"method": "oxnet", "full_fraction": 0.5, "seed": s, "n_full": 10, "n_weak": 10, "n_unlabeled": 0,
+         "mAP": m, "AP40": m, "AP75": 0.0}
+        for s, m in enumerate([0.1, 0.2, 0.3])
+    ]
+    (summary,) = sweep.summarize(rows)
+    assert summary["seeds"] == 3
+    assert summary["mAP_mean"] == pytest.approx(0.2)
+    assert summary["mAP_std"] == pytest.approx(np.std([0.1, 0.2, 0.3], ddof=1))
+
+
+def test_config_is_validated():
+    with pytest.raises(ValueError, match="methods"):
+        sweep.SweepConfig(methods=("yolo",))
+    with pytest.raises(ValueError, match="full_fractions"):
+        sweep.SweepConfig(full_fractions=(0.0,))
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synth")
+    files = write_coco(root, 24, size=64, seed=3, splits={"pool": 0.75, "test": 0.25})
+    return root, files
+
+
+def test_tiny_sweep_end_to_end_writes_results_and_resumes(synthetic, tmp_path, monkeypatch):
+    root, files = synthetic
+    study = sweep.load_study(files["pool"], images=root / "images", test=files["test"], val_fraction=0.25)
+    config = sweep.SweepConfig(
+        full_fractions=(0.5,), methods=("retinanet", "daa", "oxnet"), seeds=(0,), out_dir=str(tmp_path / "out"),
+        train=TrainConfig(preset="tiny", model={"image_size": 64}, epochs=1, pretrain_epochs=1, batch_size=4,
+                          steps_per_epoch=1, early_stop_patience=None, lr=1e-4),
+    )
+    rows = []
+    results = sweep.run_sweep(study.pool, study.val, study.test, config, on_row=rows.append)
+    assert [r["method"] for r in results["rows"]] == ["retinanet", "daa", "oxnet"] and len(rows) == 3
+    n_pool = len(study.pool)
+    for row in results["rows"]:
+        assert row["n_full"] == round(0.5 * n_pool) and row["n_weak"] == n_pool - row["n_full"]
+        assert 0.0 <= row["mAP"] <= 1.0
+    by_method = {r["method"]: r for r in results["rows"]}
+    assert by_method["retinanet"]["epochs_trained"] == 2  # pretrain + epochs, the same budget as the others
+    assert by_method["oxnet"]["teacher_mAP"] is not None and by_method["daa"]["teacher_mAP"] is None
+    out = tmp_path / "out"
+    stored = json.loads((out / "results.json").read_text())
+    assert stored["schema"] == sweep.SCHEMA and len(stored["summary"]) == 3
+    assert (out / "results.csv").read_text().count("\n") == 4
+    assert "plotly" in (out / "figure.html").read_text()[:5000].lower()
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr("oxnet.engine.fit", no_training)
+    again = sweep.run_sweep(study.pool, study.val, study.test, config)
+    assert len(again["rows"]) == 3
+    with pytest.raises(ValueError, match="other settings"):
+        sweep.run_sweep(study.pool, study.val, study.test, sweep.SweepConfig(
+            full_fractions=(0.25,), methods=("retinanet",), seeds=(0,), out_dir=str(out), train=config.train))
+
+
+def test_load_study_folds_and_report_labels(tmp_path, synthetic):
+    root, files = synthetic
+    coco = json.loads(files["pool"].read_text())
+    for k, image in enumerate(coco["images"]):
+        image["suggested_fold"] = k % 3
+        image["patient_id"] = f"p{k}"
+        image["nih_finding_labels"] = ["Nodule", "Edema"]
+    path = tmp_path / "pool.json"
+    path.write_text(json.dumps(coco))
+    study = sweep.load_study(path, images=root / "images", test_fold=2, pool_folds=(0,), val_fraction=0.2,
+                             weak_labels="nih")
+    assert len(study.test) == sum(1 for k in range(len(coco["images"])) if k % 3 == 2)
+    assert len(study.pool) + len(study.val) == sum(1 for k in range(len(coco["images"])) if k % 3 == 0)
+    nodule = list(study.pool.classes).index("Nodule")
+    assert set(study.weak_labels.values()) == {(nodule,)}  # "Edema" is not one of the classes
+    with pytest.raises(ValueError, match="exactly one"):
+        sweep.load_study(path, images=root / "images")
+    del coco["images"][0]["nih_finding_labels"]
+    path.write_text(json.dumps(coco))
+    with pytest.raises(ValueError, match="nih_finding_labels"):
+        sweep.load_study(path, images=root / "images", test_fold=2, weak_labels="nih")
+
+
+def test_records_of_the_real_nih_pool_split_patient_disjoint():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "nih-cxr"
+    if not root.is_dir():
+        pytest.skip("../shared/data/nih-cxr is absent")
+    study = sweep.load_study(root / "annotations/boxes.json", images=root / "images", test_fold=3,
+                             weak_labels="nih")
+    assert len(study.test) == 170 and len(study.pool) + len(study.val) == 534
+    assert isinstance(study.pool, Records) and len(study.pool.classes) == 8
+    sweep.check_patient_disjoint(study.pool, study.test, "pool and test")
