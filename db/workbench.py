@@ -1,0 +1,260 @@
+"""The store side of the workbench loop: :class:`SqlStore` implements :class:`oxnet.loop.Store` with
+SQLAlchemy, and :func:`request_stop` lets the UI or a shell stop the trainer through the store.
+
+The trainer's lock owner is ``"<host>:<pid>"`` (``app.trainer_control`` reads the pid from it). A lock
+whose heartbeat is fresh refuses a second trainer, except when its owner is a process of this host
+that no longer exists (a trainer killed with ``kill -9``): then it is taken over at once instead of
+after :data:`db.repository.TRAINER_STALE_AFTER`.
+
+A stop request is an audit entry (action :data:`STOP_ACTION`, ``after={"project": name}``): the
+running trainer sees it within a heartbeat and stops cleanly. No schema change is needed.
+
+Model version checkpoints live in ``<data dir>/models/<project>/version-<id>/model.pt``
+(:func:`db.demo.data_dir`: ``workbench_data/`` beside a SQLite store).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator, Mapping, Sequence
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from db.demo import data_dir
+from db.engine import database_url, init_db, make_sessionmaker
+from db.export import export_training_mix
+from db.models import AuditEntry, Image, ModelStatus, ModelVersion, SuggestedAction, TrainerState, utcnow
+from db.repository import (
+    DEFAULT_PROJECT,
+    TRAINER_STALE_AFTER,
+    acquire_trainer_lock,
+    class_names,
+    create_model_version,
+    finish_model_version,
+    get_project,
+    latest_model_version,
+    log_event,
+    record_metrics,
+    release_trainer_lock,
+    trainer_heartbeat,
+    trainer_state,
+    write_predictions,
+    write_scores,
+    write_suggestions,
+)
+from oxnet.loop import Snapshot, VersionInfo
+from oxnet.scoring import ImageScore
+
+__all__ = ["STOP_ACTION", "SqlStore", "default_owner", "request_stop"]
+
+#: Audit action of a stop request.
+STOP_ACTION = "trainer_stop"
+#: Annotator name of the trainer's own audit entries.
+TRAINER_ANNOTATOR = "trainer"
+#: Boxes kept per stored prediction (best first).
+MAX_BOXES = 20
+#: Images written per transaction (short write locks, so the UI's saves never wait long).
+WRITE_CHUNK = 500
+
+
+def default_owner() -> str:
+    """``"<host>:<pid>"`` of this process."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _dead_local_owner(owner: str | None) -> bool:
+    """Whether ``owner`` ("host:pid") names a process of this host that no longer runs (or is a zombie)."""
+    host, _, pid = (owner or "").rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0] == "Z"
+    except OSError:
+        return False
+
+
+def request_stop(session: Session, project: str = DEFAULT_PROJECT, *, annotator: str = "ui") -> None:
+    """Ask the project's trainer to stop after its current step (an audit entry it polls)."""
+    get_project(session, project)
+    log_event(session, annotator, STOP_ACTION, {"project": project})
+
+
+class SqlStore:
+    """:class:`oxnet.loop.Store` on a SQLAlchemy store; every method runs its own transaction.
+
+    Args:
+        sessions: a ``sessionmaker`` (:func:`db.engine.make_sessionmaker`).
+        project: the project the trainer works on.
+        models_dir: where model version folders are made.
+        owner: the lock owner name (default ``"<host>:<pid>"``).
+        stale_after: a lock whose heartbeat is older than this may be taken.
+    """
+
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        *,
+        project: str = DEFAULT_PROJECT,
+        models_dir: str | Path,
+        owner: str | None = None,
+        stale_after: timedelta = TRAINER_STALE_AFTER,
+    ) -> None:
+        self.sessions = sessions
+        self.project = project
+        self.models_dir = Path(models_dir)
+        self.owner = owner or default_owner()
+        self.stale_after = stale_after
+        self._stop_marker = 0
+
+    @classmethod
+    def open(cls, url: str | None = None, *, project: str = DEFAULT_PROJECT, **kwargs: Any) -> SqlStore:
+        """The store at ``url`` (default ``$OXNET_DB_URL``), migrated to the newest schema; model folders
+        under ``<data dir>/models/<project>``."""
+        url = database_url(url)
+        kwargs.setdefault("models_dir", data_dir(url) / "models" / project)
+        return cls(make_sessionmaker(init_db(url)), project=project, **kwargs)
+
+    def _project_id(self, session: Session) -> int:
+        return get_project(session, self.project).id
+
+    # -- lock, heartbeat, stop -----------------------------------------------------------------------
+    def acquire(self) -> bool:
+        with self.sessions.begin() as session:
+            taken = acquire_trainer_lock(session, self.owner, project=self.project, stale_after=self.stale_after)
+            if not taken:
+                state = trainer_state(session, self.project)
+                previous = state.lock_owner if state is not None else None
+                if _dead_local_owner(previous):
+                    now = utcnow()
+                    state.lock_owner, state.heartbeat_at, state.updated_at = self.owner, now, now
+                    taken = True
+            self._stop_marker = session.scalar(select(func.coalesce(func.max(AuditEntry.id), 0)))
+        return taken
+
+    def release(self, error: str | None = None) -> None:
+        with self.sessions.begin() as session:
+            release_trainer_lock(session, self.owner, project=self.project, error=error)
+
+    def heartbeat(self, round: int, progress: float, phase: str, error: str | None = None) -> None:
+        with self.sessions.begin() as session:
+            trainer_heartbeat(session, self.owner, project=self.project, round=round, progress=progress,
+                              phase=phase, error=error)
+
+    def stop_requested(self) -> bool:
+        with self.sessions.begin() as session:
+            afters = session.scalars(
+                select(AuditEntry.after).where(AuditEntry.action == STOP_ACTION, AuditEntry.id > self._stop_marker)
+            )
+            return any((after or {}).get("project") == self.project for after in afters)
+
+    # -- model versions ------------------------------------------------------------------------------
+    def abandon_unfinished(self) -> int:
+        with self.sessions.begin() as session:
+            versions = session.scalars(
+                select(ModelVersion).where(ModelVersion.project_id == self._project_id(session),
+                                           ModelVersion.status == ModelStatus.TRAINING)
+            ).all()
+            for version in versions:
+                version.status = ModelStatus.FAILED
+                version.config = {**version.config, "error": "abandoned: its trainer stopped before the round "
+                                                             "finished (killed?); the next round starts afresh"}
+            return len(versions)
+
+    def next_round(self) -> int:
+        with self.sessions.begin() as session:
+            last = session.scalar(select(func.max(ModelVersion.round)).where(ModelVersion.project_id == self._project_id(session)))
+            return (last or 0) + 1
+
+    def label_marker(self) -> int:
+        with self.sessions.begin() as session:
+            return self._label_marker(session)
+
+    def _label_marker(self, session: Session) -> int:
+        return session.scalar(
+            select(func.coalesce(func.max(AuditEntry.id), 0))
+            .join(Image, Image.id == AuditEntry.image_id)
+            .where(Image.project_id == self._project_id(session))
+        )
+
+    def snapshot(self) -> Snapshot:
+        with self.sessions.begin() as session:
+            marker = self._label_marker(session)  # read first: an edit racing the export triggers one more round
+            mix = export_training_mix(session, project=self.project)
+            classes = class_names(session, get_project(session, self.project))
+        return Snapshot(classes=classes, train=mix["train"], val=mix["val"], test=mix["test"], marker=marker)
+
+    def latest_checkpoint(self) -> str | None:
+        with self.sessions.begin() as session:
+            version = latest_model_version(session, self.project)
+            path = version.checkpoint_path if version is not None else None
+        return path if path and Path(path).is_file() else None
+
+    def start_version(self, round: int, label_counts: Mapping[str, int], config: Mapping[str, Any]) -> VersionInfo:
+        with self.sessions.begin() as session:
+            version = create_model_version(session, self.project, config=config, round=round)
+            version.label_counts = dict(label_counts)
+            version_id = version.id
+        folder = self.models_dir / f"version-{version_id:05d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        return VersionInfo(id=version_id, folder=folder)
+
+    def write_results(self, version_id: int, classes: Sequence[str], results: Sequence[ImageScore]) -> None:
+        for chunk in _chunks(results, WRITE_CHUNK):
+            with self.sessions.begin() as session:
+                write_predictions(session, version_id, [_prediction_row(r, classes) for r in chunk])
+                write_scores(session, version_id, [
+                    {"image_id": r.image_id, "value": r.value,
+                     "details": {"disagreement": r.disagreement, "uncertainty": r.uncertainty, "conflict": r.conflict}}
+                    for r in chunk
+                ])
+                write_suggestions(session, version_id, [
+                    {"image_id": r.image_id, "action": SuggestedAction(r.action), "score": r.value, "reason": r.reason}
+                    for r in chunk
+                ])
+
+    def finish_version(
+        self, version_id: int, checkpoint: str, metrics: Mapping[str, Mapping[str, float]], config: Mapping[str, Any]
+    ) -> None:
+        with self.sessions.begin() as session:
+            for split, values in metrics.items():
+                record_metrics(session, version_id, split, values)
+            version = finish_model_version(session, version_id, status=ModelStatus.READY, checkpoint_path=checkpoint)
+            version.config = dict(config)
+            log_event(session, TRAINER_ANNOTATOR, "model_version_ready",
+                      {"project": self.project, "model_version_id": version_id, "round": version.round,
+                       "label_counts": version.label_counts})
+
+    def fail_version(self, version_id: int, error: str, config: Mapping[str, Any]) -> None:
+        with self.sessions.begin() as session:
+            version = finish_model_version(session, version_id, status=ModelStatus.FAILED)
+            version.config = {**config, "error": error}
+
+
+def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _prediction_row(result: ImageScore, classes: Sequence[str]) -> dict[str, Any]:
+    """A :class:`~db.models.Prediction` row: boxes by class name in original pixels, image-level
+    probabilities and the DAA attention maps (``image_probs["attention"][class]``, 2-D lists)."""
+    order = result.scores.argsort(descending=True)[:MAX_BOXES].tolist()
+    boxes = [
+        {"class": classes[int(result.labels[i])], "bbox": [round(float(v), 2) for v in result.boxes[i]],
+         "score": round(float(result.scores[i]), 4)}
+        for i in order
+    ]
+    probs: dict[str, Any] = {name: round(float(p), 4) for name, p in zip(classes, result.image_probs)}
+    probs["attention"] = {name: result.attention[c].round(decimals=4).tolist() for c, name in enumerate(classes)}
+    return {"image_id": result.image_id, "boxes": boxes, "image_probs": probs}

@@ -1,0 +1,586 @@
+"""The workbench loop: one round (snapshot -> train -> evaluate -> save -> score -> suggest) and the
+background trainer that repeats it, written against a small :class:`Store` protocol (no SQL here; the
+SQLAlchemy adapter is ``db.workbench.SqlStore``).
+
+A round::
+
+    snapshot the train/val/test label mix (COCO dicts of the store's export)
+    -> fit OXnet for a fixed budget (warm start from the latest ready model version; the first round
+       trains plain RetinaNet on the full images first)
+    -> validation metrics on the val split's full images (skipped, with the reason recorded, when the
+       split has no fully labeled image with boxes: the train split's full images then pick the epoch)
+    -> a compact inference checkpoint, written atomically, in the version's folder
+    -> score every not-full training image (:mod:`oxnet.scoring`): predictions and suggestions
+    -> the version is marked ready, its metrics stored
+
+then wait for new labels (and at least ``min_interval_s``). A label saved during a round changes
+nothing in that round: the next one sees it. The model version row exists from the start of the round
+with status "training" and becomes "ready" only after its checkpoint and outputs are written; a trainer
+killed in between leaves a "training" row that the next trainer marks failed.
+
+Example::
+
+    >>> from db.workbench import SqlStore
+    >>> trainer = Trainer(SqlStore.open("sqlite:///workbench.db"), TRAINER_PRESETS["cpu"])
+    >>> trainer.run()       # until SIGTERM (trainer.stop.set()) or a stop request in the store
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from oxnet.checkpoint import load_checkpoint, model_from_state, save_checkpoint
+from oxnet.data.records import GRANULARITIES, Record, records_from_coco
+from oxnet.engine import Progress, evaluate_model, fit, resolve_device
+from oxnet.scoring import ImageScore, ScoreConfig, score_images
+from oxnet.settings import TrainConfig
+
+__all__ = [
+    "TRAINER_PRESETS",
+    "AlreadyRunning",
+    "LoopSettings",
+    "RoundResult",
+    "Snapshot",
+    "StopRequested",
+    "Store",
+    "Trainer",
+    "VersionInfo",
+    "flatten_metrics",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Name of the inference checkpoint in a model version's folder.
+MODEL_FILE = "model.pt"
+#: Share of a round's progress bar spent training (the rest: evaluation and scoring).
+TRAIN_SHARE = 0.8
+#: Entries of a training checkpoint kept in the inference checkpoint (optimizer state is dropped).
+_KEEP = ("classes", "model_config", "train_config", "student", "teacher", "ema_step", "phase", "epoch", "step",
+         "best_metric", "history")
+
+
+class StopRequested(Exception):
+    """Raised inside a round when the trainer has been asked to stop (SIGTERM or the store's flag)."""
+
+
+class AlreadyRunning(RuntimeError):
+    """Another trainer holds the store's lock."""
+
+
+# --------------------------------------------------------------------------------------------------
+# The store protocol
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Snapshot:
+    """The label mix a round learns from.
+
+    ``train``/``val``/``test``: COCO dicts as written by ``db.export.export_training_mix`` (every image
+    with its ``granularity``; absolute ``file_name``); ``classes``: class names, category id = index + 1;
+    ``marker``: the store's label-change marker read before the export (see :meth:`Store.label_marker`).
+    """
+
+    classes: list[str]
+    train: dict[str, Any]
+    val: dict[str, Any]
+    test: dict[str, Any]
+    marker: int
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    """A model version row being trained: its id and the folder for its checkpoint."""
+
+    id: int
+    folder: Path
+
+
+class Store(Protocol):
+    """What the trainer needs from the store. Every method runs its own transaction."""
+
+    def acquire(self) -> bool:
+        """Take the single-trainer lock; False while another live trainer holds it."""
+
+    def release(self, error: str | None = None) -> None:
+        """Give the lock back, keeping ``error`` as the last error when given."""
+
+    def abandon_unfinished(self) -> int:
+        """Mark model versions left "training" by a dead trainer as failed; returns how many."""
+
+    def next_round(self) -> int:
+        """The number of the next round (one more than any model version's round)."""
+
+    def snapshot(self) -> Snapshot:
+        """The current label mix."""
+
+    def label_marker(self) -> int:
+        """A number that grows with every annotation edit (labels, boxes, completion)."""
+
+    def latest_checkpoint(self) -> str | None:
+        """The checkpoint of the newest ready model version whose file exists, or None."""
+
+    def start_version(self, round: int, label_counts: Mapping[str, int], config: Mapping[str, Any]) -> VersionInfo:
+        """Create a model version with status "training" and its checkpoint folder."""
+
+    def write_results(self, version_id: int, classes: Sequence[str], results: Sequence[ImageScore]) -> None:
+        """Store predictions, scores and suggestions of a version."""
+
+    def finish_version(
+        self, version_id: int, checkpoint: str, metrics: Mapping[str, Mapping[str, float]], config: Mapping[str, Any]
+    ) -> None:
+        """Store metrics (per split) and config, and mark the version ready."""
+
+    def fail_version(self, version_id: int, error: str, config: Mapping[str, Any]) -> None:
+        """Mark the version failed, recording ``error``."""
+
+    def heartbeat(self, round: int, progress: float, phase: str, error: str | None = None) -> None:
+        """Record liveness and progress; raise RuntimeError when the lock is no longer ours."""
+
+    def stop_requested(self) -> bool:
+        """Whether a stop was requested through the store since this trainer started."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Settings
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LoopSettings:
+    """Budget and behaviour of the trainer.
+
+    Args:
+        preset, model, method: the model (see :class:`~oxnet.settings.TrainConfig`).
+        epochs, steps_per_epoch: the training budget of every round.
+        pretrain_epochs: plain RetinaNet epochs on the full images before the first round's method
+            (only when there is no checkpoint to warm-start from).
+        batch_size: images per training batch (halved on CUDA out-of-memory).
+        lr: Adam learning rate (the models start from random weights: 1e-4).
+        seed: base seed; round ``r`` trains with ``seed + r``.
+        device: "auto" (CUDA when present; AMP then), "cpu", "cuda[:N]".
+        num_workers: DataLoader workers.
+        score: settings of the suggestion score; ``score_batch_size`` its batch (halved on OOM).
+        suggest: score the not-full training images (False: no predictions or suggestions; the
+            simulation's random strategy does not need them).
+        eval_splits: splits evaluated on their full images; "val" comes from training, others
+            ("test") are evaluated after it.
+        min_interval_s: at least this long between the end of a round and the next one.
+        max_interval_s: start a round after this long even without new labels (None: wait for labels).
+        retry_delay_s: wait after a failed round before trying again.
+        heartbeat_s: seconds between two heartbeats (and stop-flag checks).
+        max_rounds: stop after this many rounds (None: run until stopped).
+    """
+
+    preset: str = "cpu"
+    model: dict[str, Any] = field(default_factory=dict)
+    method: str = "oxnet"
+    epochs: int = 2
+    steps_per_epoch: int | None = 25
+    pretrain_epochs: int = 2
+    batch_size: int = 4
+    lr: float | None = 1e-4
+    seed: int = 0
+    device: str = "auto"
+    num_workers: int = 0
+    score: ScoreConfig = ScoreConfig()
+    score_batch_size: int = 8
+    suggest: bool = True
+    eval_splits: tuple[str, ...] = ("val",)
+    min_interval_s: float = 60.0
+    max_interval_s: float | None = None
+    retry_delay_s: float = 30.0
+    heartbeat_s: float = 5.0
+    max_rounds: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "model", dict(self.model))
+        object.__setattr__(self, "eval_splits", tuple(self.eval_splits))
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1 (a round must train), got {self.epochs}")
+        if self.score_batch_size < 1:
+            raise ValueError(f"score_batch_size must be >= 1, got {self.score_batch_size}")
+        unknown = set(self.eval_splits) - {"val", "test"}
+        if unknown:
+            raise ValueError(f"eval_splits must be among ('val', 'test'), got {sorted(unknown)}")
+        if min(self.min_interval_s, self.retry_delay_s) < 0 or not self.heartbeat_s > 0:
+            raise ValueError("min_interval_s and retry_delay_s must be >= 0 and heartbeat_s > 0")
+        if self.max_rounds is not None and self.max_rounds < 1:
+            raise ValueError(f"max_rounds must be >= 1 or None, got {self.max_rounds}")
+        self.train_config(out_dir=".", round=0)  # validates preset, method, model, batch ...
+
+    def train_config(
+        self,
+        *,
+        out_dir: str | Path,
+        round: int,
+        init_checkpoint: str | None = None,
+        pretrain_epochs: int = 0,
+        batch_size: int | None = None,
+    ) -> TrainConfig:
+        """The :class:`TrainConfig` of one round (a fixed budget: no early stop)."""
+        return TrainConfig(
+            preset=self.preset, model=self.model, method=self.method, epochs=self.epochs,
+            pretrain_epochs=pretrain_epochs, batch_size=batch_size or self.batch_size,
+            steps_per_epoch=self.steps_per_epoch, lr=self.lr, seed=self.seed + round, device=self.device,
+            num_workers=self.num_workers, early_stop_patience=None, out_dir=str(out_dir),
+            init_checkpoint=init_checkpoint,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain types (stored with every model version)."""
+        return asdict(self)
+
+
+#: Named trainer settings: ``tiny`` (tests, seconds), ``cpu`` (a laptop; minutes per round) and
+#: ``paper`` (the paper's model on a GPU).
+TRAINER_PRESETS: dict[str, LoopSettings] = {
+    "tiny": LoopSettings(preset="tiny", model={"image_size": 64}, epochs=1, steps_per_epoch=2, pretrain_epochs=1,
+                         batch_size=2, score_batch_size=4, min_interval_s=5.0, retry_delay_s=5.0, heartbeat_s=1.0),
+    "cpu": LoopSettings(preset="cpu", epochs=2, steps_per_epoch=25, pretrain_epochs=2, batch_size=4),
+    "paper": LoopSettings(preset="paper", epochs=10, steps_per_epoch=None, pretrain_epochs=10, batch_size=8,
+                          score_batch_size=16, min_interval_s=300.0),
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# The trainer
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class RoundResult:
+    """What a round did.
+
+    ``status``: "ready" (a new model version), "failed" (recorded with ``error``), "stopped" (asked to
+    stop midway) or "waiting" (nothing to train on yet; no version was created).
+    """
+
+    round: int
+    status: str
+    version_id: int | None = None
+    label_counts: dict[str, int] = field(default_factory=dict)
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    notes: dict[str, str] = field(default_factory=dict)
+    scored: int = 0
+    batch_size: int | None = None
+    marker: int = 0
+    error: str | None = None
+    seconds: float = 0.0
+
+
+def flatten_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """:func:`oxnet.evaluation.evaluate`'s dict as named floats: nested dicts become ``name/key``
+    (``per_class_AP/Nodule``); None, lists and non-finite values are left out."""
+    flat: dict[str, float] = {}
+    for name, value in metrics.items():
+        if isinstance(value, Mapping):
+            flat.update({f"{name}/{k}": float(v) for k, v in value.items()
+                         if isinstance(v, (int, float)) and math.isfinite(v)})
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            flat[name] = float(value)
+    return flat
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def free_memory() -> None:
+    """Drop unreachable tensors and return cached CUDA blocks (after an error or out-of-memory)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _halving(run: Callable[[int], Any], batch_size: int, what: str) -> tuple[Any, int]:
+    """``run(batch_size)``, halving the batch after every CUDA out-of-memory error down to 1."""
+    while True:
+        try:
+            return run(batch_size), batch_size
+        except torch.cuda.OutOfMemoryError:
+            free_memory()
+            if batch_size == 1:
+                raise
+            batch_size //= 2
+            logger.warning("CUDA out of memory while %s: retrying with batch size %d", what, batch_size)
+
+
+class Trainer:
+    """The background trainer: rounds until stopped, with a heartbeat thread.
+
+    Args:
+        store: the :class:`Store`.
+        settings: the :class:`LoopSettings`.
+        stop: set it to stop (a signal handler does); a fresh event by default.
+        on_round: called with every :class:`RoundResult` (tests, the simulation).
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        settings: LoopSettings,
+        *,
+        stop: threading.Event | None = None,
+        on_round: Callable[[RoundResult], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.settings = settings
+        self.stop = stop or threading.Event()
+        self.on_round = on_round
+        self._status: dict[str, Any] = {"round": 0, "progress": 0.0, "phase": "starting", "error": None}
+        self._status_lock = threading.Lock()
+        self._lock_lost: str | None = None
+
+    # -- status and heartbeat ------------------------------------------------------------------------
+    def _set(self, **values: Any) -> None:
+        with self._status_lock:
+            self._status.update(values)
+
+    def _beat(self) -> None:
+        with self._status_lock:
+            status = dict(self._status)
+            self._status["error"] = None  # an error is written once
+        try:
+            self.store.heartbeat(status["round"], status["progress"], status["phase"][:64], status["error"])
+        except RuntimeError as e:  # the lock was taken over: this trainer must stop
+            self._lock_lost = str(e)
+            self.stop.set()
+            return
+        if self.store.stop_requested():
+            logger.info("stop requested through the store")
+            self.stop.set()
+
+    def _heartbeats(self, done: threading.Event) -> None:
+        while not done.wait(self.settings.heartbeat_s):
+            try:
+                self._beat()
+            except Exception:  # noqa: BLE001 - a busy store must not kill the heartbeat; the next one retries
+                logger.exception("heartbeat failed")
+
+    def _check_stop(self) -> None:
+        if self.stop.is_set():
+            raise StopRequested
+
+    def _on_progress(self, p: Progress) -> None:
+        self._check_stop()
+        fraction = (p.epoch + p.step / max(1, p.steps_per_epoch)) / max(1, p.epochs)
+        self._set(progress=TRAIN_SHARE * fraction,
+                  phase=f"{p.phase} {p.epoch + 1}/{p.epochs} step {p.step}/{p.steps_per_epoch} "
+                        f"loss {p.losses.get('total', float('nan')):.3f} eta {_duration(p.eta_s)}")
+
+    # -- the loop ------------------------------------------------------------------------------------
+    def run(self) -> list[RoundResult]:
+        """Take the lock, mark abandoned versions failed, then run rounds until stopped (or
+        ``max_rounds``), waiting for new labels between them. Returns the rounds' results.
+
+        Raises:
+            AlreadyRunning: another trainer holds the lock.
+        """
+        if not self.store.acquire():
+            raise AlreadyRunning("another trainer holds this store's lock (its heartbeat is fresh); stop it first")
+        done = threading.Event()
+        beats = threading.Thread(target=self._heartbeats, args=(done,), name="oxnet-heartbeat", daemon=True)
+        results: list[RoundResult] = []
+        error: str | None = None
+        try:
+            abandoned = self.store.abandon_unfinished()
+            if abandoned:
+                logger.warning("marked %d model version(s) left unfinished by a previous trainer as failed", abandoned)
+            self._beat()
+            beats.start()
+            while not self.stop.is_set():
+                result = self.run_round()
+                results.append(result)
+                if self.on_round is not None:
+                    self.on_round(result)
+                rounds = sum(r.status in ("ready", "failed") for r in results)
+                if result.status == "stopped" or (self.settings.max_rounds and rounds >= self.settings.max_rounds):
+                    break
+                if result.status == "failed":
+                    self._wait(self.settings.retry_delay_s, None, "retrying after a failed round")
+                elif result.status == "waiting":
+                    self._wait(self.settings.min_interval_s, result.marker, "waiting for boxes to train on")
+                else:
+                    self._wait(self.settings.min_interval_s, result.marker, "waiting for new labels")
+        except BaseException as e:
+            error = f"{type(e).__name__}: {e}"
+            raise
+        finally:
+            done.set()
+            if beats.is_alive():
+                beats.join()
+            self._set(phase="stopped", progress=0.0)
+            if self._lock_lost is None:
+                self.store.release(error)
+            else:
+                logger.error("stopped: %s", self._lock_lost)
+        return results
+
+    def _wait(self, min_seconds: float, marker: int | None, phase: str) -> None:
+        """Until ``min_seconds`` passed and (``marker`` is None or the store's label marker moved past it,
+        or ``max_interval_s`` passed), or a stop."""
+        self._set(phase=phase, progress=0.0)
+        started = time.monotonic()
+        max_seconds = self.settings.max_interval_s
+        poll = min(self.settings.heartbeat_s, 2.0)
+        while not self.stop.wait(poll if time.monotonic() - started >= min_seconds else min(poll, min_seconds)):
+            elapsed = time.monotonic() - started
+            if elapsed < min_seconds:
+                continue
+            if marker is None or (max_seconds is not None and elapsed >= max_seconds):
+                return
+            if self.store.label_marker() != marker:
+                return
+
+    def _warm_start(self, config: TrainConfig, classes: Sequence[str]) -> str | None:
+        """The latest ready checkpoint when it holds this run's model and classes, else None."""
+        path = self.store.latest_checkpoint()
+        if path is None:
+            return None
+        try:
+            state = load_checkpoint(path)
+        except (OSError, ValueError) as e:
+            logger.warning("cannot warm-start from %s (%s): training from scratch", path, e)
+            return None
+        expected = config.model_config(len(classes)).to_dict()
+        if list(state["classes"]) != list(classes) or dict(state["model_config"]) != expected:
+            logger.warning("the latest model (%s) has other classes or another model; training from scratch", path)
+            return None
+        return str(path)
+
+    def run_round(self) -> RoundResult:
+        """One round (see the module docstring). Errors are recorded and returned, not raised, except
+        :class:`StopRequested`, which ends in a "stopped" result."""
+        s = self.settings
+        started = time.monotonic()
+        number = self.store.next_round()
+        self._set(round=number, progress=0.0, phase="snapshot")
+        snap = self.store.snapshot()
+        classes = snap.classes
+        train = records_from_coco(snap.train, classes=classes, on_error="skip")
+        splits = {name: [r for r in records_from_coco(getattr(snap, name), classes=classes, on_error="skip")
+                         if r.granularity == "full"] for name in ("val", "test")}
+        counts = {g: sum(r.granularity == g for r in train) for g in GRANULARITIES}
+        result = RoundResult(round=number, status="waiting", label_counts=counts, marker=snap.marker)
+        notes: dict[str, str] = {}
+        selection: Sequence[Record] = splits["val"]
+        if not any(len(r.boxes) for r in selection):
+            notes["val"] = "skipped: the val split has no fully labeled image with boxes"
+            selection = [r for r in train if r.granularity == "full"]
+            if not any(len(r.boxes) for r in selection):
+                result.notes = {**notes, "round": "no fully labeled image with boxes anywhere yet: nothing to train a detector on"}
+                logger.info("round %d: %s", number, result.notes["round"])
+                return result
+            notes["selection"] = "the train split's full images pick the best epoch"
+        for name in s.eval_splits:
+            if name != "val" and not any(len(r.boxes) for r in splits[name]):
+                notes[name] = f"skipped: the {name} split has no fully labeled image with boxes"
+
+        probe = s.train_config(out_dir=".", round=number)
+        warm = self._warm_start(probe, classes)
+        pretrain = s.pretrain_epochs if warm is None and counts["full"] else 0
+        config_record = {"loop": s.to_dict(), "notes": notes, "warm_start": warm}
+        version = self.store.start_version(number, counts, config_record)
+        result.version_id = version.id
+        logger.info("round %d (model version %d): %s; warm start %s", number, version.id,
+                    ", ".join(f"{n} {g}" for g, n in counts.items()), warm or "none")
+        config = s.train_config(out_dir=version.folder, round=number, init_checkpoint=warm, pretrain_epochs=pretrain)
+        try:
+            history, batch = _halving(
+                lambda b: fit(train, selection, replace(config, batch_size=b), classes=classes,
+                              callback=self._on_progress, progress=False),
+                config.batch_size, "training",
+            )
+            result.batch_size = batch
+            config = replace(config, batch_size=batch)
+            config_record["train"] = config.to_dict()
+            self._check_stop()
+            checkpoint, state = self._compact(history.best_checkpoint or history.last_checkpoint, version.folder)
+            metrics = self._metrics(history, state, splits, notes)
+            if s.suggest:
+                pending = [r for r in train if r.granularity != "full"]
+                results = self._score(state, pending, classes, number)
+                self._set(phase="writing suggestions")
+                self.store.write_results(version.id, classes, results)
+                result.scored = len(results)
+            self._check_stop()
+            self.store.finish_version(version.id, str(checkpoint), metrics, config_record)
+        except StopRequested:
+            free_memory()
+            self.store.fail_version(version.id, "stopped before the round finished", config_record)
+            result.status, result.error = "stopped", "stopped before the round finished"
+        except Exception as e:  # noqa: BLE001 - a failing round is recorded and the next one tries again
+            free_memory()
+            error = f"round {number} failed: {type(e).__name__}: {e}"
+            logger.exception("round %d failed", number)
+            self.store.fail_version(version.id, error, config_record)
+            self._set(error=error)
+            self._beat()
+            result.status, result.error = "failed", error
+        else:
+            result.status, result.metrics = "ready", metrics
+            self._set(error="", progress=1.0, phase="round done")
+            self._beat()
+            logger.info("round %d done: model version %d, val mAP %s, %d images scored", number, version.id,
+                        metrics.get("val", {}).get("mAP", "-"), result.scored)
+        result.notes = notes
+        result.seconds = time.monotonic() - started
+        return result
+
+    def _compact(self, source: Path, folder: Path) -> tuple[Path, dict[str, Any]]:
+        """Write the inference checkpoint (no optimizer state) atomically and drop the training files."""
+        self._set(phase="saving the model")
+        state = load_checkpoint(source)
+        compact = {k: state.get(k) for k in _KEEP}
+        path = save_checkpoint(compact, Path(folder) / MODEL_FILE)
+        for name in ("last.pt", "best.pt", "pretrain_best.pt"):
+            (Path(folder) / name).unlink(missing_ok=True)
+        return path, compact
+
+    def _metrics(self, history, state, splits, notes) -> dict[str, dict[str, float]]:
+        """Validation metrics of the chosen epoch, mean training losses, and the other splits' metrics."""
+        s = self.settings
+        chosen = history.best_epoch if history.best_epoch is not None else history.epochs[-1]["epoch"]
+        epoch = next(e for e in history.epochs if e["epoch"] == chosen)
+        metrics: dict[str, dict[str, float]] = {
+            "train": {f"loss/{k}": float(v) for k, v in epoch["losses"].items() if math.isfinite(v)}
+        }
+        if "val" not in notes:
+            metrics["val"] = flatten_metrics(epoch["metrics"])
+        others = [n for n in s.eval_splits if n != "val" and n not in notes]
+        if others:
+            device = resolve_device(s.device)
+            model = model_from_state(state).to(device)
+            for name in others:
+                self._set(phase=f"evaluating on {name}")
+                metrics[name] = flatten_metrics(evaluate_model(
+                    model, splits[name], state["classes"], batch_size=s.score_batch_size, device=device,
+                    num_workers=s.num_workers,
+                ))
+        return metrics
+
+    def _score(self, state: Mapping[str, Any], records: Sequence[Record], classes: Sequence[str], number: int) -> list[ImageScore]:
+        """Score ``records`` with the student and its teacher (the student itself when the method has none)."""
+        s = self.settings
+        if not records:
+            return []
+        device = resolve_device(s.device)
+        student = model_from_state(state).to(device)
+        teacher = model_from_state(state, weights="teacher").to(device) if state.get("teacher") is not None else student
+
+        def on_batch(done: int, total: int) -> None:
+            self._check_stop()
+            self._set(progress=TRAIN_SHARE + (1 - TRAIN_SHARE) * done / total, phase=f"scoring {done}/{total} images")
+
+        results, _ = _halving(
+            lambda b: score_images(student, teacher, records, classes, config=s.score, batch_size=b, device=device,
+                                   num_workers=s.num_workers, seed=s.seed + number, on_batch=on_batch),
+            s.score_batch_size, "scoring",
+        )
+        return results
