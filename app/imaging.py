@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import streamlit as st
 from PIL import Image as PILImage
-from PIL import ImageDraw
+from PIL import ImageDraw, ImageFont
 
 from db.imaging import read_pixels, window
 
@@ -90,6 +90,7 @@ def compose(
     if attention is not None:
         image = PILImage.alpha_composite(image, heatmap(attention, image.size))
     draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default(size=13)
     for k, box in enumerate(suggestions, 1):
         x1, y1, x2, y2 = (float(v) * scale for v in box["bbox"])
         for start in range(int(x1), int(x2), 8):  # dashed outline: suggestions, not annotations
@@ -98,5 +99,6 @@ def compose(
         for start in range(int(y1), int(y2), 8):
             draw.line([(x1, start), (x1, min(start + 4, y2))], fill=SUGGESTION_COLOUR, width=2)
             draw.line([(x2, start), (x2, min(start + 4, y2))], fill=SUGGESTION_COLOUR, width=2)
-        draw.text((x1 + 3, max(0.0, y1 - 12)), f"S{k} {box.get('class', '?')} {float(box.get('score', 0)):.2f}", fill=SUGGESTION_COLOUR)
+        label = f"S{k} {box.get('class', '?')} {float(box.get('score', 0)):.2f}"
+        draw.text((x1 + 3, max(0.0, y1 - 16)), label, fill=SUGGESTION_COLOUR, font=font)
     return image.convert("RGB")

@@ -30,6 +30,8 @@ DIRTY_KEY = "annotate_dirty"
 TOLERANCE_PX = 0.5
 CANVAS_SIZES = (512, 640, 768, 896, 1024, 1280)
 STROKE = "#ff3b30"
+FILL = "rgba(255, 59, 48, 0.06)"
+FONT_SIZE = 13
 
 
 def _state() -> Any:
@@ -76,6 +78,18 @@ def _live(scale: float, width: int, height: int) -> list[Box]:
         y1, y2 = sorted((min(max(y1, 0.0), height), min(max(y2, 0.0), height)))
         boxes.append((str(b["label"]), round(x1, 2), round(y1, 2), round(x2, 2), round(y2, 2)))
     return boxes
+
+
+def _drawing(boxes: list[Box], scale: float) -> dict[str, Any]:
+    """The canvas drawing (Fabric JSON) of ``boxes`` given in original pixels, shown ``scale`` times larger."""
+    drawing = boxes_to_drawing(
+        [{"label": n, "left": x1 * scale, "top": y1 * scale, "width": (x2 - x1) * scale, "height": (y2 - y1) * scale}
+         for n, x1, y1, x2, y2 in boxes],
+        stroke_color=STROKE, stroke_width=2, fill_color=FILL,
+    )
+    for obj in drawing["objects"]:
+        obj["fontSize"] = FONT_SIZE  # as the boxes drawn by hand (boxes_to_drawing leaves Fabric's default 20)
+    return drawing
 
 
 def _same_boxes(a: list[Box], b: list[Box]) -> bool:
@@ -138,8 +152,9 @@ if not who:
 
 s = _state()
 action = s.get(ACTION_KEY) or SuggestedAction.DRAW_BOXES.value
-if notice := s.pop("annotate_notice", None):
-    st.success(notice)
+notice = s.get("annotate_notice")
+if notice and notice[0] == s.get(IMAGE_KEY):
+    st.success(notice[1])
 
 if s.get(IMAGE_KEY) is None:
     st.markdown("Take the best image of the queue, or open one by its id.")
@@ -201,7 +216,7 @@ with st.expander("View: window / level, invert, size", expanded=False):
     level = c1.slider("Level (%)", 0, 100, 50, key="annotate_level")
     window_width = c2.slider("Window (%)", 1, 100, 100, key="annotate_window")
     invert = c3.toggle("Invert", key="annotate_invert")
-    max_side = c4.select_slider("Canvas size (px)", CANVAS_SIZES, value=768, key="annotate_size",
+    max_side = c4.select_slider("Canvas size (px)", CANVAS_SIZES, value=640, key="annotate_size",
                                 on_change=lambda: _redraw(s["annotate_draft"]["boxes"]))
 
 canvas_w, canvas_h = fit(detail.width, detail.height, max_side, max_side)
@@ -246,12 +261,8 @@ with main:
                       on_click=lambda n=name: s.__setitem__("annotate_class", n), help=f"draw {name} boxes (key {k})")
     result = st_canvas(
         background_image=background, width=canvas_w, height=canvas_h, drawing_mode="labeled_rect", label=current_class,
-        initial_drawing=boxes_to_drawing(
-            [{"label": n, "left": x1 * scale, "top": y1 * scale, "width": (x2 - x1) * scale, "height": (y2 - y1) * scale}
-             for n, x1, y1, x2, y2 in s["annotate_base"]],
-            stroke_color=STROKE, stroke_width=2,
-        ),
-        stroke_color=STROKE, stroke_width=2, fill_color="rgba(255, 59, 48, 0.06)", font_size=13,
+        initial_drawing=_drawing(s["annotate_base"], scale),
+        stroke_color=STROKE, stroke_width=2, fill_color=FILL, font_size=FONT_SIZE,
         key=_canvas_key(),
     )
     st.caption("Draw a box by dragging; the class is the highlighted button (keys 1-9). Toolbar: Edit to move, resize or "
@@ -310,7 +321,8 @@ dirty = _dirty(draft, baseline)
 s[DIRTY_KEY] = dirty
 
 
-def _save() -> bool:
+def _save() -> str | None:
+    """Save the draft; the image's new granularity, or None (the error is shown after the rerun)."""
     try:
         with sessions().begin() as session:
             image = save_annotation(
@@ -320,26 +332,29 @@ def _save() -> bool:
             granularity = image.granularity.value
     except (ConflictError, ValueError) as e:
         s["annotate_error"] = f"Not saved: {e}"
-        return False
-    s["annotate_notice"] = f"Saved image {detail.id} ({granularity})."
+        return None
     s.pop("annotate_loaded_id", None)
-    return True
+    return granularity
 
 
 with side:
     if dirty:
         st.warning("Unsaved changes: save them, or they are lost when you leave this image.")
-    b1, b2, b3 = st.columns(3)
-    save = b1.button("Save", type="primary", key="annotate_save", shortcut="Ctrl+Enter", width="stretch")
-    save_next = b2.button("Save & next", key="annotate_save_next", shortcut="Shift+Enter", width="stretch")
-    skip = b3.button("Next", key="annotate_skip", shortcut="Ctrl+Right", width="stretch", help="leave this image unchanged")
+    with st.container(horizontal=True, gap="small"):
+        save = st.button("Save", type="primary", key="annotate_save", shortcut="Ctrl+Enter")
+        save_next = st.button("Save & next", key="annotate_save_next", shortcut="Shift+Enter")
+        skip = st.button("Next", key="annotate_skip", shortcut="Ctrl+Right", help="leave this image unchanged")
 
 if save or save_next:
-    if _save() and save_next:
-        upcoming = _next_image(action, who, [detail.id])
-        _go_to(upcoming, who)
-        if upcoming is None:
-            s["annotate_notice"] += " The queue is empty."
+    granularity = _save()
+    if granularity is not None:
+        message = f"Saved image {detail.id} ({granularity})."
+        target = detail.id
+        if save_next:
+            target = _next_image(action, who, [detail.id])
+            _go_to(target, who)
+            message += " The queue is empty." if target is None else ""
+        s["annotate_notice"] = (target, message)
     st.rerun()
 if skip:
     if dirty:
