@@ -40,6 +40,13 @@ ROOT = Path(__file__).resolve().parent.parent
 DEMO_JOB = "demo-seed"
 #: Environment variable: "0" turns off seeding the demo project automatically on first run.
 AUTO_DEMO_ENV = "OXNET_DEMO"
+#: Environment variable: number of demo images (default 300).
+DEMO_IMAGES_ENV = "OXNET_DEMO_IMAGES"
+
+
+def start_demo_job(url: str | None = None) -> Path | None:
+    """Seed the demo project of the store in the background, once (None: it ran or runs already)."""
+    return start_job("seed", ["--n", os.environ.get(DEMO_IMAGES_ENV, "300")], url=url, name=DEMO_JOB)
 #: Seconds between two writes of a running job's status file.
 WRITE_EVERY_S = 0.5
 

@@ -11,7 +11,7 @@ import os
 
 import streamlit as st
 
-from app.jobs import AUTO_DEMO_ENV, DEMO_JOB, start_job
+from app.jobs import AUTO_DEMO_ENV, start_demo_job
 from app.store import ANNOTATOR_KEY, annotator, sessions, set_annotator, store_url
 from db.ui_queries import project_exists
 
@@ -47,6 +47,6 @@ with st.sidebar:
 with sessions()() as session:
     fresh = not project_exists(session)
 if fresh and os.environ.get(AUTO_DEMO_ENV, "1") != "0":
-    start_job("seed", url=store_url(), name=DEMO_JOB)  # no-op when it ran or runs already
+    start_demo_job(store_url())  # no-op when it ran or runs already
 
 page.run()

@@ -8,7 +8,7 @@ from datetime import timedelta
 import pandas as pd
 import streamlit as st
 
-from app.jobs import AUTO_DEMO_ENV, DEMO_JOB, list_jobs, start_job
+from app.jobs import AUTO_DEMO_ENV, list_jobs, start_demo_job
 from app.store import sessions, store_url
 from app.trainer_control import TRAINER_SCRIPT, start_trainer, stop_trainer, trainer_available, trainer_pid
 from app.widgets import show_job
@@ -54,8 +54,8 @@ if counts is None:
         jobs = list_jobs(url, "seed", limit=1)
         if not jobs:
             if os.environ.get(AUTO_DEMO_ENV, "1") == "0" and st.button("Create the demo project", key="overview_seed", type="primary"):
-                start_job("seed", url=url, name=DEMO_JOB)
-                st.rerun(scope="fragment")
+                start_demo_job(url)
+                st.rerun()
             return
         show_job(jobs[0], "Demo project")
         if jobs[0]["status"] == "done":
