@@ -417,6 +417,10 @@ class Trainer:
                 beats.join()
             self._set(phase="stopped", progress=0.0)
             if self._lock_lost is None:
+                try:
+                    self._beat()
+                except Exception:  # noqa: BLE001 - releasing the lock matters more than the last status
+                    logger.exception("last heartbeat failed")
                 self.store.release(error)
             else:
                 logger.error("stopped: %s", self._lock_lost)
