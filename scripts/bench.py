@@ -10,7 +10,7 @@ import json
 import sys
 from importlib import import_module
 
-COMMANDS = {"train-step": "oxnet.bench", "db": "db.bench"}
+COMMANDS = {"train-step": "oxnet.bench", "db": "db.bench", "ui": "app.bench"}
 
 
 def main(argv: list[str]) -> int:
