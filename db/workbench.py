@@ -28,7 +28,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from db.demo import data_dir
 from db.engine import database_url, init_db, make_sessionmaker
 from db.export import export_training_mix
-from db.models import AuditEntry, Image, ModelStatus, ModelVersion, SuggestedAction, TrainerState, utcnow
+from db.importers import import_coco
+from db.lifecycle import BoxInput, mark_boxes_complete, set_boxes, set_image_labels
+from db.models import AuditEntry, Granularity, Image, ModelStatus, ModelVersion, Score, Split, SuggestedAction, utcnow
 from db.repository import (
     DEFAULT_PROJECT,
     TRAINER_STALE_AFTER,
@@ -48,9 +50,10 @@ from db.repository import (
     write_suggestions,
 )
 from oxnet.loop import Snapshot, VersionInfo
-from oxnet.scoring import ImageScore
+from oxnet.scoring import ADD_LABELS, ImageScore
+from oxnet.simulate import Candidate, hide_labels
 
-__all__ = ["STOP_ACTION", "SqlStore", "default_owner", "request_stop"]
+__all__ = ["STOP_ACTION", "OracleStore", "SqlStore", "default_owner", "request_stop", "simulation_store"]
 
 #: Audit action of a stop request.
 STOP_ACTION = "trainer_stop"
@@ -258,3 +261,74 @@ def _prediction_row(result: ImageScore, classes: Sequence[str]) -> dict[str, Any
     probs: dict[str, Any] = {name: round(float(p), 4) for name, p in zip(classes, result.image_probs)}
     probs["attention"] = {name: result.attention[c].round(decimals=4).tolist() for c, name in enumerate(classes)}
     return {"image_id": result.image_id, "boxes": boxes, "image_probs": probs}
+
+
+class OracleStore(SqlStore):
+    """:class:`SqlStore` plus the simulation's oracle annotator (:class:`oxnet.simulate.SimulationStore`).
+
+    ``truth`` maps an image's stored path to its hidden annotation: (present class names, boxes as
+    ``(class, x1, y1, x2, y2)`` in original pixels). Upgrades go through :mod:`db.lifecycle`, so the
+    audit log and granularities stay right. Only the newest model version keeps its checkpoint file
+    (a simulation makes many).
+    """
+
+    def __init__(self, sessions: sessionmaker[Session], *, truth: Mapping[str, tuple[list[str], list[BoxInput]]],
+                 annotator: str = "oracle", **kwargs: Any) -> None:
+        super().__init__(sessions, **kwargs)
+        self.truth = dict(truth)
+        self.annotator = annotator
+
+    def candidates(self) -> list[Candidate]:
+        with self.sessions.begin() as session:
+            version = latest_model_version(session, self.project)
+            query = (
+                select(Image.id, Image.granularity, Score.value)
+                .outerjoin(Score, (Score.image_id == Image.id) & (Score.model_version_id == (version.id if version else -1)))
+                .where(Image.project_id == self._project_id(session), Image.split == Split.TRAIN,
+                       Image.granularity != Granularity.FULL)
+                .order_by(Image.id)
+            )
+            return [Candidate(i, g.value, s) for i, g, s in session.execute(query)]
+
+    def reveal(self, image_id: int, action: str) -> None:
+        with self.sessions.begin() as session:
+            image = session.get(Image, image_id)
+            labels, boxes = self.truth[image.path]
+            if action == ADD_LABELS:
+                set_image_labels(session, image_id, {name: True for name in labels}, annotator=self.annotator,
+                                 no_finding=not labels)
+            elif boxes:
+                set_boxes(session, image_id, boxes, annotator=self.annotator, complete=True)
+            else:
+                mark_boxes_complete(session, image_id, annotator=self.annotator)
+
+    def finish_version(self, version_id: int, checkpoint: str, metrics: Mapping[str, Mapping[str, float]],
+                       config: Mapping[str, Any]) -> None:
+        super().finish_version(version_id, checkpoint, metrics, config)
+        for old in self.models_dir.glob("version-*/model.pt"):
+            if old != Path(checkpoint):
+                old.unlink()
+
+
+def simulation_store(url: str, coco: Mapping[str, Any], images: str | Path, plan: Mapping[int, tuple[str, str]],
+                     *, models_dir: str | Path, project: str = DEFAULT_PROJECT) -> OracleStore:
+    """A new store at ``url`` holding the fully labeled ``coco`` (file names relative to ``images``)
+    with the labels hidden as ``plan`` says (:func:`oxnet.simulate.hide_labels`), and its oracle."""
+    root = Path(images).expanduser().resolve()
+    names = {c["id"]: c["name"] for c in coco["categories"]}
+    boxes: dict[int, list[BoxInput]] = {}
+    for ann in coco.get("annotations", []):
+        x, y, w, h = ann["bbox"]
+        boxes.setdefault(ann["image_id"], []).append((names[ann["category_id"]], x, y, x + w, y + h))
+    truth = {}
+    for image in coco["images"]:
+        own = boxes.get(image["id"], [])
+        labels = [n for n in image.get("image_labels", []) if n in names.values()] or sorted({b[0] for b in own})
+        truth[str((root / image["file_name"]).resolve())] = (sorted(set(labels) | {b[0] for b in own}), own)
+    engine = init_db(url)
+    sessions = make_sessionmaker(engine)
+    with sessions.begin() as session:
+        report = import_coco(session, hide_labels(coco, plan), images=root, project=project, annotator="import:simulation")
+        if report.errors:
+            raise ValueError(f"simulation import failed: {report.errors[:3]}")
+    return OracleStore(sessions, truth=truth, project=project, models_dir=models_dir)

@@ -42,6 +42,7 @@ __all__ = [
     "figure",
     "hide_labels",
     "pick",
+    "plan_labels",
     "run_simulation",
     "summarize",
 ]
@@ -140,6 +141,47 @@ def hide_labels(coco: Mapping[str, Any], plan: Mapping[int, tuple[str, str]]) ->
         images.append(image)
     out["images"], out["annotations"] = images, annotations
     return out
+
+
+def plan_labels(
+    coco: Mapping[str, Any],
+    *,
+    seed: int,
+    initial_full: int,
+    initial_weak: int,
+    fractions: tuple[float, float, float] = (0.6, 0.2, 0.2),
+    split_seed: int = 0,
+) -> dict[int, tuple[str, str]]:
+    """``{image id: (split, granularity)}`` for a simulation: patients go to train / val / test by
+    ``fractions`` (shuffled by ``split_seed``, so every seed shares the evaluation images), val and test
+    are full; of the training images ``initial_full`` (picked by ``seed``) start full, the next
+    ``initial_weak`` weak and the rest unlabeled."""
+    if len(fractions) != 3 or min(fractions) < 0 or not math.isclose(sum(fractions), 1.0):
+        raise ValueError(f"fractions must be three numbers >= 0 summing to 1, got {fractions}")
+    images = list(coco["images"])
+    by_patient: dict[str, list[int]] = {}
+    for image in images:
+        patient = image.get("patient_id")
+        by_patient.setdefault(str(patient) if patient is not None else f"image-{image['id']}", []).append(image["id"])
+    patients = sorted(by_patient)
+    order = np.random.default_rng(split_seed).permutation(len(patients))
+    bounds = np.cumsum(fractions)[:2] * len(images)
+    plan: dict[int, tuple[str, str]] = {}
+    train: list[int] = []
+    for i in order.tolist():
+        placed = len(plan)
+        split = "train" if placed < bounds[0] else "val" if placed < bounds[1] else "test"
+        for image_id in by_patient[patients[i]]:
+            plan[image_id] = (split, "full")
+            if split == "train":
+                train.append(image_id)
+    if initial_full < 1 or initial_full + initial_weak > len(train):
+        raise ValueError(f"need 1 <= initial_full and initial_full + initial_weak <= {len(train)} training images, "
+                         f"got {initial_full} + {initial_weak}")
+    for rank, i in enumerate(np.random.default_rng(seed).permutation(len(train)).tolist()):
+        granularity = "full" if rank < initial_full else "weak" if rank < initial_full + initial_weak else "unlabeled"
+        plan[train[i]] = ("train", granularity)
+    return plan
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,95 @@
+"""Does the loop help? Replay it with an oracle annotator (logic: oxnet.simulate; store: db.workbench).
+
+    python scripts/simulate.py --dataset synth/annotations/synthetic.json --images synth/images \
+        --strategy random,disagreement --budget 40 --per-round 10 --seeds 0,1 --preset tiny --out runs/sim
+
+Writes OUT/simulation.json (every round: units spent, test mAP, label mix) and OUT/simulation.html
+(plotly, test mAP against units spent, one curve per strategy). One SQLite store per run in OUT/stores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from db.workbench import simulation_store
+from oxnet.loop import TRAINER_PRESETS
+from oxnet.simulate import CostModel, SimulationConfig, plan_labels, run_simulation, write_results
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", required=True, help="a fully labeled COCO JSON (boxes; image_labels optional)")
+    parser.add_argument("--images", help="folder of the file names (default: the JSON's folder)")
+    parser.add_argument("--strategy", default="random,disagreement", help="comma-separated: random, disagreement")
+    parser.add_argument("--budget", type=float, default=40.0, help="annotation units per run")
+    parser.add_argument("--per-round", type=float, default=10.0, help="units spent between two rounds")
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds")
+    parser.add_argument("--cost-labels", type=float, default=1.0, help="units of image-level labels (default 1)")
+    parser.add_argument("--cost-boxes", type=float, default=5.0, help="units of boxes (default 5)")
+    parser.add_argument("--initial-full", type=int, default=4)
+    parser.add_argument("--initial-weak", type=int, default=4)
+    parser.add_argument("--fractions", default="0.6,0.2,0.2", help="train,val,test shares of the patients")
+    parser.add_argument("--limit", type=int, help="use only the first N images of the dataset")
+    parser.add_argument("--preset", choices=sorted(TRAINER_PRESETS), default="tiny")
+    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--steps-per-epoch", type=int)
+    parser.add_argument("--pretrain-epochs", type=int)
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--image-size", type=int, help="network input side")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--out", default="runs/simulation")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    dataset = Path(args.dataset)
+    coco = json.loads(dataset.read_text(encoding="utf-8"))
+    if args.limit:
+        coco["images"] = coco["images"][: args.limit]
+        kept = {image["id"] for image in coco["images"]}
+        coco["annotations"] = [a for a in coco.get("annotations", []) if a["image_id"] in kept]
+    images = Path(args.images) if args.images else dataset.parent
+    fractions = tuple(float(f) for f in args.fractions.split(","))
+    settings = TRAINER_PRESETS[args.preset]
+    overrides = {k: v for k, v in {"epochs": args.epochs, "steps_per_epoch": args.steps_per_epoch,
+                                   "pretrain_epochs": args.pretrain_epochs, "batch_size": args.batch_size}.items()
+                 if v is not None}
+    model = {**settings.model, **({"image_size": args.image_size} if args.image_size else {})}
+    settings = replace(settings, model=model, device=args.device, **overrides)
+    config = SimulationConfig(
+        strategies=tuple(args.strategy.split(",")), seeds=tuple(int(s) for s in args.seeds.split(",")),
+        budget=args.budget, per_round=args.per_round, costs=CostModel(args.cost_labels, args.cost_boxes),
+        settings=settings,
+    )
+    out = Path(args.out)
+    stores = out / "stores"
+
+    def make_store(strategy: str, seed: int):
+        folder = stores / f"{strategy}-seed{seed}"
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        plan = plan_labels(coco, seed=seed, initial_full=args.initial_full, initial_weak=args.initial_weak,
+                           fractions=fractions)
+        return simulation_store(f"sqlite:///{folder / 'store.db'}", coco, images, plan, models_dir=folder / "models")
+
+    def on_point(point: dict) -> None:
+        logging.info("simulation point: %s", json.dumps(point))
+
+    results = run_simulation(make_store, config, on_point=on_point)
+    results["dataset"] = {"path": str(dataset), "images": len(coco["images"]), "initial_full": args.initial_full,
+                          "initial_weak": args.initial_weak, "fractions": list(fractions)}
+    paths = write_results(results, out)
+    print(json.dumps({"summary": results["summary"], **{k: str(v) for k, v in paths.items()}}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
