@@ -664,11 +664,10 @@ class _Run:
         records = _usable_records(self.train_records, method, config.proportions, self.log)
         size = config.model_config(len(self.classes), method=method).image_size
         dataset = OmniDataset(records, num_classes=len(self.classes), size=size, train=True, seed=config.seed)
-        options = dict(batch_size=config.batch_size, proportions=config.proportions, seed=config.seed,
-                       rank=env.rank, world_size=env.world_size)
-        sampler = MixedBatchSampler(dataset.granularities, **options)
-        if config.steps_per_epoch is not None and config.steps_per_epoch < len(sampler):
-            sampler = MixedBatchSampler(dataset.granularities, num_batches=config.steps_per_epoch, **options)
+        sampler = MixedBatchSampler(
+            dataset.granularities, config.batch_size, config.proportions, num_batches=config.steps_per_epoch,
+            seed=config.seed, rank=env.rank, world_size=env.world_size,
+        )
         return DataLoader(
             dataset, batch_sampler=sampler, collate_fn=collate, num_workers=config.num_workers,
             pin_memory=env.device.type == "cuda",

@@ -54,7 +54,8 @@ class TrainConfig:
             best of them starts both student and teacher. Ignored by ``method="retinanet"``.
         batch_size: images per batch and process.
         proportions: share of each granularity in a batch (``oxnet.data.MixedBatchSampler``).
-        steps_per_epoch: optional cap on the batches per epoch (default: every image once on average).
+        steps_per_epoch: batches per epoch; default: every usable image once on average. Fewer caps
+            long epochs; more cycles small pools (equal compute for methods that use different pools).
         lr: Adam learning rate; ``None``: 1e-4 from a random start, 1e-5 from pretrained backbone
             weights or ``init_checkpoint``.
         weight_decay: Adam weight decay.
