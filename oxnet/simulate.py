@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import json
-import logging
 import math
 import os
 import platform
@@ -46,8 +45,6 @@ __all__ = [
     "run_simulation",
     "summarize",
 ]
-
-logger = logging.getLogger(__name__)
 
 STRATEGIES = ("random", "disagreement")
 

@@ -1,0 +1,92 @@
+"""The simulation's pure parts (cost model, strategies, label plan) and its oracle store."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sqlalchemy import select
+
+from db.lifecycle import replay_audit
+from db.models import AuditEntry, Granularity, Image
+from db.workbench import simulation_store
+from oxnet.data.synthetic import write_coco
+from oxnet.simulate import ADD_LABELS, DRAW_BOXES, Candidate, CostModel, hide_labels, pick, plan_labels, summarize
+
+COSTS = CostModel(labels=1, boxes=5)
+CANDIDATES = [Candidate(1, "unlabeled", 0.1), Candidate(2, "weak", 0.9), Candidate(3, "unlabeled", 0.5),
+              Candidate(4, "weak", None), Candidate(5, "unlabeled", 0.3)]
+
+
+def test_disagreement_takes_the_best_scores_that_fit_the_budget():
+    chosen = pick(CANDIDATES, "disagreement", 7, COSTS, np.random.default_rng(0))
+    assert [c.image_id for c in chosen] == [2, 3, 5]  # 5 + 1 + 1 units
+    assert sum(COSTS.of(c.action) for c in chosen) == 7
+
+
+def test_random_spends_at_most_the_budget_and_depends_on_the_seed():
+    picks = {tuple(c.image_id for c in pick(CANDIDATES, "random", 6, COSTS, np.random.default_rng(s))) for s in range(6)}
+    assert len(picks) > 1
+    for chosen in picks:
+        assert sum(COSTS.of(next(c for c in CANDIDATES if c.image_id == i).action) for i in chosen) <= 6
+    with pytest.raises(ValueError, match="strategy"):
+        pick(CANDIDATES, "greedy", 6, COSTS, np.random.default_rng(0))
+    assert COSTS.of(ADD_LABELS) == 1 and COSTS.of(DRAW_BOXES) == 5
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sim")
+    path = write_coco(folder, 20, size=64, seed=5)["synthetic"]
+    return json.loads(path.read_text()), folder / "images"
+
+
+def test_plan_shares_evaluation_splits_across_seeds(dataset):
+    coco, _ = dataset
+    plans = [plan_labels(coco, seed=s, initial_full=2, initial_weak=3) for s in (0, 1)]
+    for plan in plans:
+        train = [g for split, g in plan.values() if split == "train"]
+        assert train.count("full") == 2 and train.count("weak") == 3
+        assert all(g == "full" for split, g in plan.values() if split != "train")
+    evaluation = [{i: p for i, p in plan.items() if p[0] != "train"} for plan in plans]
+    assert evaluation[0] == evaluation[1]
+    assert plans[0] != plans[1]
+    hidden = hide_labels(coco, plans[0])
+    by_id = {image["id"]: image for image in hidden["images"]}
+    assert {a["image_id"] for a in hidden["annotations"]} <= {i for i, (_, g) in plans[0].items() if g == "full"}
+    assert all("image_labels" not in by_id[i] for i, (_, g) in plans[0].items() if g == "unlabeled")
+
+
+def test_oracle_upgrades_through_the_lifecycle(dataset, tmp_path):
+    coco, images = dataset
+    plan = plan_labels(coco, seed=0, initial_full=2, initial_weak=3)
+    store = simulation_store(f"sqlite:///{tmp_path / 's.db'}", coco, images, plan, models_dir=tmp_path / "models")
+    candidates = store.candidates()
+    assert {c.granularity for c in candidates} == {"weak", "unlabeled"} and all(c.score is None for c in candidates)
+    unlabeled = next(c for c in candidates if c.granularity == "unlabeled")
+    store.reveal(unlabeled.image_id, unlabeled.action)
+    store.reveal(unlabeled.image_id, DRAW_BOXES)
+    with store.sessions.begin() as session:
+        image = session.get(Image, unlabeled.image_id)
+        assert image.granularity is Granularity.FULL
+        truth = next(i for i in coco["images"] if images.joinpath(i["file_name"]).resolve() == Path(image.path))
+        boxes = [a for a in coco["annotations"] if a["image_id"] == truth["id"]]
+        assert len(image.boxes) == len(boxes)
+        actions = session.scalars(select(AuditEntry.action).where(AuditEntry.image_id == image.id)).all()
+        assert actions[-2:] in (["set_labels", "set_boxes"], ["set_labels", "mark_complete"])
+        assert replay_audit(session, image.id)["boxes_complete"]
+
+
+def test_summary_compares_strategies_per_seed():
+    def run(strategy, seed, maps):
+        return {"strategy": strategy, "seed": seed,
+                "points": [{"spent": 10.0 * i, "mAP": m} for i, m in enumerate(maps)]}
+
+    summary = summarize([run("random", 0, [0.1, 0.2, 0.2]), run("disagreement", 0, [0.1, 0.3, 0.4]),
+                         run("random", 1, [0.1, 0.1, 0.3]), run("disagreement", 1, [0.1, 0.1, 0.2])])
+    assert summary["random"]["mean_mAP"] == pytest.approx([0.1, 0.15, 0.25])
+    diff = summary["disagreement_minus_random"]
+    assert diff["area"]["per_seed"] == pytest.approx([0.1, -0.025])
+    assert diff["seeds_where_disagreement_wins"] == 1 and diff["final_mAP"]["mean"] == pytest.approx(0.05)
