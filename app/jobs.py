@@ -10,7 +10,7 @@ progress to a JSON status file in ``<data dir>/jobs/`` (:func:`db.demo.data_dir`
 Command line (what :func:`start_job` runs; the store is ``$OXNET_DB_URL``)::
 
     python -m app.jobs seed --n 300                      the synthetic demo project
-    python -m app.jobs import coco boxes.json --images DIR
+    python -m app.jobs import coco boxes.json --images DIR [--split val | --assign-splits]
     python -m app.jobs import folder DIR | nih CSV... --images DIR... [--bbox CSV] | vindr CSV --images DIR
     python -m app.jobs export OUT.json [--granularity full] [--split val] [--with-patient-ids]
 """
@@ -33,6 +33,7 @@ from db.demo import data_dir, seed_demo
 from db.engine import DB_URL_ENV, database_url, init_db, make_sessionmaker
 from db.export import export_coco, write_json
 from db.importers import ImportReport, import_coco, import_folder, import_nih, import_vindr
+from db.repository import assign_splits
 
 #: The repository root (the jobs run with it as working directory, so ``app`` imports).
 ROOT = Path(__file__).resolve().parent.parent
@@ -190,6 +191,7 @@ def _parser() -> argparse.ArgumentParser:
     vindr.add_argument("--images", required=True)
     for sub in (imports.choices[k] for k in ("folder", "coco", "nih", "vindr")):
         sub.add_argument("--split", choices=["train", "val", "test"])
+        sub.add_argument("--assign-splits", action="store_true", help="then put images without a split in train/val/test by patient")
         sub.add_argument("--pseudonymize-salt")
     export = commands.add_parser("export", help="write a COCO JSON of the store")
     export.add_argument("out")
@@ -223,6 +225,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "import":
             with make_sessionmaker(init_db(url)).begin() as session:
                 report = _import(session, args, reporter.progress(f"importing ({args.kind})"))
+                if args.assign_splits and report.imported:
+                    assign_splits(session)
                 reporter.update(force=True, message="committing")
             result = {"summary": report.summary(), **report.as_dict()}
         else:

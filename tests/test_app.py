@@ -421,6 +421,9 @@ def test_data_import_job_reports_progress_and_result(demo, tmp_path):
     next(b for b in at.get("button") if getattr(b, "label", "") == "Start import").click().run()
     job = _wait_for_jobs(demo)[0]
     assert job["status"] == "done" and len(job["result"]["imported"]) == 2 and len(job["result"]["errors"]) == 1
+    assert "--assign-splits" in job["args"]
+    with _sessions(demo)() as session:
+        assert None not in set(session.scalars(select(Image.split).where(Image.source == "folder")))
     at.run()
     assert "1 items not imported" in str([e.label for e in at.expander])
 

@@ -20,6 +20,8 @@ from db.importers import import_folder
 #: More files than this go through a folder import (a background job), not the upload box.
 MAX_UPLOAD_FILES = 20
 UPLOAD_TYPES = ["png", "jpg", "jpeg", "dcm", "dicom"]
+ASSIGN = "keep the file's splits, assign the rest by patient (80/10/10)"
+KEEP = "keep the file's splits, assign none"
 
 
 def _missing(paths: list[str]) -> list[str]:
@@ -43,9 +45,10 @@ with tab_import:
     st.caption("Images are referenced where they are (paths on the server), never copied. Each import is one "
                "transaction: if it stops half-way nothing of it is stored; bad items are listed with the reason.")
     kind = st.radio("Source", ["folder", "COCO", "NIH", "VinDr"], horizontal=True, key="data_kind")
-    split = st.selectbox("Put every image in split", ["(keep / assign later)", "train", "val", "test"], key="data_split")
+    split = st.selectbox("Split", [ASSIGN, KEEP, "train", "val", "test"], key="data_split",
+                         help="the trainer learns from train and reports on the fully labelled val split")
     salt = st.text_input("Pseudonymise patient ids with this salt (optional)", type="password", key="data_salt")
-    extra = ([] if split.startswith("(") else ["--split", split]) + (["--pseudonymize-salt", salt] if salt else [])
+    extra = {ASSIGN: ["--assign-splits"], KEEP: []}.get(split, ["--split", split]) + (["--pseudonymize-salt", salt] if salt else [])
     with st.form("data_import_form"):
         if kind == "folder":
             folder = st.text_input("Folder (every PNG, JPEG and DICOM under it, unlabeled)")

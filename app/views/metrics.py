@@ -44,11 +44,12 @@ if table.empty or table["mAP"].isna().all():
     st.info("No evaluated model version yet: the trainer adds one per round, with its mAP on the val split.")
 else:
     hover = ["version", "round", "full images", "weak images", "unlabeled images"]
+    table["label"] = "v" + table["version"].astype(str)
     left, right = st.columns(2)
-    left.plotly_chart(px.line(table, x="full images", y="mAP", markers=True, hover_data=hover,
-                              title="mAP (val) vs full images"), key="metrics_full", **PLOT)
-    right.plotly_chart(px.line(table, x="weak images", y="mAP", markers=True, hover_data=hover,
-                               title="mAP (val) vs weak images"), key="metrics_weak", **PLOT)
+    for col, x, colour, key in ((left, "full images", "weak images", "metrics_full"), (right, "weak images", "full images", "metrics_weak")):
+        figure = px.scatter(table, x=x, y="mAP", color=colour, text="label", hover_data=hover, title=f"mAP (val) vs {x}")
+        figure.update_traces(textposition="top center", marker={"size": 10})
+        col.plotly_chart(figure, key=key, **PLOT)
 
 st.subheader("Granularity sweep (the paper's Table 2)")
 if not sweeps:
