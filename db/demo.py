@@ -29,7 +29,7 @@ from sqlalchemy.orm import Session
 
 from db.engine import database_url, init_db, make_sessionmaker
 from db.importers import ImportReport, import_coco
-from db.models import Granularity, Image, ModelStatus, Project, Split, SuggestedAction, utcnow
+from db.models import Granularity, Image, ModelStatus, Split, SuggestedAction, utcnow
 from db.repository import (
     DEFAULT_PROJECT,
     create_model_version,
@@ -252,8 +252,3 @@ def fill_scale_store(
             )
     return {"images": n, "suggestions": len(suggestions), "predictions": len(top), "versions": versions}
 
-
-def has_images(session: Session, project: str = DEFAULT_PROJECT) -> bool:
-    """Whether the project exists and holds at least one image."""
-    query = select(Image.id).join(Project, Project.id == Image.project_id).where(Project.name == project).limit(1)
-    return session.execute(query).first() is not None

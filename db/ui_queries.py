@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import String, and_, cast, exists, or_, select
+from sqlalchemy import String, cast, exists, or_, select
 from sqlalchemy.orm import Session, selectinload
 
 from db.lifecycle import BoxInput, ConflictError, box_error, downgrade, mark_boxes_complete, set_boxes, set_image_labels
@@ -373,9 +373,3 @@ def sweep_results(session: Session, project: str = DEFAULT_PROJECT) -> list[dict
         for r in rows
     ]
 
-
-def leases_of(session: Session, annotator: str) -> list[int]:
-    """Ids of the images ``annotator`` holds an unexpired lease on."""
-    now = utcnow()
-    query = select(Lease.image_id).join(Annotator, Annotator.id == Lease.annotator_id).where(and_(Annotator.name == annotator, Lease.expires_at > now))
-    return list(session.scalars(query))

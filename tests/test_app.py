@@ -6,12 +6,17 @@ would send (``{"drawing": {"raw": fabric_json}, "backgroundFit": ...}``).
 
 from __future__ import annotations
 
+import io
+import json
 import os
+import subprocess
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from PIL import Image as PILImage
 from sqlalchemy import select
 from streamlit.testing.v1 import AppTest
 
@@ -20,7 +25,7 @@ from app.jobs import list_jobs
 from db.demo import seed_demo
 from db.engine import init_db, make_sessionmaker
 from db.lifecycle import set_image_labels
-from db.models import Box, Granularity, Image, Lease, ModelStatus, Split, SuggestedAction
+from db.models import Box, Granularity, Image, Lease, ModelStatus, Split, SuggestedAction, utcnow
 from db.repository import (
     acquire_trainer_lock,
     create_model_version,
@@ -28,6 +33,7 @@ from db.repository import (
     record_metrics,
     record_sweep_result,
     release_trainer_lock,
+    take_lease,
     trainer_heartbeat,
     write_predictions,
     write_suggestions,
@@ -157,9 +163,6 @@ def test_overview_counts_and_trainer_states(demo, monkeypatch, tmp_path):
     assert at.progress[0].value == 25
     assert "CUDA out of memory" in _texts(at)
 
-    from datetime import timedelta
-
-    from db.models import utcnow
     with Session.begin() as session:
         trainer_heartbeat(session, "host:1", now=utcnow() - timedelta(hours=1))
     at.run()
@@ -225,7 +228,6 @@ def test_queue_refuses_an_image_leased_to_someone_else(demo):
     ids = _unlabeled_ids(demo)
     _model(demo, ids)
     at = _app("views/queue.py")
-    from db.repository import take_lease
     with _sessions(demo).begin() as session:
         take_lease(session, ids[0], "dr.other")
     at.button(key=f"queue_open_{ids[0]}").click().run()
@@ -409,8 +411,6 @@ def test_data_import_of_a_missing_path_says_so_and_starts_nothing(demo):
 
 
 def test_data_import_job_reports_progress_and_result(demo, tmp_path):
-    from PIL import Image as PILImage
-
     folder = tmp_path / "new"
     folder.mkdir()
     for k in range(2):
@@ -429,10 +429,6 @@ def test_data_import_job_reports_progress_and_result(demo, tmp_path):
 
 
 def test_data_upload_rejects_a_non_image_and_imports_the_image(demo):
-    import io
-
-    from PIL import Image as PILImage
-
     png = io.BytesIO()
     PILImage.new("L", (16, 16), 99).save(png, format="PNG")
     at = _app("views/data.py")
@@ -448,9 +444,6 @@ def test_data_upload_rejects_a_non_image_and_imports_the_image(demo):
 
 
 def test_jobs_cli_runs_an_export_without_patient_ids(demo, tmp_path):
-    import json
-    import subprocess
-
     out = tmp_path / "export.json"
     status = tmp_path / "job.json"
     status.write_text(json.dumps({"id": "x", "status": "running"}))

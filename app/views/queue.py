@@ -74,7 +74,7 @@ if items[0].score is None:
     st.caption("No model has ranked the images yet: they are listed in store order until the trainer's first round.")
 
 for start in range(0, len(items), COLUMNS):
-    for col, item in zip(st.columns(COLUMNS), items[start : start + COLUMNS]):
+    for col, item in zip(st.columns(COLUMNS), items[start : start + COLUMNS], strict=False):
         with col.container(border=True):
             data = thumbnail(item.path)
             if data is None:
