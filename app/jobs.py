@@ -29,6 +29,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.engine import make_url
+
 from db.demo import data_dir, seed_demo
 from db.engine import DB_URL_ENV, database_url, init_db, make_sessionmaker
 from db.export import export_coco, write_json
@@ -52,6 +54,15 @@ def start_demo_job(url: str | None = None) -> Path | None:
 WRITE_EVERY_S = 0.5
 
 
+def absolute_url(url: str | None = None) -> str:
+    """The store URL with a relative SQLite path made absolute, so a process started elsewhere opens the same file."""
+    parsed = make_url(database_url(url))
+    database = parsed.database
+    if parsed.get_backend_name() == "sqlite" and database and database != ":memory:" and not database.startswith("file:"):
+        parsed = parsed.set(database=str(Path(database).expanduser().resolve()))
+    return parsed.render_as_string(hide_password=False)
+
+
 def jobs_dir(url: str | None = None) -> Path:
     """Where the status files of the store's jobs live."""
     return data_dir(url) / "jobs"
@@ -73,7 +84,7 @@ def start_job(command: str, args: Sequence[str] = (), *, url: str | None = None,
     ``name`` fixes the status file's name and makes the job exclusive: when a status file of that name
     exists already (the job ran or runs), nothing is launched and None is returned.
     """
-    url = database_url(url)
+    url = absolute_url(url)
     folder = jobs_dir(url)
     folder.mkdir(parents=True, exist_ok=True)
     job_id = name or f"{time.strftime('%Y%m%d-%H%M%S')}-{command}-{uuid.uuid4().hex[:6]}"

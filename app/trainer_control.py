@@ -18,9 +18,9 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
-from app.jobs import ROOT, process_alive
+from app.jobs import ROOT, absolute_url, process_alive
 from db.demo import data_dir
-from db.engine import DB_URL_ENV, database_url
+from db.engine import DB_URL_ENV
 
 #: The trainer's entry point (issue 5).
 TRAINER_SCRIPT = ROOT / "scripts" / "trainer.py"
@@ -49,7 +49,7 @@ def start_trainer(url: str | None = None, preset: str | None = None) -> int:
     """
     if not trainer_available():
         raise FileNotFoundError(f"the trainer script {TRAINER_SCRIPT} is missing (it comes with issue 5)")
-    url = database_url(url)
+    url = absolute_url(url)
     command = [sys.executable, str(TRAINER_SCRIPT), "--preset", preset or default_preset()]
     log = data_dir(url) / "trainer.log"
     log.parent.mkdir(parents=True, exist_ok=True)

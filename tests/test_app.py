@@ -452,3 +452,11 @@ def test_jobs_cli_runs_an_export_without_patient_ids(demo, tmp_path):
     data = json.loads(out.read_text())
     assert data["images"] and all(i["patient_id"] is None and i["granularity"] == "full" for i in data["images"])
     assert json.loads(status.read_text())["status"] == "done"
+
+
+def test_jobs_and_trainer_get_an_absolute_store_path(tmp_path, monkeypatch):
+    from app.jobs import absolute_url
+
+    monkeypatch.chdir(tmp_path)
+    assert absolute_url("sqlite:///workbench.db") == f"sqlite:///{tmp_path / 'workbench.db'}"
+    assert absolute_url("sqlite://") == "sqlite://"
