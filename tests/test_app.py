@@ -21,7 +21,7 @@ from sqlalchemy import select
 from streamlit.testing.v1 import AppTest
 
 import app.trainer_control as trainer_control
-from app.jobs import list_jobs
+from app.jobs import absolute_url, list_jobs
 from db.demo import seed_demo
 from db.engine import init_db, make_sessionmaker
 from db.lifecycle import set_image_labels
@@ -455,8 +455,6 @@ def test_jobs_cli_runs_an_export_without_patient_ids(demo, tmp_path):
 
 
 def test_jobs_and_trainer_get_an_absolute_store_path(tmp_path, monkeypatch):
-    from app.jobs import absolute_url
-
     monkeypatch.chdir(tmp_path)
     assert absolute_url("sqlite:///workbench.db") == f"sqlite:///{tmp_path / 'workbench.db'}"
     assert absolute_url("sqlite://") == "sqlite://"
