@@ -25,7 +25,16 @@ from app.jobs import absolute_url, list_jobs
 from db.demo import seed_demo
 from db.engine import init_db, make_sessionmaker
 from db.lifecycle import set_image_labels
-from db.models import Box, Granularity, Image, Lease, ModelStatus, Split, SuggestedAction, utcnow
+from db.models import (
+    Box,
+    Granularity,
+    Image,
+    Lease,
+    ModelStatus,
+    Split,
+    SuggestedAction,
+    utcnow,
+)
 from db.repository import (
     acquire_trainer_lock,
     create_model_version,
