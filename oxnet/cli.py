@@ -144,8 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser(
         "demo", help="train RetinaNet and OXnet briefly on synthetic chest X-rays and print both metrics",
         description="Generates synthetic chest X-rays (a quarter with boxes, the rest weak, unlabeled and "
-        "validation), trains RetinaNet on the boxes and OXnet (RetinaNet pretraining, then all three "
-        "granularities) for the same number of epochs, and prints the validation metrics of both.",
+        "validation), trains RetinaNet on the boxes and OXnet (a third of the epochs RetinaNet pretraining, "
+        "then all three granularities) for the same number of steps, and prints the validation metrics of "
+        "the best epoch of both. About 3 minutes with the tiny preset on 2 CPU cores.",
     )
     demo.add_argument("--preset", default="tiny", choices=["tiny", "cpu"], help="model size (default tiny)")
     demo.add_argument("--epochs", type=int, default=6, help="epochs of each method (default 6)")
@@ -312,8 +313,10 @@ def _demo(args: argparse.Namespace) -> int:
         classes = read["val"].classes
         train = [r for g in ("full", "weak", "unlabeled") for r in read[g]]
         logger.info("synthetic data in %s: %s", root / "data", {g: len(r) for g, r in read.items()})
-        common = dict(preset=args.preset, batch_size=8, seed=args.seed, device=args.device,
-                      num_workers=args.num_workers, early_stop_patience=None)
+        # Equal compute for both: the same batches per epoch and epochs; a from-scratch demo learns in
+        # minutes with Adam at 1e-3 (the default 1e-4 needs several times more steps).
+        common = dict(preset=args.preset, batch_size=8, steps_per_epoch=25, lr=1e-3, seed=args.seed,
+                      device=args.device, num_workers=args.num_workers, early_stop_patience=None)
         pretrain = max(1, args.epochs // 3)
         runs = {
             "retinanet": TrainConfig(method="retinanet", epochs=args.epochs, out_dir=str(root / "retinanet"), **common),

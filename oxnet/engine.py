@@ -207,7 +207,9 @@ def train_one_round(
     params = [p for p in student.parameters() if p.requires_grad]
     amp = scaler is not None and scaler.is_enabled()
     world = _distributed_world()
-    (teacher if teacher is not None else model).train()
+    model.train()
+    if teacher is not None:
+        teacher.train()  # the student trains, the teacher stays in eval mode
     sums: Tensor | None = None
     names: list[str] = []
     steps = 0
@@ -584,7 +586,7 @@ def fit(
         if amp and env.device.type != "cuda":
             raise ValueError("amp=True needs a CUDA device")
         phases = _phases(config)
-        run = _Run(config, classes, train_records, val_records, env, amp, history, callback, progress, log)
+        run = _Run(config, classes, train_records, val_records, truth, env, amp, history, callback, progress, log)
         run.total_epochs = sum(n for _, _, n in phases)
         first_epoch = 0
         for index, (phase, method, epochs) in enumerate(phases):
@@ -604,14 +606,28 @@ def fit(
 class _Run:
     """The state shared by the phases of one :func:`fit` call."""
 
-    def __init__(self, config, classes, train_records, val_records, env, amp, history, callback, progress, log):
-        self.config: TrainConfig = config
-        self.classes: list[str] = classes
+    def __init__(
+        self,
+        config: TrainConfig,
+        classes: list[str],
+        train_records: Sequence[Record],
+        val_records: Sequence[Record],
+        truth: dict[str, Any],
+        env: _Dist,
+        amp: bool,
+        history: History,
+        callback: Callable[[Progress], None] | None,
+        progress: bool,
+        log: Callable[..., None],
+    ) -> None:
+        self.config = config
+        self.classes = classes
         self.train_records = train_records
         self.val_records = val_records
-        self.env: _Dist = env
-        self.amp: bool = amp
-        self.history: History = history
+        self.truth = truth  # COCO ground truth of the validation records
+        self.env = env
+        self.amp = amp
+        self.history = history
         self.callback = callback if env.is_main else None
         self.progress = progress and env.is_main
         self.log = log
@@ -747,10 +763,11 @@ class _Run:
         """Rank 0 evaluates; the metrics go to every rank (the scheduler and early stop need them)."""
         metrics = None
         if self.env.is_main:
-            metrics = evaluate_model(
-                student, self.val_records, self.classes, batch_size=self.config.batch_size,
-                device=self.env.device, num_workers=self.config.num_workers,
+            predictions = predict(
+                student, self.val_records, batch_size=self.config.batch_size, device=self.env.device,
+                num_workers=self.config.num_workers,
             )
+            metrics = evaluate(self.truth, predictions)
         if self.env.world_size > 1:
             box = [metrics]
             dist.broadcast_object_list(box, src=0)

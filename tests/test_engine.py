@@ -274,7 +274,7 @@ def test_fit_plateau_lowers_lr_and_early_stop(data, tmp_path, monkeypatch):
     import oxnet.engine as engine
 
     constant = {**engine.evaluate(ground_truth(data["val"], CLASSES), []), "mAP": 0.25}
-    monkeypatch.setattr(engine, "evaluate_model", lambda *a, **k: constant)
+    monkeypatch.setattr(engine, "evaluate", lambda *a, **k: constant)
     config = tiny_config(tmp_path, method="retinanet", epochs=6, plateau_patience=0, early_stop_patience=2)
     history = fit(data["train"], data["val"], config, classes=CLASSES, progress=False)
     assert [e["lr"] for e in history.epochs] == pytest.approx([1e-4, 1e-4, 1e-5])
