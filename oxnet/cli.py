@@ -149,8 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
         "the best epoch of both. About 3 minutes with the tiny preset on 2 CPU cores.",
     )
     demo.add_argument("--preset", default="tiny", choices=["tiny", "cpu"], help="model size (default tiny)")
-    demo.add_argument("--epochs", type=int, default=6, help="epochs of each method (default 6)")
+    demo.add_argument("--epochs", type=int, default=5, help="epochs of each method (default 5)")
     demo.add_argument("--images", type=int, default=160, help="synthetic images in all (default 160)")
+    demo.add_argument("--steps-per-epoch", type=int, default=20, help="batches of 8 per epoch (default 20)")
     demo.add_argument("--out", metavar="DIR", help="keep data and checkpoints here (default: a temporary folder)")
     demo.add_argument("--seed", type=int, default=0)
     _add_runtime(demo)
@@ -315,7 +316,7 @@ def _demo(args: argparse.Namespace) -> int:
         logger.info("synthetic data in %s: %s", root / "data", {g: len(r) for g, r in read.items()})
         # Equal compute for both: the same batches per epoch and epochs; a from-scratch demo learns in
         # minutes with Adam at 1e-3 (the default 1e-4 needs several times more steps).
-        common = dict(preset=args.preset, batch_size=8, steps_per_epoch=25, lr=1e-3, seed=args.seed,
+        common = dict(preset=args.preset, batch_size=8, steps_per_epoch=args.steps_per_epoch, lr=1e-3, seed=args.seed,
                       device=args.device, num_workers=args.num_workers, early_stop_patience=None)
         pretrain = max(1, args.epochs // 3)
         runs = {

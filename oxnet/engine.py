@@ -227,7 +227,7 @@ def train_one_round(
         if world > 1:
             dist.all_reduce(values)
             values /= world
-        floats = values.tolist()
+        floats = [v + 0.0 for v in values.tolist()]  # + 0.0: unused losses read 0.0, not -0.0
         bad = [f"{k}={v}" for k, v in zip(names + ["total"], floats) if not math.isfinite(v)]
         if bad:
             ids = [t.get("image_id") for t in targets]
@@ -257,7 +257,7 @@ def train_one_round(
             on_step(step, dict(zip(names + ["total"], floats)))
     if sums is None:
         raise ValueError("train_one_round: the loader yielded no batch")
-    return dict(zip(names + ["total"], (sums / steps).tolist()))
+    return dict(zip(names + ["total"], [v + 0.0 for v in (sums / steps).tolist()]))
 
 
 # --------------------------------------------------------------------------------------------------

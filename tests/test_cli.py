@@ -104,6 +104,18 @@ def test_clear_errors(files, tmp_path, capsys):
     assert "unknown ModelConfig fields ['dept']" in capsys.readouterr().err
 
 
+def test_demo_trains_both_methods_on_synthetic_data(tmp_path, capsys):
+    report = run(
+        capsys, "demo", "--images", "12", "--epochs", "2", "--steps-per-epoch", "1", "--device", "cpu",
+        "--out", str(tmp_path),
+    )
+    assert report["data"] == {"full": 3, "weak": 4, "unlabeled": 2, "val": 3}
+    for method in ("retinanet", "oxnet"):
+        assert 0.0 <= report[method]["mAP"] <= 1.0 and report[method]["num_images"] == 3
+    assert (tmp_path / "oxnet" / "pretrain_best.pt").is_file() and (tmp_path / "retinanet" / "best.pt").is_file()
+    assert load_checkpoint(tmp_path / "oxnet" / "last.pt")["epoch"] == 2
+
+
 def test_help_lists_the_commands(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--help"])
