@@ -21,6 +21,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import math
 import os
@@ -658,11 +659,18 @@ class _Run:
         model: nn.Module = student
         if self.env.world_size > 1:
             pools = {r.granularity for r in self.train_records} & set(METHODS[method]["granularities"])
+            # BatchNorm statistics are averaged after every step instead of broadcast from rank 0 at
+            # every forward (newer torch names the keyword forward_sync_buffers).
+            no_buffer_sync = (
+                {"forward_sync_buffers": False}
+                if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                else {"broadcast_buffers": False}
+            )
             model = DistributedDataParallel(
                 student,
                 device_ids=[device.index] if device.type == "cuda" else None,
-                broadcast_buffers=False,  # BatchNorm statistics are averaged after every step
                 find_unused_parameters=not model_config.daa or config.batch_size < len(pools),
+                **no_buffer_sync,
             )
         optimizer = torch.optim.Adam(student.parameters(), lr=config.learning_rate(), weight_decay=config.weight_decay)
         scaler = torch.amp.GradScaler(device.type, enabled=self.amp)
