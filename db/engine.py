@@ -12,7 +12,10 @@ waits for another writer instead of failing with "database is locked") and ``for
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from alembic import command
@@ -78,9 +81,28 @@ def alembic_config(engine: Engine) -> Config:
     return config
 
 
+@contextlib.contextmanager
+def _migration_lock(engine: Engine) -> Iterator[None]:
+    """For a SQLite file, an exclusive lock on ``<file>.migrate.lock`` while migrating: the UI, a job
+    and the trainer may all open a fresh store at once, and two concurrent Alembic runs would both try
+    to create the schema. Other databases serialise DDL themselves."""
+    database = engine.url.database if engine.dialect.name == "sqlite" else None
+    if not database or database == ":memory:" or database.startswith("file:"):
+        yield
+        return
+    with open(f"{Path(database).expanduser().resolve()}.migrate.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def upgrade(engine: Engine, revision: str = "head") -> None:
-    """Run the Alembic migrations of ``db/migrations`` up to ``revision`` on ``engine``'s database."""
-    command.upgrade(alembic_config(engine), revision)
+    """Run the Alembic migrations of ``db/migrations`` up to ``revision`` on ``engine``'s database
+    (one process at a time per SQLite file)."""
+    with _migration_lock(engine):
+        command.upgrade(alembic_config(engine), revision)
 
 
 def init_db(url: str | None = None, **kwargs) -> Engine:

@@ -19,3 +19,14 @@ def db_sessionmaker(db_url):
     engine = init_db(db_url)
     yield make_sessionmaker(engine)
     engine.dispose()
+
+
+@pytest.fixture(autouse=True)
+def _restore_main_module():
+    """streamlit's AppTest leaves ``sys.modules["__main__"]`` pointing at app/main.py; processes started
+    later with the "spawn" method would then run the app on import. Put the real main module back."""
+    import sys
+
+    main = sys.modules["__main__"]
+    yield
+    sys.modules["__main__"] = main
