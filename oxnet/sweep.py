@@ -15,7 +15,7 @@ run, so a long sweep can be watched, interrupted and resumed (finished runs are 
     {"schema": "oxnet.sweep/1", "config": {...SweepConfig...}, "machine": {...}, "classes": [...],
      "pool": {"images": int, "val_images": int, "test_images": int, "extra_weak": int, "extra_unlabeled": int},
      "started": iso time, "updated": iso time, "wall_seconds": float,
-     "rows": [{"method", "full_fraction", "seed", "n_full", "n_weak", "n_unlabeled", "train_seconds",
+     "rows": [{"method", "full_fraction", "seed", "n_full", "n_weak", "n_unlabeled", "batch_size", "train_seconds",
                "epochs_trained", "best_epoch", "val_mAP", "mAP", "AP40", "AP50", "AP75", "AP_S", "AP_M", "AP_L",
                "mean_image_auc", "per_class_AP": {...}, "teacher_mAP"}],
      "summary": [{"method", "full_fraction", "n_full", "n_weak", "n_unlabeled", "seeds",
@@ -65,6 +65,11 @@ class SweepConfig:
         train: the :class:`TrainConfig` template of every run (preset, epochs, pretrain_epochs,
             batch_size, steps_per_epoch, lr, ...); ``method``, ``seed`` and ``out_dir`` are set per run.
         out_dir: where results and checkpoints go.
+        equal_full_per_step: every method sees as many box-labelled images per step as RetinaNet's
+            batch holds (``train.batch_size``); methods that also learn from weak/unlabeled images get
+            their share of those on top (a larger batch). Without it a mixed batch of the same size
+            would halve the box supervision per step, confounding "more granularities" with "fewer
+            boxes" at a fixed budget.
     """
 
     full_fractions: tuple[float, ...] = (0.1, 0.25, 0.5)
@@ -73,6 +78,7 @@ class SweepConfig:
     seeds: tuple[int, ...] = (0, 1, 2)
     train: TrainConfig = field(default_factory=TrainConfig)
     out_dir: str = "runs/sweep"
+    equal_full_per_step: bool = True
 
     def __post_init__(self) -> None:
         if not self.full_fractions or any(not 0 < f <= 1 for f in self.full_fractions):
@@ -119,6 +125,18 @@ def relabel(
         else:
             out.append(Record(r.image_id, r.path, "unlabeled", r.width, r.height, patient_id=r.patient_id))
     return out
+
+
+def batch_with_full(
+    full_per_batch: int, proportions: Mapping[str, float], granularities: Sequence[str], counts: Mapping[str, int]
+) -> int:
+    """Batch size whose full share (the proportions renormalised over the granularities a method uses and
+    the mix offers, as :class:`oxnet.data.MixedBatchSampler` does) holds ``full_per_batch`` images."""
+    used = [g for g in granularities if counts.get(g, 0) and proportions.get(g, 0) > 0]
+    total = sum(proportions[g] for g in used)
+    if "full" not in used or total <= 0:
+        raise ValueError(f"the mix offers no full images to this method ({dict(counts)})")
+    return math.ceil(full_per_batch * total / proportions["full"] - 1e-9)
 
 
 def split_by_patient(records: Sequence[Record], fraction: float, *, seed: int = 0) -> tuple[list[Record], list[Record]]:
@@ -206,7 +224,7 @@ def _write(results: dict[str, Any], out_dir: Path) -> None:
         os.replace(tmp, out_dir / name)
 
     atomic("results.json", lambda p: p.write_text(json.dumps(results, indent=2)))
-    columns = ["method", "full_fraction", "seed", "n_full", "n_weak", "n_unlabeled", "epochs_trained", "best_epoch",
+    columns = ["method", "full_fraction", "seed", "n_full", "n_weak", "n_unlabeled", "batch_size", "epochs_trained", "best_epoch",
                "train_seconds", "val_mAP", *METRIC_KEYS, "teacher_mAP"]
 
     def write_csv(p: Path) -> None:
@@ -284,8 +302,11 @@ def run_sweep(
                     run = replace(template, method=method, epochs=template.pretrain_epochs + template.epochs,
                                   pretrain_epochs=0, out_dir=str(run_dir / "retinanet"))
                 else:
+                    batch = template.batch_size
+                    if config.equal_full_per_step:
+                        batch = batch_with_full(template.batch_size, template.proportions, METHODS[method]["granularities"], counts)
                     run = replace(template, method=method, pretrain_epochs=0, out_dir=str(run_dir / method),
-                                  init_checkpoint=str(pretrain) if needs_pretrain else None)
+                                  init_checkpoint=str(pretrain) if needs_pretrain else None, batch_size=batch)
                 t0 = time.perf_counter()
                 history = fit(train, val, run, classes=classes, progress=progress)
                 seconds = time.perf_counter() - t0
@@ -298,6 +319,7 @@ def run_sweep(
                 row = {
                     "method": method, "full_fraction": fraction, "seed": seed,
                     "n_full": counts["full"], "n_weak": counts["weak"], "n_unlabeled": counts["unlabeled"],
+                    "batch_size": run.batch_size,
                     "train_seconds": round(seconds, 1), "epochs_trained": len(history.epochs),
                     "best_epoch": history.best_epoch, "val_mAP": history.best_metric,
                     **{k: metrics.get(k) for k in METRIC_KEYS},

@@ -51,6 +51,17 @@ def test_relabel_with_report_labels_and_explicit_negatives():
         sweep.relabel(mix, 0.5)
 
 
+def test_batch_with_full_keeps_the_box_images_per_step():
+    props = {"full": 0.5, "weak": 0.25, "unlabeled": 0.25}
+    every = {"full": 10, "weak": 10, "unlabeled": 10}
+    assert sweep.batch_with_full(8, props, ("full",), every) == 8
+    assert sweep.batch_with_full(8, props, ("full", "weak", "unlabeled"), every) == 16
+    assert sweep.batch_with_full(8, props, ("full", "weak"), every) == 12
+    assert sweep.batch_with_full(8, props, ("full", "weak", "unlabeled"), {"full": 5, "weak": 5}) == 12
+    with pytest.raises(ValueError, match="no full images"):
+        sweep.batch_with_full(8, props, ("weak",), every)
+
+
 def test_split_by_patient_never_splits_a_patient():
     rest, held = sweep.split_by_patient(pool_records(), 0.3, seed=0)
     assert len(rest) + len(held) == 20 and held
@@ -103,6 +114,8 @@ def test_tiny_sweep_end_to_end_writes_results_and_resumes(synthetic, tmp_path, m
     by_method = {r["method"]: r for r in results["rows"]}
     assert by_method["retinanet"]["epochs_trained"] == 2  # pretrain + epochs, the same budget as the others
     assert by_method["oxnet"]["teacher_mAP"] is not None and by_method["daa"]["teacher_mAP"] is None
+    # as many box images per step as RetinaNet's batch of 4, weak images on top (the mix has no unlabeled)
+    assert [by_method[m]["batch_size"] for m in ("retinanet", "daa", "oxnet")] == [4, 6, 6]
     out = tmp_path / "out"
     stored = json.loads((out / "results.json").read_text())
     assert stored["schema"] == sweep.SCHEMA and len(stored["summary"]) == 3
