@@ -2,8 +2,9 @@
 
     python scripts/bench.py train-step [--help]   model step time vs torchvision's RetinaNet
     python scripts/bench.py db [--help]           store queries and import at 100k images
+    python scripts/bench.py ui [--help]           page server time at 100k images
 
-The logic lives in the packages (oxnet.bench, db.bench); this file only dispatches.
+The logic lives in the packages (oxnet.bench, db.bench, app.bench); this file only dispatches.
 """
 
 import json
