@@ -110,12 +110,14 @@ def update_prototypes(
     weights = probs.to(features.dtype) * labels.to(features.dtype)  # [B, N]
     total = weights.sum(0)  # [N]
     mean = torch.einsum("bn,bnd->nd", weights, features) / total.clamp_min(1e-12)[:, None]
-    return _blend_prototypes(prototypes, initialized, mean, total > 0, momentum)
+    return blend_prototypes(prototypes, initialized, mean, total > 0, momentum)
 
 
-def _blend_prototypes(
+def blend_prototypes(
     prototypes: Tensor, initialized: Tensor, mean: Tensor, present: Tensor, momentum: float
 ) -> tuple[Tensor, Tensor]:
+    """The moving-average step of Eq. 5 for classes ``present`` (Tensor[N] bool) with batch means
+    ``mean`` (Tensor[N, D]); shared by :func:`update_prototypes` and the model's distributed update."""
     beta = torch.where(initialized, momentum, 0.0).to(prototypes.dtype)[:, None]
     blended = beta * prototypes + (1 - beta) * mean.to(prototypes.dtype)
     return torch.where(present[:, None], blended, prototypes), initialized | present

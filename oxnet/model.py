@@ -512,7 +512,7 @@ class OXNet(nn.Module):
             torch.distributed.all_reduce(total)
             torch.distributed.all_reduce(summed)
         mean = summed / total.clamp_min(1e-12)[:, None]
-        new, init = L._blend_prototypes(
+        new, init = L.blend_prototypes(
             self.prototypes, self.prototype_initialized, mean, total > 0, self.config.prototype_momentum
         )
         self.prototypes.copy_(new)
