@@ -490,6 +490,27 @@ def _phases(config: TrainConfig) -> list[tuple[str, str, int]]:
     return [("train", config.method, config.epochs)]
 
 
+def _carry_moments(optimizer: torch.optim.Optimizer, stored: Mapping[str, Any]) -> bool:
+    """Warm start: continue the stored optimizer's per-parameter state (Adam's moments) with this run's
+    hyper-parameters. A fresh Adam after a warm start moves every weight by about ``lr`` in its first
+    steps (its moments are zero), a jolt that undoes part of the pre-training; continuing the moments
+    makes the switch from RetinaNet to OXnet a continuation. Returns False, changing nothing, when the
+    stored state does not fit (other parameters or shapes)."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    saved = [i for group in stored["param_groups"] for i in group["params"]]
+    if len(saved) != len(params) or len(stored["param_groups"]) != len(optimizer.param_groups):
+        return False
+    for index, p in zip(saved, params):
+        moments = stored["state"].get(index, {})
+        if any(torch.is_tensor(v) and v.dim() > 0 and v.shape != p.shape for v in moments.values()):
+            return False
+    hyper = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    optimizer.load_state_dict(stored)
+    for group, own in zip(optimizer.param_groups, hyper):
+        group.update(own)
+    return True
+
+
 def _usable_records(records: Sequence[Record], method: str, proportions: Mapping[str, float], log: Callable) -> list[Record]:
     """The records ``method`` learns from, with a clear log line for every granularity left out."""
     counts = Counter(r.granularity for r in records)
@@ -681,6 +702,9 @@ class _Run:
             optimizer.load_state_dict(state["optimizer"])
             scaler.load_state_dict(state["scaler"])
             scheduler.load_state_dict(state["scheduler"])
+        elif init is not None and init.get("optimizer") is not None:
+            if not _carry_moments(optimizer, init["optimizer"]):
+                self.log(logging.WARNING, "warm start: the checkpoint's optimizer state does not fit; Adam starts afresh")
         return model_config, student, teacher, model, optimizer, scaler, scheduler
 
     def _loader(self, method: str) -> DataLoader:

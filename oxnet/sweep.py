@@ -3,8 +3,9 @@
 A fully annotated pool is relabelled into mixes: for each fraction ``f`` and seed, ``f`` of the pool
 keeps its boxes (full), the rest keeps only image-level labels (weak) or nothing (unlabeled). Optional
 extra weak and unlabeled files join every mix. Each method trains on each mix; all methods of a
-(mix, seed) share the same selection, and OXnet variants start from the same RetinaNet pre-training,
-as in the authors' recipe. Model selection uses a validation split held out of the pool; the reported
+(mix, seed) share the same selection and, with ``pretrain_epochs``, start from the same RetinaNet
+pre-training (the authors' recipe): its best epoch's weights and Adam state; the RetinaNet baseline
+continues from it on the full images for the same epochs as every other method. Model selection uses a validation split held out of the pool; the reported
 metrics are on a patient-disjoint test set.
 
 Results (``results.json``, ``results.csv``, ``figure.html`` in ``out_dir``) are rewritten after every
@@ -292,16 +293,16 @@ def run_sweep(
             ):
                 # RetinaNet on the full images: its best epoch starts every OXnet variant of this mix.
                 leg = replace(template, method="retinanet", epochs=template.pretrain_epochs, pretrain_epochs=0,
-                              out_dir=str(run_dir / "retinanet"))
+                              out_dir=str(run_dir / "pretrain"))
                 history = fit(train, val, leg, classes=classes, progress=progress)
                 shutil.copyfile(history.best_checkpoint or history.last_checkpoint, pretrain)
             for method in config.methods:
                 if (method, fraction, seed) in done:
                     continue
-                if method == "retinanet":  # same number of epochs as pre-training + the method's epochs
+                if method == "retinanet" and not needs_pretrain:
                     run = replace(template, method=method, epochs=template.pretrain_epochs + template.epochs,
                                   pretrain_epochs=0, out_dir=str(run_dir / "retinanet"))
-                else:
+                else:  # every method, RetinaNet too, continues from the same pre-training (weights and Adam state)
                     batch = template.batch_size
                     if config.equal_full_per_step:
                         batch = batch_with_full(template.batch_size, template.proportions, METHODS[method]["granularities"], counts)
@@ -482,8 +483,8 @@ def build_parser():
     s.add_argument("--seeds", type=_seeds, default=(0, 1, 2), help="a count (3) or a list (0,1,2)")
     t = p.add_argument_group("training budget (every run)")
     t.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
-    t.add_argument("--epochs", type=int, default=6, help="epochs of each method (RetinaNet: pretrain + epochs)")
-    t.add_argument("--pretrain-epochs", type=int, default=4, help="RetinaNet epochs that start the OXnet variants")
+    t.add_argument("--epochs", type=int, default=6, help="epochs of each method after the shared pre-training")
+    t.add_argument("--pretrain-epochs", type=int, default=4, help="RetinaNet epochs on the full images that start every method")
     t.add_argument("--batch-size", type=int, default=8)
     t.add_argument("--steps-per-epoch", type=int, help="same number of steps for every method (recommended)")
     t.add_argument("--lr", type=float, default=1e-4,

@@ -41,6 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps-per-epoch", type=int)
     parser.add_argument("--pretrain-epochs", type=int)
     parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--lr", type=float, help="Adam learning rate of every round (default: the preset's)")
     parser.add_argument("--image-size", type=int, help="network input side")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", default="runs/simulation")
@@ -60,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     fractions = tuple(float(f) for f in args.fractions.split(","))
     settings = TRAINER_PRESETS[args.preset]
     overrides = {k: v for k, v in {"epochs": args.epochs, "steps_per_epoch": args.steps_per_epoch,
-                                   "pretrain_epochs": args.pretrain_epochs, "batch_size": args.batch_size}.items()
+                                   "pretrain_epochs": args.pretrain_epochs, "batch_size": args.batch_size,
+                                   "lr": args.lr}.items()
                  if v is not None}
     model = {**settings.model, **({"image_size": args.image_size} if args.image_size else {})}
     settings = replace(settings, model=model, device=args.device, **overrides)

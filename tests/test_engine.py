@@ -291,6 +291,26 @@ def test_fit_warm_start_uses_pretrained_lr_and_weights(data, tmp_path):
     assert config.learning_rate() == 1e-5
     history = fit(data["train"], data["val"], config, classes=CLASSES, progress=False)
     assert history.epochs[0]["lr"] == 1e-5
+    # Adam continues the warm start's moments (one step there + one here) at this run's learning rate.
+    before, after = load_checkpoint(first.best_checkpoint)["optimizer"], load_checkpoint(history.last_checkpoint)["optimizer"]
+    assert before["state"][0]["step"] == 1 and after["state"][0]["step"] == 2
+    assert before["param_groups"][0]["lr"] == 1e-4 and after["param_groups"][0]["lr"] == 1e-5
+
+
+def test_carry_moments_refuses_an_optimizer_state_that_does_not_fit():
+    from oxnet.engine import _carry_moments
+
+    small, large = torch.nn.Linear(2, 3), torch.nn.Linear(2, 4)
+    stored = torch.optim.Adam(small.parameters(), lr=0.1)
+    small(torch.ones(1, 2)).sum().backward()
+    stored.step()
+    fresh = torch.optim.Adam(large.parameters(), lr=0.5)
+    assert not _carry_moments(fresh, stored.state_dict())
+    assert not fresh.state and fresh.param_groups[0]["lr"] == 0.5
+    same = torch.optim.Adam(torch.nn.Linear(2, 3).parameters(), lr=0.5, weight_decay=0.01)
+    assert _carry_moments(same, stored.state_dict())
+    assert same.param_groups[0]["lr"] == 0.5 and same.param_groups[0]["weight_decay"] == 0.01
+    torch.testing.assert_close(same.state_dict()["state"][0]["exp_avg"], stored.state_dict()["state"][0]["exp_avg"])
 
 
 def test_fit_rejects_bad_input(data, tmp_path):
