@@ -223,19 +223,27 @@ def run_simulation(
     config: SimulationConfig,
     *,
     on_point: Callable[[dict[str, Any]], None] | None = None,
+    on_update: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Run every (strategy, seed) on a fresh store from ``make_store(strategy, seed)``.
 
     Returns ``{"config", "machine", "runs": [{"strategy", "seed", "points": [{"round", "spent", "mAP",
     "AP40", "val_mAP", "label_counts", "status", "seconds"}]}], "summary"}``; ``mAP`` is the test split's.
+    ``on_point`` receives every new point; ``on_update`` the results so far after every point (the run in
+    progress included), so a long simulation can be watched and an interrupted one keeps its points.
     """
-    runs = []
+    runs: list[dict[str, Any]] = []
+
+    def results() -> dict[str, Any]:
+        return {"config": _jsonable(asdict(config)), "machine": machine(), "runs": runs, "summary": summarize(runs)}
+
     for seed in config.seeds:
         for strategy in config.strategies:
             store = make_store(strategy, seed)
             settings = _settings(config.settings, seed, strategy)
             rng = np.random.default_rng(seed)
             points: list[dict[str, Any]] = []
+            runs.append({"strategy": strategy, "seed": seed, "points": points})
             spent, started = 0.0, time.monotonic()
             while True:
                 result = Trainer(store, settings).run()[-1]
@@ -243,6 +251,8 @@ def run_simulation(
                 points.append(point)
                 if on_point is not None:
                     on_point(point)
+                if on_update is not None:
+                    on_update(results())
                 if spent >= config.budget - 1e-9:
                     break
                 chosen = pick(store.candidates(), strategy, min(config.per_round, config.budget - spent), config.costs, rng)
@@ -251,8 +261,7 @@ def run_simulation(
                 for candidate in chosen:
                     store.reveal(candidate.image_id, candidate.action)
                     spent += config.costs.of(candidate.action)
-            runs.append({"strategy": strategy, "seed": seed, "points": points})
-    return {"config": _jsonable(asdict(config)), "machine": machine(), "runs": runs, "summary": summarize(runs)}
+    return results()
 
 
 def _settings(base: LoopSettings, seed: int, strategy: str) -> LoopSettings:

@@ -85,10 +85,11 @@ def main(argv: list[str] | None = None) -> int:
     def on_point(point: dict) -> None:
         logging.info("simulation point: %s", json.dumps(point))
 
-    results = run_simulation(make_store, config, on_point=on_point)
-    results["dataset"] = {"path": str(dataset), "images": len(coco["images"]), "initial_full": args.initial_full,
-                          "initial_weak": args.initial_weak, "fractions": list(fractions)}
-    paths = write_results(results, out)
+    described = {"path": str(dataset), "images": len(coco["images"]), "initial_full": args.initial_full,
+                 "initial_weak": args.initial_weak, "fractions": list(fractions)}
+    results = run_simulation(make_store, config, on_point=on_point,
+                             on_update=lambda partial: write_results({**partial, "dataset": described}, out))
+    paths = write_results({**results, "dataset": described}, out)
     print(json.dumps({"summary": results["summary"], **{k: str(v) for k, v in paths.items()}}, indent=1))
     return 0
 

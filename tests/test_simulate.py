@@ -90,3 +90,38 @@ def test_summary_compares_strategies_per_seed():
     diff = summary["disagreement_minus_random"]
     assert diff["area"]["per_seed"] == pytest.approx([0.1, -0.025])
     assert diff["seeds_where_disagreement_wins"] == 1 and diff["final_mAP"]["mean"] == pytest.approx(0.05)
+
+
+def test_simulation_cli_end_to_end_writes_curves_after_every_round(dataset, tmp_path, monkeypatch):
+    """Two strategies, one seed, the tiny trainer: every round is recorded, each strategy spends the
+    budget through the oracle (labels 1 unit, boxes 5), and the results are rewritten after every point."""
+    import importlib.util
+
+    import oxnet.simulate as simulate
+
+    coco, images = dataset
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(coco))
+    spec = importlib.util.spec_from_file_location("simulate_cli", Path(__file__).parents[1] / "scripts" / "simulate.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    written = []
+    real_write = simulate.write_results
+    monkeypatch.setattr(cli, "write_results", lambda results, out: written.append(len(
+        [p for run in results["runs"] for p in run["points"]])) or real_write(results, out))
+    out = tmp_path / "out"
+    assert cli.main(["--dataset", str(path), "--images", str(images), "--strategy", "random,disagreement",
+                     "--budget", "6", "--per-round", "6", "--seeds", "0", "--initial-full", "3", "--initial-weak", "3",
+                     "--preset", "tiny", "--device", "cpu", "--lr", "1e-3", "--out", str(out)]) == 0
+    results = json.loads((out / "simulation.json").read_text())
+    assert [(r["strategy"], r["seed"]) for r in results["runs"]] == [("random", 0), ("disagreement", 0)]
+    for run in results["runs"]:
+        points = run["points"]
+        assert [p["round"] for p in points] == [1, 2] and points[0]["spent"] == 0
+        assert 0 < points[1]["spent"] <= 6 and all(p["status"] == "ready" and 0 <= p["mAP"] <= 1 for p in points)
+        before, after = points[0]["label_counts"], points[1]["label_counts"]
+        upgraded = (after["full"] - before["full"]) * 5 + (before["unlabeled"] - after["unlabeled"]) * 1
+        assert upgraded == points[1]["spent"] and sum(after.values()) == sum(before.values())
+    assert written == [1, 2, 3, 4, 4]  # after every point, then the final write
+    assert results["config"]["settings"]["lr"] == 1e-3 and results["dataset"]["images"] == 20
+    assert "plotly" in (out / "simulation.html").read_text()[:5000].lower()
