@@ -173,26 +173,45 @@ def _smooth_l1(x, beta=1 / 9):
     return 0.5 * x * x / beta if x < beta else x - 0.5 * beta
 
 
+def match_oracle(gts, anchors):
+    """Per anchor: the matched box index, -1 background or -2 ignored (IoU 0.5 / 0.4, every box keeps
+    its best anchors as low-quality matches)."""
+    match = []
+    for a in anchors:
+        ious = [_iou(g, a) for g in gts]
+        best = max(ious) if ious else 0.0
+        j = ious.index(best) if ious else -1
+        match.append(j if best >= 0.5 else (-1 if best < 0.4 else -2))
+    for g in gts:
+        ious = [_iou(g, a) for a in anchors]
+        top = max(ious)
+        for ai, v in enumerate(ious):
+            if v == top:
+                own = [_iou(h, anchors[ai]) for h in gts]
+                match[ai] = own.index(max(own))
+    return match
+
+
+def regression_oracle(delta, a, g):
+    aw, ah = a[2] - a[0], a[3] - a[1]
+    gw, gh = g[2] - g[0], g[3] - g[1]
+    tgt = [
+        10 * ((g[0] + gw / 2) - (a[0] + aw / 2)) / aw,
+        10 * ((g[1] + gh / 2) - (a[1] + ah / 2)) / ah,
+        5 * math.log(gw / aw),
+        5 * math.log(gh / ah),
+    ]
+    return sum(_smooth_l1(float(delta[k]) - tgt[k]) for k in range(4))
+
+
 def box_loss_oracle(logits, deltas, anchors, targets, alpha=0.25, gamma=2.0):
-    """Loops over images, anchors, boxes and classes: matching (0.5 / 0.4 with low-quality matches),
-    focal loss on non-ignored anchors, smooth-L1 on encoded deltas, both over the batch's foreground count."""
+    """Loops over images, anchors, boxes and classes: matching, focal loss on non-ignored anchors,
+    smooth-L1 on encoded deltas, both over the batch's foreground count (also returned)."""
     cls_sum, reg_sum, n_fg = 0.0, 0.0, 0
     A = anchors.tolist()
     for b, t in enumerate(targets):
         gts, gl = t["boxes"].tolist(), t["labels"].tolist()
-        match = []
-        for a in A:
-            ious = [_iou(g, a) for g in gts]
-            best = max(ious) if ious else 0.0
-            j = ious.index(best) if ious else -1
-            match.append(j if best >= 0.5 else (-1 if best < 0.4 else -2))
-        for j, g in enumerate(gts):  # low-quality matches: every box keeps its best anchors
-            ious = [_iou(g, a) for a in A]
-            top = max(ious)
-            for ai, v in enumerate(ious):
-                if v == top:
-                    own = [_iou(h, A[ai]) for h in gts]
-                    match[ai] = own.index(max(own))
+        match = match_oracle(gts, A)
         for ai, a in enumerate(A):
             if match[ai] == -2:
                 continue
@@ -204,19 +223,30 @@ def box_loss_oracle(logits, deltas, anchors, targets, alpha=0.25, gamma=2.0):
                     cls_sum = cls_sum - (1 - alpha) * q**gamma * torch.log(1 - q)
             if match[ai] >= 0:
                 n_fg += 1
-                g = gts[match[ai]]
-                aw, ah = a[2] - a[0], a[3] - a[1]
-                gw, gh = g[2] - g[0], g[3] - g[1]
-                tgt = [
-                    10 * ((g[0] + gw / 2) - (a[0] + aw / 2)) / aw,
-                    10 * ((g[1] + gh / 2) - (a[1] + ah / 2)) / ah,
-                    5 * math.log(gw / aw),
-                    5 * math.log(gh / ah),
-                ]
-                for k in range(4):
-                    reg_sum = reg_sum + _smooth_l1(float(deltas[b, ai, k]) - tgt[k])
+                reg_sum = reg_sum + regression_oracle(deltas[b, ai], a, gts[match[ai]])
     n = max(1, n_fg)
-    return cls_sum / n, reg_sum / n
+    return cls_sum / n, reg_sum / n, n_fg
+
+
+def soft_loss_oracle(logits, deltas, anchors, targets, real_positives, alpha=0.9, gamma=2.0, eps=0.05):
+    """Loops: SFL per anchor and class on anchors not ignored by the pseudo-boxes, smooth-L1 towards the
+    matched pseudo-boxes, both over (pseudo-positive + real positive) anchors."""
+    sfl_sum, reg_sum, n_fg = 0.0, 0.0, 0
+    A = anchors.tolist()
+    for b, t in enumerate(targets):
+        match = match_oracle(t["pseudo_boxes"].tolist(), A) if len(t["pseudo_boxes"]) else [-1] * len(A)
+        for ai, a in enumerate(A):
+            if match[ai] == -2:
+                continue
+            for c in range(logits.shape[-1]):
+                q, qt = torch.sigmoid(logits[b, ai, c]), float(t["soft_labels"][ai, c])
+                bce = -(qt * torch.log(q) + (1 - qt) * torch.log(1 - q))
+                sfl_sum = sfl_sum + (alpha * qt + eps) * abs(qt - q) ** gamma * bce
+            if match[ai] >= 0:
+                n_fg += 1
+                reg_sum = reg_sum + regression_oracle(deltas[b, ai], a, t["pseudo_boxes"].tolist()[match[ai]])
+    n = max(1, n_fg + real_positives)
+    return sfl_sum / n, reg_sum / n
 
 
 def test_box_losses_match_loop_oracle():
@@ -226,9 +256,32 @@ def test_box_losses_match_loop_oracle():
     losses = m(x, targets)
     with torch.no_grad():
         dense = m.dense(x)
-    cls, reg = box_loss_oracle(dense["cls_logits"], dense["bbox_deltas"], dense["anchors"], targets)
+    cls, reg, _ = box_loss_oracle(dense["cls_logits"], dense["bbox_deltas"], dense["anchors"], targets)
     torch.testing.assert_close(losses["classification"], cls.float(), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(losses["bbox_regression"], torch.tensor(reg, dtype=torch.float32), rtol=1e-4, atol=1e-5)
+
+
+def test_soft_losses_match_loop_oracle_with_the_batch_positive_count():
+    """SFL and pseudo-box regression over pseudo-positive + real positive anchors of the batch."""
+    m = make_model(daa=False, gpa=False, sfl=True).train()
+    x = images(3)
+    with torch.no_grad():
+        dense = m.dense(x)
+    A = len(dense["anchors"])
+    soft = torch.rand(2, A, N, generator=torch.Generator().manual_seed(7))
+    pseudo = [
+        {"granularity": "unlabeled", "soft_labels": soft[0], "pseudo_boxes": torch.tensor([[10.0, 12.0, 40.0, 44.0]]),
+         "pseudo_labels": torch.tensor([1])},
+        {"granularity": "weak", "image_labels": torch.zeros(N), "soft_labels": soft[1],
+         "pseudo_boxes": torch.zeros(0, 4), "pseudo_labels": torch.zeros(0, dtype=torch.int64)},
+    ]
+    box_target = full([[4, 6, 30, 28], [20, 22, 60, 50]], [0, 2])
+    losses = m(x, [box_target, *pseudo])
+    _, _, real = box_loss_oracle(dense["cls_logits"][:1], dense["bbox_deltas"][:1], dense["anchors"], [box_target])
+    sfl, reg = soft_loss_oracle(dense["cls_logits"][1:], dense["bbox_deltas"][1:], dense["anchors"], pseudo, real)
+    assert real > 0 and reg > 0
+    torch.testing.assert_close(losses["soft_focal"], sfl.float(), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(losses["pseudo_bbox_regression"], torch.tensor(reg, dtype=torch.float32), rtol=1e-4, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------ DAA, GPA
