@@ -26,7 +26,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", required=True, help="a fully labeled COCO JSON (boxes; image_labels optional)")
     parser.add_argument("--images", help="folder of the file names (default: the JSON's folder)")
-    parser.add_argument("--strategy", default="random,disagreement", help="comma-separated: random, disagreement")
+    parser.add_argument("--strategy", default="random,disagreement", help="comma-separated: random, disagreement, random_boxes (a control: random weak images)")
     parser.add_argument("--budget", type=float, default=40.0, help="annotation units per run")
     parser.add_argument("--per-round", type=float, default=10.0, help="units spent between two rounds")
     parser.add_argument("--seeds", default="0", help="comma-separated seeds")

@@ -36,6 +36,13 @@ def test_random_spends_at_most_the_budget_and_depends_on_the_seed():
     assert COSTS.of(ADD_LABELS) == 1 and COSTS.of(DRAW_BOXES) == 5
 
 
+def test_random_boxes_control_only_buys_boxes():
+    picks = [pick(CANDIDATES, "random_boxes", 12, COSTS, np.random.default_rng(s)) for s in range(6)]
+    assert all(len(chosen) == 2 and {c.image_id for c in chosen} == {2, 4} for chosen in picks)
+    assert {tuple(c.image_id for c in chosen) for chosen in picks} == {(2, 4), (4, 2)}  # random order
+    assert [c.image_id for c in pick(CANDIDATES, "random_boxes", 9, COSTS, np.random.default_rng(0))] in ([2], [4])
+
+
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     folder = tmp_path_factory.mktemp("sim")
