@@ -5,8 +5,8 @@ keeps its boxes (full), the rest keeps only image-level labels (weak) or nothing
 extra weak and unlabeled files join every mix. Each method trains on each mix; all methods of a
 (mix, seed) share the same selection and, with ``pretrain_epochs``, start from the same RetinaNet
 pre-training (the authors' recipe): its best epoch's weights and Adam state; the RetinaNet baseline
-continues from it on the full images for the same epochs as every other method. Model selection uses a validation split held out of the pool; the reported
-metrics are on a patient-disjoint test set.
+continues from it on the full images for the same epochs as every other method. Model selection uses
+a validation split held out of the pool; the reported metrics are on a patient-disjoint test set.
 
 Results (``results.json``, ``results.csv``, ``figure.html`` in ``out_dir``) are rewritten after every
 run, so a long sweep can be watched, interrupted and resumed (finished runs are skipped).
@@ -291,7 +291,7 @@ def run_sweep(
             if needs_pretrain and not pretrain.is_file() and any(
                 (m, fraction, seed) not in done for m in config.methods if m != "retinanet"
             ):
-                # RetinaNet on the full images: its best epoch starts every OXnet variant of this mix.
+                # RetinaNet on the full images: its best epoch starts every method of this mix.
                 leg = replace(template, method="retinanet", epochs=template.pretrain_epochs, pretrain_epochs=0,
                               out_dir=str(run_dir / "pretrain"))
                 history = fit(train, val, leg, classes=classes, progress=progress)
