@@ -423,6 +423,12 @@ class OXNet(nn.Module):
         g = t.get("granularity")
         if g not in GRANULARITIES:
             raise ValueError(f"targets[{i}]['granularity'] must be one of {GRANULARITIES}, got {g!r}")
+        for key, value in t.items():
+            if isinstance(value, Tensor) and value.device != anchors.device:
+                raise ValueError(
+                    f"targets[{i}][{key!r}] is on {value.device} but the images are on {anchors.device}: "
+                    "move the targets to the images' device"
+                )
         if g == "full":
             boxes, labels = t.get("boxes"), t.get("labels")
             if boxes is None or labels is None:

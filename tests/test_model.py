@@ -314,8 +314,12 @@ def test_prototypes_are_buffers_that_survive_state_dict_and_to():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_prototypes_move_to_cuda_and_train_under_amp():
     m = make_model().cuda().train()
+    targets = [weak([0]), full([[5, 5, 40, 40]], [2])]
+    with pytest.raises(ValueError, match=r"targets\[0\]\['image_labels'\] is on cpu but the images are on cuda"):
+        m(images(2).cuda(), targets)
+    on_gpu = [{k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in t.items()} for t in targets]
     with torch.autocast("cuda", dtype=torch.float16):
-        losses = m(images(2).cuda(), [weak([0]), full([[5, 5, 40, 40]], [2])])
+        losses = m(images(2).cuda(), on_gpu)
     sum(losses.values()).backward()
     assert m.prototypes.is_cuda and m.prototype_initialized.any()
 
