@@ -74,12 +74,29 @@ def _synthetic_batch(batch: int, size: int, num_classes: int, device: torch.devi
     return images.to(device), targets
 
 
-def _step_fn(model: nn.Module, optimizer: torch.optim.Optimizer, call: Callable[[], dict], after=None):
+def _peak_memory_mb(device: torch.device) -> float | None:
+    """Peak allocated GPU memory since the last reset, in MiB (None on CPU)."""
+    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+
+
+def _reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _step_fn(model: nn.Module, optimizer: torch.optim.Optimizer, call: Callable[[], dict], after=None, amp=False):
+    """One training step as the engine takes it: float16 autocast and a GradScaler when ``amp``."""
+    device_type = next(model.parameters()).device.type
+    scaler = torch.amp.GradScaler(device_type, enabled=amp)
+
     def step() -> None:
-        loss = sum(call().values())
+        with torch.autocast(device_type, dtype=torch.float16, enabled=amp):
+            loss = sum(call().values())
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         if after is not None:
             after()
 
@@ -164,10 +181,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--daa-batch", type=int, default=8, help="batch for the DAA + GPA op timing")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--amp", action="store_true", help="float16 autocast + GradScaler, as training on CUDA (CUDA only)")
     args = parser.parse_args(argv)
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
+    if args.amp and device.type != "cuda":
+        parser.error("--amp needs a CUDA device")
     if args.threads:
         torch.set_num_threads(args.threads)
     # Same backbone, levels, anchors, head depth (torchvision's is 4) and norm for every model.
@@ -190,7 +210,10 @@ def main(argv: list[str] | None = None) -> dict:
     tv.train()
     tv_images = list(images.expand(-1, 3, -1, -1))
     tv_opt = torch.optim.Adam(tv.parameters(), lr=1e-5)
-    t_tv = _time(_step_fn(tv, tv_opt, lambda: tv(tv_images, box_targets)), device, args.warmup, args.repeats)
+    peak = {}
+    _reset_peak_memory(device)
+    t_tv = _time(_step_fn(tv, tv_opt, lambda: tv(tv_images, box_targets), amp=args.amp), device, args.warmup, args.repeats)
+    peak["torchvision_retinanet_step"] = _peak_memory_mb(device)
 
     # ours, RetinaNet only
     ours_rn.train()
@@ -199,7 +222,10 @@ def main(argv: list[str] | None = None) -> dict:
         for t in box_targets
     ]
     rn_opt = torch.optim.Adam(ours_rn.parameters(), lr=1e-5)
-    t_rn = _time(_step_fn(ours_rn, rn_opt, lambda: ours_rn(images, full_targets)), device, args.warmup, args.repeats)
+    _reset_peak_memory(device)
+    t_rn = _time(_step_fn(ours_rn, rn_opt, lambda: ours_rn(images, full_targets), amp=args.amp),
+                 device, args.warmup, args.repeats)
+    peak["ours_retinanet_step"] = _peak_memory_mb(device)
 
     # full OXnet step on a mixed batch: full, weak and unlabeled images
     torch.manual_seed(0)
@@ -212,10 +238,12 @@ def main(argv: list[str] | None = None) -> dict:
         mixed.append(t if g == "full" else {"granularity": g, "image_labels": t["image_labels"] * (g == "weak")})
     teacher_view = (images * 0.9 + 0.05).clamp(0, 1)
     ox_opt = torch.optim.Adam(mt.student.parameters(), lr=1e-5)
+    _reset_peak_memory(device)
     t_ox = _time(
-        _step_fn(mt, ox_opt, lambda: mt(images, mixed, teacher_view), after=mt.update_teacher),
+        _step_fn(mt, ox_opt, lambda: mt(images, mixed, teacher_view), after=mt.update_teacher, amp=args.amp),
         device, args.warmup, args.repeats,
     )
+    peak["oxnet_step"] = _peak_memory_mb(device)
 
     # DAA + GPA: vectorised vs loop (forward + backward)
     inputs = daa_gpa_inputs(mt.student, args.daa_batch, size, device)
@@ -229,6 +257,7 @@ def main(argv: list[str] | None = None) -> dict:
     t_vec = _time(op(daa_gpa_vectorised), device, 1, args.repeats)
     t_loop = _time(op(daa_gpa_loop), device, 1, max(2, args.repeats // 2))
 
+    on_gpu = device.type == "cuda"
     return {
         "machine": {
             "platform": platform.platform(),
@@ -243,6 +272,7 @@ def main(argv: list[str] | None = None) -> dict:
             "head_depth": 4, "image_size": size, "batch": args.batch, "classes": args.classes,
             "oxnet_batch_mix": [t["granularity"] for t in mixed], "daa_gpa_batch": args.daa_batch,
             "repeats": args.repeats, "statistic": "median seconds per step (forward + backward + Adam step)",
+            "amp": args.amp,
         },
         "seconds": {
             "torchvision_retinanet_step": t_tv,
@@ -251,7 +281,10 @@ def main(argv: list[str] | None = None) -> dict:
             "daa_gpa_vectorised": t_vec,
             "daa_gpa_loop": t_loop,
         },
+        "peak_memory_mb": peak if on_gpu else None,
         "ratio_retinanet_vs_torchvision": t_rn / t_tv,
         "ratio_oxnet_vs_torchvision": t_ox / t_tv,
+        "memory_ratio_retinanet_vs_torchvision": peak["ours_retinanet_step"] / peak["torchvision_retinanet_step"] if on_gpu else None,
+        "memory_ratio_oxnet_vs_torchvision": peak["oxnet_step"] / peak["torchvision_retinanet_step"] if on_gpu else None,
         "daa_gpa_speedup": t_loop / t_vec,
     }

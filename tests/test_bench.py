@@ -1,5 +1,6 @@
 """The train-step benchmark compares equal computations and reports the keys the README quotes."""
 
+import pytest
 import torch
 
 from oxnet import bench
@@ -30,3 +31,18 @@ def test_train_step_benchmark_reports_ratios():
     assert set(result["seconds"]) == {
         "torchvision_retinanet_step", "ours_retinanet_step", "oxnet_step", "daa_gpa_vectorised", "daa_gpa_loop"
     }
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: the test below covers it")
+def test_amp_without_cuda_is_refused():
+    with pytest.raises(SystemExit):
+        bench.main(["--preset", "tiny", "--device", "cpu", "--amp"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_train_step_benchmark_under_amp_reports_peak_memory():
+    result = bench.main(["--preset", "tiny", "--batch", "3", "--repeats", "1", "--warmup", "1", "--daa-batch", "2",
+                         "--device", "cuda", "--amp"])
+    assert result["setup"]["amp"] is True
+    assert all(mb > 0 for mb in result["peak_memory_mb"].values())
+    assert result["memory_ratio_oxnet_vs_torchvision"] > 0

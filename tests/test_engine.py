@@ -235,6 +235,16 @@ def test_fit_pretrains_then_trains_validates_and_checkpoints(data, tmp_path, cap
     assert events[-1].metrics == history.epochs[-1]["metrics"] and events[-1].eta_s == 0
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fit_on_cuda_uses_amp_and_checkpoints_load_on_the_cpu(data, tmp_path):
+    config = tiny_config(tmp_path, device="cuda", epochs=2, pretrain_epochs=1, early_stop_patience=None)
+    history = fit(data["train"], data["val"], config, classes=CLASSES, progress=False)
+    assert all(math.isfinite(v) for e in history.epochs for v in e["losses"].values())
+    last = load_checkpoint(history.last_checkpoint)  # loads on the CPU
+    assert last["scaler"] is not None and last["scaler"]["scale"] > 0  # AMP was on, by default on CUDA
+    assert last["student"]["prototype_initialized"].any()
+
+
 def test_fit_resumes_after_the_last_complete_epoch(data, tmp_path):
     config = tiny_config(tmp_path, method="daa_gpa", epochs=1, early_stop_patience=None)
     first = fit(data["train"], data["val"], config, classes=CLASSES, progress=False)
