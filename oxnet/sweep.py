@@ -9,7 +9,9 @@ continues from it on the full images for the same epochs as every other method. 
 a validation split held out of the pool; the reported metrics are on a patient-disjoint test set.
 
 Results (``results.json``, ``results.csv``, ``figure.html`` in ``out_dir``) are rewritten after every
-run, so a long sweep can be watched, interrupted and resumed (finished runs are skipped).
+run, so a long sweep can be watched, interrupted and resumed (finished runs are skipped). Sweeps of the
+same study run in parallel (other mixes or seeds, in other processes or on other machines) combine into
+one with :func:`merge_results` (``python scripts/sweep.py merge A/results.json B/results.json --out C``).
 
 ``results.json`` schema ("oxnet.sweep/1")::
 
@@ -20,7 +22,8 @@ run, so a long sweep can be watched, interrupted and resumed (finished runs are 
                "epochs_trained", "best_epoch", "val_mAP", "mAP", "AP40", "AP50", "AP75", "AP_S", "AP_M", "AP_L",
                "mean_image_auc", "per_class_AP": {...}, "teacher_mAP"}],
      "summary": [{"method", "full_fraction", "n_full", "n_weak", "n_unlabeled", "seeds",
-                  "mAP_mean", "mAP_std", "AP40_mean", "AP75_mean"}]}
+                  "mAP_mean", "mAP_std", "AP40_mean", "AP75_mean"}],
+     "merged_from": [{"path", "machine", "wall_seconds"}]}    (merged results only; wall_seconds is their sum)
 
 Metrics are fractions in [0, 1] (the figure shows percent); ``n_*`` count the images the mix offered
 (a method uses those of the granularities it can learn from); ``teacher_mAP`` is the EMA teacher's
@@ -37,6 +40,7 @@ import os
 import platform
 import shutil
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
@@ -341,6 +345,63 @@ def run_sweep(
     return results
 
 
+def merge_results(paths: Sequence[str | Path], out_dir: str | Path) -> dict[str, Any]:
+    """Combine the results of sweeps of one study that ran apart (other mixes or seeds) into one
+    results.json / results.csv / figure.html in ``out_dir``. Their settings must agree except for the
+    fractions and seeds swept (and out_dir); a (method, fraction, seed) run may appear only once."""
+    if len(paths) < 2:
+        raise ValueError("merge needs at least two results.json files")
+    parts = []
+    for path in map(Path, paths):
+        try:
+            part = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{path}: not a readable results.json ({exc})") from exc
+        if part.get("schema") != SCHEMA:
+            raise ValueError(f"{path}: schema {part.get('schema')!r}, expected {SCHEMA!r}")
+        parts.append((path, part))
+
+    def study(part: Mapping[str, Any]) -> dict[str, Any]:
+        config = {k: v for k, v in part["config"].items() if k not in ("full_fractions", "seeds", "out_dir")}
+        return {"config": config, "classes": part["classes"], "pool": part["pool"]}
+
+    first_path, first = parts[0]
+    owner: dict[tuple, Path] = {}
+    for path, part in parts:
+        if study(part) != study(first):
+            differ = sorted(k for k, v in study(part)["config"].items() if v != study(first)["config"].get(k))
+            what = f"config ({', '.join(differ)})" if differ else "classes or pool"
+            raise ValueError(f"{path} and {first_path} are not the same study: their {what} differ")
+        for row in part["rows"]:
+            key = (row["method"], row["full_fraction"], row["seed"])
+            if key in owner:
+                raise ValueError(f"{path} and {owner[key]} both hold the run {key}")
+            owner[key] = path
+    rows = sorted((row for _, part in parts for row in part["rows"]),
+                  key=lambda r: (r["full_fraction"], r["seed"], r["method"]))
+    results = {
+        "schema": SCHEMA,
+        "config": {
+            **first["config"],
+            "full_fractions": sorted({f for _, part in parts for f in part["config"]["full_fractions"]}),
+            "seeds": sorted({s for _, part in parts for s in part["config"]["seeds"]}),
+            "out_dir": str(out_dir),
+        },
+        "machine": first["machine"],
+        "classes": first["classes"],
+        "pool": first["pool"],
+        "started": min(part["started"] for _, part in parts),
+        "updated": _now(),
+        "wall_seconds": round(sum(part["wall_seconds"] for _, part in parts), 1),
+        "rows": rows,
+        "summary": summarize(rows),
+        "merged_from": [{"path": str(path), "machine": part["machine"], "wall_seconds": part["wall_seconds"]}
+                        for path, part in parts],
+    }
+    _write(results, Path(out_dir))
+    return results
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -508,6 +569,19 @@ def config_from_args(args) -> SweepConfig:
 
 
 def main(argv: Sequence[str] | None = None, *, on_row: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    argv = list(argv if argv is not None else sys.argv[1:])
+    if argv[:1] == ["merge"]:
+        import argparse
+
+        p = argparse.ArgumentParser(prog="python scripts/sweep.py merge",
+                                    description="combine the results.json of sweeps of one study run apart")
+        p.add_argument("results", nargs="+", help="results.json files")
+        p.add_argument("--out", required=True, help="folder for the merged results.json, results.csv, figure.html")
+        args = p.parse_args(argv[1:])
+        try:
+            return merge_results(args.results, args.out)
+        except ValueError as exc:
+            p.error(str(exc))
     args = build_parser().parse_args(argv)
     config = config_from_args(args)
     study = load_study(

@@ -172,3 +172,46 @@ def test_records_of_the_real_nih_pool_split_patient_disjoint():
     assert len(study.test) == 170 and len(study.pool) + len(study.val) == 534
     assert isinstance(study.pool, Records) and len(study.pool.classes) == 8
     sweep.check_patient_disjoint(study.pool, study.test, "pool and test")
+
+
+def _results(tmp_path, name, fractions, seeds, *, lr=1e-4, maps=None):
+    """A results.json as run_sweep writes it, with one retinanet and one oxnet row per (fraction, seed)."""
+    config = sweep.SweepConfig(full_fractions=fractions, seeds=seeds, out_dir=str(tmp_path / name),
+                               train=TrainConfig(preset="tiny", lr=lr))
+    rows = [
+        {"method": m, "full_fraction": f, "seed": s, "n_full": int(100 * f), "n_weak": 50, "n_unlabeled": 10,
+         "batch_size": 8, "train_seconds": 1.0, "epochs_trained": 2, "best_epoch": 1, "val_mAP": 0.2,
+         **{k: (maps or {}).get((m, f, s), 0.3) for k in sweep.METRIC_KEYS}, "per_class_AP": {}, "teacher_mAP": None}
+        for f in fractions for s in seeds for m in ("retinanet", "oxnet")
+    ]
+    results = {"schema": sweep.SCHEMA, "config": sweep._jsonable(sweep.asdict(config)), "machine": {"device": name},
+               "classes": ["a", "b"], "pool": {"images": 100}, "started": f"2026-01-0{len(seeds)}",
+               "wall_seconds": 10.0, "rows": rows, "summary": sweep.summarize(rows)}
+    path = tmp_path / name / "results.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps(results))
+    return path
+
+
+def test_merge_combines_sweeps_run_apart_and_refuses_other_studies(tmp_path):
+    a = _results(tmp_path, "a", (0.25,), (0, 1), maps={("oxnet", 0.25, 0): 0.5, ("oxnet", 0.25, 1): 0.7})
+    b = _results(tmp_path, "b", (0.25,), (2,), maps={("oxnet", 0.25, 2): 0.9})
+    c = _results(tmp_path, "c", (0.5,), (0, 1, 2))
+    merged = sweep.main(["merge", str(a), str(b), str(c), "--out", str(tmp_path / "m")])
+    assert merged["config"]["full_fractions"] == [0.25, 0.5] and merged["config"]["seeds"] == [0, 1, 2]
+    assert len(merged["rows"]) == 12 and merged["wall_seconds"] == 30.0
+    assert [m["machine"]["device"] for m in merged["merged_from"]] == ["a", "b", "c"]
+    ox = next(s for s in merged["summary"] if s["method"] == "oxnet" and s["full_fraction"] == 0.25)
+    assert ox["seeds"] == 3 and ox["mAP_mean"] == pytest.approx(0.7) and ox["mAP_std"] == pytest.approx(0.2)
+    stored = json.loads((tmp_path / "m" / "results.json").read_text())
+    assert stored == json.loads(json.dumps(merged))
+    assert (tmp_path / "m" / "results.csv").read_text().count("\n") == 13
+    assert (tmp_path / "m" / "figure.html").is_file()
+    with pytest.raises(ValueError, match=r"both hold the run \('retinanet', 0.25, 0\)"):
+        sweep.merge_results([a, a], tmp_path / "m2")
+    other = _results(tmp_path, "d", (0.1,), (0,), lr=1e-3)
+    with pytest.raises(ValueError, match=r"not the same study: their config \(train\) differ"):
+        sweep.merge_results([a, other], tmp_path / "m2")
+    with pytest.raises(SystemExit):  # the CLI names the problem and exits non-zero
+        sweep.main(["merge", str(a), str(tmp_path / "missing.json"), "--out", str(tmp_path / "m2")])
+    assert not (tmp_path / "m2").exists()
