@@ -23,7 +23,8 @@ one with :func:`merge_results` (``python scripts/sweep.py merge A/results.json B
                "mean_image_auc", "per_class_AP": {...}, "teacher_mAP"}],
      "summary": [{"method", "full_fraction", "n_full", "n_weak", "n_unlabeled", "seeds",
                   "mAP_mean", "mAP_std", "AP40_mean", "AP75_mean"}],
-     "merged_from": [{"path", "machine", "wall_seconds"}]}    (merged results only; wall_seconds is their sum)
+     "merged_from": [{"path", "machine", "wall_seconds", "device", "num_workers"}]}
+                   (merged results only; the top-level wall_seconds is their sum)
 
 Metrics are fractions in [0, 1] (the figure shows percent); ``n_*`` count the images the mix offered
 (a method uses those of the granularities it can learn from); ``teacher_mAP`` is the EMA teacher's
@@ -345,10 +346,14 @@ def run_sweep(
     return results
 
 
+_WHERE_IT_RAN = ("device", "num_workers")  # how a sweep ran, not what it measured
+
+
 def merge_results(paths: Sequence[str | Path], out_dir: str | Path) -> dict[str, Any]:
     """Combine the results of sweeps of one study that ran apart (other mixes or seeds) into one
     results.json / results.csv / figure.html in ``out_dir``. Their settings must agree except for the
-    fractions and seeds swept (and out_dir); a (method, fraction, seed) run may appear only once."""
+    fractions and seeds swept, out_dir and where they ran (device, loader workers: each part's are kept
+    in ``merged_from``); a (method, fraction, seed) run may appear only once."""
     if len(paths) < 2:
         raise ValueError("merge needs at least two results.json files")
     parts = []
@@ -363,6 +368,7 @@ def merge_results(paths: Sequence[str | Path], out_dir: str | Path) -> dict[str,
 
     def study(part: Mapping[str, Any]) -> dict[str, Any]:
         config = {k: v for k, v in part["config"].items() if k not in ("full_fractions", "seeds", "out_dir")}
+        config["train"] = {k: v for k, v in config["train"].items() if k not in _WHERE_IT_RAN}
         return {"config": config, "classes": part["classes"], "pool": part["pool"]}
 
     first_path, first = parts[0]
@@ -395,8 +401,8 @@ def merge_results(paths: Sequence[str | Path], out_dir: str | Path) -> dict[str,
         "wall_seconds": round(sum(part["wall_seconds"] for _, part in parts), 1),
         "rows": rows,
         "summary": summarize(rows),
-        "merged_from": [{"path": str(path), "machine": part["machine"], "wall_seconds": part["wall_seconds"]}
-                        for path, part in parts],
+        "merged_from": [{"path": str(path), "machine": part["machine"], "wall_seconds": part["wall_seconds"],
+                         **{k: part["config"]["train"][k] for k in _WHERE_IT_RAN}} for path, part in parts],
     }
     _write(results, Path(out_dir))
     return results

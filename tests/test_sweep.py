@@ -174,10 +174,10 @@ def test_records_of_the_real_nih_pool_split_patient_disjoint():
     sweep.check_patient_disjoint(study.pool, study.test, "pool and test")
 
 
-def _results(tmp_path, name, fractions, seeds, *, lr=1e-4, maps=None):
+def _results(tmp_path, name, fractions, seeds, *, lr=1e-4, maps=None, device="auto"):
     """A results.json as run_sweep writes it, with one retinanet and one oxnet row per (fraction, seed)."""
     config = sweep.SweepConfig(full_fractions=fractions, seeds=seeds, out_dir=str(tmp_path / name),
-                               train=TrainConfig(preset="tiny", lr=lr))
+                               train=TrainConfig(preset="tiny", lr=lr, device=device))
     rows = [
         {"method": m, "full_fraction": f, "seed": s, "n_full": int(100 * f), "n_weak": 50, "n_unlabeled": 10,
          "batch_size": 8, "train_seconds": 1.0, "epochs_trained": 2, "best_epoch": 1, "val_mAP": 0.2,
@@ -196,11 +196,12 @@ def _results(tmp_path, name, fractions, seeds, *, lr=1e-4, maps=None):
 def test_merge_combines_sweeps_run_apart_and_refuses_other_studies(tmp_path):
     a = _results(tmp_path, "a", (0.25,), (0, 1), maps={("oxnet", 0.25, 0): 0.5, ("oxnet", 0.25, 1): 0.7})
     b = _results(tmp_path, "b", (0.25,), (2,), maps={("oxnet", 0.25, 2): 0.9})
-    c = _results(tmp_path, "c", (0.5,), (0, 1, 2))
+    c = _results(tmp_path, "c", (0.5,), (0, 1, 2), device="cuda")  # run on another machine
     merged = sweep.main(["merge", str(a), str(b), str(c), "--out", str(tmp_path / "m")])
     assert merged["config"]["full_fractions"] == [0.25, 0.5] and merged["config"]["seeds"] == [0, 1, 2]
     assert len(merged["rows"]) == 12 and merged["wall_seconds"] == 30.0
     assert [m["machine"]["device"] for m in merged["merged_from"]] == ["a", "b", "c"]
+    assert [m["device"] for m in merged["merged_from"]] == ["auto", "auto", "cuda"]
     ox = next(s for s in merged["summary"] if s["method"] == "oxnet" and s["full_fraction"] == 0.25)
     assert ox["seeds"] == 3 and ox["mAP_mean"] == pytest.approx(0.7) and ox["mAP_std"] == pytest.approx(0.2)
     stored = json.loads((tmp_path / "m" / "results.json").read_text())
