@@ -8,6 +8,7 @@ exports in :mod:`db.export`.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
@@ -476,3 +477,45 @@ def record_sweep_result(
     session.add(result)
     session.flush()
     return result
+
+
+SWEEP_ROW_KEYS = ("method", "full_fraction", "seed", "n_full", "n_weak", "n_unlabeled", "mAP")
+
+
+def record_sweep_rows(
+    session: Session, rows: Sequence[Mapping[str, Any]], project: str = DEFAULT_PROJECT, *, source: str = "rows"
+) -> tuple[int, int]:
+    """Store the rows of a granularity sweep (``results.json`` of ``scripts/sweep.py``, schema
+    oxnet.sweep/1) so the Metrics page plots them. A row whose run is already stored (same method, seed,
+    label counts and metrics: storing a part and later the merged file, or a live ``--store`` and then
+    the file) is skipped. Every row is checked before any is written; a bad one raises ValueError naming
+    ``source`` and its index. Returns (stored, skipped)."""
+    for i, row in enumerate(rows):
+        missing = [k for k in SWEEP_ROW_KEYS if k not in row]
+        if missing:
+            raise ValueError(f"{source}: rows[{i}] lacks {missing}")
+        if not isinstance(row["method"], str) or any(
+            not isinstance(row[k], int) or row[k] < 0 for k in ("seed", "n_full", "n_weak", "n_unlabeled")
+        ):
+            raise ValueError(f"{source}: rows[{i}] has a bad method, seed or image count: {dict(row)}")
+    project_id = get_project(session, project).id
+    stored = {
+        (r.method, r.seed, r.n_full, r.n_weak, r.n_unlabeled, _canonical(r.metrics))
+        for r in session.scalars(select(SweepResult).where(SweepResult.project_id == project_id))
+    }
+    added = 0
+    for row in rows:
+        metrics = {k: v for k, v in row.items() if k.startswith(("mAP", "AP")) or k in ("mean_image_auc", "teacher_mAP")}
+        key = (row["method"], row["seed"], row["n_full"], row["n_weak"], row["n_unlabeled"], _canonical(metrics))
+        if key in stored:
+            continue
+        record_sweep_result(session, project, method=row["method"], seed=row["seed"], n_full=row["n_full"],
+                            n_weak=row["n_weak"], n_unlabeled=row["n_unlabeled"], metrics=metrics,
+                            config={"full_fraction": row["full_fraction"]})
+        stored.add(key)
+        added += 1
+    return added, len(rows) - added
+
+
+def _canonical(metrics: Mapping[str, Any] | None) -> str:
+    return json.dumps(dict(metrics or {}), sort_keys=True)

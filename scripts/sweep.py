@@ -2,34 +2,68 @@
 
     python scripts/sweep.py --dataset boxes.json --test-fold 3 --full 0.25,0.5 --seeds 2 --out runs/sweep
     python scripts/sweep.py ... --store      # also record each run in the workbench store (OXNET_DB_URL)
+    python scripts/sweep.py merge A/results.json B/results.json --out C     # parts run apart -> one study
+    python scripts/sweep.py store C/results.json    # put a finished sweep's runs in the store (Metrics page)
 """
 
+import argparse
+import json
 import logging
 import sys
 
-from oxnet.sweep import main
+from oxnet.sweep import SCHEMA, main
+
+
+def _sessions():
+    from db.engine import init_db, make_sessionmaker
+
+    return make_sessionmaker(init_db())
 
 
 def _store_rows():
     """Record each finished run as a SweepResult in the workbench store, so the UI plots it."""
-    from db.engine import init_db, make_sessionmaker
-    from db.repository import record_sweep_result
+    from db.repository import record_sweep_rows
 
-    sessions = make_sessionmaker(init_db())
+    sessions = _sessions()
 
     def on_row(row: dict) -> None:
         with sessions.begin() as session:
-            record_sweep_result(
-                session, method=row["method"], seed=row["seed"], n_full=row["n_full"], n_weak=row["n_weak"],
-                n_unlabeled=row["n_unlabeled"], metrics={k: v for k, v in row.items() if k.startswith(("mAP", "AP"))},
-                config={"full_fraction": row["full_fraction"]},
-            )
+            record_sweep_rows(session, [row])
 
     return on_row
+
+
+def store(argv: list[str]) -> int:
+    """``store FILE [FILE ...]``: every run of each results.json into the store, skipping runs already there."""
+    from db.repository import record_sweep_rows
+
+    parser = argparse.ArgumentParser(prog="python scripts/sweep.py store", description=store.__doc__)
+    parser.add_argument("results", nargs="+", help="results.json files written by a sweep or by merge")
+    parser.add_argument("--project", default="default")
+    args = parser.parse_args(argv)
+    loaded = []
+    for path in args.results:
+        try:
+            results = json.loads(open(path).read())
+        except (OSError, json.JSONDecodeError) as exc:
+            parser.error(f"{path}: not a readable results.json ({exc})")
+        if results.get("schema") != SCHEMA or not isinstance(results.get("rows"), list):
+            parser.error(f"{path}: not a sweep results file (schema {results.get('schema')!r}, expected {SCHEMA!r})")
+        loaded.append((path, results["rows"]))
+    try:
+        with _sessions().begin() as session:  # all files or none
+            counts = [(path, *record_sweep_rows(session, rows, args.project, source=path)) for path, rows in loaded]
+    except ValueError as exc:
+        parser.error(str(exc))
+    for path, added, skipped in counts:
+        print(f"{path}: stored {added} runs, {skipped} already in the store")
+    return 0
 
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     argv = sys.argv[1:]
-    store = "--store" in argv
-    main([a for a in argv if a != "--store"], on_row=_store_rows() if store else None)
+    if argv[:1] == ["store"]:
+        sys.exit(store(argv[1:]))
+    live = "--store" in argv
+    main([a for a in argv if a != "--store"], on_row=_store_rows() if live else None)

@@ -216,3 +216,49 @@ def test_merge_combines_sweeps_run_apart_and_refuses_other_studies(tmp_path):
     with pytest.raises(SystemExit):  # the CLI names the problem and exits non-zero
         sweep.main(["merge", str(a), str(tmp_path / "missing.json"), "--out", str(tmp_path / "m2")])
     assert not (tmp_path / "m2").exists()
+
+
+def test_store_puts_a_sweep_in_the_workbench_store_once(tmp_path, db_sessionmaker, db_url):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from db.repository import ensure_project
+    from db.ui_queries import sweep_results
+
+    with db_sessionmaker.begin() as s:
+        ensure_project(s)
+    a = _results(tmp_path, "a", (0.25,), (0, 1), maps={("oxnet", 0.25, 0): 0.5})
+    b = _results(tmp_path, "b", (0.5,), (0,))
+    merged = tmp_path / "m"
+    sweep.merge_results([a, b], merged)
+    script = Path(__file__).resolve().parents[1] / "scripts" / "sweep.py"
+
+    def run(*files):
+        return subprocess.run([sys.executable, str(script), "store", *map(str, files)], capture_output=True, text=True,
+                              env={**os.environ, "OXNET_DB_URL": db_url})
+
+    first = run(a)
+    assert first.returncode == 0, first.stderr
+    assert "stored 4 runs, 0 already in the store" in first.stdout
+    second = run(merged / "results.json")  # the merged file holds a's runs again, and b's
+    assert "stored 2 runs, 4 already in the store" in second.stdout
+    with db_sessionmaker() as s:
+        stored = sweep_results(s)
+    assert len(stored) == 6
+    ox = [r for r in stored if r["method"] == "oxnet" and r["seed"] == 0 and r["n_full"] == 25]
+    assert [r["metrics"]["mAP"] for r in ox] == [0.5]
+    # A bad row anywhere: nothing of that call is stored, and the error names the file and row.
+    bad = json.loads(b.read_text())
+    del bad["rows"][1]["n_weak"]
+    bad_path = tmp_path / "bad.json"
+    bad_path.write_text(json.dumps(bad))
+    c = _results(tmp_path, "c", (0.1,), (0,))
+    failed = run(c, bad_path)
+    assert failed.returncode != 0 and f"{bad_path}: rows[1] lacks ['n_weak']" in failed.stderr
+    with db_sessionmaker() as s:
+        assert len(sweep_results(s)) == 6
+    not_sweep = tmp_path / "other.json"
+    not_sweep.write_text(json.dumps({"images": []}))
+    assert "not a sweep results file" in run(not_sweep).stderr
