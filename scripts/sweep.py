@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
 from oxnet.sweep import SCHEMA, main
 
@@ -35,16 +36,16 @@ def _store_rows():
 
 def store(argv: list[str]) -> int:
     """``store FILE [FILE ...]``: every run of each results.json into the store, skipping runs already there."""
-    from db.repository import record_sweep_rows
+    from db.repository import DEFAULT_PROJECT, record_sweep_rows
 
     parser = argparse.ArgumentParser(prog="python scripts/sweep.py store", description=store.__doc__)
     parser.add_argument("results", nargs="+", help="results.json files written by a sweep or by merge")
-    parser.add_argument("--project", default="default")
+    parser.add_argument("--project", default=DEFAULT_PROJECT)
     args = parser.parse_args(argv)
     loaded = []
     for path in args.results:
         try:
-            results = json.loads(open(path).read())
+            results = json.loads(Path(path).read_text())
         except (OSError, json.JSONDecodeError) as exc:
             parser.error(f"{path}: not a readable results.json ({exc})")
         if results.get("schema") != SCHEMA or not isinstance(results.get("rows"), list):
