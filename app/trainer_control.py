@@ -1,10 +1,11 @@
-"""Start and stop the background trainer (``scripts/trainer.py``, issue 5) from the Overview page.
+"""Start and stop the background trainer (``python -m app.trainer``, :mod:`app.trainer`) from the Overview page.
 
-The trainer is its own process in its own session (never inside a Streamlit script run). Starting it
-records ``{"pid", "command", "started_at"}`` in ``<data dir>/trainer.pid`` (:func:`db.demo.data_dir`);
-stopping sends SIGTERM to the trainer's process group: the pid named at the end of the store's lock
-owner (``TrainerState.lock_owner``, e.g. ``host:1234``) when that process is a ``trainer.py``, else the
-recorded pid. The trainer itself keeps its single-instance lock and heartbeat in the store.
+The trainer is its own process in its own session (never inside a Streamlit script run), started as a
+module so it works from an installed package as from a checkout. Starting it records ``{"pid",
+"command", "started_at"}`` in ``<data dir>/trainer.pid`` (:func:`db.demo.data_dir`); stopping sends
+SIGTERM to the trainer's process group: the pid named at the end of the store's lock owner
+(``TrainerState.lock_owner``, e.g. ``host:1234``) when that process runs the trainer, else the recorded
+pid. The trainer itself keeps its single-instance lock and heartbeat in the store.
 """
 
 from __future__ import annotations
@@ -18,17 +19,14 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
-from app.jobs import ROOT, absolute_url, process_alive
+import psutil
+
+from app.jobs import absolute_url, process_alive
 from db.demo import data_dir
 from db.engine import DB_URL_ENV
 
-#: The trainer's entry point (issue 5).
-TRAINER_SCRIPT = ROOT / "scripts" / "trainer.py"
-
-
-def trainer_available() -> bool:
-    """Whether the trainer script exists in this checkout."""
-    return TRAINER_SCRIPT.is_file()
+#: How the trainer is started (its options follow); the last item is what identifies its processes.
+TRAINER_COMMAND = [sys.executable, "-m", "app.trainer"]
 
 
 def default_preset() -> str:
@@ -42,20 +40,19 @@ def pid_file(url: str | None = None) -> Path:
     return data_dir(url) / "trainer.pid"
 
 
-def start_trainer(url: str | None = None, preset: str | None = None) -> int:
-    """Launch ``python scripts/trainer.py --preset <preset>`` on the store at ``url``; returns its pid.
-
-    Raises FileNotFoundError when the trainer script is missing.
-    """
-    if not trainer_available():
-        raise FileNotFoundError(f"the trainer script {TRAINER_SCRIPT} is missing (it comes with issue 5)")
+def start_trainer(url: str | None = None, preset: str | None = None, weights: str | None = None) -> int:
+    """Launch the trainer (``python -m app.trainer --preset <preset> [--weights <weights>]``) on the
+    store at ``url``; returns its pid. ``weights``: the first round's backbone start (random, imagenet
+    or a local state_dict file); None: the preset's."""
     url = absolute_url(url)
-    command = [sys.executable, str(TRAINER_SCRIPT), "--preset", preset or default_preset()]
+    command = [*TRAINER_COMMAND, "--preset", preset or default_preset()]
+    if weights:
+        command += ["--weights", weights]
     log = data_dir(url) / "trainer.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
         process = subprocess.Popen(
-            command, cwd=ROOT, env={**os.environ, DB_URL_ENV: url}, start_new_session=True,
+            command, cwd=data_dir(url), env={**os.environ, DB_URL_ENV: url}, start_new_session=True,
             stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
         )
     record = {"pid": process.pid, "command": command, "started_at": datetime.now(UTC).isoformat(timespec="seconds")}
@@ -64,13 +61,15 @@ def start_trainer(url: str | None = None, preset: str | None = None) -> int:
 
 
 def _is_trainer(pid: int) -> bool:
-    """Process ``pid`` runs and, where /proc tells, runs ``trainer.py``."""
+    """Process ``pid`` runs and runs the trainer (where its command line can be read)."""
     if not process_alive(pid):
         return False
     try:
-        return TRAINER_SCRIPT.name in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
-    except OSError:
-        return True  # no /proc: trust the pid
+        return TRAINER_COMMAND[-1] in psutil.Process(pid).cmdline()
+    except psutil.AccessDenied:
+        return True  # cannot read it: trust the pid
+    except psutil.Error:
+        return False
 
 
 def trainer_pid(lock_owner: str | None, url: str | None = None) -> int | None:

@@ -344,7 +344,8 @@ def save_annotation(
 def model_versions(session: Session, project: str = DEFAULT_PROJECT, *, limit: int = 200) -> list[dict[str, Any]]:
     """The newest ``limit`` ready model versions, oldest first, each with its metrics.
 
-    ``{"id", "round", "created_at", "label_counts": {granularity: n}, "metrics": {split: {name: value}}}``.
+    ``{"id", "round", "created_at", "label_counts": {granularity: n}, "metrics": {split: {name: value}},
+    "backbone_start": which start its backbone had, or None}``.
     """
     project_id = get_project(session, project).id
     versions = list(session.scalars(
@@ -358,7 +359,8 @@ def model_versions(session: Session, project: str = DEFAULT_PROJECT, *, limit: i
         ):
             metrics[version_id].setdefault(split.value, {})[name] = value
     return [
-        {"id": v.id, "round": v.round, "created_at": v.created_at, "label_counts": dict(v.label_counts or {}), "metrics": metrics[v.id]}
+        {"id": v.id, "round": v.round, "created_at": v.created_at, "label_counts": dict(v.label_counts or {}),
+         "metrics": metrics[v.id], "backbone_start": (v.config or {}).get("backbone_start")}
         for v in versions
     ]
 

@@ -16,6 +16,8 @@ A checkpoint is a dict of tensors and plain Python values (never a pickled modul
     "step":          optimizer steps, over both phases
     "best_metric":   best validation mAP of the phase, or None
     "history":       History.to_dict()
+    "backbone_start": which start the backbone had ("random init", "ImageNet weights (...)",
+                     "weights file resnet50.pth", ...); absent in checkpoints written before it was kept
 
 Example::
 
@@ -33,7 +35,7 @@ from typing import Any
 
 import torch
 
-from oxnet.model import ModelConfig, OXNet
+from oxnet.model import ModelConfig, OXNet, bn_frozen
 
 FORMAT = "oxnet-checkpoint"
 VERSION = 1
@@ -118,7 +120,8 @@ def model_from_state(state: Mapping[str, Any], *, weights: str = "student", sour
     if state.get(weights) is None:
         raise ValueError(f"{source} holds no {weights} weights")
     config = dict(state["model_config"])
-    config["weights"] = "random"  # the backbone weights are in the state_dict
+    config["weights"] = "random"  # the backbone weights are in the state_dict, and so is its BatchNorm kind
+    config["freeze_bn"] = bn_frozen(state[weights])
     model = OXNet.from_config(ModelConfig(**config))
     try:
         model.load_state_dict(state[weights])

@@ -28,7 +28,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +47,7 @@ from oxnet.data.datasets import OmniDataset, collate
 from oxnet.data.records import Record
 from oxnet.data.sampler import MixedBatchSampler
 from oxnet.evaluation import evaluate
-from oxnet.model import OXNet
+from oxnet.model import OXNet, bn_frozen
 from oxnet.settings import METHODS, TrainConfig
 from oxnet.teacher import MeanTeacher
 
@@ -663,9 +663,13 @@ class _Run:
         config, device = self.config, self.env.device
         model_config = config.model_config(len(self.classes), method=method)
         torch.manual_seed(config.seed)
-        student = OXNet.from_config(model_config)
         source = state or init
-        if source is not None:
+        if source is None:
+            student = OXNet.from_config(model_config)
+            self.backbone_start = student.backbone_start
+        else:  # the weights come from the checkpoint: no download, and its BatchNorm kind
+            student = OXNet.from_config(replace(model_config, weights="random", freeze_bn=bn_frozen(source["student"])))
+            self.backbone_start = source.get("backbone_start") or "unknown (a checkpoint from before this was recorded)"
             try:
                 student.load_state_dict(source["student"])
             except RuntimeError as e:
@@ -778,6 +782,7 @@ class _Run:
                     "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                     "scheduler": scheduler.state_dict(), "phase": phase, "epoch": epoch + 1,
                     "step": self.global_step, "best_metric": best_metric, "history": history.to_dict(),
+                    "backbone_start": self.backbone_start,
                 }
                 if best_epoch == epoch:
                     save_checkpoint(checkpoint, self.out_dir / (BEST if phase == "train" else PRETRAIN_BEST))

@@ -66,7 +66,7 @@ MODEL_FILE = "model.pt"
 TRAIN_SHARE = 0.8
 #: Entries of a training checkpoint kept in the inference checkpoint (optimizer state is dropped).
 _KEEP = ("classes", "model_config", "train_config", "student", "teacher", "ema_step", "phase", "epoch", "step",
-         "best_metric", "history")
+         "best_metric", "history", "backbone_start")
 
 
 class StopRequested(Exception):
@@ -506,6 +506,7 @@ class Trainer:
             config_record["train"] = config.to_dict()
             self._check_stop()
             checkpoint, state = self._compact(history.best_checkpoint or history.last_checkpoint, version.folder)
+            config_record["backbone_start"] = state.get("backbone_start")
             metrics = self._metrics(history, state, splits, notes)
             if s.suggest:
                 pending = [r for r in train if r.granularity != "full"]

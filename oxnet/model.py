@@ -13,7 +13,7 @@ from collections import OrderedDict
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -55,7 +55,7 @@ class ModelConfig:
     head_norm: str | None = "group"  # "group" (GroupNorm) or None (original RetinaNet heads)
     image_size: int = 512
     weights: str = "random"  # "random", "imagenet" or a path to a torchvision ResNet state_dict
-    freeze_bn: bool = False  # FrozenBatchNorm2d in the backbone: only sensible from pretrained weights
+    freeze_bn: bool | None = None  # FrozenBatchNorm2d in the backbone; None: exactly when pretrained weights loaded
     daa: bool = True  # image-level head with dual attention alignment (Eq. 1-3)
     gpa: bool = True  # global prototype alignment (Eq. 4-6); needs DAA
     sfl: bool = True  # soft focal loss against a mean teacher (Eq. 8); used by MeanTeacher
@@ -112,8 +112,10 @@ LOSS_NAMES = (
 )
 
 PRESETS: dict[str, ModelConfig] = {
-    # The paper: ResNet-101, P2-P7 as in the authors' code, 512 px.
-    "paper": ModelConfig(depth=101, levels=(2, 3, 4, 5, 6, 7), fpn_width=256, head_depth=4, image_size=512),
+    # The paper: ResNet-101 from ImageNet weights (BatchNorm frozen; random init with a warning when
+    # they cannot be had), P2-P7 as in the authors' code, 512 px.
+    "paper": ModelConfig(depth=101, levels=(2, 3, 4, 5, 6, 7), fpn_width=256, head_depth=4, image_size=512,
+                         weights="imagenet"),
     # CPU-sized: ResNet-18, narrower FPN and heads, 256 px.
     "cpu": ModelConfig(depth=18, levels=(3, 4, 5, 6, 7), fpn_width=128, head_depth=2, image_size=256),
     # Tests: a few milliseconds per image.
@@ -164,37 +166,69 @@ class ResNetFPN(nn.Module):
 
 
 def resnet_fpn_backbone(
-    *, depth: int, levels: tuple[int, ...], out_channels: int, weights: str = "random", freeze_bn: bool = False
+    *, depth: int, levels: tuple[int, ...], out_channels: int, weights: str = "random", freeze_bn: bool | None = None
 ) -> ResNetFPN:
-    """A ResNet-FPN backbone. ``weights``: "random", "imagenet" (torchvision's; when they cannot be
-    downloaded this warns in one line and carries on from random init) or a local state_dict path."""
-    norm_layer = FrozenBatchNorm2d if freeze_bn else nn.BatchNorm2d
-    body = _RESNETS[depth](weights=None, norm_layer=norm_layer)
+    """A ResNet-FPN backbone.
+
+    Args:
+        weights: "random", "imagenet" (torchvision's, from its cache or downloaded; when they cannot be
+            had this warns in one line and carries on from random init) or a local torchvision ResNet
+            state_dict path (``fc.*`` keys are ignored).
+        freeze_bn: FrozenBatchNorm2d in the body; ``None`` freezes exactly when pretrained weights were
+            loaded (frozen statistics from a random start would never be learnt).
+
+    The returned backbone's ``start`` says which start it had, e.g. ``"ImageNet weights
+    (ResNet101_Weights.IMAGENET1K_V2)"``, ``"weights file resnet50.pth"`` or ``"random init: ImageNet
+    weights unavailable (URLError)"``.
+    """
+    state, start = _backbone_state(depth, weights)
+    frozen = state is not None if freeze_bn is None else freeze_bn
+    body = _RESNETS[depth](weights=None, norm_layer=FrozenBatchNorm2d if frozen else nn.BatchNorm2d)
+    if state is not None:
+        missing, unexpected = body.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith("fc.") and not k.endswith("num_batches_tracked")]
+        unexpected = [k for k in unexpected if not k.endswith("num_batches_tracked")]
+        if missing or unexpected:
+            raise ValueError(
+                f"{weights} is not a ResNet-{depth} state_dict: missing {missing[:3]}..., unexpected {unexpected[:3]}..."
+            )
+    backbone = ResNetFPN(body, levels, out_channels)
+    backbone.start = start + (" (BatchNorm frozen)" if frozen else "")
+    return backbone
+
+
+def _backbone_state(depth: int, weights: str) -> tuple[dict[str, Tensor] | None, str]:
+    """The ResNet body's pretrained state_dict (None: random init) and a one-line description of it."""
+    if weights == "random":
+        return None, "random init"
     if weights == "imagenet":
+        entry = _WEIGHTS[depth].DEFAULT
         try:
-            state = _WEIGHTS[depth].DEFAULT.get_state_dict(progress=False)
-        except Exception as exc:  # no internet: say so and train from scratch
+            state = entry.get_state_dict(progress=False)
+        except Exception as exc:  # no internet and no cached copy: say so and train from scratch
             warnings.warn(
                 f"ImageNet weights for ResNet-{depth} are unavailable ({type(exc).__name__}); training from "
                 f"random init. Pass weights='/path/to/resnet{depth}.pth' (a torchvision ResNet state_dict) "
                 "to use a local copy.",
-                stacklevel=2,
+                stacklevel=3,
             )
-        else:
-            body.load_state_dict(state)
-    elif weights != "random":
-        path = Path(weights)
-        if not path.is_file():
-            raise FileNotFoundError(f"backbone weights file {path} does not exist (use weights='random' or 'imagenet')")
+            return None, f"random init: ImageNet weights unavailable ({type(exc).__name__})"
+        return state, f"ImageNet weights ({type(entry).__name__}.{entry.name})"
+    path = Path(weights)
+    if not path.is_file():
+        raise FileNotFoundError(f"backbone weights file {path} does not exist (use weights='random' or 'imagenet')")
+    try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-        missing, unexpected = body.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not k.startswith("fc.")]
-        if missing or unexpected:
-            raise ValueError(
-                f"{path} is not a ResNet-{depth} state_dict: missing {missing[:3]}..., unexpected {unexpected[:3]}..."
-            )
-    return ResNetFPN(body, levels, out_channels)
+    except Exception as exc:  # a truncated or foreign file: name it
+        raise ValueError(f"backbone weights file {path} cannot be read as a state_dict: {exc}") from exc
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise ValueError(f"backbone weights file {path} is not a state_dict of tensors")
+    return {k: v for k, v in state.items() if not k.startswith("fc.")}, f"weights file {path.name}"
+
+
+def bn_frozen(state_dict: Mapping[str, Any]) -> bool:
+    """Whether a model's state_dict comes from a backbone with FrozenBatchNorm2d (no BatchNorm step counters)."""
+    return not any(k.startswith("backbone.body.") and k.endswith("num_batches_tracked") for k in state_dict)
 
 
 def _group_norm(channels: int) -> nn.GroupNorm:
@@ -305,6 +339,11 @@ class OXNet(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         self._anchor_cache: dict[tuple, Tensor] = {}
+
+    @property
+    def backbone_start(self) -> str:
+        """Which start the backbone had (see :func:`resnet_fpn_backbone`); "custom backbone" when injected."""
+        return getattr(self.backbone, "start", "custom backbone")
 
     @classmethod
     def from_config(cls, config: ModelConfig) -> "OXNet":

@@ -154,7 +154,8 @@ class TrainConfig:
         """``lr``, or its default: 1e-5 from pretrained weights or a warm start, else 1e-4."""
         if self.lr is not None:
             return self.lr
-        pretrained = self.init_checkpoint is not None or self.model.get("weights", "random") != "random"
+        weights = self.model.get("weights", PRESETS[self.preset].weights)
+        pretrained = self.init_checkpoint is not None or weights != "random"
         return LR_PRETRAINED if pretrained else LR_FROM_SCRATCH
 
     def to_dict(self) -> dict[str, Any]:

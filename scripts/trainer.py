@@ -1,72 +1,9 @@
-"""The background trainer of the workbench (one per store). Logic: oxnet.loop (rounds), db.workbench (store).
+"""The background trainer: ``python scripts/trainer.py --help``. The code is :mod:`app.trainer`
+(also ``oxnet-trainer`` and ``python -m app.trainer`` once the package is installed)."""
 
-    OXNET_DB_URL=sqlite:///workbench.db python scripts/trainer.py --preset cpu      # until SIGTERM
-    python scripts/trainer.py --preset tiny --max-rounds 1                           # one round, then exit
-    python scripts/trainer.py --stop                                                 # ask the running one to stop
-
-Exit status: 0 after a clean stop (SIGTERM, SIGINT, a stop request, --max-rounds), 3 when another
-trainer holds the store's lock, 1 on an error outside a round (a failing round is recorded and retried).
-"""
-
-from __future__ import annotations
-
-import argparse
-import logging
-import signal
 import sys
-import threading
-from dataclasses import replace
-from datetime import timedelta
 
-from db.engine import init_db, make_sessionmaker
-from db.repository import DEFAULT_PROJECT
-from db.workbench import SqlStore, request_stop
-from oxnet.loop import TRAINER_PRESETS, AlreadyRunning, Trainer
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--db", help="SQLAlchemy URL of the store (default: $OXNET_DB_URL, else sqlite:///workbench.db)")
-    parser.add_argument("--project", default=DEFAULT_PROJECT)
-    parser.add_argument("--preset", choices=sorted(TRAINER_PRESETS), default="cpu", help="trainer settings (default cpu)")
-    parser.add_argument("--method", help="training method (default oxnet)")
-    parser.add_argument("--epochs", type=int, help="epochs per round")
-    parser.add_argument("--steps-per-epoch", type=int, help="batches per epoch")
-    parser.add_argument("--batch-size", type=int)
-    parser.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
-    parser.add_argument("--min-interval", type=float, help="seconds between rounds at least")
-    parser.add_argument("--max-interval", type=float, help="start a round after this many seconds even without new labels")
-    parser.add_argument("--max-rounds", type=int, help="exit after this many rounds")
-    parser.add_argument("--stale-after", type=float, default=300.0, help="seconds after which a silent trainer's lock is taken")
-    parser.add_argument("--stop", action="store_true", help="ask the running trainer to stop, then exit")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.stop:
-        with make_sessionmaker(init_db(args.db)).begin() as session:
-            request_stop(session, args.project, annotator="cli")
-        print("stop requested")
-        return 0
-    overrides = {key: value for key, value in {
-        "method": args.method, "epochs": args.epochs, "steps_per_epoch": args.steps_per_epoch,
-        "batch_size": args.batch_size, "device": args.device, "min_interval_s": args.min_interval,
-        "max_interval_s": args.max_interval, "max_rounds": args.max_rounds,
-    }.items() if value is not None}
-    settings = replace(TRAINER_PRESETS[args.preset], **overrides)
-    store = SqlStore.open(args.db, project=args.project, stale_after=timedelta(seconds=args.stale_after))
-    stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
-    try:
-        Trainer(store, settings, stop=stop).run()
-    except AlreadyRunning as e:
-        print(f"trainer refused: {e}", file=sys.stderr)
-        return 3
-    return 0
-
+from app.trainer import main
 
 if __name__ == "__main__":
     sys.exit(main())

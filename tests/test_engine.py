@@ -265,6 +265,15 @@ def test_fit_resumes_after_the_last_complete_epoch(data, tmp_path):
         fit(data["train"], data["val"], tiny_config(tmp_path, method="oxnet"), classes=CLASSES, progress=False)
 
 
+def _flatten(value, prefix=""):
+    """Nested dicts and lists as ``{"a.b.0": leaf}``, so each leaf gets its own tolerance."""
+    if isinstance(value, dict):
+        return {k: v for key, item in value.items() for k, v in _flatten(item, f"{prefix}{key}.").items()}
+    if isinstance(value, (list, tuple)):
+        return {k: v for i, item in enumerate(value) for k, v in _flatten(item, f"{prefix}{i}.").items()}
+    return {prefix.rstrip("."): value}
+
+
 def test_fit_resume_matches_an_uninterrupted_run(data, tmp_path):
     options = dict(method="sfl", epochs=2, early_stop_patience=None)
     straight = fit(data["train"], data["val"], tiny_config(tmp_path / "a", **options), classes=CLASSES, progress=False)
@@ -275,7 +284,19 @@ def test_fit_resume_matches_an_uninterrupted_run(data, tmp_path):
     for key in ("student", "teacher"):
         for name in a[key]:
             torch.testing.assert_close(a[key][name], b[key][name], msg=f"{key}.{name}")
-    assert [e["losses"] for e in straight.epochs] == pytest.approx([e["losses"] for e in resumed.epochs])
+    # Epoch by epoch, every loss and metric of the resumed run equals the uninterrupted run's.
+    assert [e["epoch"] for e in resumed.epochs] == [e["epoch"] for e in straight.epochs] == [0, 1]
+    for s, r in zip(straight.epochs, resumed.epochs, strict=True):
+        assert s["losses"].keys() == r["losses"].keys(), f"epoch {s['epoch']}"
+        assert s["losses"] == pytest.approx(r["losses"], rel=1e-5, abs=1e-7), f"epoch {s['epoch']} losses"
+        flat_s, flat_r = _flatten(s["metrics"]), _flatten(r["metrics"])
+        assert flat_s.keys() == flat_r.keys(), f"epoch {s['epoch']}"
+        for key, value in flat_s.items():
+            if isinstance(value, float):
+                assert value == pytest.approx(flat_r[key], rel=1e-5, abs=1e-7), f"epoch {s['epoch']} metric {key}"
+            else:
+                assert value == flat_r[key], f"epoch {s['epoch']} metric {key}"
+        assert s["lr"] == pytest.approx(r["lr"]), f"epoch {s['epoch']} lr"
 
 
 def test_fit_plateau_lowers_lr_and_early_stop(data, tmp_path, monkeypatch):

@@ -10,7 +10,7 @@ import streamlit as st
 
 from app.jobs import AUTO_DEMO_ENV, list_jobs, start_demo_job
 from app.store import sessions, store_url
-from app.trainer_control import TRAINER_SCRIPT, start_trainer, stop_trainer, trainer_available, trainer_pid
+from app.trainer_control import start_trainer, stop_trainer, trainer_pid
 from app.widgets import show_job
 from db.models import Granularity, utcnow
 from db.repository import TRAINER_STALE_AFTER, stats, trainer_state
@@ -94,17 +94,22 @@ def _trainer_panel() -> None:
                    f"(more than {int(TRAINER_STALE_AFTER.total_seconds() // 60)} min ago). It probably died; start a new one.")
     if row and row["last_error"]:
         st.error(f"Last error: {row['last_error']}")
+    weights = st.text_input(
+        "Backbone start of the first round", key="overview_weights", placeholder="the preset's",
+        help="Empty: the preset's (random init on cpu; the paper preset tries ImageNet weights and says so when "
+             "they cannot be had). 'random', 'imagenet', or the path of a torchvision ResNet state_dict on this "
+             "server, e.g. /models/resnet18.pth. Later rounds warm-start from the previous model.",
+    ).strip()
     left, right = st.columns(2)
-    if not trainer_available():
-        left.button("Start trainer", disabled=True, key="overview_start_missing")
-        st.caption(f"The trainer script `{TRAINER_SCRIPT.relative_to(TRAINER_SCRIPT.parents[1])}` is missing from this "
-                   "checkout, so the trainer cannot be started yet.")
-    elif left.button("Start trainer", disabled=alive, key="overview_start", type="primary",
-                     help="cpu preset, or paper when a GPU is present"):
-        try:
-            st.toast(f"Trainer started (pid {start_trainer(url)}).")
-        except (OSError, FileNotFoundError) as e:
-            st.error(f"Could not start the trainer: {e}")
+    if left.button("Start trainer", disabled=alive, key="overview_start", type="primary",
+                   help="cpu preset, or paper when a GPU is present"):
+        if weights and weights not in ("random", "imagenet") and not Path(weights).is_file():
+            st.error(f"Backbone weights file {weights} does not exist on this server; the trainer was not started.")
+        else:
+            try:
+                st.toast(f"Trainer started (pid {start_trainer(url, weights=weights or None)}).")
+            except OSError as e:
+                st.error(f"Could not start the trainer: {e}")
     owner = row["owner"] if row else None
     if right.button("Stop trainer", disabled=trainer_pid(owner, url) is None, key="overview_stop"):
         pid = stop_trainer(owner, url)
@@ -121,6 +126,8 @@ else:
     counts_seen = latest["label_counts"]
     st.markdown(f"Version **{latest['id']}** (round {latest['round']}, {latest['created_at']:%Y-%m-%d %H:%M} UTC), trained on "
                 + ", ".join(f"{counts_seen.get(g.value, 0):,} {g.value}" for g in Granularity) + " training images.")
+    start = latest["backbone_start"]
+    st.caption(f"Backbone start: {start}." if start else "Backbone start: not recorded (a version from before it was kept).")
     val = latest["metrics"].get("val", {})
     cols = st.columns(len(HEADLINE_METRICS))
     for col, name in zip(cols, HEADLINE_METRICS, strict=True):
