@@ -13,9 +13,10 @@ import streamlit as st
 
 from app.jobs import AUTO_DEMO_ENV, start_demo_job
 from app.store import ANNOTATOR_KEY, annotator, sessions, set_annotator, store_url
+from app.widgets import page_icon
 from db.ui_queries import project_exists
 
-st.set_page_config(page_title="OXnet workbench", page_icon=":material/radiology:", layout="wide")
+st.set_page_config(page_title="OXnet workbench", page_icon=page_icon(), layout="wide")
 
 PAGES = [
     st.Page("views/overview.py", title="Overview", icon=":material/dashboard:", default=True),

@@ -39,6 +39,7 @@ def test_amp_without_cuda_is_refused():
         bench.main(["--preset", "tiny", "--device", "cpu", "--amp"])
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_train_step_benchmark_under_amp_reports_peak_memory():
     result = bench.main(["--preset", "tiny", "--batch", "3", "--repeats", "1", "--warmup", "1", "--daa-batch", "2",

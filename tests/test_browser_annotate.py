@@ -32,7 +32,7 @@ CHROMIUM_ARGS = [
 ]
 SIZE = 256  # demo image side (px); the canvas shows it at 640 px
 
-pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium")
+pytestmark = [pytest.mark.browser, pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium")]
 sync_api = pytest.importorskip("playwright.sync_api", reason="needs the playwright package")
 
 

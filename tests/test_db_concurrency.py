@@ -3,6 +3,7 @@ no lost edit; conflicting saves of the same image are detected and retried."""
 
 import multiprocessing
 
+import pytest
 from sqlalchemy import func, select
 
 from db.engine import make_engine, make_sessionmaker
@@ -17,6 +18,8 @@ from db.repository import (
     trainer_heartbeat,
     write_suggestions,
 )
+
+pytestmark = pytest.mark.slow  # processes, whole training runs: deselect with -m 'not slow'
 
 ROUNDS = 12
 

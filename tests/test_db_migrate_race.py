@@ -2,9 +2,12 @@
 
 import multiprocessing
 
+import pytest
 from sqlalchemy import inspect
 
 from db.engine import init_db
+
+pytestmark = pytest.mark.slow  # processes, whole training runs: deselect with -m 'not slow'
 
 
 def _open(url: str) -> None:

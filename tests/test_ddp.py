@@ -7,11 +7,14 @@ import socket
 import time
 from pathlib import Path
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 
 from oxnet.data import records_from_coco
 from tests.test_engine import CLASSES, write_coco
+
+pytestmark = pytest.mark.slow  # processes, whole training runs: deselect with -m 'not slow'
 
 WORLD_SIZE = 2
 

@@ -14,6 +14,8 @@ from db.models import AuditEntry, Granularity, Image, ModelStatus, Split, Sugges
 from db.repository import create_model_version, ensure_project, finish_model_version, stats, take_lease, write_suggestions
 from db.ui_queries import claim_next_image, image_detail, queue, save_annotation, validate_annotation
 
+pytestmark = pytest.mark.slow  # processes, whole training runs: deselect with -m 'not slow'
+
 
 @pytest.fixture
 def store(tmp_path):

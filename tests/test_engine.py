@@ -235,6 +235,7 @@ def test_fit_pretrains_then_trains_validates_and_checkpoints(data, tmp_path, cap
     assert events[-1].metrics == history.epochs[-1]["metrics"] and events[-1].eta_s == 0
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_fit_on_cuda_uses_amp_and_checkpoints_load_on_the_cpu(data, tmp_path):
     config = tiny_config(tmp_path, device="cuda", epochs=2, pretrain_epochs=1, early_stop_patience=None)

@@ -311,6 +311,7 @@ def test_prototypes_are_buffers_that_survive_state_dict_and_to():
     assert as_double.prototype_initialized.dtype == torch.bool
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_prototypes_move_to_cuda_and_train_under_amp():
     m = make_model().cuda().train()

@@ -1,9 +1,12 @@
 """A tiny OXnet overfits a handful of images: train mAP (IoU 0.40:0.75) above 0.9 within 200 steps."""
 
+import pytest
 import torch
 
 from oxnet.evaluation import evaluate
 from oxnet.model import build_model
+
+pytestmark = pytest.mark.slow  # processes, whole training runs: deselect with -m 'not slow'
 
 SIZE, N = 128, 3
 

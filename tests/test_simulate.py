@@ -15,6 +15,8 @@ from db.workbench import simulation_store
 from oxnet.data.synthetic import write_coco
 from oxnet.simulate import ADD_LABELS, DRAW_BOXES, Candidate, CostModel, hide_labels, pick, plan_labels, summarize
 
+pytestmark = pytest.mark.slow  # processes, whole training runs: deselect with -m 'not slow'
+
 COSTS = CostModel(labels=1, boxes=5)
 CANDIDATES = [Candidate(1, "unlabeled", 0.1), Candidate(2, "weak", 0.9), Candidate(3, "unlabeled", 0.5),
               Candidate(4, "weak", None), Candidate(5, "unlabeled", 0.3)]

@@ -11,6 +11,8 @@ from oxnet.data.records import Record, Records, records_from_coco
 from oxnet.data.synthetic import write_coco
 from oxnet.settings import TrainConfig
 
+pytestmark = pytest.mark.slow  # processes, whole training runs: deselect with -m 'not slow'
+
 
 def pool_records(n=20):
     return [

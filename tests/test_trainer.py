@@ -28,6 +28,8 @@ from oxnet.data.synthetic import write_coco
 from oxnet.loop import TRAINER_PRESETS, AlreadyRunning, Trainer
 from oxnet.simulate import hide_labels
 
+pytestmark = pytest.mark.slow  # processes, whole training runs: deselect with -m 'not slow'
+
 ROOT = Path(__file__).resolve().parent.parent
 #: (split, granularity) of the 12 images of the tiny store.
 PLAN = [("val", "full")] * 3 + [("train", "full")] * 3 + [("train", "weak")] * 3 + [("train", "unlabeled")] * 3

@@ -104,6 +104,7 @@ def test_frozen_model_round_trips_through_a_checkpoint(r18, tmp_path):
         torch.testing.assert_close(again.state_dict()[name], value, msg=name)
 
 
+@pytest.mark.slow
 def test_trainer_records_the_start_and_warm_starts_keep_it(r18, tmp_path):
     url = make_store(tmp_path)
     settings = replace(SETTINGS, max_rounds=2, max_interval_s=0.0, model={**SETTINGS.model, "weights": str(r18)})
