@@ -32,6 +32,8 @@ DEFAULT_DB_URL = "sqlite:///workbench.db"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
 _MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+#: Key of the PostgreSQL advisory lock held while migrating (any constant shared by every process).
+_PG_MIGRATION_LOCK = 0x0C5E7
 
 
 def database_url(url: str | None = None) -> str:
@@ -83,9 +85,17 @@ def alembic_config(engine: Engine) -> Config:
 
 @contextlib.contextmanager
 def _migration_lock(engine: Engine) -> Iterator[None]:
-    """For a SQLite file, an exclusive lock on ``<file>.migrate.lock`` while migrating: the UI, a job
-    and the trainer may all open a fresh store at once, and two concurrent Alembic runs would both try
-    to create the schema. Other databases serialise DDL themselves."""
+    """One migration at a time per store: the UI, a job and the trainer may all open a fresh store at
+    once, and two concurrent Alembic runs would both try to create the schema. A SQLite file takes an
+    exclusive lock on ``<file>.migrate.lock``, PostgreSQL an advisory lock; others run unguarded."""
+    if engine.dialect.name == "postgresql":  # CREATE TABLE races too: a session-level advisory lock
+        with engine.connect() as connection:
+            connection.exec_driver_sql(f"SELECT pg_advisory_lock({_PG_MIGRATION_LOCK})")
+            try:
+                yield
+            finally:
+                connection.exec_driver_sql(f"SELECT pg_advisory_unlock({_PG_MIGRATION_LOCK})")
+        return
     database = engine.url.database if engine.dialect.name == "sqlite" else None
     if not database or database == ":memory:" or database.startswith("file:"):
         yield

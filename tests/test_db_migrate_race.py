@@ -14,8 +14,8 @@ def _open(url: str) -> None:
     init_db(url).dispose()
 
 
-def test_concurrent_init_db_on_a_fresh_sqlite_file(tmp_path):
-    url = f"sqlite:///{tmp_path / 'fresh.db'}"
+def test_concurrent_init_db_on_a_fresh_store(db_fresh_url):
+    url = db_fresh_url
     context = multiprocessing.get_context("spawn")
     processes = [context.Process(target=_open, args=(url,)) for _ in range(4)]
     for p in processes:
