@@ -3,15 +3,16 @@
     python scripts/bench.py train-step [--help]   model step time vs torchvision's RetinaNet
     python scripts/bench.py db [--help]           store queries and import at 100k images
     python scripts/bench.py ui [--help]           page server time at 100k images
+    python scripts/bench.py load [--help]         annotators saving while the trainer writes (any backend)
 
-The logic lives in the packages (oxnet.bench, db.bench, app.bench); this file only dispatches.
+The logic lives in the packages (oxnet.bench, db.bench, db.loadtest, app.bench); this file only dispatches.
 """
 
 import json
 import sys
 from importlib import import_module
 
-COMMANDS = {"train-step": "oxnet.bench", "db": "db.bench", "ui": "app.bench"}
+COMMANDS = {"train-step": "oxnet.bench", "db": "db.bench", "ui": "app.bench", "load": "db.loadtest"}
 
 
 def main(argv: list[str]) -> int:
