@@ -295,8 +295,10 @@ class OracleStore(SqlStore):
             image = session.get(Image, image_id)
             labels, boxes = self.truth[image.path]
             if action == ADD_LABELS:
-                set_image_labels(session, image_id, {name: True for name in labels}, annotator=self.annotator,
-                                 no_finding=not labels)
+                # the oracle assesses every class: the ones it does not name are absent, not unknown
+                every = class_names(session, get_project(session, self.project))
+                set_image_labels(session, image_id, {name: name in labels for name in every},
+                                 annotator=self.annotator, no_finding=not labels)
             elif boxes:
                 set_boxes(session, image_id, boxes, annotator=self.annotator, complete=True)
             else:
