@@ -4,9 +4,8 @@ import pytest
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import text
-
 from alembic.script import ScriptDirectory
+from sqlalchemy import text
 
 from db.engine import alembic_config, database_url, init_db, make_sessionmaker
 from db.models import AuditEntry, Base
