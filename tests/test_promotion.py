@@ -13,6 +13,7 @@ from sqlalchemy import select
 from streamlit.testing.v1 import AppTest
 
 from db.engine import init_db, make_sessionmaker, upgrade
+from db.lifecycle import set_image_labels
 from db.models import AuditEntry, Image, ServingModel, SuggestedAction
 from db.repository import (
     CANDIDATE_ACTION,
@@ -31,6 +32,7 @@ from db.repository import (
 )
 from db.ui_queries import model_output, model_versions, queue, serving_summary
 from db.workbench import SqlStore
+from oxnet.data.records import records_from_coco
 from oxnet.loop import Trainer, decide_promotion
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -197,8 +199,14 @@ def test_trainer_keeps_a_worse_round_as_candidate(tmp_path):
     url = make_store(tmp_path)
     S = make_sessionmaker(init_db(url))
     store = SqlStore.open(url)
+    with S.begin() as s:  # one image with two findings assessed and seven not: the round trains on it
+        image_id = s.scalars(select(Image.id).where(Image.split == "train", Image.granularity == "unlabeled")).first()
+        set_image_labels(s, image_id, {"Nodule": True, "Mass": False}, annotator="dr.lee")
+    snapshot = store.snapshot()
+    record = next(r for r in records_from_coco(snapshot.train, classes=snapshot.classes) if r.image_id == image_id)
+    assert record.granularity == "weak" and len(record.unknown_labels) == len(snapshot.classes) - 2
     first = Trainer(store, SETTINGS).run()[0]
-    assert first.status == "ready" and first.serving
+    assert first.status == "ready" and first.serving and first.label_counts["weak"] == 4
     with S.begin() as s:
         record_metrics(s, first.version_id, "val", {"mAP": 2.0})  # no real model reaches this
         before = [(x.image_id, x.score) for x in next_suggestions(s, SuggestedAction.ADD_LABELS, annotator="a")]
@@ -276,3 +284,17 @@ def test_metrics_rolls_back_and_promotes_any_ready_version(two_versions):
         assert serving_model_version(s).id == v1
         actions = [e.action for e in s.scalars(select(AuditEntry).order_by(AuditEntry.id))]
         assert actions[-2:] == [PROMOTE_ACTION, ROLLBACK_ACTION]
+
+
+def test_trainer_script_refuses_a_bad_tolerance_without_a_traceback(capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("trainer_script", ROOT / "scripts" / "trainer.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    for bad in ("-0.1", "nan", "lots"):
+        with pytest.raises(SystemExit) as exit_info:
+            script.main(["--promote-tolerance", bad, "--db", "sqlite://"])
+        assert exit_info.value.code == 2
+        assert "--promote-tolerance" in capsys.readouterr().err
+    assert script._parser().parse_args(["--promote-tolerance", "0.05"]).promote_tolerance == 0.05
