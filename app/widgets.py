@@ -53,8 +53,9 @@ def candidate_notices(summary: dict[str, Any], *, key: str, on_done: Callable[[]
     the trainer's reason and a promote button."""
     serving = summary["serving"]
     for candidate in summary["candidates"]:
-        reason = f" Trainer: {candidate['reason']}." if candidate.get("reason") else ""
         st.warning(f"Version **{candidate['id']}** (round {candidate['round']}) is a **candidate**, not serving: "
-                   f"val mAP {_mAP(candidate)} against {_mAP(serving)} of the serving version {serving['id']}.{reason}")
+                   f"val mAP {_mAP(candidate)} against {_mAP(serving)} of the serving version {serving['id']}.")
+        if candidate.get("reason"):
+            st.caption(f"Trainer's decision: {candidate['reason']}.")
         promote_button(candidate["id"], f"Promote version {candidate['id']}", key=f"{key}_promote_{candidate['id']}",
                        on_done=on_done)

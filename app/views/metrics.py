@@ -46,15 +46,15 @@ st.subheader("mAP against annotation granularity, by model version")
 rows = [
     {"version": v["id"], "round": v["round"], "full images": v["label_counts"].get("full", 0),
      "weak images": v["label_counts"].get("weak", 0), "unlabeled images": v["label_counts"].get("unlabeled", 0),
-     "mAP": v["metrics"].get("val", {}).get("mAP")}
+     "mAP": v["metrics"].get("val", {}).get("mAP"), "state": v["state"]}
     for v in versions
 ]
 table = pd.DataFrame(rows)
 if table.empty or table["mAP"].isna().all():
     st.info("No evaluated model version yet: the trainer adds one per round, with its mAP on the val split.")
 else:
-    hover = ["version", "round", "full images", "weak images", "unlabeled images"]
-    table["label"] = "v" + table["version"].astype(str)
+    hover = ["version", "round", "state", "full images", "weak images", "unlabeled images"]
+    table["label"] = "v" + table["version"].astype(str) + table["state"].map({"serving": " (serving)"}).fillna("")
     left, right = st.columns(2)
     for col, x, colour, key in ((left, "full images", "weak images", "metrics_full"), (right, "weak images", "full images", "metrics_weak")):
         figure = px.scatter(table, x=x, y="mAP", color=colour, text="label", hover_data=hover, title=f"mAP (val) vs {x}")
