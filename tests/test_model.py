@@ -417,3 +417,16 @@ def test_pseudo_boxes_of_not_assessed_classes_are_kept_on_weak_images():
     targets = mt.pseudo_label(images(2), [weak_masked([1], [2]), weak([1])])
     assert set(targets[0]["pseudo_labels"].unique().tolist()) == {1, 2}  # class 0 is known absent
     assert targets[1]["pseudo_labels"].unique().tolist() == [1]
+
+
+def test_prototypes_use_present_classes_only_so_not_assessed_changes_nothing_there():
+    """GPA (Eq. 5-6) pools present classes; a class read as absent or as not assessed is never one."""
+    x = images(2)
+    out = []
+    for targets in ([weak_masked([0], [1, 2]), full([[5, 5, 40, 40]], [1])], [weak([0]), full([[5, 5, 40, 40]], [1])]):
+        m = make_model().train()
+        losses = m(x, targets)
+        out.append((losses["prototype_intra"], losses["prototype_inter"], m.prototypes.clone(), m.prototype_initialized.clone()))
+    for a, b in zip(*out):
+        torch.testing.assert_close(a, b)
+    assert out[0][3].tolist() == [True, True, False]
