@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import signal
 import sys
 import threading
@@ -41,9 +42,23 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--min-interval", type=float, help="seconds between rounds at least")
     parser.add_argument("--max-interval", type=float, help="start a round after this many seconds even without new labels")
     parser.add_argument("--max-rounds", type=int, help="exit after this many rounds")
+    parser.add_argument("--promote-tolerance", type=_tolerance,
+                        help="a new model version serves suggestions when its val mAP is at least the serving "
+                             "version's minus this (absolute, default 0.02); otherwise it stays a candidate")
     parser.add_argument("--stale-after", type=float, default=300.0, help="seconds after which a silent trainer's lock is taken")
     parser.add_argument("--stop", action="store_true", help="ask the running trainer to stop, then exit")
     return parser
+
+
+def _tolerance(text: str) -> float:
+    """A finite number >= 0 (argparse type of --promote-tolerance)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not (value >= 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         "method": args.method, "epochs": args.epochs, "steps_per_epoch": args.steps_per_epoch,
         "batch_size": args.batch_size, "device": args.device, "min_interval_s": args.min_interval,
         "max_interval_s": args.max_interval, "max_rounds": args.max_rounds,
+        "promote_tolerance": args.promote_tolerance,
     }.items() if value is not None}
     preset = TRAINER_PRESETS[args.preset]
     if args.weights is not None:

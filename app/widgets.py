@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import streamlit as st
@@ -32,3 +33,43 @@ def page_icon() -> Image.Image:
         draw.ellipse((left, 12, left + 17, 52), fill=(235, 242, 255, 255))
     draw.rectangle((30, 10, 33, 40), fill=(235, 242, 255, 255))  # the trachea
     return icon
+
+
+def _mAP(version: dict[str, Any]) -> str:
+    value = version["metrics"].get("val", {}).get("mAP")
+    return f"{value:.3f}" if value is not None else "-"
+
+
+def promote_button(version_id: int, label: str, *, key: str, on_done: Callable[[], None] | None = None) -> None:
+    """A button that makes ``version_id`` the serving model version (a promotion or a rollback), audited
+    with this browser session's annotator; disabled until the user entered a name."""
+    from app.store import annotator, sessions
+    from db.repository import promote_model_version
+
+    who = annotator()
+    if st.button(label, key=key, disabled=who is None,
+                 help="Recorded in the audit log with your name." if who else "Enter your name in the sidebar first: "
+                      "promotions and rollbacks are recorded with it."):
+        try:
+            with sessions().begin() as session:
+                promote_model_version(session, version_id, annotator=who)
+        except ValueError as e:
+            st.error(f"Version {version_id} was not promoted: {e}")
+            return
+        if on_done is not None:
+            on_done()
+        st.toast(f"Model version {version_id} now serves suggestions.")
+        st.rerun()
+
+
+def candidate_notices(summary: dict[str, Any], *, key: str, on_done: Callable[[], None] | None = None) -> None:
+    """One warning per candidate version (newer than the serving one, not serving), with both val mAPs,
+    the trainer's reason and a promote button."""
+    serving = summary["serving"]
+    for candidate in summary["candidates"]:
+        st.warning(f"Version **{candidate['id']}** (round {candidate['round']}) is a **candidate**, not serving: "
+                   f"val mAP {_mAP(candidate)} against {_mAP(serving)} of the serving version {serving['id']}.")
+        if candidate.get("reason"):
+            st.caption(f"Trainer's decision: {candidate['reason']}.")
+        promote_button(candidate["id"], f"Promote version {candidate['id']}", key=f"{key}_promote_{candidate['id']}",
+                       on_done=on_done)

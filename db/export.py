@@ -3,8 +3,12 @@
 The COCO dialect is the one of ``../shared/data/nih-cxr/annotations/*.json`` and
 :func:`oxnet.data.records_from_coco`: ``bbox`` = [x, y, w, h] in pixels of the file, and per image
 ``granularity``, ``image_labels`` (present class names; ``["No Finding"]`` for explicit negatives; empty
-for unlabeled images), ``patient_id``, ``view_position`` and ``split``. Boxes are exported for full
-images only (boxes of a weak image are incomplete; their classes are in ``image_labels``).
+for unlabeled images), ``absent_labels`` (the class names assessed absent: every class of a full or
+"No Finding" image that is not present; for a weak image the classes stored as absent; empty for
+unlabeled images), ``patient_id``, ``view_position`` and ``split``. A class of a weak image in neither
+list was not assessed (no ``ImageLabel`` row): :func:`oxnet.data.records_from_coco` masks it from the
+image-level loss. Boxes are exported for full images only (boxes of a weak image are incomplete; their
+classes are in ``image_labels``).
 """
 
 from __future__ import annotations
@@ -59,12 +63,13 @@ def export_coco(
 
     ids = [image.id for image in images]
     present: dict[int, set[int]] = defaultdict(set)
+    absent: dict[int, set[int]] = defaultdict(set)
     boxes: dict[int, list[Box]] = defaultdict(list)
     for chunk in (ids[i : i + 20_000] for i in range(0, len(ids), 20_000)):
-        for image_id, class_id in session.execute(
-            select(ImageLabel.image_id, ImageLabel.class_id).where(ImageLabel.image_id.in_(chunk), ImageLabel.present)
+        for image_id, class_id, is_present in session.execute(
+            select(ImageLabel.image_id, ImageLabel.class_id, ImageLabel.present).where(ImageLabel.image_id.in_(chunk))
         ):
-            present[image_id].add(class_id)
+            (present if is_present else absent)[image_id].add(class_id)
         for box in session.scalars(select(Box).where(Box.image_id.in_(chunk)).order_by(Box.id)):
             boxes[box.image_id].append(box)
 
@@ -74,6 +79,12 @@ def export_coco(
         full = image.granularity is Granularity.FULL
         class_ids = present[image.id] | ({b.class_id for b in boxes[image.id]} if full else set())
         labels = [name_of[c] for c in sorted(class_ids, key=ordinal_of.__getitem__)]
+        if image.granularity is Granularity.UNLABELED:
+            absent_ids: set[int] = set()
+        elif full or image.no_finding:
+            absent_ids = set(name_of) - class_ids  # boxes complete / "No Finding": every other class is absent
+        else:
+            absent_ids = absent[image.id] - class_ids
         if image.no_finding:
             labels = [NO_FINDING]
         coco_images.append({
@@ -86,6 +97,7 @@ def export_coco(
             "split": image.split.value if image.split else None,
             "granularity": image.granularity.value,
             "image_labels": labels,
+            "absent_labels": [name_of[c] for c in sorted(absent_ids, key=ordinal_of.__getitem__)],
         })
         if not full:
             continue

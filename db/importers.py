@@ -323,7 +323,9 @@ def import_coco(
 
     Granularity per image: its own ``granularity`` field when present; else ``full`` when it has
     annotations (boxes complete), ``weak`` when it has an ``image_labels`` list (listed classes present,
-    the other categories absent, ``"No Finding"`` = explicitly negative), else ``unlabeled``.
+    the other categories absent, ``"No Finding"`` = explicitly negative; with an ``absent_labels`` list,
+    as the store's export writes, only those are absent and the others stay not assessed), else
+    ``unlabeled``.
     ``bbox`` is [x, y, w, h] in pixels of the file. ``patient_id``, ``view_position`` and ``split`` are
     kept when present.
 
@@ -422,7 +424,16 @@ def _coco_item(
             raise ValueError(f"image_labels must be a list of class names, got {image_labels!r}")
         item.no_finding = NO_FINDING in image_labels
         present = {str(n) for n in image_labels if n != NO_FINDING}
-        item.labels = {name: name in present for name in categories.values()}
+        absent_labels = image.get("absent_labels")
+        if absent_labels is None:  # the nih-cxr dialect: every class not listed is absent
+            item.labels = {name: name in present for name in categories.values()}
+        else:  # the store's export: classes in neither list were not assessed (no label row)
+            if not isinstance(absent_labels, list):
+                raise ValueError(f"absent_labels must be a list of class names, got {absent_labels!r}")
+            both = sorted(present & {str(n) for n in absent_labels})
+            if both:
+                raise ValueError(f"classes {both} are in both image_labels and absent_labels")
+            item.labels = {str(name): False for name in absent_labels}
         item.labels.update({name: True for name in present})  # unknown names surface as an error
     for name, *_ in item.boxes:
         item.labels[name] = True

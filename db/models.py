@@ -280,6 +280,23 @@ class ModelVersion(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
 
 
+class ServingModel(Base):
+    """Which ready model version of a project serves suggestions and the Annotate page's model boxes.
+
+    One row per project, changed only by :func:`db.repository.promote_model_version` (a user's promote
+    or rollback) and by the trainer's serve-or-candidate decision, each with an audit entry. A ready
+    version newer than the serving one is a candidate. No row (a store whose versions were made without
+    the trainer): the newest ready version serves (:func:`db.repository.serving_model_version`).
+    """
+
+    __tablename__ = "serving_model"
+
+    project_id: Mapped[int] = mapped_column(ForeignKey("project.id", ondelete="CASCADE"), primary_key=True)
+    model_version_id: Mapped[int] = mapped_column(ForeignKey("model_version.id", ondelete="CASCADE"))
+    annotator_id: Mapped[int] = mapped_column(ForeignKey("annotator.id"))
+    since: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
 class Metric(Base):
     """A named evaluation number (mAP, AP40, AUC ...) of a model version on a split."""
 

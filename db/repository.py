@@ -30,6 +30,7 @@ from db.models import (
     Prediction,
     Project,
     Score,
+    ServingModel,
     Split,
     SuggestedAction,
     Suggestion,
@@ -245,6 +246,110 @@ def latest_model_version(session: Session, project: str = DEFAULT_PROJECT) -> Mo
     ).first()
 
 
+#: Audit actions of serving changes: a user's promotion of a newer (or candidate) version, a user's
+#: rollback to an older one, the trainer serving a new version, and the trainer keeping one as candidate.
+PROMOTE_ACTION, ROLLBACK_ACTION = "model_promote", "model_rollback"
+AUTO_SERVE_ACTION, CANDIDATE_ACTION = "model_serve", "model_candidate"
+
+
+def serving_model_version(session: Session, project: str = DEFAULT_PROJECT) -> ModelVersion | None:
+    """The model version that serves the project's suggestions and model boxes, or None.
+
+    The one the store's ``serving_model`` row names (set by the trainer's serve-or-candidate decision
+    and by :func:`promote_model_version`); without a row, the newest ready version. Checkpoint
+    retention must keep this version's checkpoint.
+    """
+    project_id = get_project(session, project).id
+    row = session.get(ServingModel, project_id)
+    if row is not None:
+        version = session.get(ModelVersion, row.model_version_id)
+        if version is not None and version.status is ModelStatus.READY:
+            return version
+    return latest_model_version(session, project)
+
+
+def candidate_model_versions(session: Session, project: str = DEFAULT_PROJECT) -> list[ModelVersion]:
+    """Ready versions newer than the serving one (kept back by the trainer, or rolled back), newest first."""
+    serving = serving_model_version(session, project)
+    if serving is None:
+        return []
+    return list(session.scalars(
+        select(ModelVersion)
+        .where(ModelVersion.project_id == serving.project_id, ModelVersion.status == ModelStatus.READY,
+               ModelVersion.id > serving.id)
+        .order_by(ModelVersion.id.desc())
+    ))
+
+
+def set_serving_version(
+    session: Session,
+    model_version_id: int,
+    *,
+    annotator: str,
+    action: str,
+    project: str = DEFAULT_PROJECT,
+    note: str | None = None,
+    kind: str = "human",
+    details: Mapping[str, Any] | None = None,
+) -> ModelVersion:
+    """Make a ready version of ``project`` the serving one and audit it (``action``, who, when, from which
+    version). Raises ValueError naming the version when it is not a ready version of the project."""
+    project_row = get_project(session, project)
+    version = session.get(ModelVersion, model_version_id)
+    if version is None or version.project_id != project_row.id:
+        raise ValueError(f"no model version {model_version_id} in project {project!r}")
+    if version.status is not ModelStatus.READY:
+        raise ValueError(f"model version {model_version_id} is {version.status.value}, not ready: it cannot serve")
+    previous = serving_model_version(session, project)
+    who = get_annotator(session, annotator, kind)
+    row = session.get(ServingModel, project_row.id)
+    now = utcnow()
+    if row is None:
+        session.add(ServingModel(project_id=project_row.id, model_version_id=version.id, annotator_id=who.id, since=now))
+    else:
+        row.model_version_id, row.annotator_id, row.since = version.id, who.id, now
+    session.add(AuditEntry(annotator=who, action=action, note=note, at=now, after={
+        "project": project, "model_version_id": version.id,
+        "previous_model_version_id": previous.id if previous is not None else None, **dict(details or {}),
+    }))
+    session.flush()
+    return version
+
+
+def promote_model_version(
+    session: Session, model_version_id: int, *, annotator: str, project: str = DEFAULT_PROJECT, note: str | None = None
+) -> ModelVersion:
+    """A user makes a ready version serve: a promotion when it is newer than the serving one, a rollback
+    when it is older; audited with ``annotator`` and the time. Raises ValueError for a version that is
+    not ready, not in the project, or already serving."""
+    serving = serving_model_version(session, project)
+    if serving is not None and serving.id == model_version_id:
+        raise ValueError(f"model version {model_version_id} already serves")
+    action = ROLLBACK_ACTION if serving is not None and model_version_id < serving.id else PROMOTE_ACTION
+    return set_serving_version(session, model_version_id, annotator=annotator, action=action, project=project, note=note)
+
+
+def serving_history(session: Session, project: str = DEFAULT_PROJECT, *, limit: int = 20) -> list[dict[str, Any]]:
+    """The newest ``limit`` serving changes and candidate decisions of the project, newest first:
+    ``{"at", "annotator", "action", "model_version_id", "previous_model_version_id", "note"}``."""
+    get_project(session, project)
+    actions = (PROMOTE_ACTION, ROLLBACK_ACTION, AUTO_SERVE_ACTION, CANDIDATE_ACTION)
+    entries = session.scalars(
+        select(AuditEntry).where(AuditEntry.action.in_(actions)).order_by(AuditEntry.id.desc()).limit(limit * 4)
+    )
+    rows = []
+    for entry in entries:
+        after = entry.after or {}
+        if after.get("project") != project:
+            continue
+        rows.append({"at": entry.at, "annotator": entry.annotator.name, "action": entry.action,
+                     "model_version_id": after.get("model_version_id"),
+                     "previous_model_version_id": after.get("previous_model_version_id"), "note": entry.note})
+        if len(rows) == limit:
+            break
+    return rows
+
+
 def record_metrics(session: Session, model_version_id: int, split: Split | str, metrics: Mapping[str, float]) -> None:
     """Store named metrics of a model version on a split, replacing earlier values of the same names."""
     split = Split(split)
@@ -331,14 +436,14 @@ def next_suggestions(
     limit: int = 50,
     now: datetime | None = None,
 ) -> list[Suggestion]:
-    """The top ``limit`` suggestions for ``action`` of the latest ready model version, best score first.
+    """The top ``limit`` suggestions for ``action`` of the serving model version, best score first.
 
     Leaves out images leased to another annotator (unexpired) and images already at or past the
     action's target granularity (labels for unlabeled images; boxes for unlabeled and weak ones).
     Served by the (model_version_id, action, score) index.
     """
     action = SuggestedAction(action)
-    version = latest_model_version(session, project)
+    version = serving_model_version(session, project)
     if version is None:
         return []
     now = now or utcnow()

@@ -40,7 +40,15 @@ from db.models import (
     SweepResult,
     utcnow,
 )
-from db.repository import DEFAULT_PROJECT, class_names, get_annotator, get_project, latest_model_version, take_lease
+from db.repository import (
+    DEFAULT_PROJECT,
+    class_names,
+    get_annotator,
+    get_project,
+    serving_history,
+    serving_model_version,
+    take_lease,
+)
 
 #: Metric name prefixes of the flattened per-class dicts of :func:`oxnet.evaluation.evaluate`.
 PER_CLASS_AP_PREFIX = "per_class_AP/"
@@ -93,7 +101,7 @@ class ImageDetail:
 
 @dataclass(frozen=True)
 class ModelOutput:
-    """The latest ready model's output on one image (empty lists when it has no prediction for it).
+    """The serving model version's output on one image (empty lists when it has no prediction for it).
 
     ``boxes``: ``{"class", "bbox": [x1, y1, x2, y2] (original pixels), "score"}`` dicts, best first;
     ``attention``: {class: 2-D list}.
@@ -138,7 +146,8 @@ def queue(
 ) -> list[QueueItem]:
     """Images waiting for ``action``, best first, skipping images leased to other annotators.
 
-    With a ready model version: its suggestions by score (``class_name`` keeps suggestions whose reason
+    With a serving model version (:func:`db.repository.serving_model_version`; a candidate does not
+    serve): its suggestions by score (``class_name`` keeps suggestions whose reason
     names the class). Before any model: images below the action's target granularity in store order
     (``class_name`` keeps images labelled with the class), reason "no model yet". Images already at or
     past the action's target are never listed.
@@ -148,7 +157,7 @@ def queue(
     who = get_annotator(session, annotator).id
     now = now or utcnow()
     below = [g for g in Granularity if g.rank < action.target.rank]
-    version = latest_model_version(session, project)
+    version = serving_model_version(session, project)
     columns = (Image.id, Image.path, Image.width, Image.height, Image.granularity, Image.split)
     if version is not None:
         query = (
@@ -233,8 +242,8 @@ def image_detail(session: Session, image_id: int, *, annotator: str | None = Non
 
 
 def model_output(session: Session, image_id: int, *, project: str = DEFAULT_PROJECT) -> ModelOutput:
-    """The latest ready model version's prediction on the image (see :class:`ModelOutput`)."""
-    version = latest_model_version(session, project)
+    """The serving model version's prediction on the image (see :class:`ModelOutput`)."""
+    version = serving_model_version(session, project)
     if version is None:
         return ModelOutput(model_version_id=None)
     prediction = session.scalars(
@@ -342,27 +351,53 @@ def save_annotation(
 
 
 def model_versions(session: Session, project: str = DEFAULT_PROJECT, *, limit: int = 200) -> list[dict[str, Any]]:
-    """The newest ``limit`` ready model versions, oldest first, each with its metrics.
+    """The newest ``limit`` ready model versions, oldest first, each with its metrics and serving state.
 
     ``{"id", "round", "created_at", "label_counts": {granularity: n}, "metrics": {split: {name: value}},
-    "backbone_start": which start its backbone had, or None}``.
+    "backbone_start", "state"}``; ``backbone_start`` is which start its backbone had (None when not
+    recorded); ``state`` is "serving" (its suggestions are the queue's), "candidate" (newer than the
+    serving one: kept back by the trainer or rolled back) or "previous" (older than the serving one).
     """
     project_id = get_project(session, project).id
     versions = list(session.scalars(
         select(ModelVersion).where(ModelVersion.project_id == project_id, ModelVersion.status == "ready")
         .order_by(ModelVersion.id.desc()).limit(limit)
     ))[::-1]
+    serving = serving_model_version(session, project)
+    if serving is not None and versions and serving.id not in {v.id for v in versions}:
+        versions.insert(0, serving)  # the serving version is always listed, however old
     metrics: dict[int, dict[str, dict[str, float]]] = {v.id: {} for v in versions}
     if versions:
         for version_id, split, name, value in session.execute(
             select(Metric.model_version_id, Metric.split, Metric.name, Metric.value).where(Metric.model_version_id.in_(list(metrics)))
         ):
             metrics[version_id].setdefault(split.value, {})[name] = value
+
+    def state(v: ModelVersion) -> str:
+        if serving is None or v.id == serving.id:
+            return "serving"
+        return "candidate" if v.id > serving.id else "previous"
+
     return [
         {"id": v.id, "round": v.round, "created_at": v.created_at, "label_counts": dict(v.label_counts or {}),
-         "metrics": metrics[v.id], "backbone_start": (v.config or {}).get("backbone_start")}
+         "metrics": metrics[v.id], "backbone_start": (v.config or {}).get("backbone_start"), "state": state(v)}
         for v in versions
     ]
+
+
+def serving_summary(session: Session, project: str = DEFAULT_PROJECT) -> dict[str, Any] | None:
+    """The serving version and the candidates for the Overview and Metrics pages, or None before any
+    ready version: ``{"serving": version dict, "candidates": [version dicts, newest first],
+    "history": [serving changes, newest first]}`` (dicts as :func:`model_versions`; each candidate with
+    ``"reason"``, the trainer's note when it kept the version back)."""
+    versions = model_versions(session, project)
+    serving = next((v for v in versions if v["state"] == "serving"), None)
+    if serving is None:
+        return None
+    history = serving_history(session, project)
+    reasons = {h["model_version_id"]: h["note"] for h in reversed(history) if h["action"] == "model_candidate"}
+    candidates = [{**v, "reason": reasons.get(v["id"])} for v in reversed(versions) if v["state"] == "candidate"]
+    return {"serving": serving, "candidates": candidates, "history": history}
 
 
 def sweep_results(session: Session, project: str = DEFAULT_PROJECT) -> list[dict[str, Any]]:

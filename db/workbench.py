@@ -30,7 +30,19 @@ from db.engine import database_url, init_db, make_sessionmaker
 from db.export import export_training_mix
 from db.importers import import_coco
 from db.lifecycle import BoxInput, mark_boxes_complete, set_boxes, set_image_labels
-from db.models import AuditEntry, Granularity, Image, ModelStatus, ModelVersion, Score, Split, SuggestedAction, utcnow
+from db.models import (
+    AuditEntry,
+    Granularity,
+    Image,
+    Metric,
+    ModelStatus,
+    ModelVersion,
+    Score,
+    ServingModel,
+    Split,
+    SuggestedAction,
+    utcnow,
+)
 from db.repository import (
     DEFAULT_PROJECT,
     TRAINER_STALE_AFTER,
@@ -39,10 +51,14 @@ from db.repository import (
     create_model_version,
     finish_model_version,
     get_project,
+    AUTO_SERVE_ACTION,
+    CANDIDATE_ACTION,
     latest_model_version,
     log_event,
     record_metrics,
     release_trainer_lock,
+    serving_model_version,
+    set_serving_version,
     trainer_heartbeat,
     trainer_state,
     write_predictions,
@@ -226,10 +242,22 @@ class SqlStore:
                     for r in chunk
                 ])
 
+    def serving_metrics(self) -> dict[str, float] | None:
+        with self.sessions.begin() as session:
+            version = serving_model_version(session, self.project)
+            if version is None:
+                return None
+            rows = session.execute(
+                select(Metric.name, Metric.value).where(Metric.model_version_id == version.id, Metric.split == Split.VAL)
+            )
+            return {name: value for name, value in rows}
+
     def finish_version(
-        self, version_id: int, checkpoint: str, metrics: Mapping[str, Mapping[str, float]], config: Mapping[str, Any]
+        self, version_id: int, checkpoint: str, metrics: Mapping[str, Mapping[str, float]], config: Mapping[str, Any],
+        *, serve: bool = True, reason: str | None = None,
     ) -> None:
         with self.sessions.begin() as session:
+            serving = serving_model_version(session, self.project)  # before this version is ready
             for split, values in metrics.items():
                 record_metrics(session, version_id, split, values)
             version = finish_model_version(session, version_id, status=ModelStatus.READY, checkpoint_path=checkpoint)
@@ -237,6 +265,18 @@ class SqlStore:
             log_event(session, TRAINER_ANNOTATOR, "model_version_ready",
                       {"project": self.project, "model_version_id": version_id, "round": version.round,
                        "label_counts": version.label_counts})
+            if serve or serving is None:
+                set_serving_version(session, version_id, annotator=TRAINER_ANNOTATOR, action=AUTO_SERVE_ACTION,
+                                    project=self.project, note=reason, kind="system")
+            else:
+                if session.get(ServingModel, version.project_id) is None:
+                    # pin the serving version: without a row the newest ready version (this one) would serve
+                    set_serving_version(session, serving.id, annotator=TRAINER_ANNOTATOR, action=AUTO_SERVE_ACTION,
+                                        project=self.project, kind="system",
+                                        note=f"kept serving while version {version_id} is a candidate")
+                log_event(session, TRAINER_ANNOTATOR, CANDIDATE_ACTION,
+                          {"project": self.project, "model_version_id": version_id,
+                           "serving_model_version_id": serving.id}, note=reason)
 
     def fail_version(self, version_id: int, error: str, config: Mapping[str, Any]) -> None:
         with self.sessions.begin() as session:
@@ -295,16 +335,18 @@ class OracleStore(SqlStore):
             image = session.get(Image, image_id)
             labels, boxes = self.truth[image.path]
             if action == ADD_LABELS:
-                set_image_labels(session, image_id, {name: True for name in labels}, annotator=self.annotator,
-                                 no_finding=not labels)
+                # the oracle assesses every class: the ones it does not name are absent, not unknown
+                every = class_names(session, get_project(session, self.project))
+                set_image_labels(session, image_id, {name: name in labels for name in every},
+                                 annotator=self.annotator, no_finding=not labels)
             elif boxes:
                 set_boxes(session, image_id, boxes, annotator=self.annotator, complete=True)
             else:
                 mark_boxes_complete(session, image_id, annotator=self.annotator)
 
     def finish_version(self, version_id: int, checkpoint: str, metrics: Mapping[str, Mapping[str, float]],
-                       config: Mapping[str, Any]) -> None:
-        super().finish_version(version_id, checkpoint, metrics, config)
+                       config: Mapping[str, Any], **kwargs: Any) -> None:
+        super().finish_version(version_id, checkpoint, metrics, config, **kwargs)
         for old in self.models_dir.glob("version-*/model.pt"):
             if old != Path(checkpoint):
                 old.unlink()

@@ -11,7 +11,10 @@ A round::
        split has no fully labeled image with boxes: the train split's full images then pick the epoch)
     -> a compact inference checkpoint, written atomically, in the version's folder
     -> score every not-full training image (:mod:`oxnet.scoring`): predictions and suggestions
-    -> the version is marked ready, its metrics stored
+    -> the version is marked ready, its metrics stored, and it SERVES (its suggestions become the
+       queue's) only when its val mAP is not worse than the serving version's by more than
+       ``promote_tolerance`` (:func:`decide_promotion`); otherwise it stays a candidate until a user
+       promotes it
 
 then wait for new labels (and at least ``min_interval_s``). A label saved during a round changes
 nothing in that round: the next one sees it. The model version row exists from the start of the round
@@ -55,6 +58,7 @@ __all__ = [
     "Store",
     "Trainer",
     "VersionInfo",
+    "decide_promotion",
     "flatten_metrics",
 ]
 
@@ -128,6 +132,10 @@ class Store(Protocol):
     def latest_checkpoint(self) -> str | None:
         """The checkpoint of the newest ready model version whose file exists, or None."""
 
+    def serving_metrics(self) -> Mapping[str, float] | None:
+        """The val metrics of the version that serves suggestions now (``{}`` when it has none), or None
+        when no version serves yet."""
+
     def start_version(self, round: int, label_counts: Mapping[str, int], config: Mapping[str, Any]) -> VersionInfo:
         """Create a model version with status "training" and its checkpoint folder."""
 
@@ -135,9 +143,11 @@ class Store(Protocol):
         """Store predictions, scores and suggestions of a version."""
 
     def finish_version(
-        self, version_id: int, checkpoint: str, metrics: Mapping[str, Mapping[str, float]], config: Mapping[str, Any]
+        self, version_id: int, checkpoint: str, metrics: Mapping[str, Mapping[str, float]], config: Mapping[str, Any],
+        *, serve: bool = True, reason: str | None = None,
     ) -> None:
-        """Store metrics (per split) and config, and mark the version ready."""
+        """Store metrics (per split) and config, and mark the version ready; it serves suggestions when
+        ``serve`` (else it is kept as a candidate), with ``reason`` recorded."""
 
     def fail_version(self, version_id: int, error: str, config: Mapping[str, Any]) -> None:
         """Mark the version failed, recording ``error``."""
@@ -176,6 +186,9 @@ class LoopSettings:
         retry_delay_s: wait after a failed round before trying again.
         heartbeat_s: seconds between two heartbeats (and stop-flag checks).
         max_rounds: stop after this many rounds (None: run until stopped).
+        promote_metric: the val metric that decides whether a new version serves ("mAP").
+        promote_tolerance: a new version serves when its ``promote_metric`` is at least the serving
+            version's minus this (absolute); otherwise it stays a candidate until a user promotes it.
     """
 
     preset: str = "cpu"
@@ -198,6 +211,8 @@ class LoopSettings:
     retry_delay_s: float = 30.0
     heartbeat_s: float = 5.0
     max_rounds: int | None = None
+    promote_metric: str = "mAP"
+    promote_tolerance: float = 0.02
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model", dict(self.model))
@@ -213,6 +228,8 @@ class LoopSettings:
             raise ValueError("min_interval_s and retry_delay_s must be >= 0 and heartbeat_s > 0")
         if self.max_rounds is not None and self.max_rounds < 1:
             raise ValueError(f"max_rounds must be >= 1 or None, got {self.max_rounds}")
+        if not (self.promote_tolerance >= 0 and math.isfinite(self.promote_tolerance)):
+            raise ValueError(f"promote_tolerance must be a finite number >= 0, got {self.promote_tolerance}")
         self.train_config(out_dir=".", round=0)  # validates preset, method, model, batch ...
 
     def train_config(
@@ -271,6 +288,39 @@ class RoundResult:
     marker: int = 0
     error: str | None = None
     seconds: float = 0.0
+    serving: bool | None = None
+
+
+def decide_promotion(
+    new: Mapping[str, float] | None,
+    serving: Mapping[str, float] | None,
+    *,
+    metric: str = "mAP",
+    tolerance: float = 0.02,
+) -> tuple[bool, str]:
+    """Whether a new model version should serve suggestions, and why.
+
+    Args:
+        new: the new version's val metrics (None or without ``metric``: val was skipped).
+        serving: the serving version's val metrics (``{}`` when it has none), or None when none serves.
+        metric, tolerance: the new version serves when ``new[metric] >= serving[metric] - tolerance``.
+
+    Returns:
+        ``(serve, reason)``. The first version serves; so does one compared with a serving version that
+        has no ``metric``. A version without ``metric`` facing one that has it stays a candidate.
+    """
+    value = None if new is None else new.get(metric)
+    if serving is None:
+        return True, "the first ready version serves"
+    old = serving.get(metric)
+    if old is None:
+        return True, f"the serving version has no val {metric} to compare with"
+    if value is None:
+        return False, f"no val {metric} (the val split was skipped) to compare with the serving version's {old:.3f}"
+    if value >= old - tolerance:
+        return True, f"val {metric} {value:.3f} vs the serving version's {old:.3f} (tolerance {tolerance:g})"
+    return False, (f"val {metric} {value:.3f} is {old - value:.3f} below the serving version's {old:.3f} "
+                   f"(tolerance {tolerance:g}): kept as a candidate")
 
 
 def flatten_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
@@ -515,7 +565,12 @@ class Trainer:
                 self.store.write_results(version.id, classes, results)
                 result.scored = len(results)
             self._check_stop()
-            self.store.finish_version(version.id, str(checkpoint), metrics, config_record)
+            serve, reason = decide_promotion(metrics.get("val"), self.store.serving_metrics(),
+                                             metric=s.promote_metric, tolerance=s.promote_tolerance)
+            notes["promotion"] = reason
+            config_record["promotion"] = {"serve": serve, "reason": reason}
+            self.store.finish_version(version.id, str(checkpoint), metrics, config_record, serve=serve, reason=reason)
+            result.serving = serve
         except StopRequested:
             free_memory()
             self.store.fail_version(version.id, "stopped before the round finished", config_record)
@@ -532,8 +587,9 @@ class Trainer:
             result.status, result.metrics = "ready", metrics
             self._set(error="", progress=1.0, phase="round done")
             self._beat()
-            logger.info("round %d done: model version %d, val mAP %s, %d images scored", number, version.id,
-                        metrics.get("val", {}).get("mAP", "-"), result.scored)
+            logger.info("round %d done: model version %d, val mAP %s, %d images scored; %s", number, version.id,
+                        metrics.get("val", {}).get("mAP", "-"), result.scored,
+                        "serving" if result.serving else "candidate: " + notes["promotion"])
         result.notes = notes
         result.seconds = time.monotonic() - started
         return result

@@ -22,18 +22,24 @@ def _reduce(loss: Tensor, reduction: str) -> Tensor:
     raise ValueError(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
 
 
-def image_level_bce(logits: Tensor, labels: Tensor, reduction: str = "mean") -> Tensor:
-    """Eq. 1: binary cross entropy summed over the N classes of each image.
+def image_level_bce(logits: Tensor, labels: Tensor, mask: Tensor | None = None, reduction: str = "mean") -> Tensor:
+    """Eq. 1: binary cross entropy summed over the known classes of each image.
 
     Args:
         logits: Tensor[B, N], image-level logits (before the sigmoid).
         labels: Tensor[B, N], 1 for a present finding, 0 for an absent one.
+        mask: Tensor[B, N], 1 where the class is known (present or absent), 0 where it was not assessed;
+            a not-assessed class adds nothing to the loss or its gradient. None: every class is known.
         reduction: over images: "none" -> Tensor[B], "mean" or "sum" -> scalar.
     """
     if logits.shape != labels.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} must have one shape")
-    per_image = F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype), reduction="none").sum(-1)
-    return _reduce(per_image, reduction)
+    if mask is not None and mask.shape != logits.shape:
+        raise ValueError(f"mask {tuple(mask.shape)} must have the shape of logits {tuple(logits.shape)}")
+    per_class = F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype), reduction="none")
+    if mask is not None:
+        per_class = per_class * mask.to(per_class.dtype)
+    return _reduce(per_class.sum(-1), reduction)
 
 
 def local_attention(level_probs: list[Tensor], size: tuple[int, int], eps: float = 1e-6) -> Tensor:

@@ -282,6 +282,12 @@ def default_anchor_generator(levels: tuple[int, ...]) -> AnchorGenerator:
     return AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(levels))
 
 
+def _label_mask(target: dict[str, Any], labels: Tensor) -> Tensor:
+    """Tensor[N] float, 1 where the target's image-level label is known (all ones without a mask)."""
+    mask = target.get("image_label_mask")
+    return torch.ones_like(labels) if mask is None else mask.to(labels.device, labels.dtype)
+
+
 # --------------------------------------------------------------------------------------------------
 # The model
 # --------------------------------------------------------------------------------------------------
@@ -294,7 +300,8 @@ class OXNet(nn.Module):
     Training (``model(images, targets)``) returns a dict with every name in :data:`LOSS_NAMES`
     (zero when no image of the right granularity is in the batch, or the part is switched off).
     Each target dict holds "granularity" ("full" | "weak" | "unlabeled"), "boxes" Tensor[K, 4],
-    "labels" Tensor[K] int64, "image_labels" Tensor[N] (0/1); weak and unlabeled targets may carry the
+    "labels" Tensor[K] int64, "image_labels" Tensor[N] (0/1), optionally "image_label_mask" Tensor[N]
+    (1 = known, 0 = not assessed: masked from the image-level BCE; absent = all known); weak and unlabeled targets may carry the
     teacher's "soft_labels" Tensor[A, N] (probabilities per anchor and class), "pseudo_boxes" Tensor[P, 4]
     and "pseudo_labels" Tensor[P], set by :class:`oxnet.teacher.MeanTeacher`.
 
@@ -443,7 +450,8 @@ class OXNet(nn.Module):
             image_logits, attention = self.image_level(dense)
             idx = torch.tensor(labelled, device=dev)
             y = torch.stack([targets[i]["image_labels"].to(dev, torch.float32) for i in labelled])
-            out["image_bce"] = L.image_level_bce(image_logits[idx], y)
+            known = torch.stack([_label_mask(targets[i], y[j]) for j, i in enumerate(labelled)])
+            out["image_bce"] = L.image_level_bce(image_logits[idx], y, known)
             if cfg.gpa:
                 feats = L.category_features(F.relu(dense["c5"][idx]).float(), attention[idx])
                 self.update_prototypes(feats.detach(), image_logits[idx].detach().sigmoid(), y)
@@ -485,6 +493,11 @@ class OXNet(nn.Module):
             y = t.get("image_labels")
             if y is None or y.shape != (self.num_classes,):
                 raise ValueError(f"targets[{i}]['image_labels'] must be Tensor[{self.num_classes}]")
+            mask = t.get("image_label_mask")
+            if mask is not None and mask.shape != (self.num_classes,):
+                raise ValueError(f"targets[{i}]['image_label_mask'] must be Tensor[{self.num_classes}]")
+            if mask is not None and bool((y.bool() & ~mask.bool()).any()):
+                raise ValueError(f"targets[{i}]: a class is both present in 'image_labels' and not assessed in 'image_label_mask'")
         if "soft_labels" in t and t["soft_labels"].shape != (len(anchors), self.num_classes):
             raise ValueError(f"targets[{i}]['soft_labels'] must be Tensor[{len(anchors)}, {self.num_classes}]")
         return g

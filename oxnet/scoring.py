@@ -12,7 +12,8 @@ detector's best box score of class ``c``; ``y_c``: the image-level label)::
 
     D_b = mean of the top-k over anchors a of  max_c |q_t[a, c] - q_s[a, c]|^gamma     (gamma = 2: SFL's focal weight)
     U_b = mean_c (1 - |2 p_c - 1|)                                                     (1 at p = 0.5, 0 at p in {0, 1})
-    C_b = max_c [conflict_c] * |y_c - s_c|, conflict_c = (y_c = 1 and s_c < t) or (y_c = 0 and s_c >= t)   (weak only)
+    C_b = max_c [conflict_c] * |y_c - s_c|, conflict_c = (y_c = 1 and s_c < t) or (y_c = 0 and s_c >= t)   (weak only;
+          classes not assessed never conflict)
     score_b = w_D * D_b + w_U * U_b + w_C * C_b
 
 Example::
@@ -157,18 +158,20 @@ def best_box_scores(scores: Sequence[Tensor], labels: Sequence[Tensor], num_clas
 
 
 def cross_granularity_conflict(
-    best_scores: Tensor, image_labels: Tensor, weak: Tensor, *, threshold: float = 0.5
+    best_scores: Tensor, image_labels: Tensor, weak: Tensor, *, threshold: float = 0.5, known: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
     """Conflict between image-level labels and the detector's boxes, for weak images.
 
     A class conflicts when it is labelled present but its best box scores below ``threshold`` ("the
     labels say Effusion but no box was found"), or labelled absent while a box of it scores at least
-    ``threshold``. Non-weak images (``weak`` False) never conflict.
+    ``threshold``. Non-weak images (``weak`` False) never conflict, nor do classes nobody assessed
+    (``known`` 0): a box of a not-assessed class contradicts nothing.
 
     Args:
         best_scores: Tensor[B, N] of :func:`best_box_scores`.
         image_labels: Tensor[B, N], 1 = present, 0 = absent.
         weak: Tensor[B] bool.
+        known: Tensor[B, N], 1 = the label is known, 0 = not assessed; None: all known.
 
     Returns:
         ``(image, conflicts)``: Tensor[B], max over conflicting classes of ``|y_c - s_c|`` (0 when none),
@@ -179,9 +182,13 @@ def cross_granularity_conflict(
             f"need best_scores and image_labels Tensor[B, N] and weak Tensor[B], got {tuple(best_scores.shape)}, "
             f"{tuple(image_labels.shape)}, {tuple(weak.shape)}"
         )
+    if known is not None and known.shape != image_labels.shape:
+        raise ValueError(f"known {tuple(known.shape)} must have the shape of image_labels {tuple(image_labels.shape)}")
     present = image_labels.bool()
     low = best_scores < threshold
     conflicts = torch.where(present, low, ~low) & weak.bool()[:, None]
+    if known is not None:
+        conflicts = conflicts & known.bool()
     gap = (image_labels.float() - best_scores.float()).abs() * conflicts
     image = gap.amax(1) if gap.shape[1] else gap.new_zeros(gap.shape[0])
     return image, conflicts
@@ -208,11 +215,14 @@ def score_batch(
     image_labels: Tensor,
     weak: Tensor,
     config: ScoreConfig = ScoreConfig(),
+    known: Tensor | None = None,
 ) -> BatchScores:
-    """All parts and the weighted score of a batch (shapes as in the parts' docstrings)."""
+    """All parts and the weighted score of a batch (shapes as in the parts' docstrings; ``known`` is
+    the Tensor[B, N] image-level label mask, None = all known)."""
     d, per_class = disagreement(teacher_logits, student_logits, top_k=config.top_k, gamma=config.gamma)
     u = image_uncertainty(image_probs)
-    c, conflicts = cross_granularity_conflict(best_scores, image_labels, weak, threshold=config.box_threshold)
+    c, conflicts = cross_granularity_conflict(best_scores, image_labels, weak, threshold=config.box_threshold,
+                                              known=known)
     w_d, w_u, w_c = config.weights
     return BatchScores(w_d * d + w_u * u + w_c * c, d, u, c, per_class, conflicts)
 
@@ -368,8 +378,9 @@ def score_images(
             probs = image_logits.float().sigmoid()
             best = best_box_scores([d["scores"] for d in detections], [d["labels"] for d in detections], len(classes))
             labels = torch.stack([t["image_labels"] for t in targets]).to(device)
+            known = torch.stack([t["image_label_mask"] for t in targets]).to(device)
             weak = torch.tensor([t["granularity"] == "weak" for t in targets], device=device)
-            parts = score_batch(teacher_logits.float(), logits, probs, best, labels, weak, config)
+            parts = score_batch(teacher_logits.float(), logits, probs, best, labels, weak, config, known)
             for i, (det, t) in enumerate(zip(detections, targets)):
                 height, width = t["orig_size"]
                 scale = torch.tensor([width / size, height / size] * 2)

@@ -19,7 +19,7 @@ class MeanTeacher(nn.Module):
     other photometric augmentation) without gradient, and for every weak and unlabeled image attaches
     to its target the per-anchor probabilities ("soft_labels") and pseudo-boxes (NMS ``pseudo_nms_thresh``,
     score > ``pseudo_score_thresh``). Weak images keep only pseudo-boxes whose class is among their
-    image-level labels; unlabeled images keep all. :meth:`update_teacher` is the explicit EMA step.
+    image-level labels or not assessed (``image_label_mask`` 0); unlabeled images keep all. :meth:`update_teacher` is the explicit EMA step.
     """
 
     def __init__(self, student: OXNet, *, ema_decay: float = 0.99, infer_with: str = "student") -> None:
@@ -77,7 +77,11 @@ class MeanTeacher(nn.Module):
             det = detections[j]
             boxes, labels = det["boxes"], det["labels"]
             if targets[i]["granularity"] == "weak":
+                # present classes, and classes nobody assessed (unknown, so not known to be absent)
                 allowed = targets[i]["image_labels"].to(labels.device).bool()
+                mask = targets[i].get("image_label_mask")
+                if mask is not None:
+                    allowed = allowed | ~mask.to(labels.device).bool()
                 keep = allowed[labels]
                 boxes, labels = boxes[keep], labels[keep]
             wide = (boxes[:, 2:] > boxes[:, :2]).all(1)  # clipping can leave degenerate boxes

@@ -95,7 +95,7 @@ def test_collate_gives_the_batch_contract(records):
     assert 0 <= images.min() and images.max() <= 1 and 0 <= teacher_images.min() and teacher_images.max() <= 1
     assert [t["granularity"] for t in targets] == ["full", "weak", "unlabeled", "full"]
     for t in targets:
-        assert set(t) == {"granularity", "boxes", "labels", "image_labels", "image_id", "orig_size"}
+        assert set(t) == {"granularity", "boxes", "labels", "image_labels", "image_label_mask", "image_id", "orig_size"}
         assert t["boxes"].dtype == torch.float32 and t["boxes"].shape[1:] == (4,)
         assert t["labels"].dtype == torch.int64 and len(t["labels"]) == len(t["boxes"])
         assert t["image_labels"].dtype == torch.float32 and t["image_labels"].shape == (NUM_CLASSES,)
@@ -144,3 +144,19 @@ def test_dataset_validation(records):
         OmniDataset(records + records[:1], num_classes=NUM_CLASSES)
     with pytest.raises(ValueError, match="cutout_size"):
         Photometric(cutout=1)
+
+
+def test_label_mask_and_weak_images_with_no_known_class(tmp_path):
+    records = [
+        Record(1, _image(tmp_path / "a.png"), "weak", 80, 40, image_labels=[0], unknown_labels=[2]),
+        Record(2, _image(tmp_path / "b.png"), "weak", 80, 40, unknown_labels=[0, 1, 2]),  # nothing known
+        Record(3, _image(tmp_path / "c.png"), "full", 80, 40, boxes=[[10, 5, 20, 15]], labels=[2]),
+    ]
+    dataset = OmniDataset(records, num_classes=NUM_CLASSES, size=32, train=False)
+    assert dataset.granularities == ["weak", "unlabeled", "full"]  # what MixedBatchSampler pools
+    targets = [dataset[i][2] for i in range(3)]
+    assert targets[0]["image_label_mask"].tolist() == [1.0, 1.0, 0.0]
+    assert targets[1]["granularity"] == "unlabeled" and targets[1]["image_label_mask"].tolist() == [0.0] * 3
+    assert targets[2]["image_label_mask"].tolist() == [1.0] * 3
+    with pytest.raises(ValueError, match="class index outside"):
+        OmniDataset([Record(4, tmp_path / "a.png", "weak", 80, 40, unknown_labels=[5])], num_classes=NUM_CLASSES)

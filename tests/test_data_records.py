@@ -266,3 +266,59 @@ def test_real_nih_cxr_files():
     boxes = records_from_coco(NIH / "annotations" / "boxes.json", image_root=NIH / "images")
     assert sum(len(r.boxes) for r in boxes) == 787
     assert all(r.image_labels and r.patient_id is not None for r in boxes)
+
+
+def test_absent_labels_field_separates_absent_from_not_assessed(tmp_path):
+    coco = _coco(tmp_path)
+    names = [c["name"] for c in sorted(coco["categories"], key=lambda c: c["id"])]
+    images = coco["images"]
+    # without the field (the nih-cxr dialect): every class not listed is absent -> all known
+    old = records_from_coco(coco, image_root=tmp_path)
+    assert all(r.unknown_labels == () for r in old)
+    coco["annotations"] = [a for a in coco["annotations"] if a["image_id"] != 2]
+    images[1].update(granularity="weak", absent_labels=[])  # Nodule present, Mass not assessed
+    images[2].update(granularity="weak", absent_labels=[])  # "No Finding" = all absent, whatever the list says
+    images[0]["absent_labels"] = []  # a full image: all known, whatever the list says
+    records = {r.image_id: r for r in records_from_coco(coco, image_root=tmp_path)}
+    nodule, mass = names.index("Nodule"), names.index("Mass")
+    assert records[2].granularity == "weak" and records[2].image_labels == (nodule,)
+    assert records[2].unknown_labels == (mass,)
+    assert records[3].negative and records[3].unknown_labels == ()
+    assert records[1].granularity == "full" and records[1].unknown_labels == ()
+    images[1]["absent_labels"] = ["Mass"]  # now assessed: all known
+    assert records_from_coco(coco, image_root=tmp_path)[1].unknown_labels == ()
+
+
+def test_weak_image_with_no_known_class_is_read_as_unlabeled(tmp_path):
+    coco = _coco(tmp_path)
+    coco["annotations"] = [a for a in coco["annotations"] if a["image_id"] != 2]
+    coco["images"][1].update(image_labels=[], absent_labels=[], granularity="weak")
+    records = {r.image_id: r for r in records_from_coco(coco, image_root=tmp_path)}
+    assert records[2].granularity == "unlabeled" and records[2].unknown_labels == ()
+
+
+@pytest.mark.parametrize(
+    "absent, pattern",
+    [(["Dragon"], r"image id 2 \(b.png\): absent_labels \['Dragon'\]"),
+     (["Nodule"], r"image id 2 \(b.png\): classes \['Nodule'\] are in both"),
+     ("Mass", r"image id 2 \(b.png\): absent_labels must be a list")],
+)
+def test_bad_absent_labels_name_the_image(tmp_path, absent, pattern):
+    coco = _coco(tmp_path)
+    coco["images"][1]["absent_labels"] = absent
+    with pytest.raises(ValueError, match=pattern):
+        records_from_coco(coco, image_root=tmp_path)
+    with pytest.warns(UserWarning, match=pattern):
+        skipped = records_from_coco(coco, image_root=tmp_path, on_error="skip")
+    assert [r.image_id for r in skipped] == [1, 3] and len(skipped.skipped) == 1
+
+
+def test_record_validates_not_assessed_classes(tmp_path):
+    path = _png(tmp_path / "r.png", 10, 10)
+    with pytest.raises(ValueError, match="only a weak image"):
+        Record(1, path, "full", 10, 10, unknown_labels=(1,))
+    with pytest.raises(ValueError, match="both present and not assessed"):
+        Record(1, path, "weak", 10, 10, image_labels=(1,), unknown_labels=(1,))
+    with pytest.raises(ValueError, match="every class is absent"):
+        Record(1, path, "weak", 10, 10, negative=True, unknown_labels=(1,))
+    assert Record(1, path, "weak", 10, 10, image_labels=(0,), unknown_labels=[2, 1]).unknown_labels == (1, 2)

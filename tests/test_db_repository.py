@@ -195,3 +195,53 @@ def test_export_bridge_is_read_by_oxnet(db_sessionmaker, tmp_path):
     records = records_from_coco(mix["train"], classes=list(PAPER_CLASSES))
     assert [r.granularity for r in records] == ["full", "weak", "weak", "unlabeled"]
     assert records[0].boxes.tolist() == [[1.0, 2.0, 11.0, 22.0]] and records[2].negative
+
+
+def test_export_keeps_not_assessed_apart_from_absent_down_to_the_training_target(db_sessionmaker, tmp_path):
+    """present / absent / not assessed in the store -> image_labels / absent_labels -> Record -> mask."""
+    from oxnet.data.datasets import OmniDataset
+
+    S = db_sessionmaker
+    ids = _images(S, 4, folder=tmp_path)
+    with S.begin() as s:
+        set_image_labels(s, ids[0], {"Nodule": True, "Mass": False}, annotator="a")  # 7 classes not assessed
+        set_boxes(s, ids[1], [("Mass", 1, 2, 11, 22)], annotator="a", complete=True)
+        set_image_labels(s, ids[2], {}, annotator="a", no_finding=True)
+        assign_splits(s, fractions=(1.0, 0.0, 0.0))
+        train = export_training_mix(s)["train"]
+    by_id = {i["id"]: i for i in train["images"]}
+    assert by_id[ids[0]]["image_labels"] == ["Nodule"] and by_id[ids[0]]["absent_labels"] == ["Mass"]
+    assert by_id[ids[1]]["absent_labels"] == [c for c in PAPER_CLASSES if c != "Mass"]  # full: all known
+    assert by_id[ids[2]]["absent_labels"] == list(PAPER_CLASSES)  # "No Finding": all absent
+    assert by_id[ids[3]]["absent_labels"] == []
+    records = records_from_coco(train, classes=list(PAPER_CLASSES))
+    nodule, mass = PAPER_CLASSES.index("Nodule"), PAPER_CLASSES.index("Mass")
+    assert records[0].unknown_labels == tuple(sorted(set(range(len(PAPER_CLASSES))) - {nodule, mass}))
+    assert [r.unknown_labels for r in records[1:]] == [(), (), ()]
+    dataset = OmniDataset(records, num_classes=len(PAPER_CLASSES), size=32, train=False)
+    masks = [dataset[i][2]["image_label_mask"] for i in range(4)]
+    assert masks[0].tolist() == [1.0 if c in (nodule, mass) else 0.0 for c in range(len(PAPER_CLASSES))]
+    assert masks[1].tolist() == masks[2].tolist() == [1.0] * len(PAPER_CLASSES)
+    assert masks[3].tolist() == [0.0] * len(PAPER_CLASSES)  # unlabeled: nothing known
+    assert dataset[0][2]["image_labels"][nodule] == 1 and dataset[0][2]["image_labels"][mass] == 0
+
+
+def test_export_import_round_trip_keeps_not_assessed(db_sessionmaker, tmp_path):
+    from db.engine import init_db, make_sessionmaker
+    from db.importers import import_coco
+    from db.models import ImageLabel
+
+    ids = _images(db_sessionmaker, 1, folder=tmp_path)
+    with db_sessionmaker.begin() as s:
+        set_image_labels(s, ids[0], {"Nodule": True, "Mass": False}, annotator="a")
+        coco = export_coco(s, images_root=tmp_path)
+    other = make_sessionmaker(init_db(f"sqlite:///{tmp_path / 'other.db'}"))
+    with other.begin() as s:
+        report = import_coco(s, coco, images=tmp_path)
+        assert not report.errors
+        rows = {(label.label_class.name, label.present) for label in s.scalars(select(ImageLabel))}
+    assert rows == {("Nodule", True), ("Mass", False)}  # the 7 others stay not assessed (no row)
+    del coco["images"][0]["absent_labels"]  # the nih-cxr dialect: the others are absent
+    with make_sessionmaker(init_db(f"sqlite:///{tmp_path / 'third.db'}")).begin() as s:
+        import_coco(s, coco, images=tmp_path)
+        assert len(s.scalars(select(ImageLabel)).all()) == len(PAPER_CLASSES)

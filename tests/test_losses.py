@@ -26,11 +26,13 @@ def grads(fn, *tensors):
 
 
 # ---------------------------------------------------------------- oracles (plain loops, no vectorising)
-def bce_oracle(logits, labels):
+def bce_oracle(logits, labels, known=None):
     total = 0.0
     for b in range(logits.shape[0]):
         s = 0.0
         for c in range(logits.shape[1]):
+            if known is not None and not known[b, c]:
+                continue  # not assessed: no term at all
             p = torch.sigmoid(logits[b, c])
             s = s - (labels[b, c] * torch.log(p) + (1 - labels[b, c]) * torch.log(1 - p))
         total = total + s
@@ -140,6 +142,33 @@ def test_eq1_image_level_bce_matches_loop():
 def test_eq1_rejects_shape_mismatch():
     with pytest.raises(ValueError, match="one shape"):
         L.image_level_bce(torch.zeros(2, 3), torch.zeros(2, 4))
+    with pytest.raises(ValueError, match="mask"):
+        L.image_level_bce(torch.zeros(2, 3), torch.zeros(2, 3), torch.ones(2, 4))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_eq1_masked_bce_matches_loop_values_and_gradients(seed):
+    """Not-assessed classes (mask 0) add no loss and get no gradient; known ones match the loop."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(5, 6, generator=g) * 3
+    labels = (torch.rand(5, 6, generator=g) > 0.5).double()
+    known = torch.rand(5, 6, generator=g) > 0.4
+    known[0] = True  # a full image: all known
+    known[1] = False  # nothing known (the loss must not divide by it)
+    v, (grad,) = grads(lambda x: L.image_level_bce(x, labels, known.double()), logits)
+    v_ref, (grad_ref,) = grads(lambda x: bce_oracle(x, labels, known), logits)
+    torch.testing.assert_close(v, v_ref)
+    torch.testing.assert_close(grad, grad_ref)
+    assert (grad[~known] == 0).all() and (grad[known] != 0).all()
+    # Flipping the label of a not-assessed class changes nothing; of a known class, the loss.
+    flipped = labels.clone()
+    flipped[~known] = 1 - flipped[~known]
+    torch.testing.assert_close(L.image_level_bce(logits, flipped, known.double()), v)
+    assert not torch.allclose(L.image_level_bce(logits, flipped), L.image_level_bce(logits, labels))
+    # An all-ones mask is the unmasked loss; per-image values with reduction="none".
+    torch.testing.assert_close(L.image_level_bce(logits, labels, torch.ones_like(logits)), L.image_level_bce(logits, labels))
+    per_image = L.image_level_bce(logits, labels, known.double(), reduction="none")
+    assert per_image.shape == (5,) and per_image[1] == 0
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

@@ -377,3 +377,57 @@ def test_soft_focal_is_zero_when_student_equals_teacher_view():
     targets = mt.pseudo_label(x, [unlabeled()])
     losses = mt.student.compute_losses(x, targets)
     assert losses["soft_focal"] < 1e-8
+
+
+# ------------------------------------------------------------------------------------------ not assessed
+def weak_masked(present, unknown):
+    target = weak(present)
+    mask = torch.ones(N)
+    mask[list(unknown)] = 0
+    return {**target, "image_label_mask": mask}
+
+
+def test_not_assessed_classes_are_masked_from_the_image_level_loss():
+    """Class 2 not assessed: no loss term and no gradient on its logit; read as absent it has both."""
+    m = make_model(gpa=False).train()
+    x = images(2)
+    with torch.no_grad():  # non-zero image-level logits
+        m.image_head.weight.normal_(0, 1, generator=torch.Generator().manual_seed(0))
+    a = m(x, [weak_masked([0], [2]), full([[5, 5, 40, 40]], [1])])["image_bce"]
+    dense = m.dense(x)
+    logits, _ = m.image_level(dense)
+    logits.retain_grad()
+    y = torch.stack([weak([0])["image_labels"], torch.tensor([0.0, 1.0, 0.0])])
+    from oxnet import losses as L
+    masked = L.image_level_bce(logits, y, torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]]))
+    torch.testing.assert_close(masked, a)  # the model applies the target's mask
+    masked.backward()
+    assert logits.grad[0, 2] == 0 and logits.grad[1, 2] != 0
+    unmasked = m(x, [weak([0]), full([[5, 5, 40, 40]], [1])])["image_bce"]
+    assert not torch.allclose(a, unmasked)
+    with pytest.raises(ValueError, match="image_label_mask"):
+        m(x, [{**weak([0]), "image_label_mask": torch.ones(N + 1)}, full([], [])])
+    with pytest.raises(ValueError, match="both present"):
+        m(x, [weak_masked([2], [2]), full([], [])])
+
+
+def test_pseudo_boxes_of_not_assessed_classes_are_kept_on_weak_images():
+    mt = MeanTeacher(make_model())
+    with torch.no_grad():
+        mt.teacher.cls_head.out.bias.fill_(4.0)  # a confident teacher: every class everywhere
+    targets = mt.pseudo_label(images(2), [weak_masked([1], [2]), weak([1])])
+    assert set(targets[0]["pseudo_labels"].unique().tolist()) == {1, 2}  # class 0 is known absent
+    assert targets[1]["pseudo_labels"].unique().tolist() == [1]
+
+
+def test_prototypes_use_present_classes_only_so_not_assessed_changes_nothing_there():
+    """GPA (Eq. 5-6) pools present classes; a class read as absent or as not assessed is never one."""
+    x = images(2)
+    out = []
+    for targets in ([weak_masked([0], [1, 2]), full([[5, 5, 40, 40]], [1])], [weak([0]), full([[5, 5, 40, 40]], [1])]):
+        m = make_model().train()
+        losses = m(x, targets)
+        out.append((losses["prototype_intra"], losses["prototype_inter"], m.prototypes.clone(), m.prototype_initialized.clone()))
+    for a, b in zip(*out):
+        torch.testing.assert_close(a, b)
+    assert out[0][3].tolist() == [True, True, False]

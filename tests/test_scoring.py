@@ -137,3 +137,16 @@ def test_score_images_one_result_per_image_in_original_pixels(tmp_path):
     full = Record(9, records[0].path, "full", 160, 96)
     with pytest.raises(ValueError, match="1 are full"):
         score_images(student, teacher, [full], CLASSES)
+
+
+def test_not_assessed_classes_never_conflict():
+    best = torch.tensor([[0.9, 0.9, 0.1]])
+    y, weak = torch.tensor([[0.0, 0.0, 1.0]]), torch.tensor([True])
+    _, all_known = cross_granularity_conflict(best, y, weak)
+    assert all_known[0].tolist() == [True, True, True]
+    known = torch.tensor([[1.0, 0.0, 1.0]])  # class 1 not assessed: its confident box contradicts nothing
+    value, conflicts = cross_granularity_conflict(best, y, weak, known=known)
+    assert conflicts[0].tolist() == [True, False, True]
+    assert value.item() == pytest.approx(0.9)
+    with pytest.raises(ValueError, match="known"):
+        cross_granularity_conflict(best, y, weak, known=torch.ones(1, 2))

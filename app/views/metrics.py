@@ -1,5 +1,6 @@
-"""Metrics: mAP against the label mix across model versions, the granularity sweep (the paper's
-Table 2), per-class AP, image-level AUC and training losses. Hovering a point names the model version."""
+"""Metrics: mAP against the label mix across model versions, which version serves (promote or roll back
+any ready version, audited), the granularity sweep (the paper's Table 2), per-class AP, image-level AUC
+and training losses. Hovering a point names the model version."""
 
 from __future__ import annotations
 
@@ -8,7 +9,16 @@ import plotly.express as px
 import streamlit as st
 
 from app.store import sessions, store_url
-from db.ui_queries import IMAGE_AUC_PREFIX, LOSS_PREFIX, PER_CLASS_AP_PREFIX, model_versions, project_exists, sweep_results
+from app.widgets import candidate_notices, promote_button
+from db.ui_queries import (
+    IMAGE_AUC_PREFIX,
+    LOSS_PREFIX,
+    PER_CLASS_AP_PREFIX,
+    model_versions,
+    project_exists,
+    serving_summary,
+    sweep_results,
+)
 
 PLOT = {"width": "stretch"}
 
@@ -36,20 +46,51 @@ st.subheader("mAP against annotation granularity, by model version")
 rows = [
     {"version": v["id"], "round": v["round"], "full images": v["label_counts"].get("full", 0),
      "weak images": v["label_counts"].get("weak", 0), "unlabeled images": v["label_counts"].get("unlabeled", 0),
-     "mAP": v["metrics"].get("val", {}).get("mAP")}
+     "mAP": v["metrics"].get("val", {}).get("mAP"), "state": v["state"]}
     for v in versions
 ]
 table = pd.DataFrame(rows)
 if table.empty or table["mAP"].isna().all():
     st.info("No evaluated model version yet: the trainer adds one per round, with its mAP on the val split.")
 else:
-    hover = ["version", "round", "full images", "weak images", "unlabeled images"]
-    table["label"] = "v" + table["version"].astype(str)
+    hover = ["version", "round", "state", "full images", "weak images", "unlabeled images"]
+    table["label"] = "v" + table["version"].astype(str) + table["state"].map({"serving": " (serving)"}).fillna("")
     left, right = st.columns(2)
     for col, x, colour, key in ((left, "full images", "weak images", "metrics_full"), (right, "weak images", "full images", "metrics_weak")):
         figure = px.scatter(table, x=x, y="mAP", color=colour, text="label", hover_data=hover, title=f"mAP (val) vs {x}")
         figure.update_traces(textposition="top center", marker={"size": 10})
         col.plotly_chart(figure, key=key, **PLOT)
+
+st.subheader("Serving version, candidates, promote and roll back")
+with sessions()() as session:
+    summary = serving_summary(session)  # not cached: a promotion shows at once
+if summary is None:
+    st.info("No ready model version yet.")
+else:
+    serving = summary["serving"]
+    st.markdown(f"Version **{serving['id']}** serves the queue's suggestions and the Annotate page's model boxes. "
+                "A new version serves only when its val mAP is not worse than the serving one's beyond the trainer's "
+                "tolerance; otherwise it stays a candidate.")
+    candidate_notices(summary, key="metrics", on_done=_data.clear)
+    states = pd.DataFrame([
+        {"version": v["id"], "round": v["round"], "state": v["state"], "mAP (val)": v["metrics"].get("val", {}).get("mAP"),
+         "full": v["label_counts"].get("full", 0), "weak": v["label_counts"].get("weak", 0),
+         "created (UTC)": v["created_at"]}
+        for v in reversed(versions)
+    ])
+    st.dataframe(states, hide_index=True, width="stretch", key="metrics_states")
+    others = [v["id"] for v in reversed(versions) if v["id"] != serving["id"]]
+    if others:
+        left, right = st.columns([1, 2])
+        chosen = left.selectbox("Version to serve", others, key="metrics_serve_version",
+                                help="An older version: a rollback; a newer one: a promotion. Both are audited.")
+        with right:
+            st.write("")
+            promote_button(chosen, f"{'Roll back to' if chosen < serving['id'] else 'Promote'} version {chosen}",
+                           key="metrics_serve", on_done=_data.clear)
+    if summary["history"]:
+        with st.expander("Serving history (audit log)"):
+            st.dataframe(pd.DataFrame(summary["history"]), hide_index=True, width="stretch", key="metrics_history")
 
 st.subheader("Granularity sweep (the paper's Table 2)")
 if not sweeps:

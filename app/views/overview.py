@@ -1,4 +1,5 @@
-"""Overview: image counts per granularity and split, the trainer, the latest model and its metrics."""
+"""Overview: image counts per granularity and split, the trainer, the serving model and its metrics, and
+candidate versions kept back by the trainer (with a promote button)."""
 
 from __future__ import annotations
 
@@ -12,10 +13,10 @@ import streamlit as st
 from app.jobs import AUTO_DEMO_ENV, list_jobs, start_demo_job
 from app.store import sessions, store_url
 from app.trainer_control import start_trainer, stop_trainer, trainer_pid
-from app.widgets import show_job
+from app.widgets import candidate_notices, show_job
 from db.models import Granularity, utcnow
 from db.repository import TRAINER_STALE_AFTER, stats, trainer_state
-from db.ui_queries import model_versions, project_exists
+from db.ui_queries import project_exists, serving_summary
 
 HEADLINE_METRICS = ("mAP", "AP40", "AP75", "mean_image_auc")
 
@@ -26,11 +27,9 @@ def _counts(url: str) -> dict | None:
         return stats(session) if project_exists(session) else None
 
 
-@st.cache_data(ttl=10, show_spinner=False)
-def _latest_version(url: str) -> dict | None:
+def _serving(url: str) -> dict | None:
     with sessions()() as session:
-        versions = model_versions(session, limit=1)
-    return versions[-1] if versions else None
+        return serving_summary(session)
 
 
 def _trainer_row(url: str) -> dict | None:
@@ -119,11 +118,12 @@ def _trainer_panel() -> None:
 
 _trainer_panel()
 
-st.subheader("Latest model")
-latest = _latest_version(url)
-if latest is None:
+st.subheader("Serving model")
+summary = _serving(url)
+if summary is None:
     st.info("No model version yet: start the trainer; its first round adds one.")
 else:
+    latest = summary["serving"]  # the version whose suggestions and boxes the Queue and Annotate pages show
     counts_seen = latest["label_counts"]
     st.markdown(f"Version **{latest['id']}** (round {latest['round']}, {latest['created_at']:%Y-%m-%d %H:%M} UTC), trained on "
                 + ", ".join(f"{counts_seen.get(g.value, 0):,} {g.value}" for g in Granularity) + " training images.")
@@ -133,3 +133,4 @@ else:
     cols = st.columns(len(HEADLINE_METRICS))
     for col, name in zip(cols, HEADLINE_METRICS, strict=True):
         col.metric(f"{name} (val)", f"{val[name]:.3g}" if name in val else "-")
+    candidate_notices(summary, key="overview")

@@ -10,6 +10,8 @@ model consumes::
         "boxes":        Tensor[K, 4] float32 (x1, y1, x2, y2) in pixels of the S x S image (K = 0 unless full)
         "labels":       Tensor[K] int64, 0-based class indices
         "image_labels": Tensor[C] float32, 1 = class present (full: classes of its boxes; unlabeled: zeros)
+        "image_label_mask": Tensor[C] float32, 1 = class known (present or absent), 0 = not assessed
+                        (full: all ones; weak: zeros at ``Record.unknown_labels``; unlabeled: all zeros)
         "image_id":     int
         "orig_size":    (height, width) of the original image
 """
@@ -69,7 +71,7 @@ class OmniDataset(Dataset[tuple[Tensor, Tensor, Target]]):
         if duplicates:
             raise ValueError(f"duplicate image ids: {duplicates[:10]}")
         for r in records:
-            if any(not 0 <= c < num_classes for c in r.image_labels):
+            if any(not 0 <= c < num_classes for c in (*r.image_labels, *r.unknown_labels)):
                 raise ValueError(f"{r.path} (image id {r.image_id}): class index outside [0, {num_classes})")
         self.records = list(records)
         self.num_classes = num_classes
@@ -84,7 +86,13 @@ class OmniDataset(Dataset[tuple[Tensor, Tensor, Target]]):
     @property
     def granularities(self) -> list[str]:
         """Granularity of each sample, in index order (the input of ``MixedBatchSampler``)."""
-        return [r.granularity for r in self.records]
+        return [self._granularity(r) for r in self.records]
+
+    def _granularity(self, record: Record) -> str:
+        """A weak image with no known class (every class not assessed) is trained as unlabeled."""
+        if record.granularity == "weak" and len(record.unknown_labels) >= self.num_classes:
+            return "unlabeled"
+        return record.granularity
 
     def set_epoch(self, epoch: int) -> None:
         """Draw new augmentations for ``epoch`` (call before creating the epoch's DataLoader iterator)."""
@@ -112,12 +120,19 @@ class OmniDataset(Dataset[tuple[Tensor, Tensor, Target]]):
         else:
             student = teacher = image
         image_labels = torch.zeros(self.num_classes, dtype=torch.float32)
+        granularity = self._granularity(record)
         image_labels[list(record.image_labels)] = 1.0
+        if granularity == "unlabeled":
+            mask = torch.zeros(self.num_classes, dtype=torch.float32)
+        else:
+            mask = torch.ones(self.num_classes, dtype=torch.float32)
+            mask[list(record.unknown_labels)] = 0.0
         target = {
-            "granularity": record.granularity,
+            "granularity": granularity,
             "boxes": boxes,
             "labels": torch.tensor(record.labels, dtype=torch.int64),
             "image_labels": image_labels,
+            "image_label_mask": mask,
             "image_id": record.image_id,
             "orig_size": (record.height, record.width),
         }

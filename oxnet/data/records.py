@@ -5,7 +5,14 @@ lesion boxes ("full"), image-level findings only ("weak"), or nothing ("unlabele
 :func:`records_from_coco` reads the COCO dialect of ``../shared/data/nih-cxr/annotations/*.json`` and of
 the store's export (``db.export_coco``): ``bbox`` = [x, y, w, h] in original pixels, an optional
 ``image_labels`` list of class names per image (``"No Finding"`` = explicitly negative), an optional
-``granularity`` per image and an optional ``patient_id``.
+``absent_labels`` list of the class names assessed absent, an optional ``granularity`` per image and an
+optional ``patient_id``.
+
+Present, absent, not assessed: an image WITHOUT an ``absent_labels`` field means what it always did
+(the classes in ``image_labels`` are present, every other class absent; the nih-cxr files are read that
+way). An image WITH the field (the store's export writes it) lists its absent classes explicitly, and a
+class in neither list was not assessed: it is :attr:`Record.unknown_labels`, masked from the image-level
+loss. A weak image with no known class at all is read as unlabeled.
 """
 
 from __future__ import annotations
@@ -45,6 +52,8 @@ class Record:
             includes the classes of the boxes. Empty for unlabeled images.
         patient_id: optional patient identifier (splits are made per patient).
         negative: the image is explicitly labelled "No Finding" (no class present).
+        unknown_labels: sorted 0-based indices of the classes nobody assessed (neither present nor
+            absent); only weak images have them. Every other class not in ``image_labels`` is absent.
     """
 
     image_id: int
@@ -57,6 +66,7 @@ class Record:
     image_labels: tuple[int, ...] = ()
     patient_id: str | int | None = None
     negative: bool = False
+    unknown_labels: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         where = f"{self.path} (image id {self.image_id})"
@@ -75,6 +85,15 @@ class Record:
         image_labels = tuple(sorted(set(int(c) for c in self.image_labels) | set(labels.tolist())))
         if self.negative and image_labels:
             raise ValueError(f"{where}: {NO_FINDING!r} together with findings {list(image_labels)}")
+        unknown = tuple(sorted(set(int(c) for c in self.unknown_labels)))
+        if unknown and self.granularity != "weak":
+            raise ValueError(f"{where}: only a weak image can have not-assessed classes ({self.granularity} images "
+                             "are all known or all unknown)")
+        if unknown and self.negative:
+            raise ValueError(f"{where}: {NO_FINDING!r} means every class is absent, but {list(unknown)} are not assessed")
+        if set(unknown) & set(image_labels):
+            raise ValueError(f"{where}: classes {sorted(set(unknown) & set(image_labels))} are both present and not assessed")
+        object.__setattr__(self, "unknown_labels", unknown)
         object.__setattr__(self, "path", Path(self.path))
         object.__setattr__(self, "boxes", boxes)
         object.__setattr__(self, "labels", labels)
@@ -289,13 +308,32 @@ def _record(
     present = {class_index[n] for n in names if n != NO_FINDING}
     if negative and (present or boxes):
         return f"{NO_FINDING!r} together with findings or boxes"
+    absent_names = image.get("absent_labels")
+    if absent_names is None:
+        absent = set(class_index.values()) - present  # the old dialect: every class not listed is absent
+    else:
+        if isinstance(absent_names, str) or not isinstance(absent_names, Sequence):
+            return f"absent_labels must be a list of class names, got {absent_names!r}"
+        unknown_names = [n for n in absent_names if n not in class_index]
+        if unknown_names:
+            return f"absent_labels {unknown_names} are not among the classes {list(class_index)}"
+        absent = {class_index[n] for n in absent_names}
+        if negative:
+            absent = set(class_index.values())
+        both = sorted(n for n in absent_names if class_index[n] in present)
+        if both:
+            return f"classes {both} are in both image_labels and absent_labels"
 
     box_array = np.array([b for b, _ in boxes], np.float32).reshape(-1, 4)
     label_array = np.array([c for _, c in boxes], np.int64)
     if granularity == "weak":
         present |= set(label_array.tolist())
+        absent -= present
     if granularity != "full":
         box_array, label_array = box_array[:0], label_array[:0]
+    if granularity == "weak" and not present and not absent and not negative:
+        granularity = "unlabeled"  # nothing about it is known
+    unknown = set(class_index.values()) - present - absent if granularity == "weak" else set()
     if granularity == "unlabeled":
         present, negative = set(), False
     try:
@@ -310,6 +348,7 @@ def _record(
             image_labels=tuple(present),
             patient_id=image.get("patient_id"),
             negative=negative,
+            unknown_labels=tuple(unknown),
         )
     except (TypeError, ValueError) as e:
         return str(e)
