@@ -287,11 +287,8 @@ def test_metrics_rolls_back_and_promotes_any_ready_version(two_versions):
 
 
 def test_trainer_script_refuses_a_bad_tolerance_without_a_traceback(capsys):
-    import importlib.util
+    import app.trainer as script
 
-    spec = importlib.util.spec_from_file_location("trainer_script", ROOT / "scripts" / "trainer.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
     for bad in ("-0.1", "nan", "lots"):
         with pytest.raises(SystemExit) as exit_info:
             script.main(["--promote-tolerance", bad, "--db", "sqlite://"])
