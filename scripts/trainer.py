@@ -2,7 +2,8 @@
 
     OXNET_DB_URL=sqlite:///workbench.db python scripts/trainer.py --preset cpu      # until SIGTERM
     python scripts/trainer.py --preset tiny --max-rounds 1                           # one round, then exit
-    python scripts/trainer.py --stop                                                 # ask the running one to stop
+    python scripts/trainer.py --stop                                                 # ask the running one to stop now
+    python scripts/trainer.py --stop-after-round                                     # ... once its round is saved
 
 Exit status: 0 after a clean stop (SIGTERM, SIGINT, a stop request, --max-rounds), 3 when another
 trainer holds the store's lock, 1 on an error outside a round (a failing round is recorded and retried).
@@ -38,17 +39,18 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-interval", type=float, help="start a round after this many seconds even without new labels")
     parser.add_argument("--max-rounds", type=int, help="exit after this many rounds")
     parser.add_argument("--stale-after", type=float, default=300.0, help="seconds after which a silent trainer's lock is taken")
-    parser.add_argument("--stop", action="store_true", help="ask the running trainer to stop, then exit")
+    parser.add_argument("--stop", action="store_true", help="ask the running trainer to stop now (its round is discarded), then exit")
+    parser.add_argument("--stop-after-round", action="store_true", help="ask the running trainer to stop once its round is saved, then exit")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.stop:
+    if args.stop or args.stop_after_round:
         with make_sessionmaker(init_db(args.db)).begin() as session:
-            request_stop(session, args.project, annotator="cli")
-        print("stop requested")
+            request_stop(session, args.project, annotator="cli", after_round=args.stop_after_round)
+        print("stop after this round requested" if args.stop_after_round else "stop requested")
         return 0
     overrides = {key: value for key, value in {
         "method": args.method, "epochs": args.epochs, "steps_per_epoch": args.steps_per_epoch,
