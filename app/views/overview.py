@@ -25,8 +25,8 @@ def _counts(url: str) -> dict | None:
         return stats(session) if project_exists(session) else None
 
 
-@st.cache_data(ttl=10, show_spinner=False)
 def _latest_version(url: str) -> dict | None:
+    """The newest ready version, read afresh (one indexed query): never a cached, older one."""
     with sessions()() as session:
         versions = model_versions(session, limit=1)
     return versions[-1] if versions else None
@@ -106,18 +106,37 @@ def _trainer_panel() -> None:
         except (OSError, FileNotFoundError) as e:
             st.error(f"Could not start the trainer: {e}")
     owner = row["owner"] if row else None
-    if right.button("Stop trainer", disabled=trainer_pid(owner, url) is None, key="overview_stop"):
+    after, now_ = right.columns(2)
+    if after.button("Stop after this round", disabled=not alive, key="overview_stop_after_round",
+                    help="the round in progress finishes and its model version is saved; then the trainer exits"):
+        from db.workbench import request_stop  # imports torch (oxnet.loop): only on this click
+
+        with sessions().begin() as session:
+            request_stop(session, after_round=True, annotator="ui")
+        st.toast("The trainer stops once the round in progress is saved.")
+    if now_.button("Stop now", disabled=trainer_pid(owner, url) is None, key="overview_stop",
+                   help="the round in progress is abandoned: its version is marked failed and never served; "
+                        "labels are kept; the next start trains a new round from the latest ready model"):
         pid = stop_trainer(owner, url)
-        st.toast(f"Sent SIGTERM to the trainer (pid {pid})." if pid else "No trainer process found on this machine.")
+        st.toast(f"Stopping the trainer (pid {pid}) now: the round in progress is discarded (its version is marked "
+                 "failed); your labels are kept, and the next start begins a new round from the latest ready model."
+                 if pid else "No trainer process found on this machine.")
+    st.caption("**Stop after this round** keeps the round in progress (it finishes, is saved and serves). "
+               "**Stop now** discards it: its model version is marked failed; labels are never lost.")
 
 
 _trainer_panel()
 
 st.subheader("Latest model")
-latest = _latest_version(url)
-if latest is None:
-    st.info("No model version yet: start the trainer; its first round adds one.")
-else:
+
+
+@st.fragment(run_every=timedelta(seconds=5))
+def _latest_panel() -> None:
+    """The newest ready version, re-read every few seconds (a round can finish while the page is open)."""
+    latest = _latest_version(url)
+    if latest is None:
+        st.info("No model version yet: start the trainer; its first round adds one.")
+        return
     counts_seen = latest["label_counts"]
     st.markdown(f"Version **{latest['id']}** (round {latest['round']}, {latest['created_at']:%Y-%m-%d %H:%M} UTC), trained on "
                 + ", ".join(f"{counts_seen.get(g.value, 0):,} {g.value}" for g in Granularity) + " training images.")
@@ -125,3 +144,6 @@ else:
     cols = st.columns(len(HEADLINE_METRICS))
     for col, name in zip(cols, HEADLINE_METRICS, strict=True):
         col.metric(f"{name} (val)", f"{val[name]:.3g}" if name in val else "-")
+
+
+_latest_panel()
