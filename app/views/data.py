@@ -142,7 +142,13 @@ st.subheader("Jobs")
 
 
 def _title(job: dict) -> str:
-    return f"{job['command']} {' '.join(job.get('args', [])[:2])}".strip()
+    """``export <file>``, ``import folder <folder>``: the command and the last part of its first paths."""
+    args = []
+    for arg in job.get("args", [])[:2]:
+        if arg.startswith("--"):
+            break
+        args.append(arg)
+    return " ".join([job["command"], *(Path(a).name or a for a in args)])
 
 
 @st.fragment(run_every=timedelta(seconds=1))
