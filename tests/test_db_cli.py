@@ -33,7 +33,8 @@ def test_cli_round(tmp_path, monkeypatch, capsys):
     assert main(["stats"]) == 0
     overview = json.loads(capsys.readouterr().out)
     assert overview["total"] == 3 and overview["split"]["train"] == {"unlabeled": 2, "weak": 0, "full": 1}
-    assert main(["export", "coco", str(tmp_path / "out.json"), "--granularity", "full", "--images-root", str(images)]) == 0
+    assert main(["export", "coco", str(tmp_path / "out.json"), "--granularity", "full", "--images-root", str(images),
+                 "--include-patient-ids"]) == 0  # real file names are asked for
     out = json.loads((tmp_path / "out.json").read_text())
     assert [i["file_name"] for i in out["images"]] == ["0.png"] and out["annotations"][0]["bbox"] == [1, 1, 5, 5]
     assert main(["export", "mix", str(tmp_path / "mix")]) == 0
