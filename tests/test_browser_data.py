@@ -100,6 +100,7 @@ def test_export_download_works_on_every_click_and_an_upload_is_imported_by_a_job
             page.set_viewport_size({"width": 1920, "height": 1080})
             page.get_by_role("link", name="Overview").click()
             page.get_by_role("button", name="Stop after this round").wait_for()
+            page.get_by_text("No model version yet").wait_for()
             page.screenshot(path=str(ARTIFACTS / "overview-trainer-1920.png"), full_page=True)
         finally:
             browser.close()

@@ -94,7 +94,7 @@ def _trainer_panel() -> None:
                    f"(more than {int(TRAINER_STALE_AFTER.total_seconds() // 60)} min ago). It probably died; start a new one.")
     if row and row["last_error"]:
         st.error(f"Last error: {row['last_error']}")
-    left, right = st.columns(2)
+    left, after, now_, _ = st.columns([1, 1, 1, 2], vertical_alignment="center")
     if not trainer_available():
         left.button("Start trainer", disabled=True, key="overview_start_missing")
         st.caption(f"The trainer script `{TRAINER_SCRIPT.relative_to(TRAINER_SCRIPT.parents[1])}` is missing from this "
@@ -106,7 +106,6 @@ def _trainer_panel() -> None:
         except (OSError, FileNotFoundError) as e:
             st.error(f"Could not start the trainer: {e}")
     owner = row["owner"] if row else None
-    after, now_ = right.columns(2)
     if after.button("Stop after this round", disabled=not alive, key="overview_stop_after_round",
                     help="the round in progress finishes and its model version is saved; then the trainer exits"):
         from db.workbench import request_stop  # imports torch (oxnet.loop): only on this click
