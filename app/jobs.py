@@ -89,13 +89,18 @@ def spawn(command: Sequence[str], *, env: Mapping[str, str], stdout: Any = subpr
     return process
 
 
+def _poll_children() -> int:
+    """Poll the kept processes and forget those that ended (the caller holds ``_children_lock``)."""
+    for pid, process in list(_children.items()):
+        if process.poll() is not None:  # reaps it
+            del _children[pid]
+    return len(_children)
+
+
 def reap() -> int:
-    """Poll the processes started by :func:`spawn`; forget those that ended. Returns how many still run."""
+    """Reap the processes started by :func:`spawn` that ended; returns how many still run."""
     with _children_lock:
-        for pid, process in list(_children.items()):
-            if process.poll() is not None:
-                del _children[pid]
-        return len(_children)
+        return _poll_children()
 
 
 def _reap_until_none_left() -> None:
@@ -103,10 +108,7 @@ def _reap_until_none_left() -> None:
     while True:
         time.sleep(REAP_EVERY_S)
         with _children_lock:
-            for pid, process in list(_children.items()):
-                if process.poll() is not None:
-                    del _children[pid]
-            if not _children:
+            if not _poll_children():
                 _reaper = None
                 return
 
