@@ -16,6 +16,7 @@ import ipaddress
 import os
 
 import streamlit as st
+from sqlalchemy.exc import ArgumentError
 
 from app.jobs import AUTO_DEMO_ENV, start_demo_job
 from app.store import ANNOTATOR_KEY, annotator, sessions, set_annotator, shown_store_url, store_url
@@ -77,8 +78,12 @@ with st.sidebar:
                     st.error(str(e))
     st.caption(f"Store: `{shown_store_url()}`")
 
-with sessions()() as session:
-    fresh = not project_exists(session)
+try:
+    with sessions()() as session:
+        fresh = not project_exists(session)
+except ArgumentError:  # its message repeats the URL, password included
+    st.error(f"Cannot parse the store URL `{shown_store_url()}`: set OXNET_DB_URL to an SQLAlchemy URL and restart.")
+    st.stop()
 if fresh and os.environ.get(AUTO_DEMO_ENV, "1") != "0":
     start_demo_job(store_url())  # no-op when it ran or runs already
 

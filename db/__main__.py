@@ -9,6 +9,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from sqlalchemy.exc import ArgumentError
 from tqdm import tqdm
 
 from db.engine import DB_URL_ENV, DEFAULT_DB_URL, database_url, display_url, init_db, make_sessionmaker
@@ -122,7 +123,11 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"machine (/proc/<pid>/cmdline, shell history). Set the environment variable {SALT_ENV} instead.", file=sys.stderr)
         return 2
     url = database_url(args.db)
-    Session = make_sessionmaker(init_db(url))
+    try:
+        Session = make_sessionmaker(init_db(url))
+    except ArgumentError:  # its message repeats the URL, password included
+        print(f"error: cannot parse the store URL {display_url(url)} (set {DB_URL_ENV} or --db to an SQLAlchemy URL)", file=sys.stderr)
+        return 2
     salt = os.environ.get(SALT_ENV) or None
     progress, close = _progress(f"{args.command} {getattr(args, 'kind', '')}".strip())
     try:

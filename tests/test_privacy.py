@@ -270,3 +270,16 @@ def test_another_annotators_name_is_shown_as_text_not_markdown(nih_store):
     html = MarkdownIt("commonmark").render(warning)
     assert "<a " not in html and "<img" not in html
     assert "[click me](http://evil.example)" in html  # shown as typed
+
+
+def test_an_unparsable_store_url_is_reported_without_its_password(tmp_path, monkeypatch, capsys):
+    bad = "postgresql//oxnet:s3cr3t-pw@db.example/oxnet"  # no ":" after the scheme
+    assert db_cli.main(["--db", bad, "stats"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot parse the store URL" in err and "s3cr3t-pw" not in err
+    monkeypatch.setenv("OXNET_DB_URL", bad)
+    monkeypatch.setenv("OXNET_DEMO", "0")
+    at = AppTest.from_file(MAIN, default_timeout=60)
+    at.run()
+    assert not at.exception and "Cannot parse the store URL" in at.error[0].value
+    assert "s3cr3t-pw" not in " ".join(str(e.value) for e in [*at.error, *at.sidebar.caption])
