@@ -12,7 +12,15 @@ Command line (what :func:`start_job` runs; the store is ``$OXNET_DB_URL``)::
     python -m app.jobs seed --n 300                      the synthetic demo project
     python -m app.jobs import coco boxes.json --images DIR [--split val | --assign-splits]
     python -m app.jobs import folder DIR | nih CSV... --images DIR... [--bbox CSV] | vindr CSV --images DIR
-    python -m app.jobs export OUT.json [--granularity full] [--split val] [--with-patient-ids]
+    python -m app.jobs export OUT.json [--granularity full] [--split val] [--include-patient-ids] [--file-map CSV]
+
+Secrets never go on the command line (``/proc/<pid>/cmdline`` is readable by every user) nor into the
+status file: the pseudonymisation salt reaches an import job in its environment
+(``$OXNET_PSEUDONYM_SALT``, :data:`db.importers.SALT_ENV`; ``start_job(..., secrets=...)``), and the
+status and pid files are written with mode 0600.
+
+Every process started here (jobs and the trainer, :func:`spawn`) is kept and polled by a reaper
+thread of the server, so a finished one never stays behind as a zombie.
 """
 
 from __future__ import annotations
@@ -22,9 +30,10 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -33,8 +42,8 @@ from sqlalchemy.engine import make_url
 
 from db.demo import data_dir, seed_demo
 from db.engine import DB_URL_ENV, database_url, init_db, make_sessionmaker
-from db.export import export_coco, write_json
-from db.importers import ImportReport, import_coco, import_folder, import_nih, import_vindr
+from db.export import INCLUDE_PATIENT_IDS, export_coco, file_mapping, write_file_map, write_json
+from db.importers import SALT_ENV, ImportReport, import_coco, import_folder, import_nih, import_vindr
 from db.repository import assign_splits
 
 #: The repository root (the jobs run with it as working directory, so ``app`` imports).
@@ -52,6 +61,64 @@ def start_demo_job(url: str | None = None) -> Path | None:
     return start_job("seed", ["--n", os.environ.get(DEMO_IMAGES_ENV, "300")], url=url, name=DEMO_JOB)
 #: Seconds between two writes of a running job's status file.
 WRITE_EVERY_S = 0.5
+#: Seconds between two polls of the reaper thread.
+REAP_EVERY_S = 0.5
+#: Mode of the status, pid and log files of jobs (they name files and stores of patient data).
+PRIVATE_FILE_MODE = 0o600
+
+# The processes this server started, by pid, until they ended and were reaped. Server-wide on
+# purpose (a process is the server's child, whichever browser session started it).
+_children: dict[int, subprocess.Popen] = {}
+_children_lock = threading.Lock()
+_reaper: threading.Thread | None = None
+
+
+def spawn(command: Sequence[str], *, env: Mapping[str, str], stdout: Any = subprocess.DEVNULL) -> subprocess.Popen:
+    """Start ``command`` in a new process session (so a stop can signal its whole group) and keep it
+    for the reaper, which polls it until it ended: no zombie stays behind."""
+    global _reaper
+    process = subprocess.Popen(
+        list(command), cwd=ROOT, env=dict(env), start_new_session=True,
+        stdin=subprocess.DEVNULL, stdout=stdout, stderr=subprocess.STDOUT if stdout is not subprocess.DEVNULL else subprocess.DEVNULL,
+    )
+    with _children_lock:
+        _children[process.pid] = process
+        if _reaper is None or not _reaper.is_alive():
+            _reaper = threading.Thread(target=_reap_until_none_left, name="oxnet-reaper", daemon=True)
+            _reaper.start()
+    return process
+
+
+def _poll_children() -> int:
+    """Poll the kept processes and forget those that ended (the caller holds ``_children_lock``)."""
+    for pid, process in list(_children.items()):
+        if process.poll() is not None:  # reaps it
+            del _children[pid]
+    return len(_children)
+
+
+def reap() -> int:
+    """Reap the processes started by :func:`spawn` that ended; returns how many still run."""
+    with _children_lock:
+        return _poll_children()
+
+
+def _reap_until_none_left() -> None:
+    global _reaper
+    while True:
+        time.sleep(REAP_EVERY_S)
+        with _children_lock:
+            if not _poll_children():
+                _reaper = None
+                return
+
+
+def write_private(path: Path, text: str, *, exclusive: bool = False) -> None:
+    """Write ``text`` to ``path`` with mode 0600 (``exclusive``: fail with FileExistsError if it exists)."""
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_EXCL if exclusive else os.O_TRUNC)
+    fd = os.open(path, flags, PRIVATE_FILE_MODE)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
 
 
 def absolute_url(url: str | None = None) -> str:
@@ -74,34 +141,35 @@ def _now() -> str:
 
 def _write_status(path: Path, status: dict[str, Any]) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(status, default=str), encoding="utf-8")
+    write_private(tmp, json.dumps(status, default=str))
     os.replace(tmp, path)
 
 
-def start_job(command: str, args: Sequence[str] = (), *, url: str | None = None, name: str | None = None) -> Path | None:
+def start_job(
+    command: str, args: Sequence[str] = (), *, url: str | None = None, name: str | None = None,
+    secrets: Mapping[str, str] | None = None,
+) -> Path | None:
     """Launch ``python -m app.jobs command *args`` for the store at ``url``; returns its status file.
 
     ``name`` fixes the status file's name and makes the job exclusive: when a status file of that name
-    exists already (the job ran or runs), nothing is launched and None is returned.
+    exists already (the job ran or runs), nothing is launched and None is returned. ``secrets`` are
+    environment variables for the job only (e.g. ``{SALT_ENV: salt}``): never in its command line or
+    its status file.
     """
     url = absolute_url(url)
     folder = jobs_dir(url)
-    folder.mkdir(parents=True, exist_ok=True)
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     job_id = name or f"{time.strftime('%Y%m%d-%H%M%S')}-{command}-{uuid.uuid4().hex[:6]}"
     path = folder / f"{job_id}.json"
     status = {"id": job_id, "command": command, "args": list(args), "pid": None, "status": "running", "done": 0,
               "total": 0, "message": "starting", "result": None, "started_at": _now(), "updated_at": _now()}
     try:
-        with open(path, "x", encoding="utf-8") as f:  # exclusive: two browser sessions start one job
-            json.dump(status, f)
+        write_private(path, json.dumps(status), exclusive=True)  # exclusive: two browser sessions start one job
     except FileExistsError:
         return None
-    process = subprocess.Popen(
-        [sys.executable, "-m", "app.jobs", "--status", str(path), command, *args],
-        cwd=ROOT, env={**os.environ, DB_URL_ENV: url}, start_new_session=True,
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    path.with_suffix(".pid").write_text(str(process.pid), encoding="utf-8")
+    process = spawn([sys.executable, "-m", "app.jobs", "--status", str(path), command, *args],
+                    env={**os.environ, **(secrets or {}), DB_URL_ENV: url})
+    write_private(path.with_suffix(".pid"), str(process.pid))
     return path
 
 
@@ -203,18 +271,19 @@ def _parser() -> argparse.ArgumentParser:
     for sub in (imports.choices[k] for k in ("folder", "coco", "nih", "vindr")):
         sub.add_argument("--split", choices=["train", "val", "test"])
         sub.add_argument("--assign-splits", action="store_true", help="then put images without a split in train/val/test by patient")
-        sub.add_argument("--pseudonymize-salt")
     export = commands.add_parser("export", help="write a COCO JSON of the store")
     export.add_argument("out")
     export.add_argument("--granularity", choices=["full", "weak", "unlabeled", "all"], default="all")
     export.add_argument("--split", choices=["train", "val", "test"])
     export.add_argument("--images-root", help="write file names relative to this folder")
-    export.add_argument("--with-patient-ids", action="store_true", help="keep patient ids (left out by default)")
+    export.add_argument("--include-patient-ids", action="store_true", default=INCLUDE_PATIENT_IDS,
+                        help="keep patient ids and real file names (left out by default: neutral names image-<id>.<ext>)")
+    export.add_argument("--file-map", metavar="CSV", help="also write neutral name -> real path (identifying) to this CSV")
     return parser
 
 
 def _import(session, args: argparse.Namespace, progress: Callable[[int, int], None]) -> ImportReport:
-    options = {"split": args.split, "patient_salt": args.pseudonymize_salt, "progress": progress}
+    options = {"split": args.split, "patient_salt": os.environ.get(SALT_ENV) or None, "progress": progress}
     if args.kind == "folder":
         return import_folder(session, args.folder, **options)
     if args.kind == "coco":
@@ -243,13 +312,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             with make_sessionmaker(init_db(url)).begin() as session:
                 reporter.update(force=True, message="reading the store")
-                data = export_coco(session, split=args.split, granularity=args.granularity, images_root=args.images_root)
-            if not args.with_patient_ids:
-                for image in data["images"]:
-                    image["patient_id"] = None
+                data = export_coco(session, split=args.split, granularity=args.granularity, images_root=args.images_root,
+                                   include_patient_ids=args.include_patient_ids)
+                mapping = file_mapping(session, data) if args.file_map else None
             write_json(data, args.out)
             result = {"summary": f"wrote {len(data['images'])} images, {len(data['annotations'])} boxes to {args.out}",
                       "out": str(args.out)}
+            if mapping is not None:
+                write_file_map(mapping, args.file_map)
+                result["file_map"] = str(args.file_map)
     except Exception as e:  # noqa: BLE001 - any failure must reach the page that polls the status
         reporter.update(force=True, status="failed", message=f"{type(e).__name__}: {e}")
         return 1

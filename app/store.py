@@ -9,7 +9,8 @@ from __future__ import annotations
 import streamlit as st
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.engine import database_url, init_db, make_sessionmaker
+from db.engine import database_url, display_url, init_db, make_sessionmaker
+from db.repository import annotator_name
 
 #: ``st.session_state`` key of the annotator's name (chosen once per browser session).
 ANNOTATOR_KEY = "main_annotator"
@@ -35,9 +36,16 @@ def annotator() -> str | None:
     return st.session_state.get(ANNOTATOR_KEY)
 
 
+def shown_store_url() -> str:
+    """The store's URL as the pages may show it (password masked)."""
+    return display_url(store_url())
+
+
 def set_annotator(name: str) -> None:
-    """Remember ``name`` (stripped, non-empty) as this browser session's annotator."""
-    name = name.strip()
-    if not name:
-        raise ValueError("the annotator name must not be empty")
-    st.session_state[ANNOTATOR_KEY] = name
+    """Remember ``name`` as this browser session's annotator, normalised by :func:`db.repository.annotator_name`.
+
+    Raises:
+        ValueError: an empty, too long or reserved name (``trainer``, ``import:...``), or one with
+            control characters.
+    """
+    st.session_state[ANNOTATOR_KEY] = annotator_name(name)

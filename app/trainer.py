@@ -3,7 +3,8 @@
     OXNET_DB_URL=sqlite:///workbench.db oxnet-trainer --preset cpu       # until SIGTERM (or python -m app.trainer)
     oxnet-trainer --preset tiny --max-rounds 1                            # one round, then exit
     oxnet-trainer --preset cpu --weights /models/resnet18.pth             # backbone from a local state_dict
-    oxnet-trainer --stop                                                  # ask the running one to stop
+    oxnet-trainer --stop                                                  # ask the running one to stop now
+    oxnet-trainer --stop-after-round                                      # ... once its round is saved
 
 Exit status: 0 after a clean stop (SIGTERM, SIGINT, a stop request, --max-rounds), 3 when another
 trainer holds the store's lock, 1 on an error outside a round (a failing round is recorded and retried).
@@ -46,7 +47,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="a new model version serves suggestions when its val mAP is at least the serving "
                              "version's minus this (absolute, default 0.02); otherwise it stays a candidate")
     parser.add_argument("--stale-after", type=float, default=300.0, help="seconds after which a silent trainer's lock is taken")
-    parser.add_argument("--stop", action="store_true", help="ask the running trainer to stop, then exit")
+    parser.add_argument("--stop", action="store_true", help="ask the running trainer to stop now (its round is discarded), then exit")
+    parser.add_argument("--stop-after-round", action="store_true", help="ask the running trainer to stop once its round is saved, then exit")
     return parser
 
 
@@ -64,10 +66,10 @@ def _tolerance(text: str) -> float:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.stop:
+    if args.stop or args.stop_after_round:
         with make_sessionmaker(init_db(args.db)).begin() as session:
-            request_stop(session, args.project, annotator="cli")
-        print("stop requested")
+            request_stop(session, args.project, annotator="cli", after_round=args.stop_after_round)
+        print("stop after this round requested" if args.stop_after_round else "stop requested")
         return 0
     overrides = {key: value for key, value in {
         "method": args.method, "epochs": args.epochs, "steps_per_epoch": args.steps_per_epoch,

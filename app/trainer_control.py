@@ -14,14 +14,13 @@ import json
 import os
 import re
 import signal
-import subprocess
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
 import psutil
 
-from app.jobs import absolute_url, process_alive
+from app.jobs import absolute_url, process_alive, spawn, write_private
 from db.demo import data_dir
 from db.engine import DB_URL_ENV
 
@@ -50,13 +49,10 @@ def start_trainer(url: str | None = None, preset: str | None = None, weights: st
         command += ["--weights", weights]
     log = data_dir(url) / "trainer.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "ab") as out:
-        process = subprocess.Popen(
-            command, cwd=data_dir(url), env={**os.environ, DB_URL_ENV: url}, start_new_session=True,
-            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-        )
+    with open(os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab") as out:
+        process = spawn(command, env={**os.environ, DB_URL_ENV: url}, stdout=out)  # kept and reaped: no zombie
     record = {"pid": process.pid, "command": command, "started_at": datetime.now(UTC).isoformat(timespec="seconds")}
-    pid_file(url).write_text(json.dumps(record), encoding="utf-8")
+    write_private(pid_file(url), json.dumps(record))
     return process.pid
 
 

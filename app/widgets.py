@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import string
 from collections.abc import Callable
 from typing import Any
 
 import streamlit as st
 from PIL import Image, ImageDraw
+
+_MARKDOWN_SPECIAL = str.maketrans({c: "\\" + c for c in string.punctuation})
+
+
+def plain(text: object) -> str:
+    """``text`` for a markdown string, shown as typed: every ASCII punctuation character backslash-escaped
+    (CommonMark), so a name like ``[x](http://...)`` or ``![](...)`` shows as text, never a link or image."""
+    return " ".join(str(text).split()).translate(_MARKDOWN_SPECIAL)
 
 
 def show_job(job: dict[str, Any], title: str) -> None:

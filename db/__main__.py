@@ -9,14 +9,13 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from sqlalchemy.exc import ArgumentError
 from tqdm import tqdm
 
-from db.engine import DB_URL_ENV, DEFAULT_DB_URL, database_url, init_db, make_sessionmaker
-from db.export import export_coco, export_training_mix, write_json
-from db.importers import ImportReport, check_files, import_coco, import_folder, import_nih, import_vindr
+from db.engine import DB_URL_ENV, DEFAULT_DB_URL, database_url, display_url, init_db, make_sessionmaker
+from db.export import INCLUDE_PATIENT_IDS, export_coco, export_training_mix, file_mapping, write_file_map, write_json
+from db.importers import SALT_ENV, ImportReport, check_files, import_coco, import_folder, import_nih, import_vindr
 from db.repository import DEFAULT_PROJECT, assign_splits, stats
-
-SALT_ENV = "OXNET_PSEUDONYM_SALT"
 
 DESCRIPTION = f"""\
 The OXnet workbench store: the database that remembers your images, their labels and boxes, and the
@@ -32,7 +31,10 @@ Examples:
   python -m db split                                      train/val/test by patient
   python -m db stats                                      counts per granularity and split
   python -m db export coco out.json --granularity full    boxes of the fully labelled images
-Patient ids can be replaced by salted hashes: set {SALT_ENV} (or --pseudonymize-salt) when importing.
+Patient ids can be replaced by salted hashes: set {SALT_ENV} when importing (never on the command
+line, where every user of the machine can read it). New images get a split by patient unless --split
+or --no-assign-splits says otherwise. Exports leave patient ids out and write neutral file names
+(image-<id>.<ext>) unless --include-patient-ids; --file-map writes the real paths separately.
 Each import is one transaction: if it stops half-way, nothing of it is stored. Bad files are listed
 with the reason and the rest is imported; the exit status is 1 when there were errors."""
 
@@ -59,7 +61,9 @@ def _parser() -> argparse.ArgumentParser:
     imports = commands.add_parser("import", help="add images and their labels").add_subparsers(dest="kind", required=True, metavar="KIND")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--split", choices=["train", "val", "test"], help="put every imported image in this split")
-    common.add_argument("--pseudonymize-salt", metavar="SALT", help=f"replace patient ids by salted hashes (default: ${SALT_ENV})")
+    common.add_argument("--no-assign-splits", action="store_true",
+                        help="leave new images without a split (default: train/val/test by patient; unsplit images are never trained on)")
+    common.add_argument("--pseudonymize-salt", metavar="SALT", help=argparse.SUPPRESS)  # refused: see main()
     common.add_argument("--report", metavar="FILE", help="also write the full report (every item and reason) as JSON")
 
     folder = imports.add_parser("folder", parents=[common], help="every PNG, JPEG and DICOM file under a folder (unlabeled)")
@@ -85,9 +89,13 @@ def _parser() -> argparse.ArgumentParser:
     coco_out.add_argument("out", metavar="OUT")
     coco_out.add_argument("--granularity", choices=["full", "weak", "unlabeled", "all"], default="all")
     coco_out.add_argument("--split", choices=["train", "val", "test"])
-    coco_out.add_argument("--images-root", metavar="DIR", help="write file names relative to this folder (default: absolute)")
-    mix = export.add_parser("mix", help="train.json, val.json and test.json: what the trainer learns from")
+    coco_out.add_argument("--images-root", metavar="DIR", help="with --include-patient-ids: write file names relative to this folder")
+    coco_out.add_argument("--include-patient-ids", action="store_true", default=INCLUDE_PATIENT_IDS,
+                          help="keep patient ids and real file names (identifying; default: left out, names image-<id>.<ext>)")
+    coco_out.add_argument("--file-map", metavar="CSV", help="also write id, neutral file name and real path (identifying) to this CSV")
+    mix = export.add_parser("mix", help="train.json, val.json and test.json: what the trainer learns from (real paths, no patient ids)")
     mix.add_argument("out", metavar="OUTDIR")
+    mix.add_argument("--include-patient-ids", action="store_true", default=INCLUDE_PATIENT_IDS, help="keep patient ids (identifying)")
 
     commands.add_parser("stats", help="image counts per granularity and split (JSON)")
 
@@ -110,14 +118,22 @@ def _finish(report: ImportReport, args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if getattr(args, "pseudonymize_salt", None) is not None:
+        print(f"error: --pseudonymize-salt is refused: a salt on the command line is readable by every user of this "
+              f"machine (/proc/<pid>/cmdline, shell history). Set the environment variable {SALT_ENV} instead.", file=sys.stderr)
+        return 2
     url = database_url(args.db)
-    Session = make_sessionmaker(init_db(url))
-    salt = getattr(args, "pseudonymize_salt", None) or os.environ.get(SALT_ENV) or None
+    try:
+        Session = make_sessionmaker(init_db(url))
+    except ArgumentError:  # its message repeats the URL, password included
+        print(f"error: cannot parse the store URL {display_url(url)} (set {DB_URL_ENV} or --db to an SQLAlchemy URL)", file=sys.stderr)
+        return 2
+    salt = os.environ.get(SALT_ENV) or None
     progress, close = _progress(f"{args.command} {getattr(args, 'kind', '')}".strip())
     try:
         with Session.begin() as session:
             if args.command == "init":
-                print(f"store ready: {url}")
+                print(f"store ready: {display_url(url)}")
                 return 0
             if args.command == "import":
                 options = {"project": args.project, "split": args.split, "patient_salt": salt, "progress": progress}
@@ -130,6 +146,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 else:
                     report = import_vindr(session, args.csv, images=args.images, **options)
                 close()
+                if report.imported and not args.split and not args.no_assign_splits:
+                    counts = assign_splits(session, args.project)
+                    print(f"split by patient: {counts}")
                 return _finish(report, args)
             if args.command == "check":
                 report = check_files(session, args.project, recheck=args.recheck, progress=progress)
@@ -137,11 +156,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return _finish(report, args)
             if args.command == "export":
                 if args.kind == "coco":
-                    data = export_coco(session, split=args.split, granularity=args.granularity, project=args.project, images_root=args.images_root)
+                    data = export_coco(session, split=args.split, granularity=args.granularity, project=args.project,
+                                       images_root=args.images_root, include_patient_ids=args.include_patient_ids)
                     write_json(data, args.out)
                     print(f"wrote {len(data['images'])} images, {len(data['annotations'])} boxes to {args.out}")
+                    if args.file_map:
+                        write_file_map(file_mapping(session, data), args.file_map)
+                        print(f"wrote the file names' real paths (identifying) to {args.file_map}")
                 else:
-                    for name, data in export_training_mix(session, project=args.project).items():
+                    for name, data in export_training_mix(session, project=args.project,
+                                                          include_patient_ids=args.include_patient_ids).items():
                         write_json(data, Path(args.out) / f"{name}.json")
                         print(f"{name}: {len(data['images'])} images -> {Path(args.out) / f'{name}.json'}")
                 return 0

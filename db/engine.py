@@ -41,6 +41,17 @@ def database_url(url: str | None = None) -> str:
     return url or os.environ.get(DB_URL_ENV) or DEFAULT_DB_URL
 
 
+def display_url(url: str | None = None) -> str:
+    """The store URL as it may be shown (sidebar, CLI, logs, error messages): the password masked as ``***``.
+
+    A URL SQLAlchemy cannot parse is shown as ``<unparsable store URL>`` (it could hold a password anywhere).
+    """
+    try:
+        return make_url(database_url(url)).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - whatever the parser says, the raw text must not be shown
+        return "<unparsable store URL>"
+
+
 def _sqlite_pragmas(dbapi_connection, connection_record) -> None:
     """Set WAL, busy timeout and foreign keys on every new SQLite connection."""
     cursor = dbapi_connection.cursor()

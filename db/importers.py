@@ -118,6 +118,10 @@ class _Item:
         return None
 
 
+#: Environment variable holding the pseudonymisation salt (a secret: never on a command line or in a file).
+SALT_ENV = "OXNET_PSEUDONYM_SALT"
+
+
 def pseudonymize(patient_id: str | None, salt: str | None) -> str | None:
     """``patient_id`` unchanged when ``salt`` is None, else a salted SHA-256 pseudonym (16 hex digits)."""
     if patient_id is None or salt is None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
@@ -46,6 +47,39 @@ DEFAULT_PROJECT = "default"
 DEFAULT_LEASE = timedelta(minutes=30)
 #: A trainer whose heartbeat is older than this has died; another may take its lock.
 TRAINER_STALE_AFTER = timedelta(minutes=5)
+
+
+#: Longest annotator name (characters, after normalisation).
+MAX_ANNOTATOR_NAME = 64
+#: Names a person cannot claim (compared case-insensitively): the store's own writers. Any name with
+#: a ``:`` is reserved too (``import:nih``, ``vindr:R8``).
+RESERVED_ANNOTATOR_NAMES = frozenset({"trainer", "system", "ui", "cli", "oracle"})
+
+
+def annotator_name(name: str, *, person: bool = True) -> str:
+    """The one normal form of an annotator's name, for every place a name enters the store.
+
+    Unicode NFC, trimmed, runs of white space made one space; at most :data:`MAX_ANNOTATOR_NAME`
+    characters; no control or format characters. With ``person`` (a name typed by a user) the
+    reserved names (:data:`RESERVED_ANNOTATOR_NAMES`, anything with ``:``) are refused as well.
+
+    Raises:
+        ValueError: the name is empty, too long, holds a control character or is reserved; the
+            message says which.
+    """
+    if not isinstance(name, str):
+        raise ValueError(f"the annotator name must be text, got {type(name).__name__}")
+    for char in name:
+        if unicodedata.category(char).startswith("C") and char not in "\t\n\r":
+            raise ValueError(f"the annotator name must not contain control characters (found U+{ord(char):04X})")
+    normal = " ".join(unicodedata.normalize("NFC", name).split())
+    if not normal:
+        raise ValueError("the annotator name must not be empty")
+    if len(normal) > MAX_ANNOTATOR_NAME:
+        raise ValueError(f"the annotator name must be at most {MAX_ANNOTATOR_NAME} characters, got {len(normal)}")
+    if person and (":" in normal or normal.casefold() in RESERVED_ANNOTATOR_NAMES):
+        raise ValueError(f"{normal!r} is reserved for the workbench's own writers (trainer, imports); choose another name")
+    return normal
 
 
 _UPSERT_INSERT = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}
@@ -100,9 +134,8 @@ def class_names(session: Session, project: Project) -> list[str]:
 
 
 def get_annotator(session: Session, name: str, kind: str = "human") -> Annotator:
-    """The annotator called ``name``, created on first use."""
-    if not name or not name.strip():
-        raise ValueError("annotator name must not be empty")
+    """The annotator called ``name`` (normalised by :func:`annotator_name`), created on first use."""
+    name = annotator_name(name, person=False)
     _insert_ignore(session, Annotator.__table__, {"name": name, "kind": kind}, ["name"])
     return session.scalars(select(Annotator).where(Annotator.name == name)).one()
 

@@ -7,7 +7,10 @@ that no longer exists (a trainer killed with ``kill -9``): then it is taken over
 after :data:`db.repository.TRAINER_STALE_AFTER`.
 
 A stop request is an audit entry (action :data:`STOP_ACTION`, ``after={"project": name}``): the
-running trainer sees it within a heartbeat and stops cleanly. No schema change is needed.
+running trainer sees it within a heartbeat and stops cleanly; the round in progress is abandoned
+(recorded failed, see :data:`oxnet.loop.STOPPED_MESSAGE`). ``request_stop(..., after_round=True)``
+writes :data:`STOP_AFTER_ROUND_ACTION` instead: the trainer finishes and saves the round in progress,
+then exits. No schema change is needed.
 
 Model version checkpoints live in ``<data dir>/models/<project>/version-<id>/model.pt``
 (:func:`db.demo.data_dir`: ``workbench_data/`` beside a SQLite store).
@@ -69,10 +72,12 @@ from oxnet.loop import Snapshot, VersionInfo
 from oxnet.scoring import ADD_LABELS, ImageScore
 from oxnet.simulate import Candidate, hide_labels
 
-__all__ = ["STOP_ACTION", "OracleStore", "SqlStore", "default_owner", "request_stop", "simulation_store"]
+__all__ = ["STOP_ACTION", "STOP_AFTER_ROUND_ACTION", "OracleStore", "SqlStore", "default_owner", "request_stop", "simulation_store"]
 
 #: Audit action of a stop request.
 STOP_ACTION = "trainer_stop"
+#: Audit action of a request to stop once the round in progress is finished.
+STOP_AFTER_ROUND_ACTION = "trainer_stop_after_round"
 #: Annotator name of the trainer's own audit entries.
 TRAINER_ANNOTATOR = "trainer"
 #: Boxes kept per stored prediction (best first).
@@ -103,10 +108,11 @@ def _dead_local_owner(owner: str | None) -> bool:
         return False
 
 
-def request_stop(session: Session, project: str = DEFAULT_PROJECT, *, annotator: str = "ui") -> None:
-    """Ask the project's trainer to stop after its current step (an audit entry it polls)."""
+def request_stop(session: Session, project: str = DEFAULT_PROJECT, *, annotator: str = "ui", after_round: bool = False) -> None:
+    """Ask the project's trainer to stop (an audit entry it polls): after its current step, abandoning the
+    round in progress, or with ``after_round`` once that round is finished and saved."""
     get_project(session, project)
-    log_event(session, annotator, STOP_ACTION, {"project": project})
+    log_event(session, annotator, STOP_AFTER_ROUND_ACTION if after_round else STOP_ACTION, {"project": project})
 
 
 class SqlStore:
@@ -171,9 +177,16 @@ class SqlStore:
                               phase=phase, error=error)
 
     def stop_requested(self) -> bool:
+        return self._requested(STOP_ACTION)
+
+    def stop_after_round_requested(self) -> bool:
+        """Whether someone asked, since this trainer started, to stop once the round in progress is done."""
+        return self._requested(STOP_AFTER_ROUND_ACTION)
+
+    def _requested(self, action: str) -> bool:
         with self.sessions.begin() as session:
             afters = session.scalars(
-                select(AuditEntry.after).where(AuditEntry.action == STOP_ACTION, AuditEntry.id > self._stop_marker)
+                select(AuditEntry.after).where(AuditEntry.action == action, AuditEntry.id > self._stop_marker)
             )
             return any((after or {}).get("project") == self.project for after in afters)
 

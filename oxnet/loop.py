@@ -26,6 +26,17 @@ Example::
     >>> from db.workbench import SqlStore
     >>> trainer = Trainer(SqlStore.open("sqlite:///workbench.db"), TRAINER_PRESETS["cpu"])
     >>> trainer.run()       # until SIGTERM (trainer.stop.set()) or a stop request in the store
+
+Stopping: "stop now" (SIGTERM, ``trainer.stop``, a stop request in the store) ends the round in
+progress at its next step; that round's model version is marked failed with the reason, nothing of it
+is served, the labels are untouched, and the next trainer starts a new round warm-started from the
+latest ready version. "Stop after this round" (a store whose ``stop_after_round_requested()`` says
+so; optional in :class:`Store`) lets the round in progress finish and be saved, then exits.
+
+ETA: the phase text carries the whole round's remaining time, ``round eta``: training's own estimate
+plus the previous round's measured durations of the later phases (evaluation, saving, scoring and
+writing, scaled by the number of images to score); before any round has been measured it says
+``train eta ... + scoring``. While scoring, the rate so far gives the rest.
 """
 
 from __future__ import annotations
@@ -49,6 +60,7 @@ from oxnet.scoring import ImageScore, ScoreConfig, score_images
 from oxnet.settings import TrainConfig
 
 __all__ = [
+    "STOPPED_MESSAGE",
     "TRAINER_PRESETS",
     "AlreadyRunning",
     "LoopSettings",
@@ -60,6 +72,7 @@ __all__ = [
     "VersionInfo",
     "decide_promotion",
     "flatten_metrics",
+    "round_eta",
 ]
 
 logger = logging.getLogger(__name__)
@@ -71,6 +84,11 @@ TRAIN_SHARE = 0.8
 #: Entries of a training checkpoint kept in the inference checkpoint (optimizer state is dropped).
 _KEEP = ("classes", "model_config", "train_config", "student", "teacher", "ema_step", "phase", "epoch", "step",
          "best_metric", "history", "backbone_start")
+
+
+#: Why a round stopped midway is recorded failed (the model version's ``config["error"]``).
+STOPPED_MESSAGE = ("stopped before the round finished: its training is discarded (this version is never served); "
+                   "the labels are kept and the next round starts from the latest ready model")
 
 
 class StopRequested(Exception):
@@ -156,7 +174,8 @@ class Store(Protocol):
         """Record liveness and progress; raise RuntimeError when the lock is no longer ours."""
 
     def stop_requested(self) -> bool:
-        """Whether a stop was requested through the store since this trainer started."""
+        """Whether a stop was requested through the store since this trainer started (optionally,
+        ``stop_after_round_requested() -> bool``: stop once the round in progress is finished)."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -289,6 +308,7 @@ class RoundResult:
     error: str | None = None
     seconds: float = 0.0
     serving: bool | None = None
+    durations: dict[str, float] = field(default_factory=dict)
 
 
 def decide_promotion(
@@ -321,6 +341,24 @@ def decide_promotion(
         return True, f"val {metric} {value:.3f} vs the serving version's {old:.3f} (tolerance {tolerance:g})"
     return False, (f"val {metric} {value:.3f} is {old - value:.3f} below the serving version's {old:.3f} "
                    f"(tolerance {tolerance:g}): kept as a candidate")
+
+
+#: Phases of a round after training whose durations predict the next round's ETA (scoring and
+#: writing are per image to score).
+_LATER_PHASES = ("save", "evaluate")
+_PER_IMAGE_PHASES = ("score", "write")
+
+
+def round_eta(train_left_s: float, previous: Mapping[str, float] | None, to_score: int) -> float | None:
+    """Seconds left in a round while training: ``train_left_s`` plus the previous round's durations of
+    the later phases (``previous``: ``RoundResult.durations``; scoring and writing scaled from its
+    ``scored`` images to ``to_score``). None when no previous round was measured."""
+    if not previous:
+        return None
+    later = sum(float(previous.get(name, 0.0)) for name in _LATER_PHASES)
+    scored = float(previous.get("scored", 0.0))
+    per_image = sum(float(previous.get(name, 0.0)) for name in _PER_IMAGE_PHASES) / scored if scored else 0.0
+    return max(0.0, train_left_s) + later + per_image * to_score
 
 
 def flatten_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
@@ -386,6 +424,10 @@ class Trainer:
         self._status: dict[str, Any] = {"round": 0, "progress": 0.0, "phase": "starting", "error": None}
         self._status_lock = threading.Lock()
         self._lock_lost: str | None = None
+        #: Set when the store asks to stop once the round in progress is done.
+        self.stop_after_round = threading.Event()
+        self._previous_durations: dict[str, float] | None = None
+        self._to_score = 0
 
     # -- status and heartbeat ------------------------------------------------------------------------
     def _set(self, **values: Any) -> None:
@@ -405,6 +447,10 @@ class Trainer:
         if self.store.stop_requested():
             logger.info("stop requested through the store")
             self.stop.set()
+        after_round = getattr(self.store, "stop_after_round_requested", None)
+        if after_round is not None and not self.stop_after_round.is_set() and after_round():
+            logger.info("asked through the store to stop after the round in progress")
+            self.stop_after_round.set()
 
     def _heartbeats(self, done: threading.Event) -> None:
         while not done.wait(self.settings.heartbeat_s):
@@ -420,9 +466,11 @@ class Trainer:
     def _on_progress(self, p: Progress) -> None:
         self._check_stop()
         fraction = (p.epoch + p.step / max(1, p.steps_per_epoch)) / max(1, p.epochs)
+        eta = round_eta(p.eta_s, self._previous_durations, self._to_score)
+        eta_text = f"round eta {_duration(eta)}" if eta is not None else f"eta {_duration(p.eta_s)}+scoring"
         self._set(progress=TRAIN_SHARE * fraction,
                   phase=f"{p.phase} {p.epoch + 1}/{p.epochs} step {p.step}/{p.steps_per_epoch} "
-                        f"loss {p.losses.get('total', float('nan')):.3f} eta {_duration(p.eta_s)}")
+                        f"loss {p.losses.get('total', float('nan')):.3f} {eta_text}")
 
     # -- the loop ------------------------------------------------------------------------------------
     def run(self) -> list[RoundResult]:
@@ -451,6 +499,9 @@ class Trainer:
                     self.on_round(result)
                 rounds = sum(r.status in ("ready", "failed") for r in results)
                 if result.status == "stopped" or (self.settings.max_rounds and rounds >= self.settings.max_rounds):
+                    break
+                if self.stop_after_round.is_set():
+                    logger.info("stopping after round %d, as asked", result.round)
                     break
                 if result.status == "failed":
                     self._wait(self.settings.retry_delay_s, None, "retrying after a failed round")
@@ -484,6 +535,9 @@ class Trainer:
         max_seconds = self.settings.max_interval_s
         poll = min(self.settings.heartbeat_s, 2.0)
         while not self.stop.wait(poll if time.monotonic() - started >= min_seconds else min(poll, min_seconds)):
+            if self.stop_after_round.is_set():  # asked while waiting: the round is over, so stop now
+                self.stop.set()
+                return
             elapsed = time.monotonic() - started
             if elapsed < min_seconds:
                 continue
@@ -545,7 +599,10 @@ class Trainer:
         logger.info("round %d (model version %d): %s; warm start %s", number, version.id,
                     ", ".join(f"{n} {g}" for g, n in counts.items()), warm or "none")
         config = s.train_config(out_dir=version.folder, round=number, init_checkpoint=warm, pretrain_epochs=pretrain)
+        durations: dict[str, float] = {}
+        self._to_score = sum(r.granularity != "full" for r in train) if s.suggest else 0
         try:
+            clock = time.monotonic()
             history, batch = _halving(
                 lambda b: fit(train, selection, replace(config, batch_size=b), classes=classes,
                               callback=self._on_progress, progress=False),
@@ -554,16 +611,24 @@ class Trainer:
             result.batch_size = batch
             config = replace(config, batch_size=batch)
             config_record["train"] = config.to_dict()
+            durations["train"], clock = time.monotonic() - clock, time.monotonic()
             self._check_stop()
             checkpoint, state = self._compact(history.best_checkpoint or history.last_checkpoint, version.folder)
             config_record["backbone_start"] = state.get("backbone_start")
+            durations["save"], clock = time.monotonic() - clock, time.monotonic()
             metrics = self._metrics(history, state, splits, notes)
+            durations["evaluate"], clock = time.monotonic() - clock, time.monotonic()
             if s.suggest:
                 pending = [r for r in train if r.granularity != "full"]
                 results = self._score(state, pending, classes, number)
+                durations["score"], clock = time.monotonic() - clock, time.monotonic()
                 self._set(phase="writing suggestions")
                 self.store.write_results(version.id, classes, results)
+                durations["write"], clock = time.monotonic() - clock, time.monotonic()
                 result.scored = len(results)
+            durations["scored"] = float(result.scored)
+            config_record["durations"] = {k: round(v, 3) for k, v in durations.items()}
+            result.durations = dict(durations)
             self._check_stop()
             serve, reason = decide_promotion(metrics.get("val"), self.store.serving_metrics(),
                                              metric=s.promote_metric, tolerance=s.promote_tolerance)
@@ -571,10 +636,11 @@ class Trainer:
             config_record["promotion"] = {"serve": serve, "reason": reason}
             self.store.finish_version(version.id, str(checkpoint), metrics, config_record, serve=serve, reason=reason)
             result.serving = serve
+            self._previous_durations = dict(durations)
         except StopRequested:
             free_memory()
-            self.store.fail_version(version.id, "stopped before the round finished", config_record)
-            result.status, result.error = "stopped", "stopped before the round finished"
+            self.store.fail_version(version.id, STOPPED_MESSAGE, config_record)
+            result.status, result.error = "stopped", STOPPED_MESSAGE
         except Exception as e:  # noqa: BLE001 - a failing round is recorded and the next one tries again
             free_memory()
             error = f"round {number} failed: {type(e).__name__}: {e}"
@@ -635,9 +701,16 @@ class Trainer:
         student = model_from_state(state).to(device)
         teacher = model_from_state(state, weights="teacher").to(device) if state.get("teacher") is not None else student
 
+        started = time.monotonic()
+        previous = self._previous_durations or {}
+        write_per_image = previous.get("write", 0.0) / previous["scored"] if previous.get("scored") else 0.0
+
         def on_batch(done: int, total: int) -> None:
             self._check_stop()
-            self._set(progress=TRAIN_SHARE + (1 - TRAIN_SHARE) * done / total, phase=f"scoring {done}/{total} images")
+            elapsed = time.monotonic() - started
+            left = elapsed / done * (total - done) + write_per_image * total if done else None
+            eta = f" round eta {_duration(left)}" if left is not None else ""
+            self._set(progress=TRAIN_SHARE + (1 - TRAIN_SHARE) * done / total, phase=f"scoring {done}/{total} images{eta}")
 
         results, _ = _halving(
             lambda b: score_images(student, teacher, records, classes, config=s.score, batch_size=b, device=device,

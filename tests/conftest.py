@@ -13,6 +13,19 @@ import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
+
+
+@pytest.fixture(autouse=True)
+def _loopback_server_address():
+    """AppTest serves nothing and reads no app/.streamlit/config.toml, but app/main.py refuses to render
+    unless ``server.address`` is loopback: give AppTest runs the address the config file gives servers."""
+    from streamlit import config
+
+    before = config.get_option("server.address")
+    config.set_option("server.address", "127.0.0.1")
+    yield
+    config.set_option("server.address", before)
+
 from db.engine import init_db, make_sessionmaker
 
 POSTGRES_ENV = "OXNET_TEST_POSTGRES"

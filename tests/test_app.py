@@ -26,6 +26,7 @@ from db.demo import seed_demo
 from db.engine import init_db, make_sessionmaker
 from db.lifecycle import set_image_labels
 from db.models import (
+    AuditEntry,
     Box,
     Granularity,
     Image,
@@ -191,7 +192,12 @@ def test_overview_starts_and_stops_a_stub_trainer(demo, monkeypatch, tmp_path):
         acquire_trainer_lock(session, f"testhost:{pid}")
     at.run()
     assert not at.button(key="overview_stop").disabled
+    at.button(key="overview_stop_after_round").click().run()
+    with _sessions(demo)() as session:
+        assert session.scalars(select(AuditEntry.action).where(AuditEntry.action == "trainer_stop_after_round")).all()
+    assert "once the round in progress is saved" in str([t.value for t in at.toast])
     at.button(key="overview_stop").click().run()
+    assert "the round in progress is discarded" in str([t.value for t in at.toast])
     deadline = time.monotonic() + 20
     while trainer_control.trainer_pid(None, demo) is not None:
         assert time.monotonic() < deadline
@@ -435,19 +441,72 @@ def test_data_import_job_reports_progress_and_result(demo, tmp_path):
     assert "1 items not imported" in str([e.label for e in at.expander])
 
 
-def test_data_upload_rejects_a_non_image_and_imports_the_image(demo):
+def test_data_upload_runs_the_import_job_with_its_report_and_a_split(demo):
+    """An upload is imported by the background folder import (not in the page run), whose report lists
+    the file it could not read; the new image gets a split by patient, and the page says so."""
     png = io.BytesIO()
     PILImage.new("L", (16, 16), 99).save(png, format="PNG")
     at = _app("views/data.py")
+    assert "put in train/val/test by patient" in _texts(at)
     uploader = at.get("file_uploader")[0]
     uploader.set_value([("scan.png", png.getvalue(), "image/png"), ("report.png", b"%PDF-1.4 not a png", "image/png")]).run()
     at.button(key="data_upload_go").click().run()
     assert not at.exception, at.exception
-    assert "`report.png` is not an image we can read" in _texts(at)
-    assert "Imported 1" in _texts(at)
+    job = _wait_for_jobs(demo)[0]
+    assert job["command"] == "import" and job["args"][0] == "folder" and "--assign-splits" in job["args"]
+    assert job["status"] == "done" and len(job["result"]["imported"]) == 1 and len(job["result"]["errors"]) == 1
     with _sessions(demo)() as session:
-        paths = list(session.scalars(select(Image.path).where(Image.source == "folder")))
-    assert [Path(p).name for p in paths] == ["scan.png"]
+        rows = session.execute(select(Image.path, Image.split).where(Image.source == "folder")).all()
+    assert [Path(p).name for p, _ in rows] == ["scan.png"] and rows[0][1] is not None
+    at.run()
+    assert "1 items not imported" in str([e.label for e in at.expander])
+
+
+def test_data_keeping_images_unsplit_says_what_that_means(demo):
+    at = _app("views/data.py")
+    at.selectbox(key="data_split").select("keep the file's splits, assign none").run()
+    assert "never trained on, scored or queued" in _texts(at)
+
+
+def test_finished_jobs_are_reaped_without_any_page_polling(demo, tmp_path, monkeypatch):
+    """A finished job and a stopped trainer started from the UI leave no zombie behind."""
+    import psutil
+
+    from app.jobs import start_job
+
+    def gone(pid: int) -> bool:  # a zombie still exists (as psutil.STATUS_ZOMBIE) until it is reaped
+        try:
+            psutil.Process(pid)
+        except psutil.NoSuchProcess:
+            return True
+        return False
+
+    path = start_job("export", [str(tmp_path / "e.json")], url=demo)
+    job_pid = int(path.with_suffix(".pid").read_text())
+    script = tmp_path / "trainer.py"  # a stand-in trainer that ends at once
+    script.write_text("import sys; sys.exit(0)\n")
+    monkeypatch.setattr(trainer_control, "TRAINER_COMMAND", [sys.executable, str(script)])
+    trainer = trainer_control.start_trainer(demo, preset="tiny")
+    deadline = time.monotonic() + 120
+    while not (gone(job_pid) and gone(trainer)):
+        assert time.monotonic() < deadline, [psutil.Process(p).status() for p in (job_pid, trainer) if psutil.pid_exists(p)]
+        time.sleep(0.3)
+
+
+def test_overview_shows_the_newest_model_version(demo):
+    def ready(round_: int) -> int:
+        with _sessions(demo).begin() as session:
+            version = create_model_version(session, config={}, round=round_)
+            finish_model_version(session, version.id, status=ModelStatus.READY)
+            record_metrics(session, version.id, "val", {"mAP": round_ / 10})
+            return version.id
+
+    first = ready(1)
+    at = _app()
+    assert f"Version **{first}**" in _texts(at)
+    newest = [ready(2), ready(3)][-1]
+    at.run()
+    assert f"Version **{newest}**" in _texts(at) and f"Version **{first}**" not in _texts(at)
 
 
 def test_jobs_cli_runs_an_export_without_patient_ids(demo, tmp_path):
@@ -457,7 +516,7 @@ def test_jobs_cli_runs_an_export_without_patient_ids(demo, tmp_path):
     subprocess.run([sys.executable, "-m", "app.jobs", "--status", str(status), "export", str(out), "--granularity", "full"],
                    check=True, env={**os.environ, "OXNET_DB_URL": demo}, cwd=Path(MAIN).parent.parent)
     data = json.loads(out.read_text())
-    assert data["images"] and all(i["patient_id"] is None and i["granularity"] == "full" for i in data["images"])
+    assert data["images"] and all("patient_id" not in i and i["granularity"] == "full" for i in data["images"])
     assert json.loads(status.read_text())["status"] == "done"
 
 

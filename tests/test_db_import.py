@@ -320,7 +320,7 @@ def test_nih_cxr_coco_files_round_trip(db_sessionmaker):
         assert granularity_mismatches(s) == []
         for name, granularity in (("boxes.json", "full"), ("image_labels.json", "weak"), ("unlabeled.json", "unlabeled")):
             source = by_file(json.loads((annotations / name).read_text()))
-            exported = by_file(export_coco(s, granularity=granularity, images_root=images))
+            exported = by_file(export_coco(s, granularity=granularity, images_root=images, include_patient_ids=True))
             assert exported.keys() == source.keys()
             for file_name, (image, boxes) in source.items():
                 out_image, out_boxes = exported[file_name]

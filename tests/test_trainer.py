@@ -25,7 +25,7 @@ from db.workbench import SqlStore, request_stop
 from oxnet import engine
 from oxnet.checkpoint import load_checkpoint
 from oxnet.data.synthetic import write_coco
-from oxnet.loop import TRAINER_PRESETS, AlreadyRunning, Trainer
+from oxnet.loop import STOPPED_MESSAGE, TRAINER_PRESETS, AlreadyRunning, Trainer, round_eta
 from oxnet.simulate import hide_labels
 
 pytestmark = pytest.mark.slow  # processes, whole training runs: deselect with -m 'not slow'
@@ -204,7 +204,7 @@ def test_failed_round_recorded_then_retried_and_oom_halves_batch(store_url, monk
     store = SqlStore.open(store_url)
     heartbeat = store.heartbeat
     store.heartbeat = lambda *a, **k: (errors.append(a[3] if len(a) > 3 else k.get("error")), heartbeat(*a, **k))
-    results = Trainer(store, replace(SETTINGS, max_rounds=2)).run()
+    results = Trainer(store, replace(SETTINGS, max_rounds=2, max_interval_s=0.1)).run()
 
     assert [r.status for r in results] == ["failed", "ready"]
     assert "disk full" in results[0].error
@@ -243,7 +243,7 @@ def test_sigterm_stops_cleanly_and_kill_9_resumes(store_url, tmp_path):
     assert trainer.wait(timeout=120) == 0
     with _session(store_url).begin() as session:
         assert trainer_state(session).lock_owner is None
-    assert [(v[2], v[5]["error"]) for v in _versions(store_url)] == [(ModelStatus.FAILED, "stopped before the round finished")]
+    assert [(v[2], v[5]["error"]) for v in _versions(store_url)] == [(ModelStatus.FAILED, STOPPED_MESSAGE)]
 
     trainer = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
     _wait_for_training(store_url, trainer)
@@ -258,3 +258,51 @@ def test_sigterm_stops_cleanly_and_kill_9_resumes(store_url, tmp_path):
     load_checkpoint(versions[2][4])  # complete and readable
     assert versions[2][5]["train"]["pretrain_epochs"] == 1  # no ready model yet: RetinaNet on the full images first
     assert _granularities(store_url) == before  # no label lost
+
+
+def test_stop_after_this_round_finishes_and_saves_the_round_then_exits(store_url):
+    """A "stop after this round" request during round 1 lets that round finish ready, then the trainer
+    exits (a later round would start after max_interval_s without it)."""
+    sessions = _session(store_url)
+    store = SqlStore.open(store_url)
+    write_results = store.write_results
+
+    def ask_during_round(version_id, classes, results):
+        with sessions.begin() as session:
+            request_stop(session, after_round=True)
+        write_results(version_id, classes, results)
+
+    store.write_results = ask_during_round
+    settings = replace(SETTINGS, max_rounds=None, max_interval_s=0.5)
+    results = Trainer(store, settings).run()
+
+    assert [r.status for r in results] == ["ready"]
+    assert [(v[1], v[2]) for v in _versions(store_url)] == [(1, ModelStatus.READY)]
+    with sessions.begin() as session:
+        assert trainer_state(session).lock_owner is None
+
+
+def test_round_eta_covers_evaluation_saving_scoring_and_writing(store_url):
+    """The first round's phase text says its ETA covers training only; the second round's ETA adds the
+    first round's measured later phases, scaled by the images to score."""
+    assert round_eta(10.0, None, 5) is None
+    previous = {"train": 100.0, "save": 2.0, "evaluate": 8.0, "score": 40.0, "write": 10.0, "scored": 10.0}
+    assert round_eta(10.0, previous, 20) == pytest.approx(10.0 + 2.0 + 8.0 + (40.0 + 10.0) / 10 * 20)
+
+    phases: list[tuple[int, str]] = []
+
+    class Recording(Trainer):
+        def _set(self, **values):
+            super()._set(**values)
+            if "phase" in values:
+                phases.append((self._status["round"], values["phase"]))
+
+    results = Recording(SqlStore.open(store_url), replace(SETTINGS, max_rounds=2, max_interval_s=0.1)).run()
+    assert [r.status for r in results] == ["ready", "ready"]
+    assert set(results[0].durations) >= {"train", "save", "evaluate", "score", "write", "scored"}
+    assert results[0].durations["scored"] == 6  # the not-full train images
+    training = [(n, text) for n, text in phases if text.startswith(("train ", "pretrain "))]
+    assert training and all("+scoring" in text for n, text in training if n == 1)
+    assert any("round eta" in text for n, text in training if n == 2)
+    assert all(len(text) <= 64 for _, text in phases)  # the store's phase column
+    assert _versions(store_url)[0][5]["durations"]["scored"] == 6

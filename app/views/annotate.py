@@ -16,6 +16,7 @@ from streamlit_drawable_canvas import CanvasResult, boxes_to_drawing, st_canvas
 
 from app.imaging import compose, fit, render
 from app.store import annotator, sessions, store_url
+from app.widgets import plain
 from db.lifecycle import ConflictError
 from db.models import SuggestedAction
 from db.repository import release_lease, take_lease
@@ -205,7 +206,7 @@ if detail.version != s["annotate_version"]:
 if error := s.pop("annotate_error", None):
     st.error(error)
 if detail.leased_by:
-    st.warning(f"{detail.leased_by} is annotating this image too (they hold its lease). Saves are version-checked.")
+    st.warning(f"{plain(detail.leased_by)} is annotating this image too (they hold its lease). Saves are version-checked.")
 
 st.caption(f"Image **#{detail.id}** · {detail.width}x{detail.height} px · {detail.granularity} · "
            f"{detail.split or 'no split'} · version {detail.version} · task: {action} · `{detail.path}`")

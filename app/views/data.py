@@ -1,9 +1,12 @@
-"""Data: import (folder, COCO, NIH, VinDr) and export as background jobs with progress, upload a few images."""
+"""Data: import (folder, COCO, NIH, VinDr) and upload as background jobs with progress and report, export.
+
+Every import, an upload included, is a background job (``app.jobs``); the page only starts it and
+shows its progress and report. Finished jobs (and their downloads) are drawn outside the part of the
+page that refreshes every second, so a download link stays valid however long the page is open.
+"""
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -11,30 +14,56 @@ from pathlib import Path
 import streamlit as st
 
 from app.jobs import list_jobs, start_job
-from app.store import sessions, store_url
+from app.store import store_url
 from app.widgets import show_job
 from db.demo import data_dir
-from db.imaging import probe_image
-from db.importers import import_folder
+from db.importers import SALT_ENV
 
-#: More files than this go through a folder import (a background job), not the upload box.
+#: More files than this go through a folder import, not the upload box.
 MAX_UPLOAD_FILES = 20
 UPLOAD_TYPES = ["png", "jpg", "jpeg", "dcm", "dicom"]
 ASSIGN = "keep the file's splits, assign the rest by patient (80/10/10)"
 KEEP = "keep the file's splits, assign none"
+#: ``st.session_state`` key: ids of the jobs this page has seen running (a change reruns the whole page).
+SEEN_RUNNING_KEY = "data_seen_running"
 
 
 def _missing(paths: list[str]) -> list[str]:
     return [p for p in paths if not p or not Path(p).expanduser().exists()]
 
 
-def _launch(command: str, args: list[str], paths: list[str]) -> None:
+def _launch(command: str, args: list[str], paths: list[str], secrets: dict[str, str] | None = None) -> None:
     missing = _missing(paths)
     if missing:
         st.error("Not found on the server: " + ", ".join(f"`{p or '(empty)'}`" for p in missing))
         return
-    start_job(command, args, url=url)
+    start_job(command, args, url=url, secrets=secrets)
     st.toast("Started; progress below.")
+
+
+def _split_and_salt() -> None:
+    """The split and salt of new images, for imports and uploads alike."""
+    st.selectbox("Split of new images (imports and uploads)", [ASSIGN, KEEP, "train", "val", "test"], key="data_split",
+                 help="the trainer learns from train and reports on the fully labelled val split")
+    if st.session_state["data_split"] == KEEP:
+        st.warning("Images without a split are never trained on, scored or queued. Assign them later with "
+                   "`python -m db split` (by patient), or choose another option.")
+    elif st.session_state["data_split"] == ASSIGN:
+        st.caption("New images without a split in the file are put in train/val/test by patient (80/10/10): "
+                   "images of one patient stay in one split.")
+    st.text_input("Pseudonymise patient ids with this salt (optional)", type="password", key="data_salt",
+                  help="passed to the import job in its environment, never on a command line or in a file; "
+                       f"when empty, the server's ${SALT_ENV} applies if it is set")
+
+
+def _split_args() -> list[str]:
+    choice = st.session_state["data_split"]
+    return {ASSIGN: ["--assign-splits"], KEEP: []}.get(choice, ["--split", choice])
+
+
+def _secrets() -> dict[str, str] | None:
+    salt = st.session_state.get("data_salt", "")
+    return {SALT_ENV: salt} if salt else None
 
 
 st.title("Data")
@@ -44,11 +73,9 @@ tab_import, tab_upload, tab_export = st.tabs(["Import", "Upload images", "Export
 with tab_import:
     st.caption("Images are referenced where they are (paths on the server), never copied. Each import is one "
                "transaction: if it stops half-way nothing of it is stored; bad items are listed with the reason.")
+    _split_and_salt()
     kind = st.radio("Source", ["folder", "COCO", "NIH", "VinDr"], horizontal=True, key="data_kind")
-    split = st.selectbox("Split", [ASSIGN, KEEP, "train", "val", "test"], key="data_split",
-                         help="the trainer learns from train and reports on the fully labelled val split")
-    salt = st.text_input("Pseudonymise patient ids with this salt (optional)", type="password", key="data_salt")
-    extra = {ASSIGN: ["--assign-splits"], KEEP: []}.get(split, ["--split", split]) + (["--pseudonymize-salt", salt] if salt else [])
+    extra = _split_args()
     with st.form("data_import_form"):
         if kind == "folder":
             folder = st.text_input("Folder (every PNG, JPEG and DICOM under it, unlabeled)")
@@ -70,40 +97,28 @@ with tab_import:
             images = st.text_input("Folder with <image_id>.dicom files")
             args, paths = ["vindr", csv, "--images", images, *extra], [csv, images]
         if st.form_submit_button("Start import", type="primary"):
-            _launch("import", args, paths)
+            _launch("import", args, paths, _secrets())
 
 with tab_upload:
     st.caption(f"For a handful of files (at most {MAX_UPLOAD_FILES}); they are copied into `{data_dir(url) / 'uploads'}` "
-               "and imported unlabeled. Larger sets: import their folder.")
+               "and imported unlabeled by the same background import job as a folder, with its report below. "
+               "Larger sets: import their folder.")
+    st.caption(f"Split of the uploaded images: **{st.session_state['data_split']}** (choose it on the Import tab).")
     files = st.file_uploader("Images", type=UPLOAD_TYPES, accept_multiple_files=True, key="data_upload")
     if files and st.button("Import uploaded files", key="data_upload_go", type="primary"):
         if len(files) > MAX_UPLOAD_FILES:
             st.error(f"{len(files)} files: at most {MAX_UPLOAD_FILES} here. Put them in a folder and use Import.")
         else:
-            rejected = []
-            target = data_dir(url) / "uploads" / time.strftime("%Y%m%d-%H%M%S")
-            with tempfile.TemporaryDirectory() as tmp:
-                accepted = []
-                for f in files:
-                    path = Path(tmp) / Path(f.name).name
-                    path.write_bytes(f.getvalue())
-                    try:
-                        probe_image(path, verify=True)
-                        accepted.append(path)
-                    except ValueError as e:
-                        rejected.append((f.name, str(e).removeprefix(f"{path}: ")))
-                if accepted:
-                    target.mkdir(parents=True, exist_ok=True)
-                    for path in accepted:
-                        shutil.move(path, target / path.name)
-            for name, reason in rejected:
-                st.error(f"`{name}` is not an image we can read ({reason}); it was not imported.")
-            if accepted:
-                with sessions().begin() as session:
-                    report = import_folder(session, target)
-                st.success(f"Imported {len(report.imported)}, skipped {len(report.skipped)} (already in the store).")
-                if report.errors:
-                    st.error(report.summary())
+            target = data_dir(url) / "uploads" / f"{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 1_000_000:06d}"
+            target.mkdir(parents=True, exist_ok=True)
+            names = set()
+            for f in files:
+                name = Path(f.name).name or "upload"
+                while name in names:  # two uploads of one name: keep both
+                    name = f"{len(names)}-{name}"
+                names.add(name)
+                (target / name).write_bytes(f.getvalue())
+            _launch("import", ["folder", str(target), *_split_args()], [str(target)], _secrets())
 
 with tab_export:
     st.caption("A COCO JSON with boxes of full images and image-level labels of all. Patient ids are left out "
@@ -113,32 +128,56 @@ with tab_export:
         granularity = c1.selectbox("Granularity", ["all", "full", "weak", "unlabeled"])
         export_split = c2.selectbox("Split", ["all", "train", "val", "test"])
         root = st.text_input("Write file names relative to this folder (optional)")
-        with_ids = st.checkbox("Include patient ids (identifying)")
+        with_ids = st.checkbox("Include patient ids and real file names (identifying)",
+                               help="without: no patient_id, and file names image-<id>.<ext> (NIH file names encode the patient)")
+        with_map = st.checkbox("Also write a separate table: neutral file name -> real path (identifying)")
         if st.form_submit_button("Export"):
-            out = data_dir(url) / "exports" / f"{time.strftime('%Y%m%d-%H%M%S')}-{granularity}-{export_split}.json"
-            args = [str(out), "--granularity", granularity, *([] if export_split == "all" else ["--split", export_split]),
-                    *(["--images-root", root] if root else []), *(["--with-patient-ids"] if with_ids else [])]
+            stem = data_dir(url) / "exports" / f"{time.strftime('%Y%m%d-%H%M%S')}-{granularity}-{export_split}"
+            args = [f"{stem}.json", "--granularity", granularity, *([] if export_split == "all" else ["--split", export_split]),
+                    *(["--images-root", root] if root else []), *(["--include-patient-ids"] if with_ids else []),
+                    *(["--file-map", f"{stem}-files.csv"] if with_map and not with_ids else [])]
             _launch("export", args, [root] if root else [])
 
 st.subheader("Jobs")
 
 
+def _title(job: dict) -> str:
+    """``export <file>``, ``import folder <folder>``: the command and the last part of its first paths."""
+    args = []
+    for arg in job.get("args", [])[:2]:
+        if arg.startswith("--"):
+            break
+        args.append(arg)
+    return " ".join([job["command"], *(Path(a).name or a for a in args)])
+
+
 @st.fragment(run_every=timedelta(seconds=1))
-def _jobs() -> None:
-    jobs = list_jobs(url, limit=8)
-    if not jobs:
-        st.caption("No jobs yet.")
-    for job in jobs:
-        title = f"{job['command']} {' '.join(job.get('args', [])[:2])}".strip()
-        show_job(job, title)
-        result = job.get("result") or {}
-        if job["status"] == "done" and result.get("errors"):
-            with st.expander(f"{len(result['errors'])} items not imported"):
-                st.dataframe([{"item": i, "reason": r} for i, r in result["errors"]], width="stretch")
-        out = result.get("out")
-        if job["status"] == "done" and out and Path(out).is_file():
-            st.download_button("Download " + Path(out).name, Path(out).read_bytes, file_name=Path(out).name,
-                               mime="application/json", key=f"data_download_{job['id']}")
+def _running() -> None:
+    """The running jobs, refreshed every second; when one of them ends, the whole page reruns once to
+    show it with its report and download below (drawn outside this fragment, so they stay valid)."""
+    seen = st.session_state.setdefault(SEEN_RUNNING_KEY, set())
+    running = [job for job in list_jobs(url, limit=50) if job["status"] == "running"]
+    ids = {job["id"] for job in running}
+    if seen - ids:
+        st.session_state[SEEN_RUNNING_KEY] = ids
+        st.rerun(scope="app")
+    st.session_state[SEEN_RUNNING_KEY] = seen | ids
+    for job in running:
+        show_job(job, _title(job))
 
 
-_jobs()
+_running()
+finished = [job for job in list_jobs(url, limit=8) if job["status"] != "running"]
+if not finished and not st.session_state.get(SEEN_RUNNING_KEY):
+    st.caption("No jobs yet.")
+for job in finished:
+    show_job(job, _title(job))
+    result = job.get("result") or {}
+    if job["status"] == "done" and result.get("errors"):
+        with st.expander(f"{len(result['errors'])} items not imported"):
+            st.dataframe([{"item": i, "reason": r} for i, r in result["errors"]], width="stretch")
+    for field, mime in (("out", "application/json"), ("file_map", "text/csv")):
+        path = Path(result[field]) if result.get(field) else None
+        if job["status"] == "done" and path is not None and path.is_file():
+            st.download_button(f"Download {path.name}", path.read_bytes(), file_name=path.name, mime=mime,
+                               on_click="ignore", key=f"data_download_{field}_{job['id']}")

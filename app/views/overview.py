@@ -28,6 +28,7 @@ def _counts(url: str) -> dict | None:
 
 
 def _serving(url: str) -> dict | None:
+    """The serving version and the candidates, read afresh (indexed queries): never a cached, older one."""
     with sessions()() as session:
         return serving_summary(session)
 
@@ -100,7 +101,7 @@ def _trainer_panel() -> None:
              "they cannot be had). 'random', 'imagenet', or the path of a torchvision ResNet state_dict on this "
              "server, e.g. /models/resnet18.pth. Later rounds warm-start from the previous model.",
     ).strip()
-    left, right = st.columns(2)
+    left, after, now_, _ = st.columns([1, 1, 1, 2], vertical_alignment="center")
     if left.button("Start trainer", disabled=alive, key="overview_start", type="primary",
                    help="cpu preset, or paper when a GPU is present"):
         if weights and weights not in ("random", "imagenet") and not Path(weights).is_file():
@@ -111,18 +112,37 @@ def _trainer_panel() -> None:
             except OSError as e:
                 st.error(f"Could not start the trainer: {e}")
     owner = row["owner"] if row else None
-    if right.button("Stop trainer", disabled=trainer_pid(owner, url) is None, key="overview_stop"):
+    if after.button("Stop after this round", disabled=not alive, key="overview_stop_after_round",
+                    help="the round in progress finishes and its model version is saved; then the trainer exits"):
+        from db.workbench import request_stop  # imports torch (oxnet.loop): only on this click
+
+        with sessions().begin() as session:
+            request_stop(session, after_round=True, annotator="ui")
+        st.toast("The trainer stops once the round in progress is saved.")
+    if now_.button("Stop now", disabled=trainer_pid(owner, url) is None, key="overview_stop",
+                   help="the round in progress is abandoned: its version is marked failed and never served; "
+                        "labels are kept; the next start trains a new round from the latest ready model"):
         pid = stop_trainer(owner, url)
-        st.toast(f"Sent SIGTERM to the trainer (pid {pid})." if pid else "No trainer process found on this machine.")
+        st.toast(f"Stopping the trainer (pid {pid}) now: the round in progress is discarded (its version is marked "
+                 "failed); your labels are kept, and the next start begins a new round from the latest ready model."
+                 if pid else "No trainer process found on this machine.")
+    st.caption("**Stop after this round** keeps the round in progress (it finishes, is saved and serves). "
+               "**Stop now** discards it: its model version is marked failed; labels are never lost.")
 
 
 _trainer_panel()
 
 st.subheader("Serving model")
-summary = _serving(url)
-if summary is None:
-    st.info("No model version yet: start the trainer; its first round adds one.")
-else:
+
+
+@st.fragment(run_every=timedelta(seconds=5))
+def _serving_panel() -> None:
+    """The serving version and the candidates, re-read every few seconds (a round can finish while the
+    page is open)."""
+    summary = _serving(url)
+    if summary is None:
+        st.info("No model version yet: start the trainer; its first round adds one.")
+        return
     latest = summary["serving"]  # the version whose suggestions and boxes the Queue and Annotate pages show
     counts_seen = latest["label_counts"]
     st.markdown(f"Version **{latest['id']}** (round {latest['round']}, {latest['created_at']:%Y-%m-%d %H:%M} UTC), trained on "
@@ -134,3 +154,6 @@ else:
     for col, name in zip(cols, HEADLINE_METRICS, strict=True):
         col.metric(f"{name} (val)", f"{val[name]:.3g}" if name in val else "-")
     candidate_notices(summary, key="overview")
+
+
+_serving_panel()
