@@ -26,7 +26,7 @@ from typing import Any
 from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.orm import Session
 
-from db.imaging import MAX_PIXELS, ImageInfo, probe_image
+from oxnet.imaging import MAX_PIXELS, ImageInfo, probe_image
 from db.lifecycle import EMPTY_STATE, box_error, box_state, derive_granularity, make_state
 from db.models import AuditEntry, Box, FileStatus, Image, ImageLabel, LabelClass, Project, Split, utcnow
 from db.repository import DEFAULT_PROJECT, ensure_project, get_annotator, get_project

@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader
 from oxnet.data.datasets import OmniDataset, collate
 from oxnet.data.records import Record
 from oxnet.data.sampler import MixedBatchSampler
-from oxnet.data.transforms import Photometric
+from oxnet.data.transforms import Photometric, load_image
 
 NUM_CLASSES = 3
 
@@ -133,7 +133,7 @@ def test_load_time_errors_name_the_file(records, tmp_path):
     with pytest.raises(ValueError, match=r"weak.png \(image id 2\): image is 10x10, the record says 80x40"):
         dataset[1]
     records[2].path.write_bytes(b"garbage")
-    with pytest.raises(ValueError, match="unl.png: cannot decode image"):
+    with pytest.raises(ValueError, match="unl.png: not a PNG, JPEG or DICOM file"):
         dataset[2]
 
 
@@ -144,3 +144,22 @@ def test_dataset_validation(records):
         OmniDataset(records + records[:1], num_classes=NUM_CLASSES)
     with pytest.raises(ValueError, match="cutout_size"):
         Photometric(cutout=1)
+
+
+def test_dicom_trains_through_the_store_reader(tmp_path):
+    """A 12-bit MONOCHROME1 DICOM with a window loads as the UI shows it: windowed, inverted, 16-bit."""
+    from tests.test_db_import import write_dicom
+
+    from oxnet.data.records import Record
+    from oxnet.imaging import read_pixels
+
+    pixels = (np.arange(40 * 48, dtype=np.uint16).reshape(40, 48) * 2) % 4096
+    path = write_dicom(tmp_path / "x.dcm", pixels, bits_stored=12, window=(1500, 1000), photometric="MONOCHROME1")
+    record = Record(image_id=1, path=path, width=48, height=40, granularity="unlabeled")
+    student, _, _ = OmniDataset([record], num_classes=NUM_CLASSES, size=40, train=False)[0]
+    loaded = load_image(path)
+    assert loaded.shape == (1, 40, 48)
+    assert torch.allclose(loaded[0], torch.from_numpy(read_pixels(path).astype(np.float32) / 65535))
+    assert len(torch.unique(loaded)) > 256  # deeper than 8 bits
+    assert loaded[0, 0, 0] == 1.0  # stored 0 is below the window: black, inverted to white
+    assert student.shape == (1, 40, 40)

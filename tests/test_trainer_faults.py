@@ -1,0 +1,77 @@
+"""Faults around the trainer: DICOM stores that train, unreadable files marked corrupt, checkpoints
+verified by checksum with a fallback, retention of model files, no space left on the device."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sqlalchemy import select, update
+
+from db.engine import init_db, make_sessionmaker
+from db.importers import import_folder, import_vindr
+from db.models import FileStatus, Image, Metric, ModelStatus, ModelVersion, Score, Split
+from db.workbench import SqlStore
+from oxnet.loop import Trainer
+from tests.test_db_import import write_dicom
+from tests.test_trainer import SETTINGS
+
+
+def _blob(size: int, centre: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+    """A 12-bit radiograph-like image: noise plus one bright disc (the lesion) at ``centre``."""
+    yy, xx = np.mgrid[:size, :size]
+    image = rng.normal(1200, 80, (size, size))
+    image[(yy - centre[1]) ** 2 + (xx - centre[0]) ** 2 < 36] = 3000
+    return np.clip(image, 0, 4095).astype(np.uint16)
+
+
+def dicom_store(folder: Path) -> str:
+    """A VinDr import (6 DICOMs with boxes: 4 train, 2 val) plus a DICOM folder import (3 unlabeled,
+    MONOCHROME1 among them) into one store; returns its URL."""
+    rng = np.random.default_rng(0)
+    vindr = folder / "vindr"
+    vindr.mkdir(parents=True)
+    rows = ["image_id,class_name,class_id,rad_id,x_min,y_min,x_max,y_max"]
+    for k in range(6):
+        cx, cy = 16 + 5 * k, 40 - 3 * k
+        write_dicom(vindr / f"v{k}.dicom", _blob(64, (cx, cy), rng), bits_stored=12, window=(2048, 4096),
+                    patient_id=f"P{k}")
+        rows.append(f"v{k},Nodule/Mass,8,R1,{cx - 7},{cy - 7},{cx + 7},{cy + 7}")
+    (folder / "train.csv").write_text("\n".join(rows) + "\n")
+    plain = folder / "xrays"
+    plain.mkdir()
+    for k in range(3):
+        write_dicom(plain / f"u{k}.dcm", _blob(64, (30, 30), rng), bits_stored=12,
+                    photometric="MONOCHROME1" if k == 0 else "MONOCHROME2", patient_id=f"Q{k}")
+    url = f"sqlite:///{folder / 'store.db'}"
+    sessions = make_sessionmaker(init_db(url))
+    with sessions.begin() as session:
+        report = import_vindr(session, folder / "train.csv", images=vindr, split="train")
+        assert not report.errors and len(report.imported) == 6, report.errors
+        report = import_folder(session, plain, split="train")
+        assert not report.errors and len(report.imported) == 3, report.errors
+        session.execute(update(Image).where(Image.path.in_([str(vindr / "v4.dicom"), str(vindr / "v5.dicom")]))
+                        .values(split=Split.VAL))
+    return url
+
+
+def test_a_dicom_folder_and_a_vindr_import_train_validate_and_score(tmp_path):
+    """Issue 12.1: a store of DICOM files only (VinDr boxes + an unlabeled DICOM folder) goes through a
+    whole round: it trains, is validated on its val DICOMs and scores the unlabeled ones."""
+    url = dicom_store(tmp_path)
+    store = SqlStore.open(url)
+    [result] = Trainer(store, SETTINGS).run()
+    assert result.status == "ready", result.error
+    assert result.label_counts["full"] == 4 and result.label_counts["unlabeled"] == 3
+    assert "val" not in result.notes  # validated on the val split's DICOMs, not skipped
+    with store.sessions.begin() as session:
+        version = session.scalars(select(ModelVersion)).one()
+        assert version.status is ModelStatus.READY
+        names = set(session.scalars(select(Metric.name).where(Metric.model_version_id == version.id,
+                                                              Metric.split == Split.VAL)))
+        assert "mAP" in names
+        scored = session.scalars(select(Image.path).join(Score, Score.image_id == Image.id)).all()
+        assert sorted(Path(p).name for p in scored) == ["u0.dcm", "u1.dcm", "u2.dcm"]
+        assert all(i.file_status is FileStatus.OK for i in session.scalars(select(Image)))
