@@ -328,3 +328,21 @@ def test_nih_cxr_coco_files_round_trip(db_sessionmaker):
                 assert out_image["granularity"] == granularity
                 expected_labels = image.get("image_labels", sorted({b[0] for b in boxes}))
                 assert out_image["image_labels"] == expected_labels
+
+
+def test_a_10000_by_10000_radiograph_imports_and_the_limit_is_16k_squared(db_sessionmaker, tmp_path):
+    """Issue 12.14: Pillow's own 89.5 Mpx bomb limit no longer fires first; MAX_PIXELS (16k x 16k) does."""
+    from oxnet.imaging import MAX_PIXELS, probe_image
+
+    folder = tmp_path / "big"
+    folder.mkdir()
+    png_bomb(folder / "large.png", size=10_000)  # 100 Mpx, a few kB on disk
+    with db_sessionmaker.begin() as s:
+        report = import_folder(s, folder)
+    assert not report.errors, report.errors
+    with db_sessionmaker() as s:
+        assert s.scalars(select(Image.width)).all() == [10_000]
+    assert MAX_PIXELS == 16384 * 16384
+    with pytest.raises(ValueError, match="exceeds the limit of 268,435,456"):
+        probe_image(png_bomb(tmp_path / "huge.png", size=16_400), verify=False)
+    assert PILImage.MAX_IMAGE_PIXELS == 89_478_485  # Pillow's process-wide setting is left as it was
