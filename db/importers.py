@@ -152,10 +152,18 @@ def _write(
         if sha:
             by_hash[sha] = path
     accepted: list[_Item] = []
+    earlier: dict[str, str] = {}  # path or content hash -> name of the item of this import that has it
     for item in items:
         path = str(item.path)
+        if path in earlier:
+            report.errors.append((item.name, f"the same file as {earlier[path]} earlier in this import; "
+                                             "only the first entry is imported"))
+            continue
         if path in by_path:
             report.skipped.append((item.name, f"already in the store (image {by_path[path]})"))
+            continue
+        if item.sha256 and item.sha256 in earlier:
+            report.skipped.append((item.name, f"same content as {earlier[item.sha256]} earlier in this import"))
             continue
         if item.sha256 and item.sha256 in by_hash:
             report.skipped.append((item.name, f"same content as {by_hash[item.sha256]}, already in the store"))
@@ -164,9 +172,9 @@ def _write(
         if reason:
             report.errors.append((item.name, reason))
             continue
-        by_path[path] = -1
+        earlier[path] = item.name
         if item.sha256:
-            by_hash[item.sha256] = path
+            earlier[item.sha256] = item.name
         accepted.append(item)
     if not accepted:
         return
@@ -327,6 +335,9 @@ def import_coco(
     ``bbox`` is [x, y, w, h] in pixels of the file. ``patient_id``, ``view_position`` and ``split`` are
     kept when present.
 
+    A file with duplicate image ids is refused as a whole (nothing imported): its annotations cannot be
+    told apart. A ``file_name`` listed twice is an error for the second entry (the first is imported).
+
     Args:
         coco: path of the JSON file, or the dict.
         images: folder that ``file_name`` entries are relative to (default: the dict's ``images_root``,
@@ -354,8 +365,22 @@ def import_coco(
         return report
     vocabulary = [categories[i] for i in sorted(categories)]
 
+    seen_ids: dict[Any, int] = {}
+    duplicates: dict[Any, list[int]] = {}
+    for position, image in enumerate(coco["images"]):
+        if isinstance(image, Mapping) and isinstance(image.get("id"), (int, str)):
+            if image["id"] in seen_ids:
+                duplicates.setdefault(image["id"], [seen_ids[image["id"]]]).append(position)
+            seen_ids.setdefault(image["id"], position)
+    if duplicates:  # their annotations would attach to every image of the id: refuse the whole file
+        shown = "; ".join(f"id {i!r} at images[{', '.join(map(str, at))}]" for i, at in list(duplicates.items())[:5])
+        more = f" and {len(duplicates) - 5} more" if len(duplicates) > 5 else ""
+        report.errors.append((source, f"cannot import: duplicate image ids ({shown}{more}); annotations "
+                                      "cannot be matched to their image; nothing was imported"))
+        return report
+
     annotations_of: dict[Any, list[Mapping[str, Any]]] = {}
-    image_ids = {image.get("id") for image in coco["images"] if isinstance(image, Mapping)}
+    image_ids = set(seen_ids)
     for ann in coco.get("annotations") or []:
         if not isinstance(ann, Mapping) or ann.get("image_id") not in image_ids:
             report.errors.append((f"{source} annotation {ann.get('id') if isinstance(ann, Mapping) else ann!r}",
