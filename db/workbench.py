@@ -30,7 +30,7 @@ from db.engine import database_url, init_db, make_sessionmaker
 from db.export import export_training_mix
 from db.importers import import_coco
 from db.lifecycle import BoxInput, mark_boxes_complete, set_boxes, set_image_labels
-from db.models import AuditEntry, Granularity, Image, ModelStatus, ModelVersion, Score, Split, SuggestedAction, utcnow
+from db.models import AuditEntry, FileStatus, Granularity, Image, ModelStatus, ModelVersion, Score, Split, SuggestedAction, utcnow
 from db.repository import (
     DEFAULT_PROJECT,
     TRAINER_STALE_AFTER,
@@ -160,6 +160,18 @@ class SqlStore:
                 select(AuditEntry.after).where(AuditEntry.action == STOP_ACTION, AuditEntry.id > self._stop_marker)
             )
             return any((after or {}).get("project") == self.project for after in afters)
+
+    def mark_unreadable(self, image_id: int, reason: str) -> None:
+        """Set the image's ``file_status`` to missing (no file at its path) or corrupt, with ``reason``
+        in ``file_error``, and log it; exports, and so the next snapshots, leave it out."""
+        with self.sessions.begin() as session:
+            image = session.get(Image, image_id)
+            if image is None:
+                return
+            status = FileStatus.CORRUPT if Path(image.path).is_file() else FileStatus.MISSING
+            image.file_status, image.file_error = status, f"{reason} (found by the trainer)"[:2000]
+            log_event(session, TRAINER_ANNOTATOR, "file_unreadable",
+                      {"project": self.project, "image_id": image_id, "status": status.value, "reason": reason})
 
     # -- model versions ------------------------------------------------------------------------------
     def abandon_unfinished(self) -> int:

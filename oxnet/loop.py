@@ -13,7 +13,10 @@ A round::
     -> score every not-full training image (:mod:`oxnet.scoring`): predictions and suggestions
     -> the version is marked ready, its metrics stored
 
-then wait for new labels (and at least ``min_interval_s``). A label saved during a round changes
+then wait for new labels (and at least ``min_interval_s``). A file that cannot be read (missing,
+corrupt, another size than stored) does not stop the round: the store marks it (``mark_unreadable``),
+the round leaves it out, starting its current phase again without it, and the version's notes name it.
+A label saved during a round changes
 nothing in that round: the next one sees it. The model version row exists from the start of the round
 with status "training" and becomes "ready" only after its checkpoint and outputs are written; a trainer
 killed in between leaves a "training" row that the next trainer marks failed.
@@ -40,6 +43,7 @@ from typing import Any, Protocol
 import torch
 
 from oxnet.checkpoint import load_checkpoint, model_from_state, save_checkpoint
+from oxnet.data.datasets import UnreadableImage
 from oxnet.data.records import GRANULARITIES, Record, records_from_coco
 from oxnet.engine import Progress, evaluate_model, fit, resolve_device
 from oxnet.scoring import ImageScore, ScoreConfig, score_images
@@ -147,6 +151,10 @@ class Store(Protocol):
 
     def stop_requested(self) -> bool:
         """Whether a stop was requested through the store since this trainer started."""
+
+    def mark_unreadable(self, image_id: int, reason: str) -> None:
+        """Record that the image's file cannot be read (missing or corrupt, with ``reason``), so that
+        later snapshots leave it out."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -467,12 +475,16 @@ class Trainer:
         self._set(round=number, progress=0.0, phase="snapshot")
         snap = self.store.snapshot()
         classes = snap.classes
+        missing = self._mark_missing(snap)
         train = records_from_coco(snap.train, classes=classes, on_error="skip")
         splits = {name: [r for r in records_from_coco(getattr(snap, name), classes=classes, on_error="skip")
                          if r.granularity == "full"] for name in ("val", "test")}
         counts = {g: sum(r.granularity == g for r in train) for g in GRANULARITIES}
         result = RoundResult(round=number, status="waiting", label_counts=counts, marker=snap.marker)
         notes: dict[str, str] = {}
+        if missing:
+            notes["missing"] = "left out (file not found, marked in the store): " + ", ".join(
+                f"image {i}" for i in missing)
         selection: Sequence[Record] = splits["val"]
         if not any(len(r.boxes) for r in selection):
             notes["val"] = "skipped: the val split has no fully labeled image with boxes"
@@ -495,21 +507,52 @@ class Trainer:
         logger.info("round %d (model version %d): %s; warm start %s", number, version.id,
                     ", ".join(f"{n} {g}" for g, n in counts.items()), warm or "none")
         config = s.train_config(out_dir=version.folder, round=number, init_checkpoint=warm, pretrain_epochs=pretrain)
+        unreadable: dict[int, str] = {}
+
+        def leave_out(error: UnreadableImage) -> None:
+            """Mark the file in the store and drop its record from this round (or re-raise)."""
+            nonlocal train, selection
+            if error.image_id is None or error.image_id in unreadable:
+                raise error
+            logger.warning("round %d: %s; marked unreadable in the store and left out", number, error)
+            self.store.mark_unreadable(error.image_id, error.reason)
+            unreadable[error.image_id] = error.reason
+            notes["unreadable"] = "left out (file unreadable, marked in the store): " + "; ".join(
+                f"image {i}: {r}" for i, r in unreadable.items())
+            train = [r for r in train if r.image_id != error.image_id]
+            selection = [r for r in selection if r.image_id != error.image_id]
+            for name in splits:
+                splits[name] = [r for r in splits[name] if r.image_id != error.image_id]
+
+        def train_round(b: int):
+            while True:  # one retry per unreadable file, each from the start of the round
+                try:
+                    return fit(train, selection, replace(config, batch_size=b), classes=classes,
+                               callback=self._on_progress, progress=False)
+                except UnreadableImage as e:
+                    leave_out(e)
+
         try:
-            history, batch = _halving(
-                lambda b: fit(train, selection, replace(config, batch_size=b), classes=classes,
-                              callback=self._on_progress, progress=False),
-                config.batch_size, "training",
-            )
+            history, batch = _halving(train_round, config.batch_size, "training")
             result.batch_size = batch
             config = replace(config, batch_size=batch)
             config_record["train"] = config.to_dict()
             self._check_stop()
             checkpoint, state = self._compact(history.best_checkpoint or history.last_checkpoint, version.folder)
-            metrics = self._metrics(history, state, splits, notes)
+            while True:
+                try:
+                    metrics = self._metrics(history, state, splits, notes)
+                    break
+                except UnreadableImage as e:
+                    leave_out(e)
             if s.suggest:
-                pending = [r for r in train if r.granularity != "full"]
-                results = self._score(state, pending, classes, number)
+                while True:
+                    pending = [r for r in train if r.granularity != "full"]
+                    try:
+                        results = self._score(state, pending, classes, number)
+                        break
+                    except UnreadableImage as e:
+                        leave_out(e)
                 self._set(phase="writing suggestions")
                 self.store.write_results(version.id, classes, results)
                 result.scored = len(results)
@@ -536,6 +579,19 @@ class Trainer:
         result.notes = notes
         result.seconds = time.monotonic() - started
         return result
+
+    def _mark_missing(self, snap: Snapshot) -> list[int]:
+        """Mark the snapshot's images whose file does not exist as missing in the store (their records
+        are then skipped); returns their ids."""
+        missing = []
+        for name in ("train", "val", "test"):
+            for image in getattr(snap, name).get("images", []):
+                if not Path(image["file_name"]).is_file():
+                    missing.append(int(image["id"]))
+                    self.store.mark_unreadable(int(image["id"]), "file not found")
+        if missing:
+            logger.warning("%d image file(s) not found, marked missing in the store: ids %s", len(missing), missing[:20])
+        return missing
 
     def _compact(self, source: Path, folder: Path) -> tuple[Path, dict[str, Any]]:
         """Write the inference checkpoint (no optimizer state) atomically and drop the training files."""

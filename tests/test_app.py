@@ -467,3 +467,30 @@ def test_jobs_and_trainer_get_an_absolute_store_path(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert absolute_url("sqlite:///workbench.db") == f"sqlite:///{tmp_path / 'workbench.db'}"
     assert absolute_url("sqlite://") == "sqlite://"
+
+
+def test_annotate_opening_an_image_id_that_does_not_exist_says_so(demo):
+    """Issue 12.5: a non-existent id gave an IntegrityError traceback (the lease's foreign key)."""
+    at = _app("views/annotate.py")
+    at.number_input(key="annotate_pick_id").set_value(99_999).run()
+    at.button(key="annotate_open_id").click().run()
+    assert not at.exception, at.exception
+    assert "no image with id 99999" in _texts(at)
+    assert "Take the best image of the queue" in _texts(at)  # still the picker
+    with _sessions(demo)() as session:
+        assert session.scalars(select(Lease)).all() == []
+
+
+def test_data_page_lists_unreadable_files_with_their_reason(demo):
+    """Issue 12.3: a file the trainer found corrupt is shown with the reason on the Data page."""
+    from db.models import FileStatus
+
+    image_id = _unlabeled_ids(demo)[0]
+    with _sessions(demo).begin() as session:
+        image = session.get(Image, image_id)
+        image.file_status, image.file_error = FileStatus.CORRUPT, "not a PNG, JPEG or DICOM file (found by the trainer)"
+    at = _app("views/data.py")
+    assert "Files that cannot be read" in [h.value for h in at.subheader]
+    [table] = [d.value for d in at.dataframe if "status" in d.value.columns]
+    assert table.to_dict("records") == [{"id": image_id, "path": image.path, "status": "corrupt",
+                                         "reason": "not a PNG, JPEG or DICOM file (found by the trainer)"}]

@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from oxnet.data.datasets import OmniDataset, collate
+from oxnet.data.datasets import OmniDataset, UnreadableImage, collate
 from oxnet.data.records import Record
 from oxnet.data.sampler import MixedBatchSampler
 from oxnet.data.transforms import Photometric, load_image
@@ -133,8 +133,22 @@ def test_load_time_errors_name_the_file(records, tmp_path):
     with pytest.raises(ValueError, match=r"weak.png \(image id 2\): image is 10x10, the record says 80x40"):
         dataset[1]
     records[2].path.write_bytes(b"garbage")
-    with pytest.raises(ValueError, match="unl.png: not a PNG, JPEG or DICOM file"):
+    with pytest.raises(UnreadableImage, match=r"unl.png \(image id 3\): not a PNG, JPEG or DICOM file") as caught:
         dataset[2]
+    assert caught.value.image_id == 3 and caught.value.reason.startswith("not a PNG, JPEG or DICOM file")
+    records[2].path.unlink()
+    with pytest.raises(UnreadableImage, match=r"unl.png \(image id 3\): file not found"):
+        dataset[2]
+
+
+def test_unreadable_image_survives_a_dataloader_worker(records):
+    """A worker re-raises the exception type with the traceback text only: the image id still comes back."""
+    records[1].path.write_bytes(b"garbage")
+    loader = DataLoader(OmniDataset(records[1:2], num_classes=NUM_CLASSES, size=16), batch_size=1,
+                        collate_fn=collate, num_workers=1)
+    with pytest.raises(UnreadableImage) as caught:
+        next(iter(loader))
+    assert caught.value.image_id == 2 and "not a PNG, JPEG or DICOM file" in caught.value.reason
 
 
 def test_dataset_validation(records):

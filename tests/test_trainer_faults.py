@@ -75,3 +75,31 @@ def test_a_dicom_folder_and_a_vindr_import_train_validate_and_score(tmp_path):
         scored = session.scalars(select(Image.path).join(Score, Score.image_id == Image.id)).all()
         assert sorted(Path(p).name for p in scored) == ["u0.dcm", "u1.dcm", "u2.dcm"]
         assert all(i.file_status is FileStatus.OK for i in session.scalars(select(Image)))
+
+
+def test_an_unreadable_file_is_marked_corrupt_and_the_round_goes_on(tmp_path):
+    """Issue 12.3: one train file gone, one garbage val file and one unlabeled file of another size no
+    longer fail every round: each is marked in the store with its reason, left out, and the round is ready."""
+    url = dicom_store(tmp_path)
+    sessions = make_sessionmaker(init_db(url))
+    vindr = tmp_path / "vindr"
+    (vindr / "v1.dicom").unlink()  # train, full
+    (vindr / "v5.dicom").write_bytes(b"not a dicom file at all")  # val: every val image is read
+    write_dicom(tmp_path / "xrays" / "u2.dcm", np.zeros((32, 32), np.uint8), patient_id="Q2")  # unlabeled, scored
+    store = SqlStore.open(url)
+    [result] = Trainer(store, SETTINGS).run()
+    assert result.status == "ready", result.error
+    with sessions.begin() as session:
+        status = {Path(i.path).name: (i.file_status, i.file_error) for i in session.scalars(select(Image))}
+        scored = sorted(Path(p).name for p in session.scalars(select(Image.path).join(Score, Score.image_id == Image.id)))
+        version = session.scalars(select(ModelVersion)).one()
+        notes = version.config["notes"]["unreadable"]
+    assert status["v5.dicom"][0] is FileStatus.CORRUPT and "not a readable DICOM file" in status["v5.dicom"][1]
+    assert status["v1.dicom"][0] is FileStatus.MISSING and "file not found" in status["v1.dicom"][1]
+    assert status["u2.dcm"][0] is FileStatus.CORRUPT and "image is 32x32, the record says 64x64" in status["u2.dcm"][1]
+    assert {s for s, _ in status.values()} == {FileStatus.OK, FileStatus.CORRUPT, FileStatus.MISSING}
+    assert scored == ["u0.dcm", "u1.dcm"]
+    assert "image 6: not a readable DICOM" in notes and "image 9: image is 32x32" in notes and "found by the trainer" in status["v5.dicom"][1]
+    assert version.config["notes"]["missing"].endswith("image 2")
+    [second] = Trainer(store, SETTINGS).run()  # the next snapshot leaves them out from the start
+    assert second.status == "ready" and "unreadable" not in second.notes

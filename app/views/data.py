@@ -16,6 +16,7 @@ from app.widgets import show_job
 from db.demo import data_dir
 from db.imaging import probe_image
 from db.importers import import_folder
+from db.ui_queries import unreadable_files
 
 #: More files than this go through a folder import (a background job), not the upload box.
 MAX_UPLOAD_FILES = 20
@@ -142,3 +143,11 @@ def _jobs() -> None:
 
 
 _jobs()
+
+
+with sessions()() as _session:
+    _bad = unreadable_files(_session)
+if _bad:
+    st.subheader("Files that cannot be read")
+    st.caption("Left out of training and exports until fixed; `python -m db check --recheck` reads them again.")
+    st.dataframe(_bad, width="stretch", hide_index=True, key="data_unreadable")
