@@ -23,14 +23,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import bindparam, insert, select, update
+from sqlalchemy import bindparam, false, func, insert, select, update
 from sqlalchemy.orm import Session
 
-from oxnet.imaging import MAX_PIXELS, ImageInfo, probe_image
 from db.lifecycle import EMPTY_STATE, box_error, box_state, derive_granularity, make_state
 from db.models import AuditEntry, Box, FileStatus, Image, ImageLabel, LabelClass, Project, Split, utcnow
 from db.repository import DEFAULT_PROJECT, ensure_project, get_annotator, get_project
 from oxnet.classes import NIH_BOX_CLASSES, NO_FINDING
+from oxnet.imaging import MAX_PIXELS, ImageInfo, probe_image
 
 #: ``progress(done, total)``, called as items are read.
 Progress = Callable[[int, int], None]
@@ -142,7 +142,12 @@ def _write(
     annotator: str,
     report: ImportReport,
 ) -> None:
-    """Validate, de-duplicate and bulk-insert items with their labels, boxes and audit entries."""
+    """Validate, de-duplicate and bulk-insert items with their labels, boxes and audit entries.
+
+    The store's write lock is taken first, so two runs of the same import never both insert one path:
+    the second waits, then finds the first one's images and skips them.
+    """
+    _lock_for_import(session)
     project = ensure_project(session, project_name, vocabulary)
     class_ids = dict(session.execute(select(LabelClass.name, LabelClass.id).where(LabelClass.project_id == project.id)).all())
     by_path: dict[str, int] = {}
@@ -221,6 +226,25 @@ def _write(
     for model, rows in ((ImageLabel, label_rows), (Box, box_rows), (AuditEntry, audit_rows)):
         if rows:
             session.execute(insert(model.__table__), rows)
+
+
+#: Key of the PostgreSQL advisory lock that serialises imports.
+_IMPORT_LOCK_KEY = 0x0A12_1D0C
+
+
+def _lock_for_import(session: Session) -> None:
+    """Serialise imports before they read what is already stored.
+
+    SQLite: a write statement that changes nothing takes the database's write lock now (waiting up to
+    the busy timeout for another writer); the reads that follow then see everything committed before.
+    PostgreSQL: a transaction-scoped advisory lock. Other databases: nothing (a racing import may then
+    fail on the unique constraints and change nothing).
+    """
+    dialect = session.get_bind().dialect.name
+    if dialect == "sqlite":
+        session.execute(update(Project).where(false()).values(name=Project.name).execution_options(synchronize_session=False))
+    elif dialect == "postgresql":
+        session.execute(select(func.pg_advisory_xact_lock(_IMPORT_LOCK_KEY)))
 
 
 def _existing_paths(session: Session, project: str) -> set[str]:
