@@ -209,6 +209,15 @@ class SqlStore:
             classes = class_names(session, get_project(session, self.project))
         return Snapshot(classes=classes, train=mix["train"], val=mix["val"], test=mix["test"], marker=marker)
 
+    def ready_checkpoints(self, limit: int = 20) -> list[tuple[int, str | None, str | None]]:
+        with self.sessions.begin() as session:
+            versions = session.execute(
+                select(ModelVersion.id, ModelVersion.checkpoint_path, ModelVersion.config)
+                .where(ModelVersion.project_id == self._project_id(session), ModelVersion.status == ModelStatus.READY)
+                .order_by(ModelVersion.id.desc()).limit(limit)
+            ).all()
+        return [(i, path, (config or {}).get("checkpoint_sha256")) for i, path, config in versions]
+
     def latest_checkpoint(self) -> str | None:
         with self.sessions.begin() as session:
             version = latest_model_version(session, self.project)

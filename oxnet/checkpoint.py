@@ -25,6 +25,7 @@ Example::
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from collections.abc import Mapping
@@ -39,7 +40,8 @@ FORMAT = "oxnet-checkpoint"
 VERSION = 1
 _REQUIRED = ("format", "version", "classes", "model_config", "student")
 
-__all__ = ["FORMAT", "VERSION", "load_checkpoint", "load_model", "save_checkpoint"]
+__all__ = ["FORMAT", "VERSION", "file_sha256", "load_checkpoint", "load_model", "non_finite_weights", "save_checkpoint",
+           "verify_checkpoint"]
 
 
 def save_checkpoint(state: Mapping[str, Any], path: str | Path) -> Path:
@@ -108,6 +110,55 @@ def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu
         raise ValueError(f"checkpoint {path} lacks the entries {missing}")
     if state["version"] > VERSION:
         raise ValueError(f"checkpoint {path} has format version {state['version']}; this oxnet reads <= {VERSION}")
+    return state
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of the file's bytes (read in 1 MiB chunks)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def non_finite_weights(state: Mapping[str, Any]) -> list[str]:
+    """Names (``"student.<param>"``, ``"teacher.<param>"``) of floating-point tensors of the checkpoint's
+    weights that hold NaN or infinity."""
+    bad = []
+    for part in ("student", "teacher"):
+        for name, tensor in (state.get(part) or {}).items():
+            if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                bad.append(f"{part}.{name}")
+    return bad
+
+
+def verify_checkpoint(path: str | Path, *, sha256: str | None = None) -> dict[str, Any]:
+    """Load a checkpoint and check that it is the file that was written and that its weights are finite.
+
+    Args:
+        path: the checkpoint file.
+        sha256: the digest recorded when it was written (None: not checked, for files from elsewhere).
+
+    Returns:
+        The loaded state (see :func:`load_checkpoint`).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: naming ``path``: another checksum than recorded, unreadable, or NaN/inf weights.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if sha256 is not None:
+        actual = file_sha256(path)
+        if actual != sha256:
+            raise ValueError(f"checkpoint {path} has checksum {actual[:12]}..., not the {sha256[:12]}... recorded "
+                             "when it was written (changed or corrupted on disk)")
+    state = load_checkpoint(path)
+    bad = non_finite_weights(state)
+    if bad:
+        raise ValueError(f"checkpoint {path} has non-finite (NaN/inf) weights in {len(bad)} tensor(s), e.g. {bad[0]}")
     return state
 
 

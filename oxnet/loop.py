@@ -42,7 +42,7 @@ from typing import Any, Protocol
 
 import torch
 
-from oxnet.checkpoint import load_checkpoint, model_from_state, save_checkpoint
+from oxnet.checkpoint import file_sha256, load_checkpoint, model_from_state, non_finite_weights, save_checkpoint, verify_checkpoint
 from oxnet.data.datasets import UnreadableImage
 from oxnet.data.records import GRANULARITIES, Record, records_from_coco
 from oxnet.engine import Progress, evaluate_model, fit, resolve_device
@@ -129,8 +129,10 @@ class Store(Protocol):
     def label_marker(self) -> int:
         """A number that grows with every annotation edit (labels, boxes, completion)."""
 
-    def latest_checkpoint(self) -> str | None:
-        """The checkpoint of the newest ready model version whose file exists, or None."""
+    def ready_checkpoints(self) -> list[tuple[int, str | None, str | None]]:
+        """``(version id, checkpoint path, sha256 recorded at writing)`` of the ready model versions,
+        newest first (path or sha256 None when not recorded). The trainer warm-starts from the first
+        one that verifies."""
 
     def start_version(self, round: int, label_counts: Mapping[str, int], config: Mapping[str, Any]) -> VersionInfo:
         """Create a model version with status "training" and its checkpoint folder."""
@@ -450,21 +452,36 @@ class Trainer:
             if self.store.label_marker() != marker:
                 return
 
-    def _warm_start(self, config: TrainConfig, classes: Sequence[str]) -> str | None:
-        """The latest ready checkpoint when it holds this run's model and classes, else None."""
-        path = self.store.latest_checkpoint()
-        if path is None:
-            return None
-        try:
-            state = load_checkpoint(path)
-        except (OSError, ValueError) as e:
-            logger.warning("cannot warm-start from %s (%s): training from scratch", path, e)
-            return None
-        expected = config.model_config(len(classes)).to_dict()
-        if list(state["classes"]) != list(classes) or dict(state["model_config"]) != expected:
-            logger.warning("the latest model (%s) has other classes or another model; training from scratch", path)
-            return None
-        return str(path)
+    def _warm_start(self, config: TrainConfig, classes: Sequence[str], notes: dict[str, str]) -> str | None:
+        """The newest ready checkpoint that verifies (file present, checksum as recorded, finite weights)
+        and holds this run's model and classes, else None (from scratch). Every checkpoint passed over is
+        named in ``notes["warm_start"]``, logged and put in the trainer's state as a warning."""
+        problems: list[str] = []
+        chosen: str | None = None
+        for version_id, path, sha256 in self.store.ready_checkpoints():
+            if not path:
+                problems.append(f"model version {version_id} has no checkpoint recorded")
+                continue
+            try:
+                state = verify_checkpoint(path, sha256=sha256)
+            except (OSError, ValueError) as e:
+                problems.append(f"model version {version_id}: {e}")
+                continue
+            if sha256 is None:
+                problems.append(f"model version {version_id}: no checksum recorded for {path} (not verified)")
+            expected = config.model_config(len(classes)).to_dict()
+            if list(state["classes"]) != list(classes) or dict(state["model_config"]) != expected:
+                problems.append(f"model version {version_id} ({path}) has other classes or another model")
+                break
+            chosen = str(path)
+            break
+        if problems:
+            outcome = f"warm start from {chosen}" if chosen else "training from scratch"
+            warning = "; ".join(problems) + f": {outcome}"
+            notes["warm_start"] = warning
+            logger.warning("warm start: %s", warning)
+            self._set(error=f"warning: {warning}"[:2000])
+        return chosen
 
     def run_round(self) -> RoundResult:
         """One round (see the module docstring). Errors are recorded and returned, not raised, except
@@ -499,7 +516,7 @@ class Trainer:
                 notes[name] = f"skipped: the {name} split has no fully labeled image with boxes"
 
         probe = s.train_config(out_dir=".", round=number)
-        warm = self._warm_start(probe, classes)
+        warm = self._warm_start(probe, classes, notes)
         pretrain = s.pretrain_epochs if warm is None and counts["full"] else 0
         config_record = {"loop": s.to_dict(), "notes": notes, "warm_start": warm}
         version = self.store.start_version(number, counts, config_record)
@@ -539,6 +556,7 @@ class Trainer:
             config_record["train"] = config.to_dict()
             self._check_stop()
             checkpoint, state = self._compact(history.best_checkpoint or history.last_checkpoint, version.folder)
+            config_record["checkpoint_sha256"] = file_sha256(checkpoint)
             while True:
                 try:
                     metrics = self._metrics(history, state, splits, notes)
@@ -598,6 +616,9 @@ class Trainer:
         self._set(phase="saving the model")
         state = load_checkpoint(source)
         compact = {k: state.get(k) for k in _KEEP}
+        bad = non_finite_weights(compact)
+        if bad:  # never make a version ready that the next round could not warm-start from
+            raise ValueError(f"training produced non-finite (NaN/inf) weights in {len(bad)} tensor(s), e.g. {bad[0]}")
         path = save_checkpoint(compact, Path(folder) / MODEL_FILE)
         for name in ("last.pt", "best.pt", "pretrain_best.pt"):
             (Path(folder) / name).unlink(missing_ok=True)

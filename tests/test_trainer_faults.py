@@ -3,7 +3,6 @@ verified by checksum with a fallback, retention of model files, no space left on
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -103,3 +102,73 @@ def test_an_unreadable_file_is_marked_corrupt_and_the_round_goes_on(tmp_path):
     assert version.config["notes"]["missing"].endswith("image 2")
     [second] = Trainer(store, SETTINGS).run()  # the next snapshot leaves them out from the start
     assert second.status == "ready" and "unreadable" not in second.notes
+
+
+def _version_rows(url):
+    with make_sessionmaker(init_db(url)).begin() as session:
+        return [(v.id, v.status, v.checkpoint_path, dict(v.config))
+                for v in session.scalars(select(ModelVersion).order_by(ModelVersion.id))]
+
+
+@pytest.mark.slow
+def test_checkpoints_are_checksummed_and_a_bad_one_falls_back_with_a_warning(tmp_path):
+    """Issue 12.4: NaN weights in an intact file, a changed file and a deleted file are each passed over
+    with a warning in the round's notes; the round warm-starts from the newest good version, else from scratch."""
+    import torch
+
+    from oxnet.checkpoint import file_sha256, load_checkpoint, save_checkpoint
+
+    url = dicom_store(tmp_path)
+    store = SqlStore.open(url)
+    results = [r for _ in range(2) for r in Trainer(store, SETTINGS).run()]
+    assert [r.status for r in results] == ["ready", "ready"]
+    (v1, _, path1, config1), (v2, _, path2, config2) = _version_rows(url)
+    assert config1["checkpoint_sha256"] == file_sha256(path1) and config2["checkpoint_sha256"] == file_sha256(path2)
+    assert config2["warm_start"] == path1 and "warm_start" not in config2["notes"]
+
+    state = load_checkpoint(path2)  # NaN weights in an intact zip, with a checksum that matches them
+    name = next(k for k, v in state["student"].items() if v.is_floating_point())
+    state["student"][name] = torch.full_like(state["student"][name], float("nan"))
+    save_checkpoint({k: v for k, v in state.items() if k not in ("format", "version")}, path2)
+    with store.sessions.begin() as session:
+        session.get(ModelVersion, v2).config = {**config2, "checkpoint_sha256": file_sha256(path2)}
+    [third] = Trainer(store, SETTINGS).run()
+    assert third.status == "ready"
+    v3, _, path3, config3 = _version_rows(url)[-1]
+    assert config3["warm_start"] == path1
+    assert f"model version {v2}: checkpoint {path2} has non-finite (NaN/inf) weights" in config3["notes"]["warm_start"]
+    assert config3["notes"]["warm_start"].endswith(f"warm start from {path1}")
+
+    with open(path3, "r+b") as f:  # one byte changed on disk
+        f.seek(200)
+        byte = f.read(1)
+        f.seek(200)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    Path(path1).unlink()
+    [fourth] = Trainer(store, SETTINGS).run()
+    assert fourth.status == "ready"
+    _, _, _, config4 = _version_rows(url)[-1]
+    warning = config4["notes"]["warm_start"]
+    assert config4["warm_start"] is None and warning.endswith("training from scratch")
+    assert f"model version {v3}: checkpoint {path3} has checksum" in warning and "not the" in warning
+    assert f"model version {v2}:" in warning and f"model version {v1}: checkpoint {path1} does not exist" in warning
+
+
+def test_a_round_whose_weights_turn_nan_is_not_made_ready(tmp_path, monkeypatch):
+    """A NaN checkpoint is never made ready: the round fails with the reason instead."""
+    import oxnet.loop as loop
+
+    url = dicom_store(tmp_path)
+    real = loop.load_checkpoint
+
+    def nan_state(path, **kwargs):
+        state = real(path, **kwargs)
+        for tensor in state["student"].values():
+            if tensor.is_floating_point():
+                tensor.fill_(float("nan"))
+        return state
+
+    monkeypatch.setattr(loop, "load_checkpoint", nan_state)
+    [result] = Trainer(SqlStore.open(url), SETTINGS).run()
+    assert result.status == "failed" and "non-finite (NaN/inf) weights" in result.error
+    assert [v[1] for v in _version_rows(url)] == [ModelStatus.FAILED]
