@@ -172,3 +172,22 @@ def test_a_round_whose_weights_turn_nan_is_not_made_ready(tmp_path, monkeypatch)
     [result] = Trainer(SqlStore.open(url), SETTINGS).run()
     assert result.status == "failed" and "non-finite (NaN/inf) weights" in result.error
     assert [v[1] for v in _version_rows(url)] == [ModelStatus.FAILED]
+
+
+def test_a_full_disk_fails_the_round_with_no_space_left_on_the_folder(tmp_path, monkeypatch):
+    """Issue 12.12: the trainer records "no space left on <folder>", not torch's inline_container.cc."""
+    import shutil
+
+    import oxnet.checkpoint as checkpoint
+    from db.repository import trainer_state
+
+    url = dicom_store(tmp_path)
+    real = shutil.disk_usage
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda p: real(p)._replace(free=4 << 20))
+    store = SqlStore.open(url)
+    [result] = Trainer(store, SETTINGS).run()
+    assert result.status == "failed"
+    assert f"no space left on {store.models_dir}" in result.error and "inline_container" not in result.error
+    with store.sessions.begin() as session:
+        assert "no space left on" in _version_rows(url)[0][3]["error"]
+        assert "no space left on" in (trainer_state(session, store.project).last_error or "")
