@@ -13,6 +13,7 @@ import streamlit as st
 
 from app.jobs import AUTO_DEMO_ENV, start_demo_job
 from app.store import ANNOTATOR_KEY, annotator, sessions, set_annotator, store_url
+from db.engine import is_read_only, store_error_message
 from db.ui_queries import project_exists
 
 st.set_page_config(page_title="OXnet workbench", page_icon=":material/radiology:", layout="wide")
@@ -44,9 +45,14 @@ with st.sidebar:
                     st.error(str(e))
     st.caption(f"Store: `{store_url()}`")
 
-with sessions()() as session:
-    fresh = not project_exists(session)
-if fresh and os.environ.get(AUTO_DEMO_ENV, "1") != "0":
-    start_demo_job(store_url())  # no-op when it ran or runs already
-
-page.run()
+try:
+    with sessions()() as session:
+        fresh = not project_exists(session)
+    if fresh and os.environ.get(AUTO_DEMO_ENV, "1") != "0" and not is_read_only(sessions().kw["bind"]):
+        start_demo_job(store_url())  # no-op when it ran or runs already
+    page.run()
+except Exception as e:  # noqa: BLE001 - a locked, read-only or full store is one sentence, not a traceback
+    message = store_error_message(e, store_url())
+    if message is None:
+        raise
+    st.error(message)

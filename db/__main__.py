@@ -11,7 +11,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from db.engine import DB_URL_ENV, DEFAULT_DB_URL, database_url, init_db, make_sessionmaker
+from db.engine import DB_URL_ENV, DEFAULT_DB_URL, database_url, init_db, make_sessionmaker, store_error_message
 from db.export import export_coco, export_training_mix, write_json
 from db.importers import ImportReport, check_files, import_coco, import_folder, import_nih, import_vindr
 from db.repository import DEFAULT_PROJECT, assign_splits, stats
@@ -34,7 +34,8 @@ Examples:
   python -m db export coco out.json --granularity full    boxes of the fully labelled images
 Patient ids can be replaced by salted hashes: set {SALT_ENV} (or --pseudonymize-salt) when importing.
 Each import is one transaction: if it stops half-way, nothing of it is stored. Bad files are listed
-with the reason and the rest is imported; the exit status is 1 when there were errors."""
+with the reason and the rest is imported; the exit status is 1 when there were errors, 2 for bad
+input, 3 when the store is locked, read-only, full or cannot be opened (one sentence says which)."""
 
 
 def _progress(description: str) -> tuple[Callable[[int, int], None], Callable[[], None]]:
@@ -111,6 +112,17 @@ def _finish(report: ImportReport, args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     url = database_url(args.db)
+    try:
+        return _run(args, url)
+    except Exception as e:  # noqa: BLE001 - a locked, read-only or full store is one sentence, not SQL
+        message = store_error_message(e, url)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 3
+
+
+def _run(args: argparse.Namespace, url: str) -> int:
     Session = make_sessionmaker(init_db(url))
     salt = getattr(args, "pseudonymize_salt", None) or os.environ.get(SALT_ENV) or None
     progress, close = _progress(f"{args.command} {getattr(args, 'kind', '')}".strip())

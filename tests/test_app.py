@@ -494,3 +494,17 @@ def test_data_page_lists_unreadable_files_with_their_reason(demo):
     [table] = [d.value for d in at.dataframe if "status" in d.value.columns]
     assert table.to_dict("records") == [{"id": image_id, "path": image.path, "status": "corrupt",
                                          "reason": "not a PNG, JPEG or DICOM file (found by the trainer)"}]
+
+
+def test_a_read_only_store_renders_and_a_save_says_so_in_one_sentence(demo, monkeypatch):
+    """Issue 12.11/12.12: the UI reads a read-only store; a write shows one sentence, not SQL."""
+    path = demo.removeprefix("sqlite:///")
+    monkeypatch.setenv("OXNET_DB_URL", f"sqlite:///file:{path}?mode=ro&uri=true")
+    for page in PAGES:
+        at = _app(page)  # asserts no exception
+    at = _app("views/annotate.py")
+    at.number_input(key="annotate_pick_id").set_value(_unlabeled_ids(demo)[0]).run()
+    at.button(key="annotate_open_id").click().run()
+    assert not at.exception, at.exception
+    assert f"The store {path} is read-only, so this change cannot be saved" in _texts(at)
+    assert "INSERT" not in _texts(at) and "sqlalchemy" not in _texts(at).lower()
