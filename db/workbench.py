@@ -31,6 +31,7 @@ from db.export import export_training_mix
 from db.importers import import_coco
 from db.lifecycle import BoxInput, mark_boxes_complete, set_boxes, set_image_labels
 from db.models import AuditEntry, FileStatus, Granularity, Image, ModelStatus, ModelVersion, Score, Split, SuggestedAction, utcnow
+from db.retention import DEFAULT_KEEP_READY, Retention, apply_retention
 from db.repository import (
     DEFAULT_PROJECT,
     TRAINER_STALE_AFTER,
@@ -102,6 +103,8 @@ class SqlStore:
         models_dir: where model version folders are made.
         owner: the lock owner name (default ``"<host>:<pid>"``).
         stale_after: a lock whose heartbeat is older than this may be taken.
+        keep_ready: ready versions kept besides the protected ones (:func:`apply_retention`, run after
+            every finished, failed or abandoned version); None keeps every checkpoint.
     """
 
     def __init__(
@@ -112,8 +115,10 @@ class SqlStore:
         models_dir: str | Path,
         owner: str | None = None,
         stale_after: timedelta = TRAINER_STALE_AFTER,
+        keep_ready: int | None = DEFAULT_KEEP_READY,
     ) -> None:
         self.sessions = sessions
+        self.keep_ready = keep_ready
         self.project = project
         self.models_dir = Path(models_dir)
         self.owner = owner or default_owner()
@@ -184,7 +189,9 @@ class SqlStore:
                 version.status = ModelStatus.FAILED
                 version.config = {**version.config, "error": "abandoned: its trainer stopped before the round "
                                                              "finished (killed?); the next round starts afresh"}
-            return len(versions)
+            count = len(versions)
+        self.retain()
+        return count
 
     def next_round(self) -> int:
         with self.sessions.begin() as session:
@@ -258,11 +265,21 @@ class SqlStore:
             log_event(session, TRAINER_ANNOTATOR, "model_version_ready",
                       {"project": self.project, "model_version_id": version_id, "round": version.round,
                        "label_counts": version.label_counts})
+        self.retain()
+
+    def retain(self) -> Retention | None:
+        """Apply the checkpoint retention (:func:`apply_retention`) unless ``keep_ready`` is None."""
+        if self.keep_ready is None:
+            return None
+        with self.sessions.begin() as session:
+            report = apply_retention(session, self.models_dir, self.project, keep_ready=self.keep_ready)
+        return report
 
     def fail_version(self, version_id: int, error: str, config: Mapping[str, Any]) -> None:
         with self.sessions.begin() as session:
             version = finish_model_version(session, version_id, status=ModelStatus.FAILED)
             version.config = {**config, "error": error}
+        self.retain()
 
 
 def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:

@@ -20,6 +20,7 @@ from datetime import timedelta
 
 from db.engine import init_db, make_sessionmaker
 from db.repository import DEFAULT_PROJECT
+from db.retention import DEFAULT_KEEP_READY
 from db.workbench import SqlStore, request_stop
 from oxnet.loop import TRAINER_PRESETS, AlreadyRunning, Trainer
 
@@ -38,6 +39,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-interval", type=float, help="start a round after this many seconds even without new labels")
     parser.add_argument("--max-rounds", type=int, help="exit after this many rounds")
     parser.add_argument("--stale-after", type=float, default=300.0, help="seconds after which a silent trainer's lock is taken")
+    parser.add_argument("--keep-ready", type=int, default=DEFAULT_KEEP_READY,
+                        help="ready model versions whose checkpoints are kept besides the newest and the best "
+                             "(default %(default)s; -1 keeps all); failed versions' files are always removed")
     parser.add_argument("--stop", action="store_true", help="ask the running trainer to stop, then exit")
     return parser
 
@@ -56,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         "max_interval_s": args.max_interval, "max_rounds": args.max_rounds,
     }.items() if value is not None}
     settings = replace(TRAINER_PRESETS[args.preset], **overrides)
-    store = SqlStore.open(args.db, project=args.project, stale_after=timedelta(seconds=args.stale_after))
+    store = SqlStore.open(args.db, project=args.project, stale_after=timedelta(seconds=args.stale_after),
+                          keep_ready=None if args.keep_ready < 0 else args.keep_ready)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())

@@ -508,3 +508,14 @@ def test_a_read_only_store_renders_and_a_save_says_so_in_one_sentence(demo, monk
     assert not at.exception, at.exception
     assert f"The store {path} is read-only, so this change cannot be saved" in _texts(at)
     assert "INSERT" not in _texts(at) and "sqlalchemy" not in _texts(at).lower()
+
+
+def test_overview_shows_the_disk_use_of_the_models_folder(demo):
+    """Issue 12.13: the disk use of the model checkpoints is on the Overview page."""
+    from db.demo import data_dir
+
+    folder = data_dir(demo) / "models" / "default" / "version-00001"
+    folder.mkdir(parents=True)
+    (folder / "model.pt").write_bytes(b"\0" * (3 << 20))
+    at = _app("views/overview.py")
+    assert f"Model checkpoints use 3.0 MiB in `{data_dir(demo) / 'models'}`" in _texts(at)

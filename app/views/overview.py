@@ -14,7 +14,9 @@ from app.trainer_control import TRAINER_SCRIPT, start_trainer, stop_trainer, tra
 from app.widgets import show_job
 from db.models import Granularity, utcnow
 from db.repository import TRAINER_STALE_AFTER, stats, trainer_state
+from db.demo import data_dir
 from db.ui_queries import model_versions, project_exists
+from db.retention import DEFAULT_KEEP_READY, folder_size
 
 HEADLINE_METRICS = ("mAP", "AP40", "AP75", "mean_image_auc")
 
@@ -125,3 +127,14 @@ else:
     cols = st.columns(len(HEADLINE_METRICS))
     for col, name in zip(cols, HEADLINE_METRICS, strict=True):
         col.metric(f"{name} (val)", f"{val[name]:.3g}" if name in val else "-")
+
+
+@st.cache_data(ttl=30, show_spinner=False)
+def _models_disk_use(url: str) -> tuple[str, int]:
+    folder = data_dir(url) / "models"
+    return str(folder), folder_size(folder)
+
+
+_folder, _used = _models_disk_use(url)
+st.caption(f"Model checkpoints use {_used / 2**20:,.1f} MiB in `{_folder}` (the newest and the best versions and the "
+           f"{DEFAULT_KEEP_READY} newest others are kept; failed versions' files are removed).")
