@@ -197,7 +197,7 @@ def store_error_message(error: BaseException, url: str | None = None) -> str | N
         if "readonly database" in text or "read-only" in text:
             return (f"The store {where} is read-only, so this change cannot be saved; reading works. "
                     "Ask for write access to the file and its folder.")
-        if "disk is full" in text or "no space left" in text or "disk i/o error" in text:
+        if "disk is full" in text or "no space left" in text:
             return (f"No space left on {Path(str(where)).parent} for the store {where}; the change was not "
                     "saved. Free some disk space and try again.")
         if "unable to open database file" in text:
