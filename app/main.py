@@ -21,6 +21,7 @@ from sqlalchemy.exc import ArgumentError
 from app.jobs import AUTO_DEMO_ENV, start_demo_job
 from app.store import ANNOTATOR_KEY, annotator, sessions, set_annotator, shown_store_url, store_url
 from app.widgets import page_icon, plain
+from db.engine import is_read_only, store_error_message
 from db.ui_queries import project_exists
 
 st.set_page_config(page_title="OXnet workbench", page_icon=page_icon(), layout="wide")
@@ -81,10 +82,13 @@ with st.sidebar:
 try:
     with sessions()() as session:
         fresh = not project_exists(session)
+    if fresh and os.environ.get(AUTO_DEMO_ENV, "1") != "0" and not is_read_only(sessions().kw["bind"]):
+        start_demo_job(store_url())  # no-op when it ran or runs already
+    page.run()
 except ArgumentError:  # its message repeats the URL, password included
     st.error(f"Cannot parse the store URL `{shown_store_url()}`: set OXNET_DB_URL to an SQLAlchemy URL and restart.")
-    st.stop()
-if fresh and os.environ.get(AUTO_DEMO_ENV, "1") != "0":
-    start_demo_job(store_url())  # no-op when it ran or runs already
-
-page.run()
+except Exception as e:  # noqa: BLE001 - a locked, read-only or full store is one sentence, not a traceback
+    message = store_error_message(e, store_url())
+    if message is None:
+        raise
+    st.error(message)

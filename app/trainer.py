@@ -24,6 +24,7 @@ from pathlib import Path
 
 from db.engine import init_db, make_sessionmaker
 from db.repository import DEFAULT_PROJECT
+from db.retention import DEFAULT_KEEP_READY
 from db.workbench import SqlStore, request_stop
 from oxnet.loop import TRAINER_PRESETS, AlreadyRunning, Trainer
 
@@ -46,6 +47,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--promote-tolerance", type=_tolerance,
                         help="a new model version serves suggestions when its val mAP is at least the serving "
                              "version's minus this (absolute, default 0.02); otherwise it stays a candidate")
+    parser.add_argument("--keep-ready", type=int, default=DEFAULT_KEEP_READY,
+                        help="ready model versions whose checkpoints are kept besides the newest and the best "
+                             "(default %(default)s; -1 keeps all); failed versions' files are always removed")
     parser.add_argument("--stale-after", type=float, default=300.0, help="seconds after which a silent trainer's lock is taken")
     parser.add_argument("--stop", action="store_true", help="ask the running trainer to stop now (its round is discarded), then exit")
     parser.add_argument("--stop-after-round", action="store_true", help="ask the running trainer to stop once its round is saved, then exit")
@@ -84,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         overrides["model"] = {**preset.model, "weights": args.weights}
     settings = replace(preset, **overrides)
-    store = SqlStore.open(args.db, project=args.project, stale_after=timedelta(seconds=args.stale_after))
+    store = SqlStore.open(args.db, project=args.project, stale_after=timedelta(seconds=args.stale_after),
+                          keep_ready=None if args.keep_ready < 0 else args.keep_ready)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())

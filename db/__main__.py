@@ -12,7 +12,7 @@ from pathlib import Path
 from sqlalchemy.exc import ArgumentError
 from tqdm import tqdm
 
-from db.engine import DB_URL_ENV, DEFAULT_DB_URL, database_url, display_url, init_db, make_sessionmaker
+from db.engine import DB_URL_ENV, DEFAULT_DB_URL, database_url, display_url, init_db, make_sessionmaker, store_error_message
 from db.export import INCLUDE_PATIENT_IDS, export_coco, export_training_mix, file_mapping, write_file_map, write_json
 from db.importers import SALT_ENV, ImportReport, check_files, import_coco, import_folder, import_nih, import_vindr
 from db.repository import DEFAULT_PROJECT, assign_splits, stats
@@ -36,7 +36,8 @@ line, where every user of the machine can read it). New images get a split by pa
 or --no-assign-splits says otherwise. Exports leave patient ids out and write neutral file names
 (image-<id>.<ext>) unless --include-patient-ids; --file-map writes the real paths separately.
 Each import is one transaction: if it stops half-way, nothing of it is stored. Bad files are listed
-with the reason and the rest is imported; the exit status is 1 when there were errors."""
+with the reason and the rest is imported; the exit status is 1 when there were errors, 2 for bad
+input, 3 when the store is locked, read-only, full or cannot be opened (one sentence says which)."""
 
 
 def _progress(description: str) -> tuple[Callable[[int, int], None], Callable[[], None]]:
@@ -124,10 +125,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     url = database_url(args.db)
     try:
-        Session = make_sessionmaker(init_db(url))
+        return _run(args, url)
     except ArgumentError:  # its message repeats the URL, password included
         print(f"error: cannot parse the store URL {display_url(url)} (set {DB_URL_ENV} or --db to an SQLAlchemy URL)", file=sys.stderr)
         return 2
+    except Exception as e:  # noqa: BLE001 - a locked, read-only or full store is one sentence, not SQL
+        message = store_error_message(e, url)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 3
+
+
+def _run(args: argparse.Namespace, url: str) -> int:
+    Session = make_sessionmaker(init_db(url))
     salt = os.environ.get(SALT_ENV) or None
     progress, close = _progress(f"{args.command} {getattr(args, 'kind', '')}".strip())
     try:

@@ -23,14 +23,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import bindparam, insert, select, update
+from sqlalchemy import bindparam, false, func, insert, select, update
 from sqlalchemy.orm import Session
 
-from db.imaging import MAX_PIXELS, ImageInfo, probe_image
 from db.lifecycle import EMPTY_STATE, box_error, box_state, derive_granularity, make_state
 from db.models import AuditEntry, Box, FileStatus, Image, ImageLabel, LabelClass, Project, Split, utcnow
 from db.repository import DEFAULT_PROJECT, ensure_project, get_annotator, get_project
 from oxnet.classes import NIH_BOX_CLASSES, NO_FINDING
+from oxnet.imaging import MAX_PIXELS, ImageInfo, probe_image
 
 #: ``progress(done, total)``, called as items are read.
 Progress = Callable[[int, int], None]
@@ -146,7 +146,12 @@ def _write(
     annotator: str,
     report: ImportReport,
 ) -> None:
-    """Validate, de-duplicate and bulk-insert items with their labels, boxes and audit entries."""
+    """Validate, de-duplicate and bulk-insert items with their labels, boxes and audit entries.
+
+    The store's write lock is taken first, so two runs of the same import never both insert one path:
+    the second waits, then finds the first one's images and skips them.
+    """
+    _lock_for_import(session)
     project = ensure_project(session, project_name, vocabulary)
     class_ids = dict(session.execute(select(LabelClass.name, LabelClass.id).where(LabelClass.project_id == project.id)).all())
     by_path: dict[str, int] = {}
@@ -156,10 +161,18 @@ def _write(
         if sha:
             by_hash[sha] = path
     accepted: list[_Item] = []
+    earlier: dict[str, str] = {}  # path or content hash -> name of the item of this import that has it
     for item in items:
         path = str(item.path)
+        if path in earlier:
+            report.errors.append((item.name, f"the same file as {earlier[path]} earlier in this import; "
+                                             "only the first entry is imported"))
+            continue
         if path in by_path:
             report.skipped.append((item.name, f"already in the store (image {by_path[path]})"))
+            continue
+        if item.sha256 and item.sha256 in earlier:
+            report.skipped.append((item.name, f"same content as {earlier[item.sha256]} earlier in this import"))
             continue
         if item.sha256 and item.sha256 in by_hash:
             report.skipped.append((item.name, f"same content as {by_hash[item.sha256]}, already in the store"))
@@ -168,9 +181,9 @@ def _write(
         if reason:
             report.errors.append((item.name, reason))
             continue
-        by_path[path] = -1
+        earlier[path] = item.name
         if item.sha256:
-            by_hash[item.sha256] = path
+            earlier[item.sha256] = item.name
         accepted.append(item)
     if not accepted:
         return
@@ -217,6 +230,25 @@ def _write(
     for model, rows in ((ImageLabel, label_rows), (Box, box_rows), (AuditEntry, audit_rows)):
         if rows:
             session.execute(insert(model.__table__), rows)
+
+
+#: Key of the PostgreSQL advisory lock that serialises imports.
+_IMPORT_LOCK_KEY = 0x0A12_1D0C
+
+
+def _lock_for_import(session: Session) -> None:
+    """Serialise imports before they read what is already stored.
+
+    SQLite: a write statement that changes nothing takes the database's write lock now (waiting up to
+    the busy timeout for another writer); the reads that follow then see everything committed before.
+    PostgreSQL: a transaction-scoped advisory lock. Other databases: nothing (a racing import may then
+    fail on the unique constraints and change nothing).
+    """
+    dialect = session.get_bind().dialect.name
+    if dialect == "sqlite":
+        session.execute(update(Project).where(false()).values(name=Project.name).execution_options(synchronize_session=False))
+    elif dialect == "postgresql":
+        session.execute(select(func.pg_advisory_xact_lock(_IMPORT_LOCK_KEY)))
 
 
 def _existing_paths(session: Session, project: str) -> set[str]:
@@ -333,6 +365,9 @@ def import_coco(
     ``bbox`` is [x, y, w, h] in pixels of the file. ``patient_id``, ``view_position`` and ``split`` are
     kept when present.
 
+    A file with duplicate image ids is refused as a whole (nothing imported): its annotations cannot be
+    told apart. A ``file_name`` listed twice is an error for the second entry (the first is imported).
+
     Args:
         coco: path of the JSON file, or the dict.
         images: folder that ``file_name`` entries are relative to (default: the dict's ``images_root``,
@@ -360,8 +395,22 @@ def import_coco(
         return report
     vocabulary = [categories[i] for i in sorted(categories)]
 
+    seen_ids: dict[Any, int] = {}
+    duplicates: dict[Any, list[int]] = {}
+    for position, image in enumerate(coco["images"]):
+        if isinstance(image, Mapping) and isinstance(image.get("id"), (int, str)):
+            if image["id"] in seen_ids:
+                duplicates.setdefault(image["id"], [seen_ids[image["id"]]]).append(position)
+            seen_ids.setdefault(image["id"], position)
+    if duplicates:  # their annotations would attach to every image of the id: refuse the whole file
+        shown = "; ".join(f"id {i!r} at images[{', '.join(map(str, at))}]" for i, at in list(duplicates.items())[:5])
+        more = f" and {len(duplicates) - 5} more" if len(duplicates) > 5 else ""
+        report.errors.append((source, f"cannot import: duplicate image ids ({shown}{more}); annotations "
+                                      "cannot be matched to their image; nothing was imported"))
+        return report
+
     annotations_of: dict[Any, list[Mapping[str, Any]]] = {}
-    image_ids = {image.get("id") for image in coco["images"] if isinstance(image, Mapping)}
+    image_ids = set(seen_ids)
     for ann in coco.get("annotations") or []:
         if not isinstance(ann, Mapping) or ann.get("image_id") not in image_ids:
             report.errors.append((f"{source} annotation {ann.get('id') if isinstance(ann, Mapping) else ann!r}",

@@ -431,7 +431,12 @@ def take_lease(
     """Hand the image to ``annotator`` until now + ``ttl``. False when someone else holds an unexpired lease.
 
     Taking your own lease again extends it.
+
+    Raises:
+        ValueError: there is no image with id ``image_id``.
     """
+    if session.get(Image, image_id) is None:
+        raise ValueError(f"no image with id {image_id}")
     now = now or utcnow()
     who = get_annotator(session, annotator).id
     extended = session.execute(

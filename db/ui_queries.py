@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session, selectinload
 from db.lifecycle import BoxInput, ConflictError, box_error, downgrade, mark_boxes_complete, set_boxes, set_image_labels
 from db.models import (
     Annotator,
+    FileStatus,
     Granularity,
     Image,
     ImageLabel,
@@ -213,6 +214,20 @@ def claim_next_image(
         if take_lease(session, item.image_id, annotator):
             return item.image_id
     return None
+
+
+def unreadable_files(session: Session, project: str = DEFAULT_PROJECT, *, limit: int = 500) -> list[dict[str, Any]]:
+    """The project's images whose file is missing or corrupt (left out of training and exports):
+    ``{"id", "path", "status", "reason"}`` by image id."""
+    if not project_exists(session, project):
+        return []
+    rows = session.execute(
+        select(Image.id, Image.path, Image.file_status, Image.file_error)
+        .join(Project, Project.id == Image.project_id)
+        .where(Project.name == project, Image.file_status.in_([FileStatus.MISSING, FileStatus.CORRUPT]))
+        .order_by(Image.id).limit(limit)
+    )
+    return [{"id": i, "path": path, "status": status.value, "reason": error or ""} for i, path, status, error in rows]
 
 
 # --- one image -----------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from db.importers import import_coco
 from db.lifecycle import BoxInput, mark_boxes_complete, set_boxes, set_image_labels
 from db.models import (
     AuditEntry,
+    FileStatus,
     Granularity,
     Image,
     Metric,
@@ -46,6 +47,7 @@ from db.models import (
     SuggestedAction,
     utcnow,
 )
+from db.retention import DEFAULT_KEEP_READY, Retention, apply_retention
 from db.repository import (
     DEFAULT_PROJECT,
     TRAINER_STALE_AFTER,
@@ -124,6 +126,8 @@ class SqlStore:
         models_dir: where model version folders are made.
         owner: the lock owner name (default ``"<host>:<pid>"``).
         stale_after: a lock whose heartbeat is older than this may be taken.
+        keep_ready: ready versions kept besides the protected ones (:func:`apply_retention`, run after
+            every finished, failed or abandoned version); None keeps every checkpoint.
     """
 
     def __init__(
@@ -134,8 +138,10 @@ class SqlStore:
         models_dir: str | Path,
         owner: str | None = None,
         stale_after: timedelta = TRAINER_STALE_AFTER,
+        keep_ready: int | None = DEFAULT_KEEP_READY,
     ) -> None:
         self.sessions = sessions
+        self.keep_ready = keep_ready
         self.project = project
         self.models_dir = Path(models_dir)
         self.owner = owner or default_owner()
@@ -190,6 +196,18 @@ class SqlStore:
             )
             return any((after or {}).get("project") == self.project for after in afters)
 
+    def mark_unreadable(self, image_id: int, reason: str) -> None:
+        """Set the image's ``file_status`` to missing (no file at its path) or corrupt, with ``reason``
+        in ``file_error``, and log it; exports, and so the next snapshots, leave it out."""
+        with self.sessions.begin() as session:
+            image = session.get(Image, image_id)
+            if image is None:
+                return
+            status = FileStatus.CORRUPT if Path(image.path).is_file() else FileStatus.MISSING
+            image.file_status, image.file_error = status, f"{reason} (found by the trainer)"[:2000]
+            log_event(session, TRAINER_ANNOTATOR, "file_unreadable",
+                      {"project": self.project, "image_id": image_id, "status": status.value, "reason": reason})
+
     # -- model versions ------------------------------------------------------------------------------
     def abandon_unfinished(self) -> int:
         with self.sessions.begin() as session:
@@ -201,7 +219,9 @@ class SqlStore:
                 version.status = ModelStatus.FAILED
                 version.config = {**version.config, "error": "abandoned: its trainer stopped before the round "
                                                              "finished (killed?); the next round starts afresh"}
-            return len(versions)
+            count = len(versions)
+        self.retain()
+        return count
 
     def next_round(self) -> int:
         with self.sessions.begin() as session:
@@ -225,6 +245,15 @@ class SqlStore:
             mix = export_training_mix(session, project=self.project)
             classes = class_names(session, get_project(session, self.project))
         return Snapshot(classes=classes, train=mix["train"], val=mix["val"], test=mix["test"], marker=marker)
+
+    def ready_checkpoints(self, limit: int = 20) -> list[tuple[int, str | None, str | None]]:
+        with self.sessions.begin() as session:
+            versions = session.execute(
+                select(ModelVersion.id, ModelVersion.checkpoint_path, ModelVersion.config)
+                .where(ModelVersion.project_id == self._project_id(session), ModelVersion.status == ModelStatus.READY)
+                .order_by(ModelVersion.id.desc()).limit(limit)
+            ).all()
+        return [(i, path, (config or {}).get("checkpoint_sha256")) for i, path, config in versions]
 
     def latest_checkpoint(self) -> str | None:
         with self.sessions.begin() as session:
@@ -290,11 +319,21 @@ class SqlStore:
                 log_event(session, TRAINER_ANNOTATOR, CANDIDATE_ACTION,
                           {"project": self.project, "model_version_id": version_id,
                            "serving_model_version_id": serving.id}, note=reason)
+        self.retain()
+
+    def retain(self) -> Retention | None:
+        """Apply the checkpoint retention (:func:`apply_retention`) unless ``keep_ready`` is None."""
+        if self.keep_ready is None:
+            return None
+        with self.sessions.begin() as session:
+            report = apply_retention(session, self.models_dir, self.project, keep_ready=self.keep_ready)
+        return report
 
     def fail_version(self, version_id: int, error: str, config: Mapping[str, Any]) -> None:
         with self.sessions.begin() as session:
             version = finish_model_version(session, version_id, status=ModelStatus.FAILED)
             version.config = {**config, "error": error}
+        self.retain()
 
 
 def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:

@@ -27,7 +27,10 @@ Example::
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import os
+import shutil
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -41,7 +44,41 @@ FORMAT = "oxnet-checkpoint"
 VERSION = 1
 _REQUIRED = ("format", "version", "classes", "model_config", "student")
 
-__all__ = ["FORMAT", "VERSION", "load_checkpoint", "load_model", "save_checkpoint"]
+__all__ = ["FORMAT", "VERSION", "NoSpaceLeft", "ensure_free_space", "file_sha256", "load_checkpoint", "load_model", "non_finite_weights", "save_checkpoint",
+           "verify_checkpoint"]
+
+
+#: Free space kept in reserve beyond a checkpoint's estimated size (bytes).
+SPACE_MARGIN = 16 << 20
+
+
+class NoSpaceLeft(OSError):
+    """Not enough free space to write a file; the message names the folder and what is needed."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.ENOSPC, message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def _tensor_bytes(value: Any) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, Mapping):
+        return sum(_tensor_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in value)
+    return 0
+
+
+def ensure_free_space(folder: str | Path, needed: int) -> None:
+    """Raise :class:`NoSpaceLeft` when ``folder``'s file system has less than ``needed`` + a margin free."""
+    free = shutil.disk_usage(folder).free
+    if free < needed + SPACE_MARGIN:
+        raise NoSpaceLeft(f"no space left on {folder}: writing a checkpoint needs about {(needed + SPACE_MARGIN) / 2**20:.0f} MiB, "
+                          f"{free / 2**20:.0f} MiB are free; free some space (old model versions, runs/) and try again")
 
 
 def save_checkpoint(state: Mapping[str, Any], path: str | Path) -> Path:
@@ -56,10 +93,17 @@ def save_checkpoint(state: Mapping[str, Any], path: str | Path) -> Path:
 
     Returns:
         ``path`` as a :class:`~pathlib.Path`.
+
+    Raises:
+        NoSpaceLeft: (an ``OSError`` with ``errno.ENOSPC``) before writing, when the folder's file
+            system has less free space than the tensors' size plus :data:`SPACE_MARGIN`, or when the
+            write fails for lack of space. ``path`` is unchanged and no temporary file stays.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {"format": FORMAT, "version": VERSION, **state}
+    needed = _tensor_bytes(state)
+    ensure_free_space(path.parent, needed)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -67,6 +111,12 @@ def save_checkpoint(state: Mapping[str, Any], path: str | Path) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch reports a full disk as inline_container.cc's RuntimeError
+        Path(tmp).unlink(missing_ok=True)
+        if getattr(e, "errno", None) == errno.ENOSPC or shutil.disk_usage(path.parent).free < needed + SPACE_MARGIN:
+            raise NoSpaceLeft(f"no space left on {path.parent} while writing {path.name}; free some space "
+                              "(old model versions, runs/) and try again") from e
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -110,6 +160,55 @@ def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu
         raise ValueError(f"checkpoint {path} lacks the entries {missing}")
     if state["version"] > VERSION:
         raise ValueError(f"checkpoint {path} has format version {state['version']}; this oxnet reads <= {VERSION}")
+    return state
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of the file's bytes (read in 1 MiB chunks)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def non_finite_weights(state: Mapping[str, Any]) -> list[str]:
+    """Names (``"student.<param>"``, ``"teacher.<param>"``) of floating-point tensors of the checkpoint's
+    weights that hold NaN or infinity."""
+    bad = []
+    for part in ("student", "teacher"):
+        for name, tensor in (state.get(part) or {}).items():
+            if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                bad.append(f"{part}.{name}")
+    return bad
+
+
+def verify_checkpoint(path: str | Path, *, sha256: str | None = None) -> dict[str, Any]:
+    """Load a checkpoint and check that it is the file that was written and that its weights are finite.
+
+    Args:
+        path: the checkpoint file.
+        sha256: the digest recorded when it was written (None: not checked, for files from elsewhere).
+
+    Returns:
+        The loaded state (see :func:`load_checkpoint`).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: naming ``path``: another checksum than recorded, unreadable, or NaN/inf weights.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if sha256 is not None:
+        actual = file_sha256(path)
+        if actual != sha256:
+            raise ValueError(f"checkpoint {path} has checksum {actual[:12]}..., not the {sha256[:12]}... recorded "
+                             "when it was written (changed or corrupted on disk)")
+    state = load_checkpoint(path)
+    bad = non_finite_weights(state)
+    if bad:
+        raise ValueError(f"checkpoint {path} has non-finite (NaN/inf) weights in {len(bad)} tensor(s), e.g. {bad[0]}")
     return state
 
 

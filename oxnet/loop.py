@@ -16,7 +16,10 @@ A round::
        ``promote_tolerance`` (:func:`decide_promotion`); otherwise it stays a candidate until a user
        promotes it
 
-then wait for new labels (and at least ``min_interval_s``). A label saved during a round changes
+then wait for new labels (and at least ``min_interval_s``). A file that cannot be read (missing,
+corrupt, another size than stored) does not stop the round: the store marks it (``mark_unreadable``),
+the round leaves it out, starting its current phase again without it, and the version's notes name it.
+A label saved during a round changes
 nothing in that round: the next one sees it. The model version row exists from the start of the round
 with status "training" and becomes "ready" only after its checkpoint and outputs are written; a trainer
 killed in between leaves a "training" row that the next trainer marks failed.
@@ -53,7 +56,8 @@ from typing import Any, Protocol
 
 import torch
 
-from oxnet.checkpoint import load_checkpoint, model_from_state, save_checkpoint
+from oxnet.checkpoint import file_sha256, load_checkpoint, model_from_state, non_finite_weights, save_checkpoint, verify_checkpoint
+from oxnet.data.datasets import UnreadableImage
 from oxnet.data.records import GRANULARITIES, Record, records_from_coco
 from oxnet.engine import Progress, evaluate_model, fit, resolve_device
 from oxnet.scoring import ImageScore, ScoreConfig, score_images
@@ -147,8 +151,10 @@ class Store(Protocol):
     def label_marker(self) -> int:
         """A number that grows with every annotation edit (labels, boxes, completion)."""
 
-    def latest_checkpoint(self) -> str | None:
-        """The checkpoint of the newest ready model version whose file exists, or None."""
+    def ready_checkpoints(self) -> list[tuple[int, str | None, str | None]]:
+        """``(version id, checkpoint path, sha256 recorded at writing)`` of the ready model versions,
+        newest first (path or sha256 None when not recorded). The trainer warm-starts from the first
+        one that verifies."""
 
     def serving_metrics(self) -> Mapping[str, float] | None:
         """The val metrics of the version that serves suggestions now (``{}`` when it has none), or None
@@ -176,6 +182,10 @@ class Store(Protocol):
     def stop_requested(self) -> bool:
         """Whether a stop was requested through the store since this trainer started (optionally,
         ``stop_after_round_requested() -> bool``: stop once the round in progress is finished)."""
+
+    def mark_unreadable(self, image_id: int, reason: str) -> None:
+        """Record that the image's file cannot be read (missing or corrupt, with ``reason``), so that
+        later snapshots leave it out."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -546,21 +556,36 @@ class Trainer:
             if self.store.label_marker() != marker:
                 return
 
-    def _warm_start(self, config: TrainConfig, classes: Sequence[str]) -> str | None:
-        """The latest ready checkpoint when it holds this run's model and classes, else None."""
-        path = self.store.latest_checkpoint()
-        if path is None:
-            return None
-        try:
-            state = load_checkpoint(path)
-        except (OSError, ValueError) as e:
-            logger.warning("cannot warm-start from %s (%s): training from scratch", path, e)
-            return None
-        expected = config.model_config(len(classes)).to_dict()
-        if list(state["classes"]) != list(classes) or dict(state["model_config"]) != expected:
-            logger.warning("the latest model (%s) has other classes or another model; training from scratch", path)
-            return None
-        return str(path)
+    def _warm_start(self, config: TrainConfig, classes: Sequence[str], notes: dict[str, str]) -> str | None:
+        """The newest ready checkpoint that verifies (file present, checksum as recorded, finite weights)
+        and holds this run's model and classes, else None (from scratch). Every checkpoint passed over is
+        named in ``notes["warm_start"]``, logged and put in the trainer's state as a warning."""
+        problems: list[str] = []
+        chosen: str | None = None
+        for version_id, path, sha256 in self.store.ready_checkpoints():
+            if not path:
+                problems.append(f"model version {version_id} has no checkpoint recorded")
+                continue
+            try:
+                state = verify_checkpoint(path, sha256=sha256)
+            except (OSError, ValueError) as e:
+                problems.append(f"model version {version_id}: {e}")
+                continue
+            if sha256 is None:
+                problems.append(f"model version {version_id}: no checksum recorded for {path} (not verified)")
+            expected = config.model_config(len(classes)).to_dict()
+            if list(state["classes"]) != list(classes) or dict(state["model_config"]) != expected:
+                problems.append(f"model version {version_id} ({path}) has other classes or another model")
+                break
+            chosen = str(path)
+            break
+        if problems:
+            outcome = f"warm start from {chosen}" if chosen else "training from scratch"
+            warning = "; ".join(problems) + f": {outcome}"
+            notes["warm_start"] = warning
+            logger.warning("warm start: %s", warning)
+            self._set(error=f"warning: {warning}"[:2000])
+        return chosen
 
     def run_round(self) -> RoundResult:
         """One round (see the module docstring). Errors are recorded and returned, not raised, except
@@ -571,12 +596,16 @@ class Trainer:
         self._set(round=number, progress=0.0, phase="snapshot")
         snap = self.store.snapshot()
         classes = snap.classes
+        missing = self._mark_missing(snap)
         train = records_from_coco(snap.train, classes=classes, on_error="skip")
         splits = {name: [r for r in records_from_coco(getattr(snap, name), classes=classes, on_error="skip")
                          if r.granularity == "full"] for name in ("val", "test")}
         counts = {g: sum(r.granularity == g for r in train) for g in GRANULARITIES}
         result = RoundResult(round=number, status="waiting", label_counts=counts, marker=snap.marker)
         notes: dict[str, str] = {}
+        if missing:
+            notes["missing"] = "left out (file not found, marked in the store): " + ", ".join(
+                f"image {i}" for i in missing)
         selection: Sequence[Record] = splits["val"]
         if not any(len(r.boxes) for r in selection):
             notes["val"] = "skipped: the val split has no fully labeled image with boxes"
@@ -591,7 +620,7 @@ class Trainer:
                 notes[name] = f"skipped: the {name} split has no fully labeled image with boxes"
 
         probe = s.train_config(out_dir=".", round=number)
-        warm = self._warm_start(probe, classes)
+        warm = self._warm_start(probe, classes, notes)
         pretrain = s.pretrain_epochs if warm is None and counts["full"] else 0
         config_record = {"loop": s.to_dict(), "notes": notes, "warm_start": warm}
         version = self.store.start_version(number, counts, config_record)
@@ -601,13 +630,34 @@ class Trainer:
         config = s.train_config(out_dir=version.folder, round=number, init_checkpoint=warm, pretrain_epochs=pretrain)
         durations: dict[str, float] = {}
         self._to_score = sum(r.granularity != "full" for r in train) if s.suggest else 0
+        unreadable: dict[int, str] = {}
+
+        def leave_out(error: UnreadableImage) -> None:
+            """Mark the file in the store and drop its record from this round (or re-raise)."""
+            nonlocal train, selection
+            if error.image_id is None or error.image_id in unreadable:
+                raise error
+            logger.warning("round %d: %s; marked unreadable in the store and left out", number, error)
+            self.store.mark_unreadable(error.image_id, error.reason)
+            unreadable[error.image_id] = error.reason
+            notes["unreadable"] = "left out (file unreadable, marked in the store): " + "; ".join(
+                f"image {i}: {r}" for i, r in unreadable.items())
+            train = [r for r in train if r.image_id != error.image_id]
+            selection = [r for r in selection if r.image_id != error.image_id]
+            for name in splits:
+                splits[name] = [r for r in splits[name] if r.image_id != error.image_id]
+
+        def train_round(b: int):
+            while True:  # one retry per unreadable file, each from the start of the round
+                try:
+                    return fit(train, selection, replace(config, batch_size=b), classes=classes,
+                               callback=self._on_progress, progress=False)
+                except UnreadableImage as e:
+                    leave_out(e)
+
         try:
             clock = time.monotonic()
-            history, batch = _halving(
-                lambda b: fit(train, selection, replace(config, batch_size=b), classes=classes,
-                              callback=self._on_progress, progress=False),
-                config.batch_size, "training",
-            )
+            history, batch = _halving(train_round, config.batch_size, "training")
             result.batch_size = batch
             config = replace(config, batch_size=batch)
             config_record["train"] = config.to_dict()
@@ -615,12 +665,23 @@ class Trainer:
             self._check_stop()
             checkpoint, state = self._compact(history.best_checkpoint or history.last_checkpoint, version.folder)
             config_record["backbone_start"] = state.get("backbone_start")
+            config_record["checkpoint_sha256"] = file_sha256(checkpoint)
             durations["save"], clock = time.monotonic() - clock, time.monotonic()
-            metrics = self._metrics(history, state, splits, notes)
+            while True:
+                try:
+                    metrics = self._metrics(history, state, splits, notes)
+                    break
+                except UnreadableImage as e:
+                    leave_out(e)
             durations["evaluate"], clock = time.monotonic() - clock, time.monotonic()
             if s.suggest:
-                pending = [r for r in train if r.granularity != "full"]
-                results = self._score(state, pending, classes, number)
+                while True:
+                    pending = [r for r in train if r.granularity != "full"]
+                    try:
+                        results = self._score(state, pending, classes, number)
+                        break
+                    except UnreadableImage as e:
+                        leave_out(e)
                 durations["score"], clock = time.monotonic() - clock, time.monotonic()
                 self._set(phase="writing suggestions")
                 self.store.write_results(version.id, classes, results)
@@ -660,11 +721,27 @@ class Trainer:
         result.seconds = time.monotonic() - started
         return result
 
+    def _mark_missing(self, snap: Snapshot) -> list[int]:
+        """Mark the snapshot's images whose file does not exist as missing in the store (their records
+        are then skipped); returns their ids."""
+        missing = []
+        for name in ("train", "val", "test"):
+            for image in getattr(snap, name).get("images", []):
+                if not Path(image["file_name"]).is_file():
+                    missing.append(int(image["id"]))
+                    self.store.mark_unreadable(int(image["id"]), "file not found")
+        if missing:
+            logger.warning("%d image file(s) not found, marked missing in the store: ids %s", len(missing), missing[:20])
+        return missing
+
     def _compact(self, source: Path, folder: Path) -> tuple[Path, dict[str, Any]]:
         """Write the inference checkpoint (no optimizer state) atomically and drop the training files."""
         self._set(phase="saving the model")
         state = load_checkpoint(source)
         compact = {k: state.get(k) for k in _KEEP}
+        bad = non_finite_weights(compact)
+        if bad:  # never make a version ready that the next round could not warm-start from
+            raise ValueError(f"training produced non-finite (NaN/inf) weights in {len(bad)} tensor(s), e.g. {bad[0]}")
         path = save_checkpoint(compact, Path(folder) / MODEL_FILE)
         for name in ("last.pt", "best.pt", "pretrain_best.pt"):
             (Path(folder) / name).unlink(missing_ok=True)

@@ -524,3 +524,55 @@ def test_jobs_and_trainer_get_an_absolute_store_path(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert absolute_url("sqlite:///workbench.db") == f"sqlite:///{tmp_path / 'workbench.db'}"
     assert absolute_url("sqlite://") == "sqlite://"
+
+
+def test_annotate_opening_an_image_id_that_does_not_exist_says_so(demo):
+    """Issue 12.5: a non-existent id gave an IntegrityError traceback (the lease's foreign key)."""
+    at = _app("views/annotate.py")
+    at.number_input(key="annotate_pick_id").set_value(99_999).run()
+    at.button(key="annotate_open_id").click().run()
+    assert not at.exception, at.exception
+    assert "no image with id 99999" in _texts(at)
+    assert "Take the best image of the queue" in _texts(at)  # still the picker
+    with _sessions(demo)() as session:
+        assert session.scalars(select(Lease)).all() == []
+
+
+def test_data_page_lists_unreadable_files_with_their_reason(demo):
+    """Issue 12.3: a file the trainer found corrupt is shown with the reason on the Data page."""
+    from db.models import FileStatus
+
+    image_id = _unlabeled_ids(demo)[0]
+    with _sessions(demo).begin() as session:
+        image = session.get(Image, image_id)
+        image.file_status, image.file_error = FileStatus.CORRUPT, "not a PNG, JPEG or DICOM file (found by the trainer)"
+    at = _app("views/data.py")
+    assert "Files that cannot be read" in [h.value for h in at.subheader]
+    [table] = [d.value for d in at.dataframe if "status" in d.value.columns]
+    assert table.to_dict("records") == [{"id": image_id, "path": image.path, "status": "corrupt",
+                                         "reason": "not a PNG, JPEG or DICOM file (found by the trainer)"}]
+
+
+def test_a_read_only_store_renders_and_a_save_says_so_in_one_sentence(demo, monkeypatch):
+    """Issue 12.11/12.12: the UI reads a read-only store; a write shows one sentence, not SQL."""
+    path = demo.removeprefix("sqlite:///")
+    monkeypatch.setenv("OXNET_DB_URL", f"sqlite:///file:{path}?mode=ro&uri=true")
+    for page in PAGES:
+        at = _app(page)  # asserts no exception
+    at = _app("views/annotate.py")
+    at.number_input(key="annotate_pick_id").set_value(_unlabeled_ids(demo)[0]).run()
+    at.button(key="annotate_open_id").click().run()
+    assert not at.exception, at.exception
+    assert f"The store {path} is read-only, so this change cannot be saved" in _texts(at)
+    assert "INSERT" not in _texts(at) and "sqlalchemy" not in _texts(at).lower()
+
+
+def test_overview_shows_the_disk_use_of_the_models_folder(demo):
+    """Issue 12.13: the disk use of the model checkpoints is on the Overview page."""
+    from db.demo import data_dir
+
+    folder = data_dir(demo) / "models" / "default" / "version-00001"
+    folder.mkdir(parents=True)
+    (folder / "model.pt").write_bytes(b"\0" * (3 << 20))
+    at = _app("views/overview.py")
+    assert f"Model checkpoints use 3.0 MiB in `{data_dir(demo) / 'models'}`" in _texts(at)

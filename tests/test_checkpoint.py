@@ -123,3 +123,59 @@ def test_pickled_code_is_refused(tmp_path):
     torch.save({"format": "oxnet-checkpoint", "model": torch.nn.Linear(2, 2)}, path)
     with pytest.raises(ValueError, match="module.pt cannot be read"):
         load_checkpoint(path)
+
+
+def _free(monkeypatch, free_bytes: int) -> None:
+    import shutil
+
+    import oxnet.checkpoint as checkpoint
+
+    real = shutil.disk_usage
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage",
+                        lambda p: real(p)._replace(free=free_bytes))
+
+
+def test_free_space_is_checked_before_writing(tmp_path, monkeypatch):
+    """Issue 12.12: a full disk is named before torch writes a byte; the old checkpoint stays intact."""
+    from oxnet.checkpoint import NoSpaceLeft
+
+    target = save_checkpoint({"student": {"w": torch.ones(3)}, "classes": ["a"], "model_config": {}}, tmp_path / "m.pt")
+    before = target.read_bytes()
+    _free(monkeypatch, 1 << 20)
+    with pytest.raises(NoSpaceLeft, match=f"no space left on {tmp_path}: writing a checkpoint needs about 16 MiB, 1 MiB are free"):
+        save_checkpoint({"student": {"w": torch.zeros(1000)}, "classes": ["a"], "model_config": {}}, target)
+    assert target.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]
+
+
+def test_a_failed_write_on_a_full_disk_says_no_space_left(tmp_path, monkeypatch):
+    """torch's own message for a full disk is inline_container.cc's; the caller gets one clear sentence."""
+    import oxnet.checkpoint as checkpoint
+    from oxnet.checkpoint import NoSpaceLeft
+
+    def full_disk(state, f):
+        f.write(b"PK\x03\x04partial")
+        _free(monkeypatch, 0)  # the disk fills while writing
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file data/3: file write failed")
+
+    monkeypatch.setattr(checkpoint.torch, "save", full_disk)
+    with pytest.raises(NoSpaceLeft) as caught:
+        save_checkpoint({"student": {}, "classes": [], "model_config": {}}, tmp_path / "m.pt")
+    assert str(caught.value).startswith(f"no space left on {tmp_path} while writing m.pt")
+    assert "inline_container" not in str(caught.value) and caught.value.errno == 28
+    assert list(tmp_path.iterdir()) == []  # no temporary file left behind
+
+
+def test_verify_checkpoint_checks_the_checksum_and_finite_weights(tmp_path):
+    from oxnet.checkpoint import file_sha256, verify_checkpoint
+
+    path = save_checkpoint({"student": {"w": torch.ones(3)}, "classes": ["a"], "model_config": {}}, tmp_path / "m.pt")
+    digest = file_sha256(path)
+    assert verify_checkpoint(path, sha256=digest)["classes"] == ["a"]
+    with pytest.raises(ValueError, match="has checksum .* not the 000000000000... recorded"):
+        verify_checkpoint(path, sha256="0" * 64)
+    save_checkpoint({"student": {"w": torch.tensor([1.0, float("inf")])}, "classes": ["a"], "model_config": {}}, path)
+    with pytest.raises(ValueError, match=r"non-finite \(NaN/inf\) weights in 1 tensor\(s\), e.g. student.w"):
+        verify_checkpoint(path)
+    path.unlink()
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        verify_checkpoint(path, sha256=digest)

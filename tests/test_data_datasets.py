@@ -6,10 +6,10 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from oxnet.data.datasets import OmniDataset, collate
+from oxnet.data.datasets import OmniDataset, UnreadableImage, collate
 from oxnet.data.records import Record
 from oxnet.data.sampler import MixedBatchSampler
-from oxnet.data.transforms import Photometric
+from oxnet.data.transforms import Photometric, load_image
 
 NUM_CLASSES = 3
 
@@ -133,8 +133,22 @@ def test_load_time_errors_name_the_file(records, tmp_path):
     with pytest.raises(ValueError, match=r"weak.png \(image id 2\): image is 10x10, the record says 80x40"):
         dataset[1]
     records[2].path.write_bytes(b"garbage")
-    with pytest.raises(ValueError, match="unl.png: cannot decode image"):
+    with pytest.raises(UnreadableImage, match=r"unl.png \(image id 3\): not a PNG, JPEG or DICOM file") as caught:
         dataset[2]
+    assert caught.value.image_id == 3 and caught.value.reason.startswith("not a PNG, JPEG or DICOM file")
+    records[2].path.unlink()
+    with pytest.raises(UnreadableImage, match=r"unl.png \(image id 3\): file not found"):
+        dataset[2]
+
+
+def test_unreadable_image_survives_a_dataloader_worker(records):
+    """A worker re-raises the exception type with the traceback text only: the image id still comes back."""
+    records[1].path.write_bytes(b"garbage")
+    loader = DataLoader(OmniDataset(records[1:2], num_classes=NUM_CLASSES, size=16), batch_size=1,
+                        collate_fn=collate, num_workers=1)
+    with pytest.raises(UnreadableImage) as caught:
+        next(iter(loader))
+    assert caught.value.image_id == 2 and "not a PNG, JPEG or DICOM file" in caught.value.reason
 
 
 def test_dataset_validation(records):
@@ -160,3 +174,22 @@ def test_label_mask_and_weak_images_with_no_known_class(tmp_path):
     assert targets[2]["image_label_mask"].tolist() == [1.0] * 3
     with pytest.raises(ValueError, match="class index outside"):
         OmniDataset([Record(4, tmp_path / "a.png", "weak", 80, 40, unknown_labels=[5])], num_classes=NUM_CLASSES)
+
+
+def test_dicom_trains_through_the_store_reader(tmp_path):
+    """A 12-bit MONOCHROME1 DICOM with a window loads as the UI shows it: windowed, inverted, 16-bit."""
+    from tests.test_db_import import write_dicom
+
+    from oxnet.data.records import Record
+    from oxnet.imaging import read_pixels
+
+    pixels = (np.arange(40 * 48, dtype=np.uint16).reshape(40, 48) * 2) % 4096
+    path = write_dicom(tmp_path / "x.dcm", pixels, bits_stored=12, window=(1500, 1000), photometric="MONOCHROME1")
+    record = Record(image_id=1, path=path, width=48, height=40, granularity="unlabeled")
+    student, _, _ = OmniDataset([record], num_classes=NUM_CLASSES, size=40, train=False)[0]
+    loaded = load_image(path)
+    assert loaded.shape == (1, 40, 48)
+    assert torch.allclose(loaded[0], torch.from_numpy(read_pixels(path).astype(np.float32) / 65535))
+    assert len(torch.unique(loaded)) > 256  # deeper than 8 bits
+    assert loaded[0, 0, 0] == 1.0  # stored 0 is below the window: black, inverted to white
+    assert student.shape == (1, 40, 40)

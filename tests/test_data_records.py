@@ -251,7 +251,7 @@ def test_load_jpeg_and_rgb_as_grayscale(tmp_path):
 def test_load_corrupt_file_names_it(tmp_path):
     path = tmp_path / "corrupt.png"
     path.write_bytes(b"\x89PNG\r\n\x1a\n not really")
-    with pytest.raises(ValueError, match="corrupt.png: cannot decode image"):
+    with pytest.raises(ValueError, match="corrupt.png: not a PNG, JPEG or DICOM file"):
         load_image(path)
 
 

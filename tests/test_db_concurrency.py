@@ -4,6 +4,7 @@ no lost edit; conflicting saves of the same image are detected and retried."""
 import multiprocessing
 
 import pytest
+
 from sqlalchemy import func, select
 
 from db.engine import make_engine, make_sessionmaker
@@ -85,3 +86,65 @@ def test_concurrent_writer_processes(db_sessionmaker, db_url):
         assert granularity_mismatches(s) == []
         assert s.scalar(select(func.count()).select_from(ModelVersion)) == ROUNDS
         assert s.scalar(select(func.count()).select_from(Suggestion)) == ROUNDS * len(ids)
+
+
+def import_process(url: str, folder: str, coco: str, start, results) -> None:
+    """One run of ``python -m db import``-like work: a folder import, then a COCO import (own transactions)."""
+    from db.importers import import_coco, import_folder
+
+    Session = make_sessionmaker(make_engine(url))
+    start.wait()
+    out = []
+    for run in (lambda s: import_folder(s, folder), lambda s: import_coco(s, coco)):
+        with Session.begin() as s:
+            report = run(s)
+        out.append((len(report.imported), len(report.skipped), len(report.errors)))
+    results.put(out)
+
+
+@pytest.mark.slow
+def test_concurrent_runs_of_the_same_import_skip_instead_of_crashing(tmp_path):
+    """Issue 12.5: racing imports of one folder (and one COCO file) crashed with an IntegrityError; now
+    each image is imported exactly once and the other runs skip it. The project is new, so its creation
+    races too."""
+    import json
+
+    import numpy as np
+    from PIL import Image as PILImage
+
+    from db.engine import init_db
+    from db.lifecycle import replay_audit
+    from db.models import AuditEntry, Box
+
+    url = f"sqlite:///{tmp_path / 'race.db'}"
+    init_db(url).dispose()
+    folder, boxes = tmp_path / "folder", tmp_path / "coco"
+    folder.mkdir()
+    boxes.mkdir()
+    for i in range(30):
+        PILImage.fromarray(np.full((24, 32), i, np.uint8)).save(folder / f"{i}.png")
+        PILImage.fromarray(np.full((24, 32), 100 + i, np.uint8)).save(boxes / f"{i}.png")
+    coco = {"images": [{"id": i, "file_name": f"{i}.png", "width": 32, "height": 24} for i in range(30)],
+            "annotations": [{"id": i, "image_id": i, "category_id": 1, "bbox": [1, 1, 5, 5]} for i in range(30)],
+            "categories": [{"id": 1, "name": "Nodule"}]}
+    (boxes / "boxes.json").write_text(json.dumps(coco))
+    context = multiprocessing.get_context("spawn")
+    start, results = context.Event(), context.Queue()
+    processes = [context.Process(target=import_process, args=(url, str(folder), str(boxes / "boxes.json"), start, results))
+                 for _ in range(4)]
+    for p in processes:
+        p.start()
+    start.set()
+    outcomes = [results.get(timeout=240) for _ in processes]
+    for p in processes:
+        p.join(timeout=60)
+    assert [p.exitcode for p in processes] == [0] * 4
+    assert sorted(o[0][0] for o in outcomes) == [0, 0, 0, 30] and sorted(o[1][0] for o in outcomes) == [0, 0, 0, 30]
+    assert all(o[0][2] == 0 and o[1][2] == 0 for o in outcomes)  # no errors, only skips
+    assert all(o[0][0] + o[0][1] == 30 and o[1][0] + o[1][1] == 30 for o in outcomes)
+    with make_sessionmaker(make_engine(url))() as s:
+        assert s.scalar(select(func.count()).select_from(Image)) == 60
+        assert s.scalar(select(func.count()).select_from(Box)) == 30
+        assert s.scalar(select(func.count()).select_from(AuditEntry).where(AuditEntry.action == "import")) == 60
+        for image_id in s.scalars(select(Image.id)):
+            assert replay_audit(s, image_id) == image_state(s.get(Image, image_id))

@@ -96,9 +96,9 @@ def test_folder_import_good_and_bad_files(db_sessionmaker, tmp_path):
     assert "not a PNG, JPEG or DICOM" in errors["garbage.png"] and "not a PNG, JPEG or DICOM" in errors["notes.txt"]
     assert "without pixel data" in errors["report.dcm"]
     assert "decompression bomb" in errors["bomb.png"]
-    if importlib.util.find_spec("pylibjpeg") is None:  # without the [dicom] extra: say what to install
+    if importlib.util.find_spec("pylibjpeg") is None:  # no decoder: the message names what to install
         assert "pip install pylibjpeg pylibjpeg-libjpeg" in errors["lossless.dcm"]
-    else:  # with it: the JPEG Lossless header over raw pixels is a corrupt file, named as such
+    else:  # a decoder is installed (the [dicom] extra) and refuses the corrupt stream
         assert "cannot decode DICOM pixel data" in errors["lossless.dcm"]
     with db_sessionmaker() as s:
         images = {Path(i.path).name: i for i in s.scalars(select(Image))}
@@ -187,6 +187,48 @@ def test_coco_file_level_errors(db_sessionmaker, tmp_path):
         report = import_coco(s, bad)
         assert report.imported == [] and "cannot import" in report.errors[0][1]
         assert "not a COCO file" in import_coco(s, {"foo": 1}, images=tmp_path).errors[0][1]
+
+
+def test_coco_duplicate_image_ids_are_refused_and_nothing_is_imported(db_sessionmaker, tmp_path):
+    """Issue 12.2: two images with one id would both get that id's boxes: the file is refused."""
+    root = tmp_path / "root"
+    root.mkdir()
+    for name in ("a.png", "b.png", "c.png"):
+        png(root / name, value=hash(name) % 200)
+    images = [{"id": 1, "file_name": "a.png", "width": 40, "height": 32},
+              {"id": 2, "file_name": "b.png", "width": 40, "height": 32},
+              {"id": 1, "file_name": "c.png", "width": 40, "height": 32}]
+    annotations = [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 2, 10, 10]}]
+    path = tmp_path / "dup.json"
+    path.write_text(json.dumps(_coco(tmp_path, images, annotations)))
+    with db_sessionmaker.begin() as s:
+        report = import_coco(s, path, images=root)
+    assert report.imported == [] and len(report.errors) == 1
+    where, reason = report.errors[0]
+    assert where == str(path) and "duplicate image ids (id 1 at images[0, 2])" in reason and "nothing was imported" in reason
+    assert count(db_sessionmaker) == 0 and count(db_sessionmaker, Box) == 0
+
+
+def test_coco_duplicate_file_name_is_an_error_with_its_reason(db_sessionmaker, tmp_path):
+    """Issue 12.2: a file_name listed twice was skipped as "already in the store (image -1)" with exit 0."""
+    root = tmp_path / "root"
+    root.mkdir()
+    png(root / "a.png", value=3)
+    png(root / "b.png", value=4)
+    (root / "a_copy.png").write_bytes((root / "a.png").read_bytes())
+    images = [{"id": 1, "file_name": "a.png", "width": 40, "height": 32},
+              {"id": 2, "file_name": "a.png", "width": 40, "height": 32, "image_labels": ["Mass"]},
+              {"id": 3, "file_name": "b.png", "width": 40, "height": 32},
+              {"id": 4, "file_name": "a_copy.png", "width": 40, "height": 32}]
+    with db_sessionmaker.begin() as s:
+        report = import_coco(s, _coco(tmp_path, images, []), images=root)
+    assert len(report.imported) == 2
+    [(where, reason)] = report.errors
+    assert "image 2 (a.png)" in where and "the same file as <COCO dict> image 1 (a.png) earlier in this import" in reason
+    [(copy, why)] = report.skipped
+    assert "a_copy.png" in copy and why == "same content as <COCO dict> image 1 (a.png) earlier in this import"
+    assert "image -1" not in " ".join(r for _, r in report.errors + report.skipped)
+    assert count(db_sessionmaker) == 2
 
 
 def test_failed_batch_leaves_store_unchanged(db_sessionmaker, tmp_path, monkeypatch):
@@ -329,3 +371,21 @@ def test_nih_cxr_coco_files_round_trip(db_sessionmaker):
                 assert out_image["granularity"] == granularity
                 expected_labels = image.get("image_labels", sorted({b[0] for b in boxes}))
                 assert out_image["image_labels"] == expected_labels
+
+
+def test_a_10000_by_10000_radiograph_imports_and_the_limit_is_16k_squared(db_sessionmaker, tmp_path):
+    """Issue 12.14: Pillow's own 89.5 Mpx bomb limit no longer fires first; MAX_PIXELS (16k x 16k) does."""
+    from oxnet.imaging import MAX_PIXELS, probe_image
+
+    folder = tmp_path / "big"
+    folder.mkdir()
+    png_bomb(folder / "large.png", size=10_000)  # 100 Mpx, a few kB on disk
+    with db_sessionmaker.begin() as s:
+        report = import_folder(s, folder)
+    assert not report.errors, report.errors
+    with db_sessionmaker() as s:
+        assert s.scalars(select(Image.width)).all() == [10_000]
+    assert MAX_PIXELS == 16384 * 16384
+    with pytest.raises(ValueError, match="exceeds the limit of 268,435,456"):
+        probe_image(png_bomb(tmp_path / "huge.png", size=16_400), verify=False)
+    assert PILImage.MAX_IMAGE_PIXELS == 89_478_485  # Pillow's process-wide setting is left as it was

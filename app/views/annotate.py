@@ -171,8 +171,12 @@ if s.get(IMAGE_KEY) is None:
             st.rerun()
     wanted = right.number_input("Image id", min_value=1, step=1, value=None, key="annotate_pick_id")
     if right.button("Open", key="annotate_open_id", disabled=wanted is None):
-        with sessions().begin() as session:
-            taken = take_lease(session, int(wanted), who)
+        try:
+            with sessions().begin() as session:
+                taken = take_lease(session, int(wanted), who)
+        except ValueError as e:  # no such image
+            right.error(str(e))
+            st.stop()
         if taken:
             _go_to(int(wanted), who)
             st.rerun()

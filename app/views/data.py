@@ -14,10 +14,11 @@ from pathlib import Path
 import streamlit as st
 
 from app.jobs import list_jobs, start_job
-from app.store import store_url
+from app.store import sessions, store_url
 from app.widgets import show_job
 from db.demo import data_dir
 from db.importers import SALT_ENV
+from db.ui_queries import unreadable_files
 
 #: More files than this go through a folder import, not the upload box.
 MAX_UPLOAD_FILES = 20
@@ -181,3 +182,11 @@ for job in finished:
         if job["status"] == "done" and path is not None and path.is_file():
             st.download_button(f"Download {path.name}", path.read_bytes(), file_name=path.name, mime=mime,
                                on_click="ignore", key=f"data_download_{field}_{job['id']}")
+
+
+with sessions()() as _session:
+    _bad = unreadable_files(_session)
+if _bad:
+    st.subheader("Files that cannot be read")
+    st.caption("Left out of training and exports until fixed; `python -m db check --recheck` reads them again.")
+    st.dataframe(_bad, width="stretch", hide_index=True, key="data_unreadable")

@@ -16,6 +16,8 @@ from app.trainer_control import start_trainer, stop_trainer, trainer_pid
 from app.widgets import candidate_notices, show_job
 from db.models import Granularity, utcnow
 from db.repository import TRAINER_STALE_AFTER, stats, trainer_state
+from db.demo import data_dir
+from db.retention import DEFAULT_KEEP_READY, folder_size
 from db.ui_queries import project_exists, serving_summary
 
 HEADLINE_METRICS = ("mAP", "AP40", "AP75", "mean_image_auc")
@@ -157,3 +159,14 @@ def _serving_panel() -> None:
 
 
 _serving_panel()
+
+
+@st.cache_data(ttl=30, show_spinner=False)
+def _models_disk_use(url: str) -> tuple[str, int]:
+    folder = data_dir(url) / "models"
+    return str(folder), folder_size(folder)
+
+
+_folder, _used = _models_disk_use(url)
+st.caption(f"Model checkpoints use {_used / 2**20:,.1f} MiB in `{_folder}` (the serving, the newest and the best versions and the "
+           f"{DEFAULT_KEEP_READY} newest others are kept; failed versions' files are removed).")

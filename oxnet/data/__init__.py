@@ -16,6 +16,7 @@ _LAZY = {
     "STUDENT_AUGMENT": "oxnet.data.transforms",
     "TEACHER_AUGMENT": "oxnet.data.transforms",
     "OmniDataset": "oxnet.data.datasets",
+    "UnreadableImage": "oxnet.data.datasets",
     "collate": "oxnet.data.datasets",
     "MixedBatchSampler": "oxnet.data.sampler",
 }

@@ -18,6 +18,7 @@ model consumes::
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
@@ -31,6 +32,24 @@ from oxnet.data.records import Record
 from oxnet.data.transforms import STUDENT_AUGMENT, TEACHER_AUGMENT, Photometric, load_image, resize_flip
 
 Target = dict[str, Any]
+
+_IMAGE_ID = re.compile(r"\(image id (-?\d+)\)")
+
+
+class UnreadableImage(ValueError):
+    """A sample's file cannot be read or does not match its record (missing, corrupt, other size).
+
+    ``image_id`` names the record. The message holds ``(image id N)``, so the id survives a DataLoader
+    worker (which re-raises the exception type with the formatted traceback as its only argument).
+    """
+
+    def __init__(self, message: str, *, image_id: int | None = None, reason: str | None = None) -> None:
+        super().__init__(message)
+        if image_id is None:
+            found = _IMAGE_ID.findall(message)
+            image_id = int(found[-1]) if found else None
+        self.image_id = image_id
+        self.reason = reason or message.strip().splitlines()[-1].split("): ", 1)[-1]
 
 
 class OmniDataset(Dataset[tuple[Tensor, Tensor, Target]]):
@@ -102,14 +121,23 @@ class OmniDataset(Dataset[tuple[Tensor, Tensor, Target]]):
         return len(self.records)
 
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor, Target]:
-        """Returns ``(image, teacher_image, target)``: two Tensor[1, S, S] and the target dict."""
+        """Returns ``(image, teacher_image, target)``: two Tensor[1, S, S] and the target dict.
+
+        Raises:
+            UnreadableImage: the file is missing, cannot be decoded or has another size than its record.
+        """
         record = self.records[index]
-        image = load_image(record.path)
+        where = f"{record.path} (image id {record.image_id})"
+        try:
+            image = load_image(record.path)
+        except (OSError, ValueError) as e:
+            reason = str(e).removeprefix(f"{record.path}: ")
+            if isinstance(e, FileNotFoundError):
+                reason = "file not found"
+            raise UnreadableImage(f"{where}: {reason}", image_id=record.image_id, reason=reason) from e
         if tuple(image.shape[-2:]) != (record.height, record.width):
-            raise ValueError(
-                f"{record.path} (image id {record.image_id}): image is {image.shape[-1]}x{image.shape[-2]}, "
-                f"the record says {record.width}x{record.height}"
-            )
+            reason = f"image is {image.shape[-1]}x{image.shape[-2]}, the record says {record.width}x{record.height}"
+            raise UnreadableImage(f"{where}: {reason}", image_id=record.image_id, reason=reason)
         generator = torch.Generator().manual_seed(
             int(np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1)[0])
         )

@@ -42,7 +42,7 @@ class Record:
 
     Args:
         image_id: unique integer id (the COCO image id).
-        path: absolute path of the image file (PNG or JPEG).
+        path: absolute path of the image file (PNG, JPEG or DICOM).
         granularity: ``"full"`` (boxes are complete; zero boxes = no lesion), ``"weak"`` (image-level
             labels only) or ``"unlabeled"``.
         width, height: size of the image file in pixels.

@@ -14,34 +14,34 @@ from pathlib import Path
 import numpy as np
 import torch
 import torchvision.transforms.v2.functional as F
-from PIL import Image
 from torch import Tensor
 from torchvision import tv_tensors
 
+from oxnet.imaging import read_pixels
+
 
 def load_image(path: str | Path) -> Tensor:
-    """Read a grayscale or colour PNG/JPEG as a float image in [0, 1].
+    """Read a PNG, JPEG or DICOM file as a float image in [0, 1], through :func:`oxnet.imaging.read_pixels`
+    (the reader the store and the UI use: DICOM VOI LUT/window, MONOCHROME1 inverted).
 
-    8-bit images are divided by 255 and 16-bit ones by 65535; colour images are converted to grayscale
-    (ITU-R 601-2 luma).
+    8-bit data is divided by 255 and deeper data (16-bit PNG, 12- to 16-bit DICOM) by 65535; colour
+    images are converted to grayscale (ITU-R 601-2 luma).
 
     Returns:
         Tensor[1, H, W] float32 in [0, 1].
 
     Raises:
+        FileNotFoundError: the file does not exist.
         ValueError: naming the file when it cannot be read or decoded.
     """
     try:
-        with Image.open(path) as image:
-            if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-                array = np.asarray(image, dtype=np.float32) / 65535.0
-            elif image.mode == "F":
-                array = np.asarray(image, dtype=np.float32)
-            else:
-                array = np.asarray(image.convert("L"), dtype=np.float32) / 255.0
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise ValueError(f"{path}: cannot decode image: {e}") from e
-    return torch.from_numpy(np.clip(array, 0.0, 1.0)).unsqueeze(0)
+        pixels = read_pixels(path)
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read the file ({e.strerror or e})") from e
+    scale = 255.0 if pixels.dtype == np.uint8 else 65535.0
+    return torch.from_numpy(pixels.astype(np.float32) / scale).unsqueeze(0)
 
 
 def resize_flip(
