@@ -329,3 +329,13 @@ def test_credentials_from_environment_or_private_netrc_never_the_url(tmp_path):
     assert credentials("http://other:1/dicom-web", {NETRC_ENV: str(netrc)}) is None
     with pytest.raises(ValueError, match="not found"):
         credentials(url, {NETRC_ENV: str(tmp_path / "none")})
+
+
+@pytest.mark.slow
+@needs_orthanc
+def test_throughput_benchmark_imports_every_instance():
+    from db.bench_dicomweb import main as bench
+
+    result = bench(["--instances", "3", "--size", "64", "--bits", "8"])
+    assert (result["instances"], result["reimport_skipped"]) == (3, 3)
+    assert result["instances_per_s"] == pytest.approx(3 / result["import_s"], rel=0.02)
