@@ -309,6 +309,9 @@ def import_dicomweb(
             report.errors.append((where, str(e)))
             report.imported.clear()
             return report  # the archive went away: nothing of this import is written
+        except OSError as e:
+            report.errors.append((name, f"cannot write the cache file {path} ({e.strerror or e})"))
+            continue
         except ValueError as e:
             if fetched:
                 path.unlink(missing_ok=True)
@@ -528,7 +531,10 @@ def export_sr(
         for prediction in session.scalars(select(Prediction).where(Prediction.model_version_id == model.id, Prediction.image_id.in_(ids))):
             predictions[prediction.image_id] = prediction
     out = Path(out_dir).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"{out}: cannot create the output folder ({e.strerror or e})") from None
     written: list[Dataset] = []
     for image in images:
         name = f"image {image.id}"
@@ -560,13 +566,19 @@ def export_sr(
                       "no_finding": False, "observer": None, "probabilities": dict(p.image_probs or {}),
                       "uid_parts": [str(source.SOPInstanceUID), "model", str(model.id)]}
             file_name = f"{image.id}-model{model.id}.dcm"
+        # the store's patient id is a pseudonym only when the import had a salt; the source's own id stays out
+        pseudonym = image.patient_id if image.patient_id != str(source.get("PatientID", "")) else ""
         try:
-            sr = _build_sr(source, model=model, with_patient_ids=with_patient_ids, pseudonym=image.patient_id, **kwargs)
+            sr = _build_sr(source, model=model, with_patient_ids=with_patient_ids, pseudonym=pseudonym, **kwargs)
         except (ValueError, TypeError, AttributeError) as e:
             report.errors.append((name, f"cannot build the SR ({e})"))
             continue
         path = out / file_name
-        _save(sr, path)
+        try:
+            _save(sr, path)
+        except OSError as e:
+            report.errors.append((name, f"cannot write {path} ({e.strerror or e})"))
+            continue
         report.written.append(str(path))
         written.append(sr)
     return report, written

@@ -173,6 +173,15 @@ def test_filters_study_and_since(archive, creds, tmp_path, capsys):
     assert len(later.imported) == 1 and not later.errors, later.summary()  # study 1's CR (its DX came first)
     assert later.imported[0].startswith(archive["studies"][1])
 
+    # imported without a salt, the store holds the archive's patient id: an SR file leaves it out
+    with Session.begin() as session:
+        image = session.scalars(select(Image)).first()
+        set_image_labels(session, image.id, {"Nodule": False}, annotator="dr.b")
+    report, [sr] = export_sr(Session(), tmp_path / "sr")
+    assert (sr.PatientID, str(sr.PatientName)) == ("", "") and report.written
+    _, [kept] = export_sr(Session(), tmp_path / "sr2", with_patient_ids=True)
+    assert (kept.PatientID, str(kept.PatientName)) == ("PAT1", "Doe^Jane")
+
 
 def _texts(items) -> dict[str, list[str]]:
     """Concept name -> TEXT values of every content item under ``items``, depth first."""
@@ -339,3 +348,27 @@ def test_throughput_benchmark_imports_every_instance():
     result = bench(["--instances", "3", "--size", "64", "--bits", "8"])
     assert (result["instances"], result["reimport_skipped"]) == (3, 3)
     assert result["instances_per_s"] == pytest.approx(3 / result["import_s"], rel=0.02)
+
+
+@pytest.mark.slow
+@needs_orthanc
+def test_data_page_starts_the_archive_import_as_a_job(archive, creds, tmp_path, monkeypatch):
+    from tests.test_app import _app, _texts, _wait_for_jobs
+
+    url = f"sqlite:///{tmp_path / 'workbench.db'}"
+    monkeypatch.setenv("OXNET_DB_URL", url)
+    monkeypatch.setenv("OXNET_DEMO", "0")
+    at = _app("views/data.py")
+    at.radio(key="data_kind").set_value("DICOMweb archive").run()
+    start = lambda: next(b for b in at.get("button") if getattr(b, "label", "") == "Start import").click().run()  # noqa: E731
+    at.text_input[1].input("127.0.0.1:8042")
+    start()
+    assert "Give the archive's DICOMweb URL" in _texts(at) and not (tmp_path / "workbench_data" / "jobs").exists()
+    at.text_input[1].input(archive["server"].dicomweb)
+    at.text_input[2].input(archive["studies"][0])
+    start()
+    [job] = _wait_for_jobs(url)
+    assert job["status"] == "done", job
+    assert job["args"][:4] == ["dicomweb", archive["server"].dicomweb, "--study", archive["studies"][0]]
+    assert len(job["result"]["imported"]) == 2 and not job["result"]["errors"]
+    assert not at.exception
