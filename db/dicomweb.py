@@ -34,13 +34,12 @@ from dataclasses import dataclass, field
 from datetime import date
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 import pydicom
 import requests
-from dicomweb_client.api import DICOMwebClient
 from pydicom.dataset import Dataset
 from pydicom.pixels import get_decoder
 from pydicom.sr.codedict import codes
@@ -52,6 +51,9 @@ from db.imaging import DICOM_DECODERS_HINT, MAX_PIXELS, is_dicom, probe_image
 from db.importers import ImportReport, Progress, _each, _Item, _split, _write, pseudonymize
 from db.models import Annotator, Box, DicomInstance, Image, ImageLabel, LabelClass, ModelVersion, Prediction, Project
 from db.repository import DEFAULT_PROJECT, get_project
+
+if TYPE_CHECKING:  # dicomweb-client and highdicom take seconds to import: only the commands that use them do
+    from dicomweb_client.api import DICOMwebClient
 
 USER_ENV = "OXNET_DICOMWEB_USER"
 PASSWORD_ENV = "OXNET_DICOMWEB_PASSWORD"
@@ -120,6 +122,8 @@ def connect(url: str, *, auth: tuple[str, str] | None = None, timeout: float = T
 
     ``auth`` defaults to :func:`credentials`; HTTP basic authentication.
     """
+    from dicomweb_client.api import DICOMwebClient
+
     session = requests.Session()
     session.auth = auth if auth is not None else credentials(url)
     session.trust_env = False  # no proxy from the environment: patient data goes to the archive only

@@ -4,7 +4,6 @@ and the failures (wrong password, stopped server, a study without images, a comp
 decoder), each leaving the store unchanged."""
 
 import json
-import os
 import sqlite3
 import stat
 from pathlib import Path
@@ -16,7 +15,7 @@ import pytest
 from PIL import Image as PILImage
 from pydicom.encaps import encapsulate
 from pydicom.uid import MPEG4HP41, generate_uid
-from sqlalchemy import func, select
+from sqlalchemy import select
 
 from db.__main__ import main as db_main
 from db.dicomweb import (
@@ -290,6 +289,22 @@ def test_failures_report_clearly_and_leave_the_store_unchanged(archive, creds, t
 
     [(where, reason)] = attempt(studies=["1.2.3.4.5"])
     assert "1.2.3.4.5: not in the archive" in reason
+
+    # the archive goes away after the first retrieval: nothing of the import is written
+    import requests
+
+    client = connect(server.dicomweb)
+    original, calls = client.retrieve_instance, []
+
+    def dies_after_one(*args, **kwargs):
+        calls.append(args)
+        if len(calls) > 1:
+            raise requests.exceptions.ConnectionError("connection reset")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(client, "retrieve_instance", dies_after_one)
+    [(where, reason)] = attempt(studies=[archive["studies"][1]], client=client)
+    assert len(calls) == 2 and "cannot reach the archive" in reason
 
     server.stop()
     try:
