@@ -39,6 +39,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 import pydicom
+import pydicom.errors
 import requests
 from pydicom.dataset import Dataset
 from pydicom.pixels import get_decoder
@@ -297,14 +298,15 @@ def import_dicomweb(
             report.skipped.append((name, f"already in the store (image {known[instance.sop]})"))
             continue
         path = cache / instance.study / f"{instance.sop}.dcm"
-        fetched = False
         try:
             if not path.is_file():
                 ds = _archive_call(url, f"retrieving {name}", lambda i=instance: client.retrieve_instance(
                     i.study, i.series, i.sop, media_types=(("application/dicom", "*"),)))
                 _save(ds, path)
-                fetched = True
-            header = pydicom.dcmread(path, stop_before_pixels=True)
+            try:
+                header = pydicom.dcmread(path, stop_before_pixels=True)
+            except (pydicom.errors.InvalidDicomError, EOFError) as e:
+                raise ValueError(f"the archive sent no readable DICOM file ({e})") from None
             _check_decoder(header)
             info = probe_image(path, verify=True, max_pixels=max_pixels)
             if str(header.get("SOPInstanceUID", "")) != instance.sop:
@@ -317,8 +319,7 @@ def import_dicomweb(
             report.errors.append((name, f"cannot write the cache file {path} ({e.strerror or e})"))
             continue
         except ValueError as e:
-            if fetched:
-                path.unlink(missing_ok=True)
+            path.unlink(missing_ok=True)  # not in the store: the cache keeps only what was imported
             report.errors.append((name, str(e).removeprefix(f"{path}: ")))
             continue
         item = _Item(name=name, path=path, width=info.width, height=info.height, source="dicomweb", split=split_)
@@ -333,9 +334,10 @@ def import_dicomweb(
             "window_center": center, "window_width": width, "archive": where,
         }
     _write(session, project, None, items, annotator, report)
-    if meta:
-        project_id = get_project_id(session, project)
-        rows = session.execute(select(Image.id, Image.path).where(Image.project_id == project_id, Image.path.in_(list(meta)))).all()
+    project_id = get_project_id(session, project)
+    paths = list(meta)
+    for chunk in (paths[i : i + 10_000] for i in range(0, len(paths), 10_000)):  # under SQLite's variable limit
+        rows = session.execute(select(Image.id, Image.path).where(Image.project_id == project_id, Image.path.in_(chunk))).all()
         have = set(session.scalars(select(DicomInstance.image_id).where(DicomInstance.image_id.in_([r[0] for r in rows]))))
         new = [{"image_id": image_id, **meta[path]} for image_id, path in rows if image_id not in have]
         if new:
