@@ -387,3 +387,53 @@ def test_data_page_starts_the_archive_import_as_a_job(archive, creds, tmp_path, 
     assert job["args"][:4] == ["dicomweb", archive["server"].dicomweb, "--study", archive["studies"][0]]
     assert len(job["result"]["imported"]) == 2 and not job["result"]["errors"]
     assert not at.exception
+
+
+def _trainer_reads_dicom(path: Path) -> bool:
+    """False only when the trainer's image reader (``oxnet.data.load_image``) is the PNG/JPEG-only one of
+    this commit, which PIL cannot give a DICOM file to; any other failure of a DICOM-aware reader fails
+    the test below instead of skipping it."""
+    from oxnet.data import load_image
+
+    try:
+        load_image(path)
+    except ValueError as e:
+        if "cannot identify image file" in str(e):
+            return False
+        raise
+    return True
+
+
+@pytest.mark.slow
+@needs_orthanc
+def test_tiny_trainer_round_on_archive_images(archive, creds, tmp_path):
+    from dataclasses import replace
+
+    from db.models import ModelStatus, ModelVersion, Prediction, Split
+    from db.workbench import SqlStore
+    from oxnet.loop import TRAINER_PRESETS, Trainer
+
+    url, Session = _store(tmp_path)
+    with Session.begin() as session:
+        report = import_dicomweb(session, archive["server"].dicomweb, cache_dir=tmp_path / "cache", patient_salt=SALT)
+    assert len(report.imported) == 4
+    if not _trainer_reads_dicom(Path(Session().scalars(select(Image.path)).first())):
+        pytest.skip("the trainer's reader at this commit (oxnet.data.load_image) opens PNG/JPEG only, not DICOM")
+    with Session.begin() as session:
+        images = session.scalars(select(Image).order_by(Image.id)).all()
+        plan = [(Split.VAL, True), (Split.TRAIN, True), (Split.TRAIN, False), (Split.TRAIN, None)]
+        for image, (split, boxes) in zip(images, plan, strict=True):
+            image.split = split
+            if boxes is not None:
+                set_image_labels(session, image.id, {"Nodule": True}, annotator="dr.a")
+            if boxes:
+                set_boxes(session, image.id, [("Nodule", 30.0, 30.0, 70.0, 80.0)], annotator="dr.a", complete=True)
+    settings = replace(TRAINER_PRESETS["tiny"], steps_per_epoch=1, pretrain_epochs=0, min_interval_s=0.0,
+                       retry_delay_s=0.0, heartbeat_s=0.2, max_rounds=1, device="cpu")
+    [result] = Trainer(SqlStore.open(url, models_dir=tmp_path / "models"), settings).run()
+    assert result.status == "ready", result
+    with Session() as session:
+        version = session.scalars(select(ModelVersion)).one()
+        assert version.status is ModelStatus.READY
+        predicted = set(session.scalars(select(Prediction.image_id).where(Prediction.model_version_id == version.id)))
+    assert predicted >= {images[2].id, images[3].id}  # the not-full train images were scored
