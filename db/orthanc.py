@@ -56,8 +56,8 @@ class Orthanc:
     dicomweb: str
     user: str
     password: str
-    process: subprocess.Popen
     config: Path
+    process: subprocess.Popen | None = None
 
     def upload(self, path: str | Path) -> dict:
         """``POST /instances`` one DICOM file; returns Orthanc's answer."""
@@ -75,7 +75,8 @@ class Orthanc:
                 requests.delete(f"{self.url}/instances/{match['ID']}", auth=auth, timeout=30).raise_for_status()
 
     def stop(self) -> None:
-        if self.process.poll() is None:
+        """Stop the server (SIGTERM, then SIGKILL after 15 s); its storage stays for :meth:`start`."""
+        if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
                 self.process.wait(timeout=15)
@@ -85,7 +86,7 @@ class Orthanc:
 
     def start(self, timeout: float = 30.0) -> None:
         """(Re)start the server with its config and wait until ``/system`` answers."""
-        if self.process.poll() is None:
+        if self.process is not None and self.process.poll() is None:
             return
         log = open(self.config.parent / "orthanc.log", "ab")  # noqa: SIM115 - the child keeps it
         self.process = subprocess.Popen([ORTHANC, str(self.config)], stdout=log, stderr=subprocess.STDOUT,
@@ -128,10 +129,8 @@ def run_orthanc(folder: str | Path, *, user: str = "oxnet", password: str | None
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # it holds the password
     with os.fdopen(fd, "w") as f:
         json.dump(config, f)
-    dead = subprocess.Popen(["true"])
-    dead.wait()
     server = Orthanc(url=f"http://127.0.0.1:{http_port}", dicomweb=f"http://127.0.0.1:{http_port}/dicom-web",
-                     user=user, password=password, process=dead, config=path)
+                     user=user, password=password, config=path)
     server.start()
     try:
         yield server
