@@ -17,6 +17,7 @@ from pydicom.encaps import encapsulate
 from pydicom.uid import MPEG4HP41, generate_uid
 from sqlalchemy import select
 
+from app.imaging import render
 from db.__main__ import main as db_main
 from db.dicomweb import (
     ALGORITHM_NAME, NETRC_ENV, PASSWORD_ENV, USER_ENV, _build_sr, connect, credentials, export_sr, import_dicomweb, store_sr,
@@ -128,6 +129,8 @@ def test_import_keeps_uids_pseudonymises_caches_once_and_shows_as_files(archive,
                 expected = np.asarray(png.convert("L").resize((128, 128)), dtype=np.float64)
             pixels = read_pixels(path).astype(np.float64)
             assert np.corrcoef(pixels.ravel(), expected.ravel())[0, 1] > 0.97
+            shown = np.asarray(render(str(path), (128, 128)), dtype=np.float64)  # what the Annotate page draws on
+            assert np.corrcoef(shown.ravel(), expected.ravel())[0, 1] > 0.97
     dump = "\n".join(_dump(tmp_path))
     for identifying in ("Doe", "ACC123", "19700101", "Ref^Doc", "PAT0", "PAT1"):
         assert identifying not in dump
@@ -437,3 +440,19 @@ def test_tiny_trainer_round_on_archive_images(archive, creds, tmp_path):
         assert version.status is ModelStatus.READY
         predicted = set(session.scalars(select(Prediction.image_id).where(Prediction.model_version_id == version.id)))
     assert predicted >= {images[2].id, images[3].id}  # the not-full train images were scored
+
+
+def test_sr_export_skips_non_dicom_images_and_refuses_an_unknown_model_version(tmp_path):
+    from db.importers import import_folder
+
+    (tmp_path / "png").mkdir()
+    PILImage.new("L", (32, 32), 80).save(tmp_path / "png" / "a.png")
+    _, Session = _store(tmp_path)
+    with Session.begin() as session:
+        import_folder(session, tmp_path / "png")
+        image = session.scalars(select(Image)).one()
+        set_image_labels(session, image.id, {"Nodule": True}, annotator="dr.a")
+    report, written = export_sr(Session(), tmp_path / "sr")
+    assert (written, report.skipped) == ([], [(f"image {image.id}", "not a DICOM image (an SR must reference a DICOM instance)")])
+    with pytest.raises(ValueError, match="model version 7: not a model version of project 'default'"):
+        export_sr(Session(), tmp_path / "sr", model_version=7)
