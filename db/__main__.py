@@ -36,8 +36,8 @@ Examples:
   python -m db export coco out.json --granularity full    boxes of the fully labelled images
   python -m db import dicomweb http://pacs:8042/dicom-web --modality CR,DX --since 2026-01-01
   python -m db export sr OUTDIR [--model-version N] [--stow URL]   boxes and findings as DICOM SR
-Archive credentials: {USER_ENV} and {PASSWORD_ENV}, or a netrc file readable by you only ({NETRC_ENV},
-default ~/.netrc); never on the command line.
+Archive credentials: {USER_ENV} and {PASSWORD_ENV}, or a netrc file
+readable by you only ({NETRC_ENV}, default ~/.netrc); never on the command line.
 Patient ids can be replaced by salted hashes: set {SALT_ENV} (or --pseudonymize-salt) when importing.
 Each import is one transaction: if it stops half-way, nothing of it is stored. Bad files are listed
 with the reason and the rest is imported; the exit status is 1 when there were errors."""
