@@ -12,6 +12,7 @@ Command line (what :func:`start_job` runs; the store is ``$OXNET_DB_URL``)::
     python -m app.jobs seed --n 300                      the synthetic demo project
     python -m app.jobs import coco boxes.json --images DIR [--split val | --assign-splits]
     python -m app.jobs import folder DIR | nih CSV... --images DIR... [--bbox CSV] | vindr CSV --images DIR
+    python -m app.jobs import dicomweb URL [--study UID...] [--modality CR,DX] [--since YYYY-MM-DD]
     python -m app.jobs export OUT.json [--granularity full] [--split val] [--include-patient-ids] [--file-map CSV]
 
 Secrets never go on the command line (``/proc/<pid>/cmdline`` is readable by every user) nor into the
@@ -43,6 +44,7 @@ from sqlalchemy.engine import make_url
 from db.demo import data_dir, seed_demo
 from db.engine import DB_URL_ENV, database_url, init_db, make_sessionmaker
 from db.export import INCLUDE_PATIENT_IDS, export_coco, file_mapping, write_file_map, write_json
+from db.dicomweb import DEFAULT_MODALITIES, import_dicomweb
 from db.importers import SALT_ENV, ImportReport, import_coco, import_folder, import_nih, import_vindr
 from db.repository import assign_splits
 
@@ -268,7 +270,12 @@ def _parser() -> argparse.ArgumentParser:
     vindr = imports.add_parser("vindr")
     vindr.add_argument("csv")
     vindr.add_argument("--images", required=True)
-    for sub in (imports.choices[k] for k in ("folder", "coco", "nih", "vindr")):
+    dicomweb = imports.add_parser("dicomweb")
+    dicomweb.add_argument("url")
+    dicomweb.add_argument("--study", nargs="+", default=[])
+    dicomweb.add_argument("--modality", default=",".join(DEFAULT_MODALITIES))
+    dicomweb.add_argument("--since")
+    for sub in (imports.choices[k] for k in ("folder", "coco", "nih", "vindr", "dicomweb")):
         sub.add_argument("--split", choices=["train", "val", "test"])
         sub.add_argument("--assign-splits", action="store_true", help="then put images without a split in train/val/test by patient")
     export = commands.add_parser("export", help="write a COCO JSON of the store")
@@ -288,6 +295,10 @@ def _import(session, args: argparse.Namespace, progress: Callable[[int, int], No
         return import_folder(session, args.folder, **options)
     if args.kind == "coco":
         return import_coco(session, args.file, images=args.images, **options)
+    if args.kind == "dicomweb":
+        modalities = [m.strip() for m in args.modality.split(",") if m.strip()]
+        return import_dicomweb(session, args.url, cache_dir=data_dir() / "dicomweb", studies=args.study,
+                               modalities=modalities, since=args.since, **options)
     if args.kind == "nih":
         return import_nih(session, args.data_entry, images=args.images, bbox_list=args.bbox, **options)
     return import_vindr(session, args.csv, images=args.images, **options)

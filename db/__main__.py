@@ -16,6 +16,8 @@ from db.engine import DB_URL_ENV, DEFAULT_DB_URL, database_url, display_url, ini
 from db.export import INCLUDE_PATIENT_IDS, export_coco, export_training_mix, file_mapping, write_file_map, write_json
 from db.importers import SALT_ENV, ImportReport, check_files, import_coco, import_folder, import_nih, import_vindr
 from db.repository import DEFAULT_PROJECT, assign_splits, stats
+from db.dicomweb import DEFAULT_MODALITIES, NETRC_ENV, PASSWORD_ENV, USER_ENV, export_sr, import_dicomweb, store_sr
+from db.demo import data_dir
 
 DESCRIPTION = f"""\
 The OXnet workbench store: the database that remembers your images, their labels and boxes, and the
@@ -31,6 +33,10 @@ Examples:
   python -m db split                                      train/val/test by patient
   python -m db stats                                      counts per granularity and split
   python -m db export coco out.json --granularity full    boxes of the fully labelled images
+  python -m db import dicomweb http://pacs:8042/dicom-web --modality CR,DX --since 2026-01-01
+  python -m db export sr OUTDIR [--model-version N] [--stow URL]   boxes and findings as DICOM SR
+Archive credentials: {USER_ENV} and {PASSWORD_ENV}, or a netrc file
+readable by you only ({NETRC_ENV}, default ~/.netrc); never on the command line.
 Patient ids can be replaced by salted hashes: set {SALT_ENV} when importing (never on the command
 line, where every user of the machine can read it). New images get a split by patient unless --split
 or --no-assign-splits says otherwise. Exports leave patient ids out and write neutral file names
@@ -85,6 +91,13 @@ def _parser() -> argparse.ArgumentParser:
     vindr.add_argument("csv", metavar="train.csv")
     vindr.add_argument("--images", required=True, metavar="DIR", help="folder with <image_id>.dicom files")
 
+    dicomweb = imports.add_parser("dicomweb", parents=[common], help="CR/DX instances from a DICOM archive (QIDO-RS search, WADO-RS retrieve)")
+    dicomweb.add_argument("url", metavar="URL", help="the DICOMweb service root, e.g. http://127.0.0.1:8042/dicom-web")
+    dicomweb.add_argument("--study", nargs="+", default=[], metavar="UID", help="only these Study Instance UIDs")
+    dicomweb.add_argument("--modality", default=",".join(DEFAULT_MODALITIES), help="series modalities to import (default: %(default)s)")
+    dicomweb.add_argument("--since", metavar="YYYY-MM-DD", help="only studies from this day on (StudyDate)")
+    dicomweb.add_argument("--cache", metavar="DIR", help="where retrieved files are kept (default: <data dir>/dicomweb beside the store)")
+
     export = commands.add_parser("export", help="write labels out").add_subparsers(dest="kind", required=True, metavar="KIND")
     coco_out = export.add_parser("coco", help="a COCO JSON file (with image_labels and granularity per image)")
     coco_out.add_argument("out", metavar="OUT")
@@ -97,6 +110,14 @@ def _parser() -> argparse.ArgumentParser:
     mix = export.add_parser("mix", help="train.json, val.json and test.json: what the trainer learns from (real paths, no patient ids)")
     mix.add_argument("out", metavar="OUTDIR")
     mix.add_argument("--include-patient-ids", action="store_true", default=INCLUDE_PATIENT_IDS, help="keep patient ids (identifying)")
+
+    sr = export.add_parser("sr", help="DICOM Structured Reports (TID 1500) of the DICOM images' boxes and findings")
+    sr.add_argument("out", metavar="OUTDIR")
+    sr.add_argument("--model-version", type=int, metavar="N", help="that model version's detections instead of the annotations")
+    sr.add_argument("--stow", metavar="URL", help="also store them in this DICOMweb archive (STOW-RS; keeps the source's patient ids)")
+    sr.add_argument("--include-patient-ids", action="store_true", default=INCLUDE_PATIENT_IDS,
+                    help="keep the source's patient name and ids in the files (identifying; default: left out)")
+    sr.add_argument("--report", metavar="FILE", help="also write the full report as JSON")
 
     commands.add_parser("stats", help="image counts per granularity and split (JSON)")
 
@@ -152,6 +173,11 @@ def _run(args: argparse.Namespace, url: str) -> int:
                     report = import_folder(session, args.folder, **options)
                 elif args.kind == "coco":
                     report = import_coco(session, args.file, images=args.images, verify=not args.no_verify, **options)
+                elif args.kind == "dicomweb":
+                    cache = args.cache or data_dir(url) / "dicomweb"
+                    modalities = [m.strip() for m in args.modality.split(",") if m.strip()]
+                    report = import_dicomweb(session, args.url, cache_dir=cache, studies=args.study, modalities=modalities,
+                                             since=args.since, **options)
                 elif args.kind == "nih":
                     report = import_nih(session, args.data_entry, images=args.images, bbox_list=args.bbox, verify=args.verify, **options)
                 else:
@@ -166,6 +192,16 @@ def _run(args: argparse.Namespace, url: str) -> int:
                 close()
                 return _finish(report, args)
             if args.command == "export":
+                if args.kind == "sr":
+                    keep_ids = args.include_patient_ids or bool(args.stow)
+                    sr_report, datasets = export_sr(session, args.out, project=args.project, model_version=args.model_version,
+                                                    with_patient_ids=keep_ids)
+                    if args.stow:
+                        store_sr(args.stow, datasets, sr_report)
+                    print(sr_report.summary())
+                    if args.report:
+                        write_json(sr_report.as_dict(), args.report)
+                    return 1 if sr_report.errors else 0
                 if args.kind == "coco":
                     data = export_coco(session, split=args.split, granularity=args.granularity, project=args.project,
                                        images_root=args.images_root, include_patient_ids=args.include_patient_ids)

@@ -231,6 +231,28 @@ class Box(Base):
     annotator: Mapped[Annotator] = relationship(lazy="joined")
 
 
+class DicomInstance(Base):
+    """Where an image came from in a DICOM archive (DICOMweb import) and the header fields display needs.
+
+    Only UIDs and technical attributes are kept: no names, dates of birth, accession numbers or other
+    identifying text (the patient id is on the image, pseudonymised). ``archive`` is the DICOMweb URL
+    without credentials. The window is the header's first WindowCenter/WindowWidth (None when absent).
+    """
+
+    __tablename__ = "dicom_instance"
+
+    image_id: Mapped[int] = mapped_column(ForeignKey("image.id", ondelete="CASCADE"), primary_key=True)
+    study_uid: Mapped[str] = mapped_column(String(64), index=True)
+    series_uid: Mapped[str] = mapped_column(String(64))
+    sop_uid: Mapped[str] = mapped_column(String(64), index=True)
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    modality: Mapped[Optional[str]] = mapped_column(String(16))
+    transfer_syntax: Mapped[Optional[str]] = mapped_column(String(64))
+    window_center: Mapped[Optional[float]] = mapped_column(Float)
+    window_width: Mapped[Optional[float]] = mapped_column(Float)
+    archive: Mapped[Optional[str]] = mapped_column(String(1024))
+
+
 class AuditEntry(Base):
     """One change, append-only (SQLite triggers refuse UPDATE and DELETE).
 

@@ -4,6 +4,7 @@
     python scripts/bench.py db [--help]           store queries and import at 100k images
     python scripts/bench.py ui [--help]           page server time at 100k images
     python scripts/bench.py load [--help]         annotators saving while the trainer writes (any backend)
+    python scripts/bench.py dicomweb [--help]     import throughput from a local Orthanc (instances/s)
 
 The logic lives in the packages (oxnet.bench, db.bench, db.loadtest, app.bench); this file only dispatches.
 """
@@ -12,7 +13,8 @@ import json
 import sys
 from importlib import import_module
 
-COMMANDS = {"train-step": "oxnet.bench", "db": "db.bench", "ui": "app.bench", "load": "db.loadtest"}
+COMMANDS = {"train-step": "oxnet.bench", "db": "db.bench", "ui": "app.bench", "load": "db.loadtest",
+            "dicomweb": "db.bench_dicomweb"}
 
 
 def main(argv: list[str]) -> int:

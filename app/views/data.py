@@ -1,4 +1,4 @@
-"""Data: import (folder, COCO, NIH, VinDr) and upload as background jobs with progress and report, export.
+"""Data: import (folder, COCO, NIH, VinDr, a DICOMweb archive) and upload as background jobs with progress and report, export.
 
 Every import, an upload included, is a background job (``app.jobs``); the page only starts it and
 shows its progress and report. Finished jobs (and their downloads) are drawn outside the part of the
@@ -75,7 +75,7 @@ with tab_import:
     st.caption("Images are referenced where they are (paths on the server), never copied. Each import is one "
                "transaction: if it stops half-way nothing of it is stored; bad items are listed with the reason.")
     _split_and_salt()
-    kind = st.radio("Source", ["folder", "COCO", "NIH", "VinDr"], horizontal=True, key="data_kind")
+    kind = st.radio("Source", ["folder", "COCO", "NIH", "VinDr", "DICOMweb archive"], horizontal=True, key="data_kind")
     extra = _split_args()
     with st.form("data_import_form"):
         if kind == "folder":
@@ -93,12 +93,28 @@ with tab_import:
             folder_list = [p.strip() for p in folders.split(";") if p.strip()] or [""]
             args = ["nih", *entry_list, "--images", *folder_list, *(["--bbox", bbox] if bbox else []), *extra]
             paths = entry_list + folder_list + ([bbox] if bbox else [])
+        elif kind == "DICOMweb archive":
+            st.caption("Searches with QIDO-RS and retrieves each new instance once with WADO-RS into "
+                       f"`{data_dir(url) / 'dicomweb'}`. Credentials: the server's OXNET_DICOMWEB_USER and "
+                       "OXNET_DICOMWEB_PASSWORD, or its netrc file (OXNET_DICOMWEB_NETRC, mode 600).")
+            archive = st.text_input("DICOMweb URL", placeholder="http://127.0.0.1:8042/dicom-web")
+            studies = st.text_input("Study Instance UIDs (optional; separate with ;)")
+            c1, c2 = st.columns(2)
+            modality = c1.text_input("Modalities", value="CR,DX")
+            since = c2.date_input("Studies since (optional)", value=None)
+            study_list = [u.strip() for u in studies.split(";") if u.strip()]
+            args = ["dicomweb", archive.strip(), *(["--study", *study_list] if study_list else []), "--modality", modality,
+                    *(["--since", since.isoformat()] if since else []), *extra]
+            paths = []
         else:
             csv = st.text_input("VinDr-CXR train.csv")
             images = st.text_input("Folder with <image_id>.dicom files")
             args, paths = ["vindr", csv, "--images", images, *extra], [csv, images]
         if st.form_submit_button("Start import", type="primary"):
-            _launch("import", args, paths, _secrets())
+            if kind == "DICOMweb archive" and not args[1].startswith(("http://", "https://")):
+                st.error("Give the archive's DICOMweb URL (http:// or https://).")
+            else:
+                _launch("import", args, paths, _secrets())
 
 with tab_upload:
     st.caption(f"For a handful of files (at most {MAX_UPLOAD_FILES}); they are copied into `{data_dir(url) / 'uploads'}` "
