@@ -12,7 +12,7 @@ import os
 import streamlit as st
 
 from app.jobs import AUTO_DEMO_ENV, start_demo_job
-from app.store import ANNOTATOR_KEY, annotator, sessions, set_annotator, store_url
+from app.store import CURRENT_PAGE_KEY, PREVIOUS_PAGE_KEY, annotator, forget_annotator, sessions, set_annotator, store_url
 from db.ui_queries import project_exists
 
 st.set_page_config(page_title="OXnet workbench", page_icon=":material/radiology:", layout="wide")
@@ -31,7 +31,7 @@ with st.sidebar:
     if name:
         st.markdown(f"Annotating as **{name}**")
         if st.button("Switch annotator", key="main_switch_annotator"):
-            st.session_state.pop(ANNOTATOR_KEY, None)
+            forget_annotator()
             st.rerun()
     else:
         with st.form("main_annotator_form", border=False):
@@ -49,4 +49,6 @@ with sessions()() as session:
 if fresh and os.environ.get(AUTO_DEMO_ENV, "1") != "0":
     start_demo_job(store_url())  # no-op when it ran or runs already
 
+st.session_state[PREVIOUS_PAGE_KEY] = st.session_state.get(CURRENT_PAGE_KEY)
+st.session_state[CURRENT_PAGE_KEY] = page.title
 page.run()

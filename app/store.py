@@ -13,6 +13,12 @@ from db.engine import database_url, init_db, make_sessionmaker
 
 #: ``st.session_state`` key of the annotator's name (chosen once per browser session).
 ANNOTATOR_KEY = "main_annotator"
+#: URL query parameter that remembers the annotator's name across a browser reload. It is a
+#: convenience, not a login: anyone can type a name (accounts are issue 16).
+ANNOTATOR_PARAM = "annotator"
+#: ``st.session_state`` keys of the page this script run shows and the one the previous run showed.
+CURRENT_PAGE_KEY = "main_page"
+PREVIOUS_PAGE_KEY = "main_previous_page"
 
 
 def store_url() -> str:
@@ -31,8 +37,18 @@ def sessions() -> sessionmaker[Session]:
 
 
 def annotator() -> str | None:
-    """The name the user entered for this browser session, or None before they did."""
-    return st.session_state.get(ANNOTATOR_KEY)
+    """The name the user entered for this browser session (or, after a reload, the URL's), or None before they did.
+
+    The name is kept in the URL (``?annotator=``) so a reload of any page keeps it.
+    """
+    name = st.session_state.get(ANNOTATOR_KEY)
+    if name is None:
+        remembered = (st.query_params.get(ANNOTATOR_PARAM) or "").strip()
+        if remembered:
+            name = st.session_state[ANNOTATOR_KEY] = remembered
+    if name and st.query_params.get(ANNOTATOR_PARAM) != name:
+        st.query_params[ANNOTATOR_PARAM] = name
+    return name
 
 
 def set_annotator(name: str) -> None:
@@ -41,3 +57,10 @@ def set_annotator(name: str) -> None:
     if not name:
         raise ValueError("the annotator name must not be empty")
     st.session_state[ANNOTATOR_KEY] = name
+    st.query_params[ANNOTATOR_PARAM] = name
+
+
+def forget_annotator() -> None:
+    """Forget this browser session's annotator (session and URL)."""
+    st.session_state.pop(ANNOTATOR_KEY, None)
+    st.query_params.pop(ANNOTATOR_PARAM, None)
