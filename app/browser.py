@@ -14,16 +14,16 @@ import streamlit as st
 _WIDTH_JS = """
 export default function({ parentElement, setStateValue }) {
   const host = parentElement.host || parentElement;
+  const column = host.closest('[data-testid="stColumn"]') || host.closest('[data-testid="stVerticalBlock"]') || document.body;
   let last = 0;
   const report = () => {
-    const box = host.parentElement || host;
-    const width = Math.floor(box.getBoundingClientRect().width);
+    const width = Math.floor(column.getBoundingClientRect().width);
     if (width > 0 && Math.abs(width - last) >= 8) { last = width; setStateValue("width", width); }
   };
-  const observer = new ResizeObserver(report);
-  observer.observe(host.parentElement || host);
-  report();
-  return () => observer.disconnect();
+  const observer = new ResizeObserver(() => requestAnimationFrame(report));
+  observer.observe(column);
+  const timer = setTimeout(report, 50);
+  return () => { observer.disconnect(); clearTimeout(timer); };
 }
 """
 

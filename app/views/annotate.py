@@ -344,16 +344,16 @@ background = compose(
 classes = detail.classes
 current_class = s.get("annotate_class") if s.get("annotate_class") in classes else classes[0]
 with main:
-    with st.container(horizontal=True, gap="small"):
-        for k, name in enumerate(classes[:9], 1):
-            st.button(f"{name}", key=f"annotate_cls_{k}", shortcut=str(k), type="primary" if name == current_class else "secondary",
-                      on_click=lambda n=name: s.__setitem__("annotate_class", n), help=f"draw {name} boxes (key {k})")
     st_canvas(
         background_image=background, width=view.width, height=view.height, drawing_mode="labeled_rect", label=current_class,
         initial_drawing=_drawing(s["annotate_base"], view),
         stroke_color=STROKE, stroke_width=2, fill_color=FILL, font_size=FONT_SIZE,
         key=_canvas_key(),
     )
+    with st.container(horizontal=True, gap="small"):  # below the canvas, so the image starts high on the page
+        for k, name in enumerate(classes[:9], 1):
+            st.button(f"{name}", key=f"annotate_cls_{k}", shortcut=str(k), type="primary" if name == current_class else "secondary",
+                      on_click=lambda n=name: s.__setitem__("annotate_class", n), help=f"draw {name} boxes (key {k})")
     zoom_note = f" Zoomed {zoom}x: x {view.x0:.0f}-{view.x1:.0f}, y {view.y0:.0f}-{view.y1:.0f} px." if zoom > 1 else ""
     st.caption("Draw a box by dragging; the class is the highlighted button (keys 1-9). Toolbar: Edit to move, resize or "
                "relabel a box, Delete selected, Undo / Redo. Yellow dashed boxes are the model's suggestions." + zoom_note)
@@ -377,9 +377,10 @@ with side:
         key = f"annotate_find_{load}_{k}"
         if name in boxed:
             s[key] = PRESENT
-        elif key not in s:
+        elif s.get(key) not in FINDING_STATES:  # first show, or Streamlit dropped the widget's state: the draft knows
             s[key] = draft["findings"].get(name, NOT_ASSESSED)
-        findings[name] = st.radio(name, FINDING_STATES, key=key, horizontal=True, disabled=name in boxed,
+        # index=None: a widget that ever lost its state shows no choice rather than the first option ("present")
+        findings[name] = st.radio(name, FINDING_STATES, index=None, key=key, horizontal=True, disabled=name in boxed,
                                   help="present: a box of this class is drawn" if name in boxed else None) or NOT_ASSESSED
 
     def _all_others_absent(keys: dict[str, str]) -> None:
