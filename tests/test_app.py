@@ -270,6 +270,14 @@ def _draw(at: AppTest, *boxes: tuple[str, float, float, float, float]) -> AppTes
     return at.run()
 
 
+def _finding(at: AppTest, k: int):
+    """The present / absent / not assessed radio of class ``k`` (its key carries the load and widget generation)."""
+    gen = f"{at.session_state['annotate_load']}x{at.session_state['annotate_findgen']}"
+    keys = {f"annotate_find_{gen}_{k}", f"annotate_find_{gen}_{k}_boxed"}
+    (radio,) = [r for r in at.radio if r.key in keys]
+    return radio
+
+
 def test_annotate_picker_without_an_image(demo):
     at = _app("views/annotate.py")
     assert "Take the best image of the queue" in _texts(at)
@@ -321,7 +329,7 @@ def test_annotate_refused_save_keeps_its_message_until_the_user_acts(demo):
     image_id = _unlabeled_ids(demo)[0]
     at = _open(image_id)
     load = at.session_state["annotate_load"]
-    at.radio(key=f"annotate_find_{load}_4").set_value("present").run()  # Nodule, no box
+    _finding(at, 4).set_value("present").run()  # Nodule, no box
     at.checkbox(key=f"annotate_complete_{load}").check().run()
     at.button(key="annotate_save").click().run()
     refused = "have no box"
@@ -343,7 +351,7 @@ def test_annotate_findings_save_and_next_loads_the_next_image(demo):
     first, second = _unlabeled_ids(demo)[:2]
     at = _open(first)
     load = at.session_state["annotate_load"]
-    at.radio(key=f"annotate_find_{load}_5").set_value("present").run()  # Pleural effusion
+    _finding(at, 5).set_value("present").run()  # Pleural effusion
     at.button(key="annotate_save_next").click().run()
     assert not at.exception, at.exception
     assert at.session_state["annotate_image_id"] == second
@@ -359,11 +367,11 @@ def test_annotate_findings_are_present_absent_or_not_assessed(demo):
     image_id = _unlabeled_ids(demo)[0]
     at = _open(image_id)
     load = at.session_state["annotate_load"]
-    assert {at.radio(key=f"annotate_find_{load}_{k}").value for k in range(9)} == {"not assessed"}
+    assert {_finding(at, k).value for k in range(9)} == {"not assessed"}
     assert "training ignores the class" in _texts(at)  # the page says what the states mean
-    at.radio(key=f"annotate_find_{load}_2").set_value("absent").run()  # Fracture
+    _finding(at, 2).set_value("absent").run()  # Fracture
     _draw(at, ("Nodule", 100, 150, 200, 120))
-    assert at.radio(key=f"annotate_find_{load}_4").value == "present"  # the box makes Nodule present
+    assert _finding(at, 4).value == "present"  # the box makes Nodule present
     at.button(key="annotate_save").click().run()
     with _sessions(demo)() as session:
         labels = {lb.label_class.name: lb.present for lb in session.get(Image, image_id).labels}
@@ -374,9 +382,9 @@ def test_annotate_all_others_absent(demo):
     image_id = _unlabeled_ids(demo)[0]
     at = _open(image_id)
     load = at.session_state["annotate_load"]
-    at.radio(key=f"annotate_find_{load}_3").set_value("present").run()  # Mass
+    _finding(at, 3).set_value("present").run()  # Mass
     at.button(key=f"annotate_others_absent_{load}").click().run()
-    values = [at.radio(key=f"annotate_find_{load}_{k}").value for k in range(9)]
+    values = [_finding(at, k).value for k in range(9)]
     assert values == ["absent"] * 3 + ["present"] + ["absent"] * 5
     at.button(key="annotate_save").click().run()
     with _sessions(demo)() as session:
@@ -410,7 +418,7 @@ def test_annotate_conflict_with_another_annotator(demo):
     image_id = _unlabeled_ids(demo)[0]
     at = _open(image_id)
     load = at.session_state["annotate_load"]
-    at.radio(key=f"annotate_find_{load}_3").set_value("present").run()  # Mass, not saved yet
+    _finding(at, 3).set_value("present").run()  # Mass, not saved yet
     with _sessions(demo).begin() as session:
         set_image_labels(session, image_id, {"Nodule": True}, annotator="dr.other")
     at.run()
@@ -427,7 +435,7 @@ def test_annotate_unsaved_changes_warn_before_leaving(demo):
     image_id = _unlabeled_ids(demo)[0]
     at = _open(image_id)
     load = at.session_state["annotate_load"]
-    at.radio(key=f"annotate_find_{load}_3").set_value("present").run()
+    _finding(at, 3).set_value("present").run()
     at.button(key="annotate_skip").click().run()
     assert "unsaved changes. Leave it anyway?" in _texts(at)
     assert at.session_state["annotate_image_id"] == image_id
@@ -441,7 +449,7 @@ def test_annotate_draft_survives_a_page_switch_and_a_reload(demo):
     image_id = _unlabeled_ids(demo)[0]
     at = _open(image_id)
     load = at.session_state["annotate_load"]
-    at.radio(key=f"annotate_find_{load}_3").set_value("absent").run()  # Mass
+    _finding(at, 3).set_value("absent").run()  # Mass
     _draw(at, ("Nodule", 100, 150, 200, 120))  # only boxes and one finding, nothing saved
     assert "Unsaved changes" in _texts(at)
     with _sessions(demo)() as session:
@@ -464,7 +472,7 @@ def test_annotate_draft_survives_a_page_switch_and_a_reload(demo):
     assert f"Image **#{image_id}**" in _texts(reloaded) and "Restored your unsaved draft" in _texts(reloaded)
     assert "Boxes** (1)" in _texts(reloaded)
     load = reloaded.session_state["annotate_load"]
-    assert reloaded.radio(key=f"annotate_find_{load}_3").value == "absent"
+    assert _finding(reloaded, 3).value == "absent"
     with _sessions(demo)() as session:
         lease = session.get(Lease, image_id)
         assert lease is not None and lease.annotator_id == get_annotator(session, "dr.test").id

@@ -142,14 +142,19 @@ def page(browser, request):
     context.close()
 
 
+def _generation(page) -> str:
+    """The current image load and findings generation ("3x0"): they key the findings widgets."""
+    return page.evaluate("() => document.querySelector('[class*=st-key-annotate_find_]').className.match(/annotate_find_(\\d+x\\d+)_/)[1]")
+
+
 def _load(page) -> str:
-    """The page's current image-load counter (it keys the findings widgets)."""
-    return page.evaluate("() => document.querySelector('[class*=st-key-annotate_find_]').className.match(/annotate_find_(\\d+)_/)[1]")
+    """The page's current image-load counter (it keys the per-image widgets)."""
+    return _generation(page).split("x")[0]
 
 
 def _finding(page, k: int, state: str) -> None:
     """Mark finding ``k`` (0-based class index) as ``state``."""
-    page.locator(f".st-key-annotate_find_{_load(page)}_{k}").get_by_text(state, exact=True).click()
+    page.locator(f".st-key-annotate_find_{_generation(page)}_{k}").get_by_text(state, exact=True).click()
     _settled(page)
 
 
@@ -315,6 +320,11 @@ def test_whole_image_visible_without_sideways_scrolling(server, browser, viewpor
         time.sleep(1.0)
         _settled(page)
         page.screenshot(path=str(ARTIFACTS / f"annotate-{viewport[0]}x{viewport[1]}.png"))
+        # a freshly opened image: nothing changed, every finding "not assessed" (a dropped widget state once showed "present")
+        assert page.get_by_text("Unsaved changes").count() == 0
+        checked = page.evaluate("() => [...document.querySelectorAll('[class*=st-key-annotate_find_] input[type=radio]:checked')]"
+                                ".map(i => i.closest('label').innerText.trim())")
+        assert checked == ["not assessed"] * 9, checked
         box = _canvas(page).bounding_box()
         scroll_width = page.evaluate("() => document.querySelector('[data-testid=stMain]').scrollWidth")
         client_width = page.evaluate("() => document.querySelector('[data-testid=stMain]').clientWidth")

@@ -102,6 +102,7 @@ def _load(detail: ImageDetail, who: str, *, restore: bool = True) -> None:
     s["annotate_history"] = []
     s["annotate_handled"] = []
     s["annotate_rev"] = 0
+    s["annotate_findgen"] = 0
     s.pop("annotate_view", None)
     for key in ("annotate_confirm_leave", "annotate_error", "annotate_box_notice"):
         s.pop(key, None)
@@ -373,29 +374,29 @@ with side:
     st.caption(" · ".join(f"**{state}**: {meaning}" for state, meaning in STATE_HELP.items()))
     boxed = {b[0] for b in live}
     findings = {}
+    gen = f"{load}x{s['annotate_findgen']}"  # "All others absent" starts a new generation of these widgets
     for k, name in enumerate(classes):
-        key = f"annotate_find_{load}_{k}"
+        # The widgets take their value from the draft (index=) and their state is never written from here:
+        # Streamlit drops a widget state written through session_state when a rerun interrupts the first
+        # render, and then a radio showed its first option ("present") for every class.
         if name in boxed:
-            s[key] = PRESENT
-        elif s.get(key) not in FINDING_STATES:  # first show, or Streamlit dropped the widget's state: the draft knows
-            s[key] = draft["findings"].get(name, NOT_ASSESSED)
-        # index=None: a widget that ever lost its state shows no choice rather than the first option ("present")
-        findings[name] = st.radio(name, FINDING_STATES, index=None, key=key, horizontal=True, disabled=name in boxed,
-                                  help="present: a box of this class is drawn" if name in boxed else None) or NOT_ASSESSED
+            st.radio(name, FINDING_STATES, index=0, key=f"annotate_find_{gen}_{k}_boxed", horizontal=True, disabled=True,
+                     help="present: a box of this class is drawn")
+            findings[name] = PRESENT
+        else:
+            chosen = st.radio(name, FINDING_STATES, index=FINDING_STATES.index(draft["findings"].get(name, NOT_ASSESSED)),
+                              key=f"annotate_find_{gen}_{k}", horizontal=True)
+            findings[name] = chosen if chosen in FINDING_STATES else NOT_ASSESSED
 
-    def _all_others_absent(keys: dict[str, str]) -> None:
-        current = {name: s.get(key, NOT_ASSESSED) for key, name in keys.items()}
-        for key, state in zip(keys, all_others_absent(current, s["annotate_draft"]["boxes"]).values(), strict=True):
-            s[key] = state
+    def _all_others_absent() -> None:
+        current = s["annotate_draft"]
+        current["findings"] = all_others_absent(current["findings"], current["boxes"])
+        s["annotate_findgen"] += 1
 
     st.button("All others absent", key=f"annotate_others_absent_{load}", on_click=_all_others_absent,
-              args=({f"annotate_find_{load}_{k}": n for k, n in enumerate(classes)},),
               help="every class not marked present (and without a box) becomes absent")
-    nofind_key, complete_key = f"annotate_nofind_{load}", f"annotate_complete_{load}"
-    s.setdefault(nofind_key, draft["no_finding"])
-    s.setdefault(complete_key, draft["complete"])
-    no_finding = st.checkbox("No finding (every class absent, no box)", key=nofind_key)
-    complete = st.checkbox("All lesions are boxed (image becomes full)", key=complete_key,
+    no_finding = st.checkbox("No finding (every class absent, no box)", value=draft["no_finding"], key=f"annotate_nofind_{load}")
+    complete = st.checkbox("All lesions are boxed (image becomes full)", value=draft["complete"], key=f"annotate_complete_{load}",
                            help="ticked only when every lesion of every present finding has its box")
 
     if output.model_version_id is not None:
