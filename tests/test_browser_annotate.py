@@ -452,6 +452,8 @@ def test_threshold_accept_reject_all_and_full_button_labels(server, page):
     labels = page.evaluate("() => [...document.querySelectorAll('[class*=st-key-annotate_accept_] button')].map(b => b.innerText)")
     assert "Accept" in labels and any(label.startswith("Accept all 3") for label in labels)
     page.get_by_text("1 more below the threshold").wait_for()
+    page.get_by_text("1 more below the threshold").scroll_into_view_if_needed()
+    page.screenshot(path=str(ARTIFACTS / "suggestions-1400x900.png"))
     _button(page, f"annotate_accept_all_{_load(page)}").click()
     page.get_by_text("Boxes (3)").wait_for()
     _settled(page)
