@@ -325,6 +325,24 @@ def test_annotate_refuses_a_box_under_the_minimum_size(demo, size):
     assert "Boxes** (1)" in _texts(at)
 
 
+def test_annotate_zoom_shows_a_crop_and_boxes_stay_in_image_pixels(demo):
+    image_id = _unlabeled_ids(demo)[0]
+    at = _open(image_id)
+    at.select_slider(key="annotate_zoom").set_value(2).run()
+    at.slider(key="annotate_zoom_x").set_value(100).run()  # the right half, vertically centred: x 32-64, y 16-48
+    at.slider(key="annotate_zoom_y").set_value(50).run()
+    assert not at.exception, at.exception
+    assert "Zoomed 2x: x 32-64, y 16-48 px" in _texts(at)
+    _draw(at, ("Nodule", 100, 200, 200, 100))  # canvas 640 px for 32 image px: scale 20
+    assert "(37, 26) - (47, 31)" in _texts(at)
+    at.select_slider(key="annotate_zoom").set_value(1).run()  # back to the whole image: the box is where it was
+    assert "(37, 26) - (47, 31)" in _texts(at)
+    at.button(key="annotate_save").click().run()
+    with _sessions(demo)() as session:
+        (box,) = session.scalars(select(Box).where(Box.image_id == image_id)).all()
+        assert (box.x1, box.y1, box.x2, box.y2) == (37, 26, 47, 31)
+
+
 def test_annotate_refused_save_keeps_its_message_until_the_user_acts(demo):
     image_id = _unlabeled_ids(demo)[0]
     at = _open(image_id)
