@@ -343,6 +343,19 @@ def test_annotate_zoom_shows_a_crop_and_boxes_stay_in_image_pixels(demo):
         assert (box.x1, box.y1, box.x2, box.y2) == (37, 26, 47, 31)
 
 
+def test_annotate_switching_annotator_leaves_the_image_and_keeps_the_draft(demo):
+    image_id = _unlabeled_ids(demo)[0]
+    at = _open(image_id)
+    _draw(at, ("Nodule", 100, 150, 200, 120))
+    at.session_state["main_annotator"] = "dr.other"
+    at.run()
+    assert not at.exception, at.exception
+    assert "Take the best image of the queue" in _texts(at)
+    with _sessions(demo)() as session:
+        assert session.get(Lease, image_id) is None
+        assert get_draft(session, image_id, "dr.test") is not None and get_draft(session, image_id, "dr.other") is None
+
+
 def test_annotate_refused_save_keeps_its_message_until_the_user_acts(demo):
     image_id = _unlabeled_ids(demo)[0]
     at = _open(image_id)

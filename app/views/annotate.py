@@ -199,6 +199,9 @@ if not who:
     st.stop()
 
 s = _state()
+if s.get("annotate_who") not in (None, who):  # "Switch annotator": the open image and its draft were the other's
+    _go_to(None, s["annotate_who"])
+s["annotate_who"] = who
 if s.get(IMAGE_KEY) is None and (wanted_param := st.query_params.get(IMAGE_PARAM)):
     st.query_params.pop(IMAGE_PARAM, None)
     if wanted_param.isdigit() and not _open_by_id(int(wanted_param), who):
