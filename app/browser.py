@@ -1,7 +1,8 @@
 """Two tiny in-page helpers (Streamlit components v2, no iframe) the Annotate page needs from the browser.
 
-- :func:`column_width`: the pixel width of the column it sits in, so the canvas can be sized to fit
-  (Python cannot know the layout). None until the browser has reported it (one extra rerun).
+- :func:`column_room`: the pixel width of the column it sits in and the height left below it in the
+  window, so the canvas can be sized to fit (Python cannot know the layout). None until the browser
+  has reported them (one extra rerun).
 - :func:`leave_guard`: while ``active``, the browser asks "leave page?" before a reload or closing the
   tab (``beforeunload``). Navigating between the app's pages is not an unload; the draft is in the
   store anyway.
@@ -15,15 +16,21 @@ _WIDTH_JS = """
 export default function({ parentElement, setStateValue }) {
   const host = parentElement.host || parentElement;
   const column = host.closest('[data-testid="stColumn"]') || host.closest('[data-testid="stVerticalBlock"]') || document.body;
-  let last = 0;
+  const scroller = document.querySelector('[data-testid="stMain"]');
+  let lastWidth = 0, lastRoom = 0;
   const report = () => {
     const width = Math.floor(column.getBoundingClientRect().width);
-    if (width > 0 && Math.abs(width - last) >= 8) { last = width; setStateValue("width", width); }
+    const top = host.getBoundingClientRect().top + (scroller ? scroller.scrollTop : window.scrollY);
+    const room = Math.floor(window.innerHeight - top);
+    if (width > 0 && Math.abs(width - lastWidth) >= 8) { lastWidth = width; setStateValue("width", width); }
+    if (Math.abs(room - lastRoom) >= 8) { lastRoom = room; setStateValue("room", room); }
   };
-  const observer = new ResizeObserver(() => requestAnimationFrame(report));
+  const later = () => requestAnimationFrame(report);
+  const observer = new ResizeObserver(later);
   observer.observe(column);
+  window.addEventListener("resize", later);
   const timer = setTimeout(report, 50);
-  return () => { observer.disconnect(); clearTimeout(timer); };
+  return () => { observer.disconnect(); window.removeEventListener("resize", later); clearTimeout(timer); };
 }
 """
 
@@ -44,11 +51,14 @@ _width = st.components.v2.component("oxnet.column_width", js=_WIDTH_JS, html="<d
 _guard = st.components.v2.component("oxnet.leave_guard", js=_GUARD_JS, html="<div></div>")
 
 
-def column_width(key: str) -> int | None:
-    """The width (CSS px) of the enclosing column, as the browser last reported it, or None before it did."""
-    result = _width(key=key, default={"width": None}, on_width_change=lambda: None, width="stretch", height="content")
-    value = result.get("width") if hasattr(result, "get") else None
-    return int(value) if isinstance(value, (int, float)) and value > 0 else None
+def column_room(key: str) -> tuple[int | None, int | None]:
+    """(width of the enclosing column, height from this element to the bottom of the window), in CSS px,
+    as the browser last reported them; None before it did."""
+    result = _width(key=key, default={"width": None, "room": None}, on_width_change=lambda: None,
+                    on_room_change=lambda: None, width="stretch", height="content")
+    values = [result.get(name) if hasattr(result, "get") else None for name in ("width", "room")]
+    width, room = (int(v) if isinstance(v, (int, float)) and v > 0 else None for v in values)
+    return width, room
 
 
 def leave_guard(active: bool, key: str) -> None:

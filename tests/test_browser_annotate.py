@@ -333,6 +333,7 @@ def test_whole_image_visible_without_sideways_scrolling(server, browser, viewpor
         assert box["x"] >= 0 and box["x"] + box["width"] <= viewport[0], box
         assert main_column is None or box["x"] + box["width"] <= main_column["x"] + main_column["width"] + 2, (box, main_column)
         assert box["width"] == pytest.approx(box["height"], abs=2)  # the square image, not cut
+        assert box["y"] + box["height"] <= viewport[1], box  # and above the fold
     finally:
         context.close()
 

@@ -39,7 +39,7 @@ from app.annotate_state import (
     split_small,
     to_payload,
 )
-from app.browser import column_width, leave_guard
+from app.browser import column_room, leave_guard
 from app.imaging import compose, render
 from app.store import CURRENT_PAGE_KEY, PREVIOUS_PAGE_KEY, annotator, sessions, store_url
 from db.drafts import FINDING_STATES, NOT_ASSESSED, PRESENT, delete_draft, get_draft, list_drafts, save_draft
@@ -67,6 +67,9 @@ IMAGE_PARAM = "image"
 PAGE_TITLE = "Annotate"
 CANVAS_SIZES = (384, 512, 640, 768, 896, 1024, 1280)
 DEFAULT_CANVAS = 640
+#: The canvas is made no taller than the window below its top (less FOLD_MARGIN), but never under MIN_FIT px.
+FOLD_MARGIN = 24
+MIN_FIT = 320
 STROKE = "#ff3b30"
 FILL = "rgba(255, 59, 48, 0.06)"
 FONT_SIZE = 13
@@ -288,7 +291,7 @@ with st.expander("View: window / level, invert, size, zoom", expanded=False):
     window_width = c2.slider("Window (%)", 1, 100, 100, key="annotate_window")
     invert = c3.toggle("Invert", key="annotate_invert")
     max_side = c4.select_slider("Canvas size (px)", CANVAS_SIZES, value=DEFAULT_CANVAS, key="annotate_size",
-                                help="the largest side of the canvas; it never gets wider than its column")
+                                help="the largest side of the canvas; it never gets wider than its column, nor taller than the window below its top")
     z1, z2, z3 = st.columns([1, 2, 2])
     zoom = z1.select_slider("Zoom", (1, 2, 3, 4), value=1, key="annotate_zoom", format_func=lambda z: f"{z}x",
                             help="shows a part of the image, resampled from the original pixels")
@@ -300,8 +303,10 @@ handled = s["annotate_handled"]
 
 main, side = st.columns([3, 2], gap="medium")
 with main:
-    column = column_width("annotate_column_width")
-view = make_view(detail.width, detail.height, min(max_side, column) if column else max_side, max_side,
+    column, room = column_room("annotate_column_width")
+# The canvas fits its column, and the window's height below its top (never under MIN_FIT px: then scroll)
+fit_h = max(MIN_FIT, room - FOLD_MARGIN) if room else max_side
+view = make_view(detail.width, detail.height, min(max_side, column) if column else max_side, min(max_side, fit_h),
                  zoom=zoom, centre=(centre_x / 100, centre_y / 100))
 if s.get("annotate_view") not in (None, view):
     _redraw([tuple(b) for b in draft["boxes"]], undoable=False)
