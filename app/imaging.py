@@ -31,11 +31,13 @@ def fit(width: int, height: int, max_width: int, max_height: int) -> tuple[int, 
 
 
 @st.cache_data(ttl=600, max_entries=64, show_spinner=False)
-def render(path: str, size: tuple[int, int], level: float = 50.0, width: float = 100.0, invert: bool = False) -> PILImage.Image:
-    """The image at ``path`` resized to ``size`` (w, h) as 8-bit grayscale.
+def render(path: str, size: tuple[int, int], level: float = 50.0, width: float = 100.0, invert: bool = False,
+           crop: tuple[int, int, int, int] | None = None) -> PILImage.Image:
+    """The image at ``path`` (or its ``crop`` (x0, y0, x1, y1) in original pixels) resized to ``size`` (w, h), 8-bit grayscale.
 
     ``level`` (window centre) and ``width`` are percent of the full value range (0-255 or 0-65535);
-    level 50 / width 100 shows the stored values unchanged. ``invert`` flips black and white.
+    level 50 / width 100 shows the stored values unchanged. ``invert`` flips black and white. A crop
+    is a server-side zoom: the region is resampled from the original pixels.
     Raises ValueError (file missing, unreadable or not an image) with the path in the message.
     """
     try:
@@ -47,6 +49,8 @@ def render(path: str, size: tuple[int, int], level: float = 50.0, width: float =
     if invert:
         unit = 1.0 - unit
     image = PILImage.fromarray(np.rint(unit * 255).astype(np.uint8), mode="L")
+    if crop is not None:
+        image = image.crop(crop)
     return image.resize(size, PILImage.Resampling.LANCZOS if size[0] < image.width else PILImage.Resampling.BILINEAR)
 
 
@@ -84,21 +88,39 @@ def compose(
     scale: float,
     suggestions: Sequence[Mapping[str, Any]] = (),
     attention: Sequence[Sequence[float]] | None = None,
+    *,
+    origin: tuple[float, float] = (0.0, 0.0),
+    image_size: tuple[int, int] | None = None,
 ) -> PILImage.Image:
-    """``base`` as RGB with the model's boxes (original pixels, times ``scale``) and an attention overlay."""
+    """``base`` as RGB with the model's boxes and an attention overlay.
+
+    ``base`` shows the image region starting at ``origin`` (original pixels) ``scale`` times larger;
+    boxes are in original pixels and labelled ``S<number>`` (their ``number``, else their place in
+    ``suggestions``). ``image_size`` (w, h): the whole image's size, needed to place the attention map
+    when ``base`` is a crop.
+    """
     image = base.convert("RGBA")
+    ox, oy = origin
     if attention is not None:
-        image = PILImage.alpha_composite(image, heatmap(attention, image.size))
+        if image_size is None:
+            overlay = heatmap(attention, image.size)
+        else:
+            full = heatmap(attention, (max(1, round(image_size[0] * scale)), max(1, round(image_size[1] * scale))))
+            left, top = round(ox * scale), round(oy * scale)
+            overlay = full.crop((left, top, left + image.width, top + image.height))
+        image = PILImage.alpha_composite(image, overlay)
     draw = ImageDraw.Draw(image)
     font = ImageFont.load_default(size=13)
     for k, box in enumerate(suggestions, 1):
-        x1, y1, x2, y2 = (float(v) * scale for v in box["bbox"])
+        number = int(box.get("number", k))
+        bx1, by1, bx2, by2 = (float(v) for v in box["bbox"])
+        x1, y1, x2, y2 = (bx1 - ox) * scale, (by1 - oy) * scale, (bx2 - ox) * scale, (by2 - oy) * scale
         for start in range(int(x1), int(x2), 8):  # dashed outline: suggestions, not annotations
             draw.line([(start, y1), (min(start + 4, x2), y1)], fill=SUGGESTION_COLOUR, width=2)
             draw.line([(start, y2), (min(start + 4, x2), y2)], fill=SUGGESTION_COLOUR, width=2)
         for start in range(int(y1), int(y2), 8):
             draw.line([(x1, start), (x1, min(start + 4, y2))], fill=SUGGESTION_COLOUR, width=2)
             draw.line([(x2, start), (x2, min(start + 4, y2))], fill=SUGGESTION_COLOUR, width=2)
-        label = f"S{k} {box.get('class', '?')} {float(box.get('score', 0)):.2f}"
+        label = f"S{number} {box.get('class', '?')} {float(box.get('score', 0)):.2f}"
         draw.text((x1 + 3, max(0.0, y1 - 16)), label, fill=SUGGESTION_COLOUR, font=font)
     return image.convert("RGB")

@@ -19,7 +19,16 @@ import streamlit as st
 from sqlalchemy.exc import ArgumentError
 
 from app.jobs import AUTO_DEMO_ENV, start_demo_job
-from app.store import ANNOTATOR_KEY, annotator, sessions, set_annotator, shown_store_url, store_url
+from app.store import (
+    CURRENT_PAGE_KEY,
+    PREVIOUS_PAGE_KEY,
+    annotator,
+    forget_annotator,
+    sessions,
+    set_annotator,
+    shown_store_url,
+    store_url,
+)
 from app.widgets import page_icon, plain
 from db.engine import is_read_only, store_error_message
 from db.ui_queries import project_exists
@@ -64,7 +73,7 @@ with st.sidebar:
     if name:
         st.markdown(f"Annotating as **{plain(name)}**")
         if st.button("Switch annotator", key="main_switch_annotator"):
-            st.session_state.pop(ANNOTATOR_KEY, None)
+            forget_annotator()
             st.rerun()
     else:
         with st.form("main_annotator_form", border=False):
@@ -84,6 +93,8 @@ try:
         fresh = not project_exists(session)
     if fresh and os.environ.get(AUTO_DEMO_ENV, "1") != "0" and not is_read_only(sessions().kw["bind"]):
         start_demo_job(store_url())  # no-op when it ran or runs already
+    st.session_state[PREVIOUS_PAGE_KEY] = st.session_state.get(CURRENT_PAGE_KEY)
+    st.session_state[CURRENT_PAGE_KEY] = page.title
     page.run()
 except ArgumentError:  # its message repeats the URL, password included
     st.error(f"Cannot parse the store URL `{shown_store_url()}`: set OXNET_DB_URL to an SQLAlchemy URL and restart.")

@@ -14,6 +14,12 @@ from db.repository import annotator_name
 
 #: ``st.session_state`` key of the annotator's name (chosen once per browser session).
 ANNOTATOR_KEY = "main_annotator"
+#: URL query parameter that remembers the annotator's name across a browser reload. It is a
+#: convenience, not a login: anyone can type a name (accounts are issue 16).
+ANNOTATOR_PARAM = "annotator"
+#: ``st.session_state`` keys of the page this script run shows and the one the previous run showed.
+CURRENT_PAGE_KEY = "main_page"
+PREVIOUS_PAGE_KEY = "main_previous_page"
 
 
 def store_url() -> str:
@@ -32,8 +38,21 @@ def sessions() -> sessionmaker[Session]:
 
 
 def annotator() -> str | None:
-    """The name the user entered for this browser session, or None before they did."""
-    return st.session_state.get(ANNOTATOR_KEY)
+    """The name the user entered for this browser session (or, after a reload, the URL's), or None before they did.
+
+    The name is kept in the URL (``?annotator=``) so a reload of any page keeps it.
+    """
+    name = st.session_state.get(ANNOTATOR_KEY)
+    if name is None:
+        try:  # the URL is typed text too: the same rules as the sidebar's field
+            remembered = annotator_name(st.query_params.get(ANNOTATOR_PARAM) or "")
+        except ValueError:
+            remembered = None
+        if remembered:
+            name = st.session_state[ANNOTATOR_KEY] = remembered
+    if name and st.query_params.get(ANNOTATOR_PARAM) != name:
+        st.query_params[ANNOTATOR_PARAM] = name
+    return name
 
 
 def shown_store_url() -> str:
@@ -42,10 +61,19 @@ def shown_store_url() -> str:
 
 
 def set_annotator(name: str) -> None:
-    """Remember ``name`` as this browser session's annotator, normalised by :func:`db.repository.annotator_name`.
+    """Remember ``name`` as this browser session's annotator, normalised by :func:`db.repository.annotator_name`,
+    in the session and in the page's URL (a reload keeps it).
 
     Raises:
         ValueError: an empty, too long or reserved name (``trainer``, ``import:...``), or one with
             control characters.
     """
-    st.session_state[ANNOTATOR_KEY] = annotator_name(name)
+    name = annotator_name(name)
+    st.session_state[ANNOTATOR_KEY] = name
+    st.query_params[ANNOTATOR_PARAM] = name
+
+
+def forget_annotator() -> None:
+    """Forget this browser session's annotator (session and URL)."""
+    st.session_state.pop(ANNOTATOR_KEY, None)
+    st.query_params.pop(ANNOTATOR_PARAM, None)

@@ -285,6 +285,25 @@ class Lease(Base):
     expires_at: Mapped[datetime] = mapped_column(DateTime, index=True)
 
 
+class Draft(Base):
+    """Unsaved Annotate work of one annotator on one image, kept so a page change, reload or restart loses nothing.
+
+    ``payload`` is the page's draft (findings, boxes in original pixels, task, complete flag; see
+    :mod:`db.drafts`); ``base_version`` is the image version it was started from (a newer image version
+    means someone else saved in between). Deleted when the annotator saves or discards.
+    """
+
+    __tablename__ = "draft"
+    __table_args__ = (UniqueConstraint("annotator_id", "image_id"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    annotator_id: Mapped[int] = mapped_column(ForeignKey("annotator.id", ondelete="CASCADE"))
+    image_id: Mapped[int] = mapped_column(ForeignKey("image.id", ondelete="CASCADE"), index=True)
+    base_version: Mapped[int] = mapped_column(Integer)
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON)
+    updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
 class ModelVersion(Base):
     """One trained model: its config, the label mix it saw and where its checkpoint is."""
 

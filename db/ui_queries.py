@@ -58,6 +58,12 @@ IMAGE_AUC_PREFIX = "image_auc/"
 LOSS_PREFIX = "loss/"
 #: Key of the attention maps inside ``Prediction.image_probs``.
 ATTENTION_KEY = "attention"
+#: Smallest box side (original image pixels) a save accepts: a click on the canvas is not a box.
+MIN_BOX_PX = 4.0
+#: Val metric of a model version giving the score at which its boxes become worth showing (the
+#: Annotate page's threshold default); without it the page starts at :data:`DEFAULT_SCORE_THRESHOLD`.
+SCORE_THRESHOLD_METRIC = "score_threshold"
+DEFAULT_SCORE_THRESHOLD = 0.5
 
 
 @dataclass(frozen=True)
@@ -112,6 +118,8 @@ class ModelOutput:
     boxes: list[dict[str, Any]] = field(default_factory=list)
     image_probs: dict[str, float] = field(default_factory=dict)
     attention: dict[str, list[list[float]]] = field(default_factory=dict)
+    #: The version's val ``score_threshold`` metric, or None when it recorded none.
+    score_threshold: float | None = None
 
 
 def project_exists(session: Session, project: str = DEFAULT_PROJECT) -> bool:
@@ -264,8 +272,13 @@ def model_output(session: Session, image_id: int, *, project: str = DEFAULT_PROJ
     prediction = session.scalars(
         select(Prediction).where(Prediction.model_version_id == version.id, Prediction.image_id == image_id)
     ).first()
+    threshold = session.execute(
+        select(Metric.value).where(Metric.model_version_id == version.id, Metric.split == Split.VAL,
+                                   Metric.name == SCORE_THRESHOLD_METRIC)
+    ).scalar()
+    threshold = float(threshold) if threshold is not None and 0.0 <= float(threshold) <= 1.0 else None
     if prediction is None:
-        return ModelOutput(model_version_id=version.id)
+        return ModelOutput(model_version_id=version.id, score_threshold=threshold)
     probs = dict(prediction.image_probs or {})
     attention = probs.pop(ATTENTION_KEY, None) or {}
     boxes = sorted(prediction.boxes or [], key=lambda b: -float(b.get("score", 0.0)))
@@ -273,6 +286,7 @@ def model_output(session: Session, image_id: int, *, project: str = DEFAULT_PROJ
         model_version_id=version.id, boxes=boxes,
         image_probs={k: float(v) for k, v in probs.items() if isinstance(v, (int, float))},
         attention={k: v for k, v in attention.items() if isinstance(v, list)} if isinstance(attention, Mapping) else {},
+        score_threshold=threshold,
     )
 
 
@@ -285,12 +299,15 @@ def validate_annotation(
     height: int,
     *,
     complete: bool = False,
+    absent: Collection[str] = (),
+    min_box: float = MIN_BOX_PX,
 ) -> list[str]:
     """Why an annotation cannot be saved, one message per problem ([] when it can).
 
-    Checks: every box has a known class and a non-empty extent inside the image, "No finding" goes
-    with no finding and no box, something is labelled at all, and a ``complete`` (full) annotation has
-    a box for every ticked finding.
+    Checks: every box has a known class and an extent inside the image of at least ``min_box`` pixels
+    on each side, "No finding" goes with no finding and no box, no class is both present (ticked or
+    boxed) and absent, something is labelled at all, and a ``complete`` (full) annotation has a box for
+    every present finding.
     """
     problems = []
     known = set(classes)
@@ -304,13 +321,21 @@ def validate_annotation(
         reason = box_error(*coords, width, height)
         if reason:
             problems.append(f"box {k} ({name}): {reason}; draw it again")
-    unknown = sorted(set(present) - known)
+            continue
+        x1, y1, x2, y2 = (float(v) for v in coords)
+        if min(x2 - x1, y2 - y1) < min_box:
+            problems.append(f"box {k} ({name}) is {x2 - x1:.1f} x {y2 - y1:.1f} px, smaller than the minimum "
+                            f"{min_box:g} px per side: drag to draw a box (a click is not a box)")
+    unknown = sorted((set(present) | set(absent)) - known)
     if unknown:
         problems.append(f"unknown findings {unknown}")
+    both = sorted(set(absent) & (set(present) | {b[0] for b in boxes}))
+    if both:
+        problems.append(f"{both} marked absent but present (ticked or boxed): choose one")
     if no_finding and (present or boxes):
         problems.append("'No finding' cannot go with ticked findings or boxes: untick one of them")
-    if not (no_finding or present or boxes):
-        problems.append("nothing labelled: tick the findings you see, or 'No finding'")
+    if not (no_finding or present or boxes or absent):
+        problems.append("nothing labelled: mark the findings you assessed (present or absent), or 'No finding'")
     unboxed = sorted(set(present) & known - {b[0] for b in boxes})
     if complete and unboxed:
         problems.append(f"'all lesions are boxed' but {unboxed} have no box: draw them, or untick 'all lesions are boxed'")
@@ -327,10 +352,12 @@ def save_annotation(
     complete: bool,
     annotator: str,
     expected_version: int,
+    absent: Collection[str] = (),
 ) -> Image:
     """Save what the annotator sees as the image's whole annotation, or nothing.
 
-    ``present``: the ticked findings (the other classes become absent; classes with boxes are present);
+    ``present`` / ``absent``: the findings the annotator marked so (classes with boxes are present); a
+    class in neither is "not assessed" and gets no label row (training masks it);
     ``boxes``: (class, x1, y1, x2, y2) in original pixels; ``complete``: all lesions are boxed (full).
     Runs the :mod:`db.lifecycle` edits that change something, in an order that never passes through a
     contradiction, each audited. Raises ValueError (see :func:`validate_annotation`) or
@@ -340,14 +367,17 @@ def save_annotation(
     detail = image_detail(session, image_id)
     if detail.version != expected_version:
         raise ConflictError(image_id, expected_version, detail.version)
-    problems = validate_annotation(detail.classes, present, no_finding, boxes, detail.width, detail.height, complete=complete)
+    problems = validate_annotation(detail.classes, present, no_finding, boxes, detail.width, detail.height,
+                                   complete=complete, absent=absent)
     if problems:
         raise ValueError("; ".join(problems))
     new_boxes = sorted((str(n), float(a), float(b), float(c), float(d)) for n, a, b, c, d in boxes)
-    final = {name: name in present or any(b[0] == name for b in new_boxes) for name in detail.classes}
+    boxed = {b[0] for b in new_boxes}
+    final = {name: name in present or name in boxed for name in detail.classes
+             if name in present or name in boxed or name in absent}
     old_boxed = {b[0] for b in detail.boxes}
     image = None
-    first = {name: value or name in old_boxed for name, value in final.items()}
+    first = {**{name: value or name in old_boxed for name, value in final.items()}, **{name: True for name in old_boxed}}
     first_nf = no_finding and not old_boxed
     if (first, first_nf) != (detail.labels, detail.no_finding):
         image = set_image_labels(session, image_id, first, annotator=annotator, no_finding=first_nf)

@@ -24,7 +24,8 @@ import app.trainer_control as trainer_control
 from app.jobs import absolute_url, list_jobs
 from db.demo import seed_demo
 from db.engine import init_db, make_sessionmaker
-from db.lifecycle import set_image_labels
+from db.drafts import get_draft
+from db.lifecycle import set_boxes, set_image_labels
 from db.models import (
     AuditEntry,
     Box,
@@ -40,6 +41,7 @@ from db.repository import (
     acquire_trainer_lock,
     create_model_version,
     finish_model_version,
+    get_annotator,
     record_metrics,
     record_sweep_result,
     release_trainer_lock,
@@ -272,6 +274,14 @@ def _draw(at: AppTest, *boxes: tuple[str, float, float, float, float]) -> AppTes
     return at.run()
 
 
+def _finding(at: AppTest, k: int):
+    """The present / absent / not assessed radio of class ``k`` (its key carries the load and widget generation)."""
+    gen = f"{at.session_state['annotate_load']}x{at.session_state['annotate_findgen']}"
+    keys = {f"annotate_find_{gen}_{k}", f"annotate_find_{gen}_{k}_boxed"}
+    (radio,) = [r for r in at.radio if r.key in keys]
+    return radio
+
+
 def test_annotate_picker_without_an_image(demo):
     at = _app("views/annotate.py")
     assert "Take the best image of the queue" in _texts(at)
@@ -295,25 +305,88 @@ def test_annotate_saves_a_drawn_box_in_original_pixels(demo):
         assert box.annotator.name == "dr.test"
 
 
-@pytest.mark.parametrize(
-    ("box", "message"),
-    [(("Nodule", 100, 150, 0, 0), "inverted or empty"), (("", 100, 150, 50, 50), "has no class")],
-)
-def test_annotate_bad_box_shows_a_message_and_saves_nothing(demo, box, message):
+def test_annotate_box_without_class_shows_a_message_and_saves_nothing(demo):
     image_id = _unlabeled_ids(demo)[0]
-    at = _draw(_open(image_id), box)
+    at = _draw(_open(image_id), ("", 100, 150, 50, 50))
     at.button(key="annotate_save").click().run()
-    assert message in _texts(at) and "Not saved" in _texts(at)
+    assert "has no class" in _texts(at) and "Not saved" in _texts(at)
     with _sessions(demo)() as session:
         image = session.get(Image, image_id)
         assert image.version == 1 and image.granularity is Granularity.UNLABELED and not image.boxes
+
+
+@pytest.mark.parametrize("size", [0, 16, 39])  # canvas px at scale 10: 0, 1.6 and 3.9 image px
+def test_annotate_refuses_a_box_under_the_minimum_size(demo, size):
+    image_id = _unlabeled_ids(demo)[0]
+    at = _draw(_open(image_id), ("Nodule", 100, 150, size, 40))
+    assert not at.exception, at.exception
+    assert "smaller than the minimum 4 px" in _texts(at) and "Boxes** (0)" in _texts(at)
+    at.run()  # the message stays until the user acts
+    assert "smaller than the minimum 4 px" in _texts(at)
+    at.button(key="annotate_dismiss_box_notice").click().run()
+    assert "smaller than the minimum" not in _texts(at)
+    _draw(at, ("Nodule", 100, 150, 40, 40))  # 4 x 4 image px is a box
+    assert "Boxes** (1)" in _texts(at)
+
+
+def test_annotate_zoom_shows_a_crop_and_boxes_stay_in_image_pixels(demo):
+    image_id = _unlabeled_ids(demo)[0]
+    at = _open(image_id)
+    at.select_slider(key="annotate_zoom").set_value(2).run()
+    at.slider(key="annotate_zoom_x").set_value(100).run()  # the right half, vertically centred: x 32-64, y 16-48
+    at.slider(key="annotate_zoom_y").set_value(50).run()
+    assert not at.exception, at.exception
+    assert "Zoomed 2x: x 32-64, y 16-48 px" in _texts(at)
+    _draw(at, ("Nodule", 100, 200, 200, 100))  # canvas 640 px for 32 image px: scale 20
+    assert "(37, 26) - (47, 31)" in _texts(at)
+    at.select_slider(key="annotate_zoom").set_value(1).run()  # back to the whole image: the box is where it was
+    assert "(37, 26) - (47, 31)" in _texts(at)
+    at.button(key="annotate_save").click().run()
+    with _sessions(demo)() as session:
+        (box,) = session.scalars(select(Box).where(Box.image_id == image_id)).all()
+        assert (box.x1, box.y1, box.x2, box.y2) == (37, 26, 47, 31)
+
+
+def test_annotate_switching_annotator_leaves_the_image_and_keeps_the_draft(demo):
+    image_id = _unlabeled_ids(demo)[0]
+    at = _open(image_id)
+    _draw(at, ("Nodule", 100, 150, 200, 120))
+    at.session_state["main_annotator"] = "dr.other"
+    at.run()
+    assert not at.exception, at.exception
+    assert "Take the best image of the queue" in _texts(at)
+    with _sessions(demo)() as session:
+        assert session.get(Lease, image_id) is None
+        assert get_draft(session, image_id, "dr.test") is not None and get_draft(session, image_id, "dr.other") is None
+
+
+def test_annotate_refused_save_keeps_its_message_until_the_user_acts(demo):
+    image_id = _unlabeled_ids(demo)[0]
+    at = _open(image_id)
+    load = at.session_state["annotate_load"]
+    _finding(at, 4).set_value("present").run()  # Nodule, no box
+    at.checkbox(key=f"annotate_complete_{load}").check().run()
+    at.button(key="annotate_save").click().run()
+    refused = "have no box"
+    assert refused in _texts(at)
+    for _ in range(3):  # reruns (the canvas reporting its size, a timer) do not wipe it
+        at.run()
+        assert refused in _texts(at) and "Unsaved changes" in _texts(at)
+    at.checkbox(key=f"annotate_complete_{load}").uncheck().run()  # acting on it clears it
+    assert refused not in _texts(at)
+    at.checkbox(key=f"annotate_complete_{load}").check().run()
+    at.button(key="annotate_save").click().run()
+    at.button(key="annotate_dismiss_error").click().run()
+    assert refused not in _texts(at)
+    with _sessions(demo)() as session:
+        assert session.get(Image, image_id).version == 1
 
 
 def test_annotate_findings_save_and_next_loads_the_next_image(demo):
     first, second = _unlabeled_ids(demo)[:2]
     at = _open(first)
     load = at.session_state["annotate_load"]
-    at.checkbox(key=f"annotate_find_{load}_5").check().run()  # Pleural effusion
+    _finding(at, 5).set_value("present").run()  # Pleural effusion
     at.button(key="annotate_save_next").click().run()
     assert not at.exception, at.exception
     assert at.session_state["annotate_image_id"] == second
@@ -321,15 +394,66 @@ def test_annotate_findings_save_and_next_loads_the_next_image(demo):
     with _sessions(demo)() as session:
         image = session.get(Image, first)
         assert image.granularity is Granularity.WEAK
-        assert {lb.label_class.name for lb in image.labels if lb.present} == {"Pleural effusion"}
+        assert {lb.label_class.name: lb.present for lb in image.labels} == {"Pleural effusion": True}  # the rest: not assessed
         assert session.get(Lease, first) is None and session.get(Lease, second) is not None
+
+
+def test_annotate_findings_are_present_absent_or_not_assessed(demo):
+    image_id = _unlabeled_ids(demo)[0]
+    at = _open(image_id)
+    load = at.session_state["annotate_load"]
+    assert {_finding(at, k).value for k in range(9)} == {"not assessed"}
+    assert "training ignores the class" in _texts(at)  # the page says what the states mean
+    _finding(at, 2).set_value("absent").run()  # Fracture
+    _draw(at, ("Nodule", 100, 150, 200, 120))
+    assert _finding(at, 4).value == "present"  # the box makes Nodule present
+    at.button(key="annotate_save").click().run()
+    with _sessions(demo)() as session:
+        labels = {lb.label_class.name: lb.present for lb in session.get(Image, image_id).labels}
+    assert labels == {"Fracture": False, "Nodule": True}  # one box does not make eight classes absent
+
+
+def test_annotate_all_others_absent(demo):
+    image_id = _unlabeled_ids(demo)[0]
+    at = _open(image_id)
+    load = at.session_state["annotate_load"]
+    _finding(at, 3).set_value("present").run()  # Mass
+    at.button(key=f"annotate_others_absent_{load}").click().run()
+    values = [_finding(at, k).value for k in range(9)]
+    assert values == ["absent"] * 3 + ["present"] + ["absent"] * 5
+    at.button(key="annotate_save").click().run()
+    with _sessions(demo)() as session:
+        image = session.get(Image, image_id)
+        labels = {lb.label_class.name: lb.present for lb in image.labels}
+        assert labels["Mass"] is True and sum(not v for v in labels.values()) == 8
+        assert image.granularity is Granularity.WEAK
+
+
+@pytest.mark.parametrize("granularity", ["unlabeled", "weak", "full"])
+def test_annotate_task_and_complete_follow_the_granularity(demo, granularity):
+    image_id = _unlabeled_ids(demo)[0]
+    with _sessions(demo).begin() as session:
+        if granularity != "unlabeled":
+            set_image_labels(session, image_id, {"Nodule": True}, annotator="dr.other")
+        if granularity == "full":
+            set_boxes(session, image_id, [("Nodule", 1, 1, 20, 20)], annotator="dr.other", complete=True)
+    at = AppTest.from_file(MAIN, default_timeout=60)
+    at.session_state["main_annotator"] = "dr.test"
+    at.run()
+    at.switch_page("views/annotate.py").run()
+    at.number_input(key="annotate_pick_id").set_value(image_id).run()
+    at.button(key="annotate_open_id").click().run()
+    assert not at.exception, at.exception
+    task = {"unlabeled": "add image-level labels", "weak": "draw boxes", "full": "edit boxes"}[granularity]
+    assert f"task: **{task}**" in _texts(at)
+    assert at.checkbox(key=f"annotate_complete_{at.session_state['annotate_load']}").value is (granularity == "full")
 
 
 def test_annotate_conflict_with_another_annotator(demo):
     image_id = _unlabeled_ids(demo)[0]
     at = _open(image_id)
     load = at.session_state["annotate_load"]
-    at.checkbox(key=f"annotate_find_{load}_3").check().run()  # Mass, not saved yet
+    _finding(at, 3).set_value("present").run()  # Mass, not saved yet
     with _sessions(demo).begin() as session:
         set_image_labels(session, image_id, {"Nodule": True}, annotator="dr.other")
     at.run()
@@ -346,12 +470,53 @@ def test_annotate_unsaved_changes_warn_before_leaving(demo):
     image_id = _unlabeled_ids(demo)[0]
     at = _open(image_id)
     load = at.session_state["annotate_load"]
-    at.checkbox(key=f"annotate_find_{load}_3").check().run()
+    _finding(at, 3).set_value("present").run()
     at.button(key="annotate_skip").click().run()
     assert "unsaved changes. Leave it anyway?" in _texts(at)
     assert at.session_state["annotate_image_id"] == image_id
     at.button(key="annotate_discard").click().run()
     assert at.session_state["annotate_image_id"] != image_id
+    with _sessions(demo)() as session:
+        assert get_draft(session, image_id, "dr.test") is None  # discarding drops the draft
+
+
+def test_annotate_draft_survives_a_page_switch_and_a_reload(demo):
+    image_id = _unlabeled_ids(demo)[0]
+    at = _open(image_id)
+    load = at.session_state["annotate_load"]
+    _finding(at, 3).set_value("absent").run()  # Mass
+    _draw(at, ("Nodule", 100, 150, 200, 120))  # only boxes and one finding, nothing saved
+    assert "Unsaved changes" in _texts(at)
+    with _sessions(demo)() as session:
+        stored = get_draft(session, image_id, "dr.test")
+    assert stored is not None and stored.payload["boxes"] == [["Nodule", 10.0, 15.0, 30.0, 27.0]]
+    assert stored.payload["findings"]["Mass"] == "absent" and stored.base_version == 1
+
+    at.switch_page("views/queue.py").run()
+    at.switch_page("views/annotate.py").run()
+    assert not at.exception, at.exception
+    assert "Boxes** (1)" in _texts(at) and "Unsaved changes" in _texts(at)
+
+    reloaded = AppTest.from_file(MAIN, default_timeout=60)  # a browser reload: a new session, the same URL
+    reloaded.query_params["annotator"] = "dr.test"
+    reloaded.query_params["image"] = str(image_id)
+    reloaded.run()
+    reloaded.switch_page("views/annotate.py").run()
+    assert not reloaded.exception, reloaded.exception
+    assert reloaded.session_state["main_annotator"] == "dr.test"
+    assert f"Image **#{image_id}**" in _texts(reloaded) and "Restored your unsaved draft" in _texts(reloaded)
+    assert "Boxes** (1)" in _texts(reloaded)
+    load = reloaded.session_state["annotate_load"]
+    assert _finding(reloaded, 3).value == "absent"
+    with _sessions(demo)() as session:
+        lease = session.get(Lease, image_id)
+        assert lease is not None and lease.annotator_id == get_annotator(session, "dr.test").id
+    reloaded.button(key="annotate_save").click().run()
+    with _sessions(demo)() as session:
+        assert get_draft(session, image_id, "dr.test") is None
+        image = session.get(Image, image_id)
+        assert [(b.label_class.name, b.x1, b.y1, b.x2, b.y2) for b in image.boxes] == [("Nodule", 10, 15, 30, 27)]
+        assert {lb.label_class.name: lb.present for lb in image.labels} == {"Mass": False, "Nodule": True}
 
 
 def test_annotate_accepts_and_rejects_model_suggestions(demo):
@@ -361,6 +526,7 @@ def test_annotate_accepts_and_rejects_model_suggestions(demo):
     at = _open(ids[0])
     assert f"**Model suggestions** (version {version})" in _texts(at)
     assert "No attention maps are available" in _texts(at)
+    at.slider(key="annotate_threshold").set_value(0.3).run()
     at.button(key=f"annotate_reject_{at.session_state['annotate_load']}_1").click().run()
     at.button(key=f"annotate_accept_{at.session_state['annotate_load']}_0").click().run()
     assert "No (more) boxes suggested" in _texts(at)
@@ -368,6 +534,36 @@ def test_annotate_accepts_and_rejects_model_suggestions(demo):
     with _sessions(demo)() as session:
         boxes = [(b.label_class.name, b.x1, b.y1, b.x2, b.y2) for b in session.scalars(select(Box).where(Box.image_id == ids[0]))]
     assert boxes == [("Nodule", 10, 12, 20, 30)]
+
+
+def test_annotate_suggestions_keep_their_numbers_and_obey_the_threshold(demo):
+    ids = _unlabeled_ids(demo)
+    suggested = [{"class": "Nodule", "bbox": [10 + 4 * k, 10, 14 + 4 * k, 20], "score": 0.9 - 0.1 * k} for k in range(6)]
+    _model(demo, ids, boxes=suggested)  # scores 0.9 .. 0.4; the model recorded no val threshold: 0.5
+    at = _open(ids[0])
+    load = at.session_state["annotate_load"]
+    assert at.slider(key="annotate_threshold").value == 0.5
+    listed = lambda: [m.value.split()[0] for m in at.markdown if m.value.startswith("**S")]  # noqa: E731
+    assert listed() == ["**S1**", "**S2**", "**S3**", "**S4**", "**S5**"] and "1 more below the threshold" in _texts(at)
+    at.button(key=f"annotate_reject_{load}_0").click().run()
+    at.button(key=f"annotate_accept_{load}_2").click().run()
+    assert listed() == ["**S2**", "**S4**", "**S5**"]  # numbers do not restart after accept/reject
+    at.button(key=f"annotate_accept_all_{load}").click().run()
+    assert listed() == [] and "Boxes** (4)" in _texts(at)
+    at.slider(key="annotate_threshold").set_value(0.0).run()
+    assert listed() == ["**S6**"]
+    at.button(key=f"annotate_reject_all_{load}").click().run()
+    assert listed() == [] and "Boxes** (4)" in _texts(at)
+
+
+def test_annotate_threshold_default_from_the_models_val_metric(demo):
+    ids = _unlabeled_ids(demo)
+    version = _model(demo, ids, boxes=[{"class": "Nodule", "bbox": [10, 10, 20, 20], "score": 0.3}])
+    with _sessions(demo).begin() as session:
+        record_metrics(session, version, Split.VAL, {"score_threshold": 0.25})
+    at = _open(ids[0])
+    assert at.slider(key="annotate_threshold").value == 0.25
+    assert any(m.value.startswith("**S1**") for m in at.markdown)
 
 
 def test_annotate_attention_overlay_when_the_prediction_has_one(demo):

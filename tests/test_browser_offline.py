@@ -7,7 +7,16 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from tests.test_browser_annotate import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, _settled, server, sync_api  # noqa: F401
+from tests.test_browser_annotate import (  # noqa: F401 (server is a fixture)
+    ARTIFACTS,
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    _open_by_id,
+    _settled,
+    _sign_in,
+    server,
+    sync_api,
+)
 
 pytestmark = [pytest.mark.browser, pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium")]
 LOCAL = {"127.0.0.1", "localhost", "::1"}
@@ -15,6 +24,7 @@ LOCAL = {"127.0.0.1", "localhost", "::1"}
 
 def test_no_page_makes_a_request_that_leaves_the_machine(server):
     address, _url, queued = server
+    image_id = next(queued)
     outside: list[str] = []
 
     def guard(route):
@@ -33,17 +43,11 @@ def test_no_page_makes_a_request_that_leaves_the_machine(server):
             context.route("**/*", guard)
             page = context.new_page()
             page.set_default_timeout(30_000)
-            page.goto(address)
-            page.get_by_role("textbox", name="Your name").fill("dr.offline")
-            page.get_by_role("button", name="Start annotating").click()
-            page.get_by_text("Annotating as").wait_for()
+            _sign_in(page, address, "dr.offline")
             for name in ("Queue", "Annotate", "Metrics", "Data", "Overview"):
                 page.get_by_role("link", name=name).click()
                 _settled(page)
-            page.get_by_role("link", name="Queue").click()
-            page.get_by_role("button", name=f"Open #{queued[0]}").click()
-            page.locator("canvas.upper-canvas").wait_for()
-            _settled(page)
+            _open_by_id(page, image_id)
             icon = page.evaluate("() => [...document.querySelectorAll('link[rel~=icon]')].map(l => l.href)")
             page.screenshot(path=str(ARTIFACTS / "offline-annotate.png"), full_page=True)
         finally:

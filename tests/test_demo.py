@@ -129,8 +129,7 @@ def test_save_annotation_boxes_and_findings_in_one_save(store):
     with Session() as session:
         detail = image_detail(session, image.id)
         assert detail.boxes == [("Nodule", 1.0, 2.0, 10.0, 12.0)]
-        present = {n for n, p in detail.labels.items() if p}
-        assert present == {"Mass", "Nodule"} and detail.labels["Fracture"] is False
+        assert detail.labels == {"Mass": True, "Nodule": True}  # unmarked classes stay not assessed (no row)
         assert replay_audit(session, image.id)["boxes"][0][:5] == ["Nodule", 1.0, 2.0, 10.0, 12.0]
     # now: remove the box, untick Nodule, mark complete with a Mass box -> full
     with Session.begin() as session:
@@ -139,13 +138,28 @@ def test_save_annotation_boxes_and_findings_in_one_save(store):
         assert saved.granularity is Granularity.FULL
     with Session() as session:
         detail = image_detail(session, image.id)
-        assert detail.boxes == [("Mass", 5.0, 5.0, 30.0, 30.0)] and detail.labels["Nodule"] is False
+        assert detail.boxes == [("Mass", 5.0, 5.0, 30.0, 30.0)] and detail.labels == {"Mass": True}
     # unticking "all boxed" downgrades to weak, with the reason in the audit log
     with Session.begin() as session:
         saved = save_annotation(session, image.id, present={"Mass"}, no_finding=False, boxes=[("Mass", 5, 5, 30, 30)],
                                 complete=False, annotator="dr.a", expected_version=detail.version)
         assert saved.granularity is Granularity.WEAK
         assert session.scalars(select(AuditEntry.action).where(AuditEntry.image_id == image.id).order_by(AuditEntry.id.desc())).first() == "downgrade"
+
+
+def test_save_annotation_stores_absent_only_when_marked(store):
+    url, Session = store
+    image = _unlabeled(Session)
+    with Session.begin() as session:
+        saved = save_annotation(session, image.id, present=set(), absent={"Mass", "Fracture"}, no_finding=False, boxes=[],
+                                complete=False, annotator="dr.a", expected_version=image.version)
+        assert saved.granularity is Granularity.WEAK
+    with Session() as session:
+        detail = image_detail(session, image.id)
+        assert detail.labels == {"Mass": False, "Fracture": False}
+    with pytest.raises(ValueError, match=r"\['Mass'\] marked absent but present"), Session.begin() as session:
+        save_annotation(session, image.id, present=set(), absent={"Mass"}, no_finding=False, boxes=[("Mass", 1, 1, 9, 9)],
+                        complete=False, annotator="dr.a", expected_version=detail.version)
 
 
 def test_save_annotation_switches_between_no_finding_and_boxes(store):
@@ -175,6 +189,7 @@ def test_save_annotation_switches_between_no_finding_and_boxes(store):
     ("present", "no_finding", "boxes", "complete", "message"),
     [
         (set(), False, [("Nodule", 5, 5, 5, 9)], False, "inverted or empty"),
+        (set(), False, [("Nodule", 5, 5, 6.6, 9)], False, r"1.6 x 4.0 px, smaller than the minimum 4 px"),
         (set(), False, [("", 1, 1, 9, 9)], False, "has no class"),
         (set(), False, [("Nodule", 1, 1, 90, 9)], False, "outside"),
         ({"Mass"}, True, [], False, "'No finding' cannot go with"),

@@ -1,35 +1,76 @@
-"""Annotate: findings as checkboxes, boxes on a canvas, the model's boxes as suggestions, save.
+"""Annotate: findings as present / absent / not assessed, boxes on a canvas, the model's boxes as suggestions, save.
 
-State lives in ``st.session_state`` under ``annotate_*`` keys. Each image load gets a counter
-(``annotate_load``): the findings widgets and the canvas are keyed by it, so a new image starts clean.
-The canvas is redrawn from ``annotate_base`` (boxes in original pixels) whenever ``annotate_rev`` grows
-(a suggestion accepted, a box deleted, undo); what is on the canvas is read back from the component's
-state every run into ``annotate_draft``, which survives switching pages.
+Per-browser state lives in ``st.session_state`` under ``annotate_*`` keys; the logic (defaults, view
+maths, draft (de)serialisation, suggestion numbering) is in :mod:`app.annotate_state`. Each image load
+gets a counter (``annotate_load``) that keys the findings widgets and the canvas. The canvas is redrawn
+from ``annotate_base`` (boxes in original pixels) whenever ``annotate_rev`` grows (an accepted
+suggestion, a deleted box, undo, a new view). What the annotator has not saved (``annotate_draft``) is
+written to the store's ``draft`` table on every change (:mod:`db.drafts`) and restored when the same
+annotator opens the image again, after a page change, a reload or a restart; saving or discarding
+deletes it. The open image id and the annotator's name ride in the URL (``?image=..&annotator=..``)
+so a reload comes back to the same image, with its lease, and the draft.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import streamlit as st
 from streamlit_drawable_canvas import CanvasResult, boxes_to_drawing, st_canvas
 
-from app.imaging import compose, fit, render
-from app.store import annotator, sessions, store_url
+from app.annotate_state import (
+    STATE_HELP,
+    View,
+    accept,
+    all_others_absent,
+    baseline,
+    canvas_to_image,
+    default_task,
+    effective_findings,
+    from_payload,
+    image_to_canvas,
+    is_dirty,
+    make_view,
+    numbered_suggestions,
+    queue_action,
+    same_boxes,
+    split_findings,
+    split_small,
+    to_payload,
+)
+from app.browser import column_room, leave_guard
+from app.imaging import compose, render
+from app.store import CURRENT_PAGE_KEY, PREVIOUS_PAGE_KEY, annotator, sessions, store_url
 from app.widgets import plain
+from db.drafts import FINDING_STATES, NOT_ASSESSED, PRESENT, delete_draft, get_draft, list_drafts, save_draft
 from db.lifecycle import ConflictError
 from db.models import SuggestedAction
 from db.repository import release_lease, take_lease
-from db.ui_queries import ImageDetail, claim_next_image, image_detail, model_output, project_exists, save_annotation
+from db.ui_queries import (
+    DEFAULT_SCORE_THRESHOLD,
+    MIN_BOX_PX,
+    ImageDetail,
+    claim_next_image,
+    image_detail,
+    model_output,
+    project_exists,
+    save_annotation,
+)
 
 Box = tuple[str, float, float, float, float]
 
 IMAGE_KEY = "annotate_image_id"
 ACTION_KEY = "annotate_action"
 DIRTY_KEY = "annotate_dirty"
-#: Boxes closer than this (original pixels) count as unchanged (canvas round trips move them a little).
-TOLERANCE_PX = 0.5
-CANVAS_SIZES = (512, 640, 768, 896, 1024, 1280)
+#: URL query parameter holding the open image (a reload reopens it).
+IMAGE_PARAM = "image"
+PAGE_TITLE = "Annotate"
+CANVAS_SIZES = (384, 512, 640, 768, 896, 1024, 1280)
+DEFAULT_CANVAS = 640
+#: The canvas is made no taller than the window below its top (less FOLD_MARGIN), but never under MIN_FIT px.
+FOLD_MARGIN = 24
+MIN_FIT = 320
 STROKE = "#ff3b30"
 FILL = "rgba(255, 59, 48, 0.06)"
 FONT_SIZE = 13
@@ -39,53 +80,57 @@ def _state() -> Any:
     return st.session_state
 
 
-def _load(detail: ImageDetail, action: str) -> None:
-    """Start editing ``detail`` from what the store holds."""
+def _load(detail: ImageDetail, who: str, *, restore: bool = True) -> None:
+    """Start editing ``detail``: from the annotator's stored draft when there is one, else from the store."""
     s = _state()
     s["annotate_load"] = s.get("annotate_load", 0) + 1
     s["annotate_loaded_id"] = detail.id
-    s["annotate_version"] = detail.version
-    s["annotate_base"] = list(detail.boxes)
+    with sessions()() as session:
+        stored = get_draft(session, detail.id, who) if restore else None
+    task = s.get(ACTION_KEY) or (stored.payload["task"] if stored else None) or default_task(detail.granularity)
+    base = baseline(detail, task)
+    s["annotate_baseline"] = base
+    if stored is not None:
+        draft = from_payload(stored.payload, detail.classes)
+        draft["task"] = task
+        s["annotate_version"] = stored.base_version
+        s["annotate_restored"] = (detail.id, stored.updated_at)
+        s["annotate_written"] = to_payload(draft)
+    else:
+        draft = copy.deepcopy(base)
+        s["annotate_version"] = detail.version
+        s["annotate_written"] = None
+    s["annotate_task"] = task
+    s["annotate_draft"] = draft
+    s["annotate_base"] = [tuple(b) for b in draft["boxes"]]
     s["annotate_history"] = []
     s["annotate_handled"] = []
     s["annotate_rev"] = 0
-    baseline = {
-        "present": sorted(name for name, present in detail.labels.items() if present),
-        "no_finding": detail.no_finding,
-        "complete": detail.boxes_complete or action == SuggestedAction.DRAW_BOXES.value,
-        "boxes": list(detail.boxes),
-    }
-    s["annotate_baseline"] = baseline
-    s["annotate_draft"] = dict(baseline)
-    s.pop("annotate_confirm_leave", None)
-    s[DIRTY_KEY] = False
+    s["annotate_findgen"] = 0
+    s.pop("annotate_view", None)
+    for key in ("annotate_confirm_leave", "annotate_error", "annotate_box_notice"):
+        s.pop(key, None)
+    s[DIRTY_KEY] = is_dirty(draft, base)
 
 
 def _canvas_key() -> str:
     return f"annotate_canvas_{_state()['annotate_load']}_{_state()['annotate_rev']}"
 
 
-def _live(scale: float, width: int, height: int) -> list[Box]:
-    """The boxes on the canvas now, in original pixels (clamped to the image), or the base before any edit."""
+def _canvas_boxes(view: View, width: int, height: int) -> list[Box] | None:
+    """The boxes on the canvas now, in original pixels (clamped to the image); None before any edit."""
     value = _state().get(_canvas_key())
     if not isinstance(value, dict) or not isinstance(value.get("drawing"), dict):
-        return list(_state()["annotate_base"])
+        return None
     result = CanvasResult(json_data=value["drawing"].get("raw"), image_data_url=None, return_image_data=False)
-    boxes = []
-    for b in result.boxes:
-        x1, y1 = b["left"] / scale, b["top"] / scale
-        x2, y2 = (b["left"] + b["width"]) / scale, (b["top"] + b["height"]) / scale
-        x1, x2 = sorted((min(max(x1, 0.0), width), min(max(x2, 0.0), width)))
-        y1, y2 = sorted((min(max(y1, 0.0), height), min(max(y2, 0.0), height)))
-        boxes.append((str(b["label"]), round(x1, 2), round(y1, 2), round(x2, 2), round(y2, 2)))
-    return boxes
+    return [(str(b["label"]), *canvas_to_image(view, b["left"], b["top"], b["width"], b["height"], width, height))
+            for b in result.boxes]
 
 
-def _drawing(boxes: list[Box], scale: float) -> dict[str, Any]:
-    """The canvas drawing (Fabric JSON) of ``boxes`` given in original pixels, shown ``scale`` times larger."""
+def _drawing(boxes: list[Box], view: View) -> dict[str, Any]:
+    """The canvas drawing (Fabric JSON) of ``boxes`` given in original pixels, as ``view`` shows them."""
     drawing = boxes_to_drawing(
-        [{"label": n, "left": x1 * scale, "top": y1 * scale, "width": (x2 - x1) * scale, "height": (y2 - y1) * scale}
-         for n, x1, y1, x2, y2 in boxes],
+        [{"label": n, **image_to_canvas(view, x1, y1, x2, y2)} for n, x1, y1, x2, y2 in boxes],
         stroke_color=STROKE, stroke_width=2, fill_color=FILL,
     )
     for obj in drawing["objects"]:
@@ -93,27 +138,13 @@ def _drawing(boxes: list[Box], scale: float) -> dict[str, Any]:
     return drawing
 
 
-def _same_boxes(a: list[Box], b: list[Box]) -> bool:
-    if len(a) != len(b):
-        return False
-    return all(p[0] == q[0] and all(abs(u - v) <= TOLERANCE_PX for u, v in zip(p[1:], q[1:], strict=True))
-               for p, q in zip(sorted(a), sorted(b), strict=True))
-
-
-def _dirty(draft: dict, baseline: dict) -> bool:
-    return (
-        sorted(draft["present"]) != sorted(baseline["present"])
-        or draft["no_finding"] != baseline["no_finding"]
-        or draft["complete"] != baseline["complete"]
-        or not _same_boxes(draft["boxes"], baseline["boxes"])
-    )
-
-
-def _redraw(boxes: list[Box]) -> None:
+def _redraw(boxes: list[Box], *, undoable: bool = True) -> None:
     """Make ``boxes`` the canvas content (undoable with the Undo button)."""
     s = _state()
-    s["annotate_history"].append(list(s["annotate_base"]))
+    if undoable:
+        s["annotate_history"].append(list(s["annotate_base"]))
     s["annotate_base"] = list(boxes)
+    s["annotate_draft"]["boxes"] = [list(b) for b in boxes]
     s["annotate_rev"] += 1
 
 
@@ -126,11 +157,36 @@ def _go_to(image_id: int | None, who: str) -> None:
             release_lease(session, current, who)
     s[IMAGE_KEY] = image_id
     s.pop("annotate_loaded_id", None)
+    if image_id is None:
+        st.query_params.pop(IMAGE_PARAM, None)
+    else:
+        st.query_params[IMAGE_PARAM] = str(image_id)
+
+
+def _discard(image_id: int, who: str) -> None:
+    with sessions().begin() as session:
+        delete_draft(session, image_id, who)
+    _state()["annotate_written"] = None
 
 
 def _next_image(action: str, who: str, exclude: list[int]) -> int | None:
     with sessions().begin() as session:
         return claim_next_image(session, action, annotator=who, exclude=exclude)
+
+
+def _open_by_id(image_id: int, who: str) -> bool:
+    """Take the image's lease (yours again after a reload) and open it; False when someone else holds it.
+    An image id that does not exist is said so on the page (and the script stops)."""
+    try:
+        with sessions().begin() as session:
+            taken = take_lease(session, image_id, who)
+    except ValueError as e:  # no such image
+        st.error(str(e))
+        st.stop()
+    if taken:
+        _state().pop(ACTION_KEY, None)  # the task follows the image's granularity
+        _go_to(image_id, who)
+    return taken
 
 
 @st.cache_data(ttl=30, show_spinner=False)
@@ -152,7 +208,13 @@ if not who:
     st.stop()
 
 s = _state()
-action = s.get(ACTION_KEY) or SuggestedAction.DRAW_BOXES.value
+if s.get("annotate_who") not in (None, who):  # "Switch annotator": the open image and its draft were the other's
+    _go_to(None, s["annotate_who"])
+s["annotate_who"] = who
+if s.get(IMAGE_KEY) is None and (wanted_param := st.query_params.get(IMAGE_PARAM)):
+    st.query_params.pop(IMAGE_PARAM, None)
+    if wanted_param.isdigit() and not _open_by_id(int(wanted_param), who):
+        st.warning(f"Image {wanted_param} is being annotated by someone else.")
 notice = s.get("annotate_notice")
 if notice and notice[0] == s.get(IMAGE_KEY):
     st.success(notice[1])
@@ -171,16 +233,19 @@ if s.get(IMAGE_KEY) is None:
             st.rerun()
     wanted = right.number_input("Image id", min_value=1, step=1, value=None, key="annotate_pick_id")
     if right.button("Open", key="annotate_open_id", disabled=wanted is None):
-        try:
-            with sessions().begin() as session:
-                taken = take_lease(session, int(wanted), who)
-        except ValueError as e:  # no such image
-            right.error(str(e))
-            st.stop()
-        if taken:
-            _go_to(int(wanted), who)
+        if _open_by_id(int(wanted), who):
             st.rerun()
         right.warning(f"Image {wanted} is being annotated by someone else.")
+    with sessions()() as session:
+        drafts = list_drafts(session, who)
+    if drafts:
+        st.markdown("**Your unsaved drafts**")
+        with st.container(horizontal=True, gap="small"):
+            for image_id, at in drafts:
+                if st.button(f"Resume #{image_id}", key=f"annotate_resume_{image_id}", help=f"last change {at:%Y-%m-%d %H:%M} UTC"):
+                    if _open_by_id(image_id, who):
+                        st.rerun()
+                    st.warning(f"Image {image_id} is being annotated by someone else.")
     st.stop()
 
 try:
@@ -191,164 +256,260 @@ except ValueError as e:
     _go_to(None, who)
     st.button("Back to the picker", key="annotate_back")
     st.stop()
+if st.query_params.get(IMAGE_PARAM) != str(detail.id):
+    st.query_params[IMAGE_PARAM] = str(detail.id)
 
 if s.get("annotate_loaded_id") != detail.id:
-    _load(detail, action)
+    _load(detail, who)
 elif detail.version != s["annotate_version"] and not s.get(DIRTY_KEY):
-    _load(detail, action)
+    _discard(detail.id, who)
+    _load(detail, who, restore=False)
     st.info("This image was saved by someone else since you opened it; you now see their version.")
 
-baseline, draft = s["annotate_baseline"], s["annotate_draft"]
-load = s["annotate_load"]
+base_state, draft = s["annotate_baseline"], s["annotate_draft"]
+load, task = s["annotate_load"], s["annotate_task"]
+if s.get(PREVIOUS_PAGE_KEY) != PAGE_TITLE and s.get(CURRENT_PAGE_KEY) == PAGE_TITLE:
+    # back from another page (its widget states are gone): redraw the canvas from the draft
+    if not same_boxes(draft["boxes"], s["annotate_base"]) or _canvas_key() not in s:
+        _redraw([tuple(b) for b in draft["boxes"]], undoable=False)
+
+if restored := s.get("annotate_restored"):
+    if restored[0] == detail.id and s.get(DIRTY_KEY):
+        st.info(f"Restored your unsaved draft of image {detail.id} (last change {restored[1]:%Y-%m-%d %H:%M:%S} UTC).")
 
 if detail.version != s["annotate_version"]:
     st.error(f"Someone else saved image {detail.id} after you opened it (you edit version {s['annotate_version']}, "
              f"the store has {detail.version}). Your changes are not saved; reload to see theirs, then redo yours.")
     if st.button("Reload their version (discard mine)", key="annotate_reload"):
-        _load(detail, action)
+        _discard(detail.id, who)
+        _load(detail, who, restore=False)
         st.rerun()
-if error := s.pop("annotate_error", None):
-    st.error(error)
 if detail.leased_by:
     st.warning(f"{plain(detail.leased_by)} is annotating this image too (they hold its lease). Saves are version-checked.")
 
 st.caption(f"Image **#{detail.id}** · {detail.width}x{detail.height} px · {detail.granularity} · "
-           f"{detail.split or 'no split'} · version {detail.version} · task: {action} · `{detail.path}`")
+           f"{detail.split or 'no split'} · version {detail.version} · task: **{task}** · `{detail.path}`")
 
 # --- view controls -----------------------------------------------------------------------------
-with st.expander("View: window / level, invert, size", expanded=False):
+with st.expander("View: window / level, invert, size, zoom", expanded=False):
     c1, c2, c3, c4 = st.columns(4)
     level = c1.slider("Level (%)", 0, 100, 50, key="annotate_level")
     window_width = c2.slider("Window (%)", 1, 100, 100, key="annotate_window")
     invert = c3.toggle("Invert", key="annotate_invert")
-    max_side = c4.select_slider("Canvas size (px)", CANVAS_SIZES, value=640, key="annotate_size",
-                                on_change=lambda: _redraw(s["annotate_draft"]["boxes"]))
+    max_side = c4.select_slider("Canvas size (px)", CANVAS_SIZES, value=DEFAULT_CANVAS, key="annotate_size",
+                                help="the largest side of the canvas; it never gets wider than its column, nor taller than the window below its top")
+    z1, z2, z3 = st.columns([1, 2, 2])
+    zoom = z1.select_slider("Zoom", (1, 2, 3, 4), value=1, key="annotate_zoom", format_func=lambda z: f"{z}x",
+                            help="shows a part of the image, resampled from the original pixels")
+    centre_x = z2.slider("Zoom centre, left to right (%)", 0, 100, 50, key="annotate_zoom_x", disabled=zoom == 1)
+    centre_y = z3.slider("Zoom centre, top to bottom (%)", 0, 100, 50, key="annotate_zoom_y", disabled=zoom == 1)
 
-canvas_w, canvas_h = fit(detail.width, detail.height, max_side, max_side)
-scale = canvas_w / detail.width
 output = _model_output(url, detail.id)
 handled = s["annotate_handled"]
-open_suggestions = [(k, b) for k, b in enumerate(output.boxes) if k not in handled]
 
 main, side = st.columns([3, 2], gap="medium")
+with main:
+    column, room = column_room("annotate_column_width")
+# The canvas fits its column, and the window's height below its top (never under MIN_FIT px: then scroll)
+fit_h = max(MIN_FIT, room - FOLD_MARGIN) if room else max_side
+view = make_view(detail.width, detail.height, min(max_side, column) if column else max_side, min(max_side, fit_h),
+                 zoom=zoom, centre=(centre_x / 100, centre_y / 100))
+if s.get("annotate_view") not in (None, view):
+    _redraw([tuple(b) for b in draft["boxes"]], undoable=False)
+s["annotate_view"] = view
+
+actions = side.container()  # Save buttons and messages, filled in once the draft of this run is known
+
 with side:
     if output.model_version_id is None:
         st.info("No model version yet: model suggestions appear after the trainer's first round.")
-        show_boxes, attention_class = False, None
+        show_boxes, attention_class, threshold = False, None, DEFAULT_SCORE_THRESHOLD
     else:
-        show_boxes = st.toggle("Show model boxes", value=True, key="annotate_show_suggestions")
+        t1, t2 = st.columns(2)
+        show_boxes = t1.toggle("Show model boxes", value=True, key="annotate_show_suggestions")
+        default_threshold = output.score_threshold if output.score_threshold is not None else DEFAULT_SCORE_THRESHOLD
+        threshold = st.slider(
+            "Suggestion score threshold", 0.0, 1.0, float(default_threshold), 0.05, key="annotate_threshold",
+            help="boxes scoring below it are hidden" + (" (default: the model's val threshold)" if output.score_threshold is not None
+                                                          else f" (default {DEFAULT_SCORE_THRESHOLD}: the model recorded no val threshold)"),
+        )
         if output.attention:
-            attention_on = st.toggle("Attention map", key="annotate_attention")
+            attention_on = t2.toggle("Attention map", key="annotate_attention")
             attention_class = st.selectbox("Attention of", sorted(output.attention), key="annotate_attention_class") if attention_on else None
         else:
-            st.toggle("Attention map", value=False, disabled=True, key="annotate_attention_none",
+            t2.toggle("Attention map", value=False, disabled=True, key="annotate_attention_none",
                       help="This model version stored no attention maps for this image.")
             st.caption("No attention maps are available for this image.")
             attention_class = None
 
+open_suggestions = numbered_suggestions(output.boxes, handled, threshold)
 try:
-    base_image = render(detail.path, (canvas_w, canvas_h), float(level), float(window_width), bool(invert))
+    base_image = render(detail.path, (view.width, view.height), float(level), float(window_width), bool(invert),
+                        crop=view.crop if zoom > 1 else None)
 except ValueError as e:
     st.error(f"Cannot show image {detail.id}: {e}")
     st.stop()
 background = compose(
-    base_image, scale,
+    base_image, view.scale,
     [b for _, b in open_suggestions] if show_boxes else [],
     output.attention.get(attention_class) if attention_class else None,
+    origin=(view.x0, view.y0), image_size=(detail.width, detail.height),
 )
 
 classes = detail.classes
 current_class = s.get("annotate_class") if s.get("annotate_class") in classes else classes[0]
 with main:
-    with st.container(horizontal=True, gap="small"):
-        for k, name in enumerate(classes[:9], 1):
-            st.button(f"{name}", key=f"annotate_cls_{k}", shortcut=str(k), type="primary" if name == current_class else "secondary",
-                      on_click=lambda n=name: s.__setitem__("annotate_class", n), help=f"draw {name} boxes (key {k})")
-    result = st_canvas(
-        background_image=background, width=canvas_w, height=canvas_h, drawing_mode="labeled_rect", label=current_class,
-        initial_drawing=_drawing(s["annotate_base"], scale),
+    st_canvas(
+        background_image=background, width=view.width, height=view.height, drawing_mode="labeled_rect", label=current_class,
+        initial_drawing=_drawing(s["annotate_base"], view),
         stroke_color=STROKE, stroke_width=2, fill_color=FILL, font_size=FONT_SIZE,
         key=_canvas_key(),
     )
+    with st.container(horizontal=True, gap="small"):  # below the canvas, so the image starts high on the page
+        for k, name in enumerate(classes[:9], 1):
+            st.button(f"{name}", key=f"annotate_cls_{k}", shortcut=str(k), type="primary" if name == current_class else "secondary",
+                      on_click=lambda n=name: s.__setitem__("annotate_class", n), help=f"draw {name} boxes (key {k})")
+    zoom_note = f" Zoomed {zoom}x: x {view.x0:.0f}-{view.x1:.0f}, y {view.y0:.0f}-{view.y1:.0f} px." if zoom > 1 else ""
     st.caption("Draw a box by dragging; the class is the highlighted button (keys 1-9). Toolbar: Edit to move, resize or "
-               "relabel a box, Delete selected, Undo / Redo. Yellow dashed boxes are the model's suggestions.")
+               "relabel a box, Delete selected, Undo / Redo. Yellow dashed boxes are the model's suggestions." + zoom_note)
 
-live = _live(scale, detail.width, detail.height)
+drawn = _canvas_boxes(view, detail.width, detail.height)
+live = list(s["annotate_base"]) if drawn is None else drawn
+live, small = split_small(live, MIN_BOX_PX)
+if small:
+    sizes = ", ".join(f"{b[3] - b[1]:.1f} x {b[4] - b[2]:.1f} px" for b in small)
+    s["annotate_box_notice"] = (f"Not kept: a box of {sizes} is smaller than the minimum {MIN_BOX_PX:g} px per side "
+                                "(image pixels). Drag to draw a box; a click is not a box.")
+    _redraw(live, undoable=False)
+    st.rerun()
 
 with side:
     st.markdown("**Findings**")
-    present = []
-    cols = st.columns(2)
+    st.caption(" · ".join(f"**{state}**: {meaning}" for state, meaning in STATE_HELP.items()))
     boxed = {b[0] for b in live}
+    findings = {}
+    gen = f"{load}x{s['annotate_findgen']}"  # "All others absent" starts a new generation of these widgets
     for k, name in enumerate(classes):
-        if cols[k % 2].checkbox(name, value=name in draft["present"], key=f"annotate_find_{load}_{k}"):
-            present.append(name)
-    no_finding = st.checkbox("No finding", value=draft["no_finding"], key=f"annotate_nofind_{load}")
-    missing = sorted(boxed - set(present))
-    if missing:
-        st.caption(f"Boxes make these present too: {', '.join(missing)}.")
-    complete = st.checkbox("All lesions are boxed (image becomes full)", value=draft["complete"], key=f"annotate_complete_{load}")
+        # The widgets take their value from the draft (index=) and their state is never written from here:
+        # Streamlit drops a widget state written through session_state when a rerun interrupts the first
+        # render, and then a radio showed its first option ("present") for every class.
+        if name in boxed:
+            st.radio(name, FINDING_STATES, index=0, key=f"annotate_find_{gen}_{k}_boxed", horizontal=True, disabled=True,
+                     help="present: a box of this class is drawn")
+            findings[name] = PRESENT
+        else:
+            chosen = st.radio(name, FINDING_STATES, index=FINDING_STATES.index(draft["findings"].get(name, NOT_ASSESSED)),
+                              key=f"annotate_find_{gen}_{k}", horizontal=True)
+            findings[name] = chosen if chosen in FINDING_STATES else NOT_ASSESSED
+
+    def _all_others_absent() -> None:
+        current = s["annotate_draft"]
+        current["findings"] = all_others_absent(current["findings"], current["boxes"])
+        s["annotate_findgen"] += 1
+
+    st.button("All others absent", key=f"annotate_others_absent_{load}", on_click=_all_others_absent,
+              help="every class not marked present (and without a box) becomes absent")
+    no_finding = st.checkbox("No finding (every class absent, no box)", value=draft["no_finding"], key=f"annotate_nofind_{load}")
+    complete = st.checkbox("All lesions are boxed (image becomes full)", value=draft["complete"], key=f"annotate_complete_{load}",
+                           help="ticked only when every lesion of every present finding has its box")
 
     if output.model_version_id is not None:
         st.markdown(f"**Model suggestions** (version {output.model_version_id})")
         if output.image_probs:
             top = sorted(output.image_probs.items(), key=lambda kv: -kv[1])[:3]
             st.caption("Image-level: " + ", ".join(f"{n} {p:.2f}" for n, p in top))
+        hidden = sum(1 for k, b in enumerate(output.boxes) if k not in handled and float(b.get("score", 0)) < threshold)
         if not open_suggestions:
-            st.caption("No (more) boxes suggested for this image.")
+            st.caption("No (more) boxes suggested for this image" + (f" at or above {threshold:.2f} ({hidden} below)." if hidden else "."))
+        else:
+            with st.container(horizontal=True, gap="small"):
+                if st.button(f"Accept all {len(open_suggestions)} at or above {threshold:.2f}", key=f"annotate_accept_all_{load}"):
+                    boxes = list(live)
+                    for k, box in open_suggestions:
+                        boxes = accept(boxes, box)
+                        handled.append(k)
+                    _redraw(boxes)
+                    st.rerun()
+                if st.button(f"Reject all {len(open_suggestions)}", key=f"annotate_reject_all_{load}"):
+                    handled.extend(k for k, _ in open_suggestions)
+                    st.rerun()
+            if hidden:
+                st.caption(f"{hidden} more below the threshold.")
         for k, box in open_suggestions:
-            a, b, c = st.columns([3, 1, 1])
-            a.markdown(f"S{k + 1} {box.get('class')} · {float(box.get('score', 0)):.2f}")
-            if b.button("Accept", key=f"annotate_accept_{load}_{k}", help="add it to your boxes; adjust it with Edit"):
-                x1, y1, x2, y2 = (float(v) for v in box["bbox"])
-                _redraw([*live, (str(box.get("class")), x1, y1, x2, y2)])
-                handled.append(k)
-                st.rerun()
-            if c.button("Reject", key=f"annotate_reject_{load}_{k}"):
-                handled.append(k)
-                st.rerun()
+            with st.container(horizontal=True, gap="small", vertical_alignment="center"):
+                st.markdown(f"**S{box['number']}** {box.get('class')} · {float(box.get('score', 0)):.2f}")
+                if st.button("Accept", key=f"annotate_accept_{load}_{k}", help="add it to your boxes; adjust it with Edit"):
+                    _redraw(accept(live, box))
+                    handled.append(k)
+                    st.rerun()
+                if st.button("Reject", key=f"annotate_reject_{load}_{k}"):
+                    handled.append(k)
+                    st.rerun()
 
     st.markdown(f"**Boxes** ({len(live)})")
     for k, (name, x1, y1, x2, y2) in enumerate(live):
-        a, b = st.columns([4, 1])
-        a.caption(f"{k + 1}. {name or '(no class)'} ({x1:.0f}, {y1:.0f}) - ({x2:.0f}, {y2:.0f})")
-        if b.button("Delete", key=f"annotate_delete_{load}_{s['annotate_rev']}_{k}"):
-            _redraw(live[:k] + live[k + 1 :])
-            st.rerun()
+        with st.container(horizontal=True, gap="small", vertical_alignment="center"):
+            st.caption(f"{k + 1}. {name or '(no class)'} ({x1:.0f}, {y1:.0f}) - ({x2:.0f}, {y2:.0f})")
+            if st.button("Delete", key=f"annotate_delete_{load}_{s['annotate_rev']}_{k}"):
+                _redraw(live[:k] + live[k + 1 :])
+                st.rerun()
     if s["annotate_history"] and st.button("Undo last accept/delete", key="annotate_undo"):
         s["annotate_base"] = s["annotate_history"].pop()
+        s["annotate_draft"]["boxes"] = [list(b) for b in s["annotate_base"]]
         s["annotate_rev"] += 1
         st.rerun()
 
-draft = {"present": sorted(present), "no_finding": no_finding, "complete": complete, "boxes": live}
+draft = {"findings": effective_findings(findings, live), "no_finding": no_finding, "complete": complete,
+         "boxes": [list(b) for b in live], "task": task}
 s["annotate_draft"] = draft
-dirty = _dirty(draft, baseline)
+dirty = is_dirty(draft, base_state)
 s[DIRTY_KEY] = dirty
+payload = to_payload(draft)
+if dirty and payload != s.get("annotate_written"):
+    with sessions().begin() as session:
+        save_draft(session, detail.id, who, payload, base_version=s["annotate_version"])
+    s["annotate_written"] = payload
+elif not dirty and s.get("annotate_written") is not None:
+    _discard(detail.id, who)
+leave_guard(dirty, key="annotate_leave_guard")
 
 
 def _save() -> str | None:
-    """Save the draft; the image's new granularity, or None (the error is shown after the rerun)."""
+    """Save the draft (and drop it from the store); the image's new granularity, or None (refused: the message stays)."""
+    present, absent = split_findings(draft["findings"])
     try:
         with sessions().begin() as session:
             image = save_annotation(
-                session, detail.id, present=present, no_finding=no_finding, boxes=live, complete=complete,
+                session, detail.id, present=present, absent=absent, no_finding=no_finding, boxes=live, complete=complete,
                 annotator=who, expected_version=s["annotate_version"],
             )
             granularity = image.granularity.value
+            delete_draft(session, detail.id, who)
     except (ConflictError, ValueError) as e:
-        s["annotate_error"] = f"Not saved: {e}"
+        s["annotate_error"] = (f"Not saved: {e}", payload)
         return None
+    s["annotate_written"] = None
     s.pop("annotate_loaded_id", None)
+    s.pop("annotate_restored", None)
     return granularity
 
 
-with side:
-    if dirty:
-        st.warning("Unsaved changes: save them, or they are lost when you leave this image.")
+with actions:
     with st.container(horizontal=True, gap="small"):
         save = st.button("Save", type="primary", key="annotate_save", shortcut="Ctrl+Enter")
         save_next = st.button("Save & next", key="annotate_save_next", shortcut="Shift+Enter")
         skip = st.button("Next", key="annotate_skip", shortcut="Ctrl+Right", help="leave this image unchanged")
+    error = s.get("annotate_error")
+    if error and error[1] != payload:
+        s.pop("annotate_error")  # the annotator changed something since the refusal
+    elif error:
+        st.error(error[0])
+        st.button("Dismiss", key="annotate_dismiss_error", on_click=lambda: s.pop("annotate_error", None))
+    if box_notice := s.get("annotate_box_notice"):
+        st.warning(box_notice)
+        st.button("OK", key="annotate_dismiss_box_notice", on_click=lambda: s.pop("annotate_box_notice", None))
+    if dirty:
+        st.warning("Unsaved changes (kept as your draft in the store until you save or discard them).")
 
 if save or save_next:
     granularity = _save()
@@ -356,7 +517,7 @@ if save or save_next:
         message = f"Saved image {detail.id} ({granularity})."
         target = detail.id
         if save_next:
-            target = _next_image(action, who, [detail.id])
+            target = _next_image(queue_action(task), who, [detail.id])
             _go_to(target, who)
             message += " The queue is empty." if target is None else ""
         s["annotate_notice"] = (target, message)
@@ -365,11 +526,12 @@ if skip:
     if dirty:
         s["annotate_confirm_leave"] = True
     else:
-        _go_to(_next_image(action, who, [detail.id]), who)
+        _go_to(_next_image(queue_action(task), who, [detail.id]), who)
         st.rerun()
 if s.get("annotate_confirm_leave"):
-    with side:
+    with actions:
         st.warning("This image has unsaved changes. Leave it anyway?")
         if st.button("Discard changes and go to the next image", key="annotate_discard"):
-            _go_to(_next_image(action, who, [detail.id]), who)
+            _discard(detail.id, who)
+            _go_to(_next_image(queue_action(task), who, [detail.id]), who)
             st.rerun()

@@ -66,7 +66,7 @@ items = _page(url, action, who, None if class_name == "any class" else class_nam
 if message := st.session_state.pop("queue_message", None):
     st.warning(message)
 if st.session_state.get(DIRTY_KEY) and st.session_state.get(OPEN_IMAGE_KEY) is not None:
-    st.warning(f"Image {st.session_state[OPEN_IMAGE_KEY]} has unsaved changes on **Annotate**; opening another image discards them.")
+    st.warning(f"Image {st.session_state[OPEN_IMAGE_KEY]} has unsaved changes on **Annotate**; they stay your draft of it if you open another image.")
 if not items:
     st.info("Nothing waiting for this action and these filters." if page == 0 else "No more images: go back a page.")
     st.stop()
