@@ -10,7 +10,9 @@ A round::
     -> validation metrics on the val split's full images (skipped, with the reason recorded, when the
        split has no fully labeled image with boxes: the train split's full images then pick the epoch)
     -> a compact inference checkpoint, written atomically, in the version's folder
-    -> score every not-full training image (:mod:`oxnet.scoring`): predictions and suggestions
+    -> score the not-full training images of the round's candidate pool (:mod:`oxnet.scoring`; every
+       one unless ``pool_size`` bounds it), then rank them with the strategy (:mod:`oxnet.strategies`):
+       predictions and suggestions (action, expected gain per unit cost, reason) in the strategy's order
     -> the version is marked ready, its metrics stored
 
 then wait for new labels (and at least ``min_interval_s``). A label saved during a round changes
@@ -37,6 +39,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 
 from oxnet.checkpoint import load_checkpoint, model_from_state, save_checkpoint
@@ -44,6 +47,18 @@ from oxnet.data.records import GRANULARITIES, Record, records_from_coco
 from oxnet.engine import Progress, evaluate_model, fit, resolve_device
 from oxnet.scoring import ImageScore, ScoreConfig, score_images
 from oxnet.settings import TrainConfig
+from oxnet.strategies import (
+    DEFAULT_STRATEGY,
+    STRATEGIES,
+    Context,
+    CostModel,
+    HistoryPoint,
+    ImageState,
+    candidate_pool,
+    describe,
+    get_strategy,
+    image_states,
+)
 
 __all__ = [
     "TRAINER_PRESETS",
@@ -131,8 +146,20 @@ class Store(Protocol):
     def start_version(self, round: int, label_counts: Mapping[str, int], config: Mapping[str, Any]) -> VersionInfo:
         """Create a model version with status "training" and its checkpoint folder."""
 
-    def write_results(self, version_id: int, classes: Sequence[str], results: Sequence[ImageScore]) -> None:
-        """Store predictions, scores and suggestions of a version."""
+    def write_results(self, version_id: int, classes: Sequence[str], results: Sequence[ImageScore],
+                      suggestions: Sequence[Mapping[str, Any]]) -> None:
+        """Store predictions and scores (``results``) and the strategy's ranked ``suggestions``
+        (:func:`oxnet.strategies.describe` rows: image_id, action, score, reason) of a version."""
+
+    def annotation_costs(self) -> CostModel:
+        """The cost of each upgrade (measured medians once there are enough saves, else the defaults)."""
+
+    def history(self) -> list[HistoryPoint]:
+        """Ready model versions' training label counts and val mAP, oldest first."""
+
+    def pool_hints(self, limit: int) -> tuple[list[int], list[int]]:
+        """(images whose labels changed since the newest ready version, that version's top ``limit``
+        suggested images): the fixed part of a bounded candidate pool."""
 
     def finish_version(
         self, version_id: int, checkpoint: str, metrics: Mapping[str, Mapping[str, float]], config: Mapping[str, Any]
@@ -167,8 +194,12 @@ class LoopSettings:
         device: "auto" (CUDA when present; AMP then), "cpu", "cuda[:N]".
         num_workers: DataLoader workers.
         score: settings of the suggestion score; ``score_batch_size`` its batch (halved on OOM).
-        suggest: score the not-full training images (False: no predictions or suggestions; the
-            simulation's random strategy does not need them).
+        suggest: rank the not-full training images and store suggestions (False: none).
+        strategy: the ranking (:data:`oxnet.strategies.STRATEGIES`); strategies that read no model
+            output (the random ones) skip the scoring pass.
+        batch_units: annotation units one batch of suggestions spends (the strategy's batch).
+        pool_size: images scored per round at most (None: every not-full image): recently changed
+            ones, the previous top suggestions and a rotating random share ``pool_random_share``.
         eval_splits: splits evaluated on their full images; "val" comes from training, others
             ("test") are evaluated after it.
         min_interval_s: at least this long between the end of a round and the next one.
@@ -192,6 +223,10 @@ class LoopSettings:
     score: ScoreConfig = ScoreConfig()
     score_batch_size: int = 8
     suggest: bool = True
+    strategy: str = DEFAULT_STRATEGY
+    batch_units: float = 50.0
+    pool_size: int | None = None
+    pool_random_share: float = 0.3
     eval_splits: tuple[str, ...] = ("val",)
     min_interval_s: float = 60.0
     max_interval_s: float | None = None
@@ -206,6 +241,12 @@ class LoopSettings:
             raise ValueError(f"epochs must be >= 1 (a round must train), got {self.epochs}")
         if self.score_batch_size < 1:
             raise ValueError(f"score_batch_size must be >= 1, got {self.score_batch_size}")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {sorted(STRATEGIES)}, got {self.strategy!r}")
+        if not self.batch_units > 0 or (self.pool_size is not None and self.pool_size < 1):
+            raise ValueError(f"need batch_units > 0 and pool_size >= 1 or None, got {self.batch_units}, {self.pool_size}")
+        if not 0.0 <= self.pool_random_share <= 1.0:
+            raise ValueError(f"pool_random_share must be in [0, 1], got {self.pool_random_share}")
         unknown = set(self.eval_splits) - {"val", "test"}
         if unknown:
             raise ValueError(f"eval_splits must be among ('val', 'test'), got {sorted(unknown)}")
@@ -271,6 +312,8 @@ class RoundResult:
     marker: int = 0
     error: str | None = None
     seconds: float = 0.0
+    #: seconds of each phase: "train", "evaluate", "score", "rank", "write"
+    phases: dict[str, float] = field(default_factory=dict)
 
 
 def flatten_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
@@ -496,6 +539,7 @@ class Trainer:
                     ", ".join(f"{n} {g}" for g, n in counts.items()), warm or "none")
         config = s.train_config(out_dir=version.folder, round=number, init_checkpoint=warm, pretrain_epochs=pretrain)
         try:
+            clock = time.monotonic()
             history, batch = _halving(
                 lambda b: fit(train, selection, replace(config, batch_size=b), classes=classes,
                               callback=self._on_progress, progress=False),
@@ -505,14 +549,13 @@ class Trainer:
             config = replace(config, batch_size=batch)
             config_record["train"] = config.to_dict()
             self._check_stop()
+            result.phases["train"] = time.monotonic() - clock
+            clock = time.monotonic()
             checkpoint, state = self._compact(history.best_checkpoint or history.last_checkpoint, version.folder)
             metrics = self._metrics(history, state, splits, notes)
+            result.phases["evaluate"] = time.monotonic() - clock
             if s.suggest:
-                pending = [r for r in train if r.granularity != "full"]
-                results = self._score(state, pending, classes, number)
-                self._set(phase="writing suggestions")
-                self.store.write_results(version.id, classes, results)
-                result.scored = len(results)
+                result.scored = self._suggest(version.id, state, train, classes, counts, metrics, number, result.phases)
             self._check_stop()
             self.store.finish_version(version.id, str(checkpoint), metrics, config_record)
         except StopRequested:
@@ -568,6 +611,45 @@ class Trainer:
                     num_workers=s.num_workers,
                 ))
         return metrics
+
+    def _suggest(self, version_id: int, state: Mapping[str, Any], train: Sequence[Record], classes: Sequence[str],
+                 counts: Mapping[str, int], metrics: Mapping[str, Mapping[str, float]], number: int,
+                 phases: dict[str, float]) -> int:
+        """Score the candidate pool (when the strategy reads model outputs), rank it with the strategy and
+        store predictions and suggestions. Returns how many images were scored."""
+        s = self.settings
+        strategy = get_strategy(s.strategy)
+        pending = [r for r in train if r.granularity != "full"]
+        clock = time.monotonic()
+        results: list[ImageScore] = []
+        if strategy.needs_outputs:
+            if s.pool_size is not None and s.pool_size < len(pending):
+                changed, top = self.store.pool_hints(s.pool_size)
+                keep = set(candidate_pool([r.image_id for r in pending], size=s.pool_size, changed=changed,
+                                          previous_top=top, random_share=s.pool_random_share,
+                                          rng=np.random.default_rng(s.seed + number)))
+                pending = [r for r in pending if r.image_id in keep]
+            results = self._score(state, pending, classes, number)
+            states = image_states(results)
+        else:
+            states = [ImageState(r.image_id, r.granularity) for r in pending]
+        phases["score"] = time.monotonic() - clock
+        clock = time.monotonic()
+        self._set(phase=f"ranking with {strategy.name}")
+        costs = self.store.annotation_costs()
+        history = list(self.store.history())
+        val_map = metrics.get("val", {}).get("mAP")
+        if val_map is not None:
+            history.append(HistoryPoint(weak=counts.get("weak", 0), full=counts.get("full", 0), mAP=float(val_map)))
+        context = Context(costs=costs, counts=counts, history=history, batch_units=s.batch_units, seed=s.seed + number)
+        rows = describe(strategy(states, context), costs, strategy.name,
+                        {r.image_id: (r.reason or {}).get("classes", []) for r in results})
+        phases["rank"] = time.monotonic() - clock
+        clock = time.monotonic()
+        self._set(phase="writing suggestions")
+        self.store.write_results(version_id, classes, results, rows)
+        phases["write"] = time.monotonic() - clock
+        return len(results)
 
     def _score(self, state: Mapping[str, Any], records: Sequence[Record], classes: Sequence[str], number: int) -> list[ImageScore]:
         """Score ``records`` with the student and its teacher (the student itself when the method has none)."""

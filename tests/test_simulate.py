@@ -13,34 +13,40 @@ from db.lifecycle import replay_audit
 from db.models import AuditEntry, Granularity, Image
 from db.workbench import simulation_store
 from oxnet.data.synthetic import write_coco
-from oxnet.simulate import ADD_LABELS, DRAW_BOXES, Candidate, CostModel, hide_labels, pick, plan_labels, summarize
+from oxnet.simulate import (
+    STRATEGIES,
+    Candidate,
+    CostModel,
+    SimulationConfig,
+    hide_labels,
+    plan_labels,
+    run_simulation,
+    spend,
+    summarize,
+)
+from oxnet.strategies import ADD_LABELS, DRAW_BOXES
 
 COSTS = CostModel(labels=1, boxes=5)
-CANDIDATES = [Candidate(1, "unlabeled", 0.1), Candidate(2, "weak", 0.9), Candidate(3, "unlabeled", 0.5),
-              Candidate(4, "weak", None), Candidate(5, "unlabeled", 0.3)]
+CANDIDATES = [Candidate(2, "weak", DRAW_BOXES, 5.0), Candidate(3, "unlabeled", ADD_LABELS, 1.0),
+              Candidate(1, "unlabeled", DRAW_BOXES, 6.0), Candidate(5, "unlabeled", ADD_LABELS, 1.0)]
 
 
-def test_disagreement_takes_the_best_scores_that_fit_the_budget():
-    chosen = pick(CANDIDATES, "disagreement", 7, COSTS, np.random.default_rng(0))
-    assert [c.image_id for c in chosen] == [2, 3, 5]  # 5 + 1 + 1 units
-    assert sum(COSTS.of(c.action) for c in chosen) == 7
+def test_spend_takes_the_queue_in_order_while_the_cost_fits():
+    chosen = spend(CANDIDATES, 7)
+    assert [c.image_id for c in chosen] == [2, 3, 5]  # 5 + 1 (6 does not fit after them) + 1
+    assert sum(c.cost for c in chosen) == 7
+    assert [c.image_id for c in spend(CANDIDATES, 0.5)] == []
+    assert COSTS.of(ADD_LABELS, "unlabeled") == 1 and COSTS.of(DRAW_BOXES, "weak") == 5
+    assert COSTS.of(DRAW_BOXES, "unlabeled") == 6
+    with pytest.raises(ValueError, match="upgrade"):
+        COSTS.of(ADD_LABELS, "weak")
 
 
-def test_random_spends_at_most_the_budget_and_depends_on_the_seed():
-    picks = {tuple(c.image_id for c in pick(CANDIDATES, "random", 6, COSTS, np.random.default_rng(s))) for s in range(6)}
-    assert len(picks) > 1
-    for chosen in picks:
-        assert sum(COSTS.of(next(c for c in CANDIDATES if c.image_id == i).action) for i in chosen) <= 6
-    with pytest.raises(ValueError, match="strategy"):
-        pick(CANDIDATES, "greedy", 6, COSTS, np.random.default_rng(0))
-    assert COSTS.of(ADD_LABELS) == 1 and COSTS.of(DRAW_BOXES) == 5
-
-
-def test_random_boxes_control_only_buys_boxes():
-    picks = [pick(CANDIDATES, "random_boxes", 12, COSTS, np.random.default_rng(s)) for s in range(6)]
-    assert all(len(chosen) == 2 and {c.image_id for c in chosen} == {2, 4} for chosen in picks)
-    assert {tuple(c.image_id for c in chosen) for chosen in picks} == {(2, 4), (4, 2)}  # random order
-    assert [c.image_id for c in pick(CANDIDATES, "random_boxes", 9, COSTS, np.random.default_rng(0))] in ([2], [4])
+def test_every_registered_strategy_can_be_simulated():
+    assert set(STRATEGIES) >= {"random", "random_labels", "random_boxes", "disagreement", "uncertainty", "diversity",
+                               "uncertainty_diversity", "cost_aware"}
+    with pytest.raises(ValueError, match="strategies"):
+        SimulationConfig(strategies=("greedy",))
 
 
 @pytest.fixture(scope="module")
@@ -70,13 +76,16 @@ def test_oracle_upgrades_through_the_lifecycle(dataset, tmp_path):
     coco, images = dataset
     plan = plan_labels(coco, seed=0, initial_full=2, initial_weak=3)
     store = simulation_store(f"sqlite:///{tmp_path / 's.db'}", coco, images, plan, models_dir=tmp_path / "models")
-    candidates = store.candidates()
-    assert {c.granularity for c in candidates} == {"weak", "unlabeled"} and all(c.score is None for c in candidates)
-    unlabeled = next(c for c in candidates if c.granularity == "unlabeled")
-    store.reveal(unlabeled.image_id, unlabeled.action)
-    store.reveal(unlabeled.image_id, DRAW_BOXES)
+    assert store.candidates() == []  # no model version has ranked anything yet
     with store.sessions.begin() as session:
-        image = session.get(Image, unlabeled.image_id)
+        unlabeled = session.scalars(select(Image.id).where(Image.granularity == Granularity.UNLABELED)).all()
+    store.reveal(unlabeled[0], ADD_LABELS)
+    assert store.granularity(unlabeled[0]) == "weak"
+    store.reveal(unlabeled[0], DRAW_BOXES)
+    store.reveal(unlabeled[1], DRAW_BOXES)  # unlabeled -> full in one save: labels, then boxes
+    assert store.granularity(unlabeled[1]) == "full"
+    with store.sessions.begin() as session:
+        image = session.get(Image, unlabeled[0])
         assert image.granularity is Granularity.FULL
         truth = next(i for i in coco["images"] if images.joinpath(i["file_name"]).resolve() == Path(image.path))
         boxes = [a for a in coco["annotations"] if a["image_id"] == truth["id"]]
@@ -92,11 +101,20 @@ def test_summary_compares_strategies_per_seed():
                 "points": [{"spent": 10.0 * i, "mAP": m} for i, m in enumerate(maps)]}
 
     summary = summarize([run("random", 0, [0.1, 0.2, 0.2]), run("disagreement", 0, [0.1, 0.3, 0.4]),
-                         run("random", 1, [0.1, 0.1, 0.3]), run("disagreement", 1, [0.1, 0.1, 0.2])])
+                         run("random", 1, [0.1, 0.1, 0.3]), run("disagreement", 1, [0.1, 0.1, 0.2])],
+                        default="disagreement")
     assert summary["random"]["mean_mAP"] == pytest.approx([0.1, 0.15, 0.25])
+    assert summary["random"]["std_mAP"] == pytest.approx([0.0, 0.05, 0.05])
     diff = summary["disagreement_minus_random"]
     assert diff["area"]["per_seed"] == pytest.approx([0.1, -0.025])
-    assert diff["seeds_where_disagreement_wins"] == 1 and diff["final_mAP"]["mean"] == pytest.approx(0.05)
+    assert diff["area"]["sd"] == pytest.approx(np.std([0.1, -0.025], ddof=1))
+    assert diff["seeds_where_it_wins"] == 1 and diff["final_mAP"]["mean"] == pytest.approx(0.05)
+    # random's mean final 0.25; disagreement's mean curve 0.1, 0.2, 0.3 reaches it at 15 units
+    assert summary["disagreement"]["units_to_random_final"] == pytest.approx(15.0)
+    assert summary["random"]["units_to_random_final"] == pytest.approx(20.0)
+    goal = summary["goal"]
+    assert not goal["area_beats_random_by_2sd"] and not goal["reaches_random_final_within_60pct"]
+    assert goal["controls_ran"] == [] and not goal["not_below_best_control"]
 
 
 def test_simulation_cli_end_to_end_writes_curves_after_every_round(dataset, tmp_path, monkeypatch):
@@ -117,18 +135,22 @@ def test_simulation_cli_end_to_end_writes_curves_after_every_round(dataset, tmp_
     monkeypatch.setattr(cli, "write_results", lambda results, out: written.append(len(
         [p for run in results["runs"] for p in run["points"]])) or real_write(results, out))
     out = tmp_path / "out"
-    assert cli.main(["--dataset", str(path), "--images", str(images), "--strategy", "random,disagreement",
+    assert cli.main(["--dataset", str(path), "--images", str(images), "--strategy", "random,cost_aware",
                      "--budget", "6", "--per-round", "6", "--seeds", "0", "--initial-full", "3", "--initial-weak", "3",
                      "--preset", "tiny", "--device", "cpu", "--lr", "1e-3", "--out", str(out)]) == 0
     results = json.loads((out / "simulation.json").read_text())
-    assert [(r["strategy"], r["seed"]) for r in results["runs"]] == [("random", 0), ("disagreement", 0)]
+    assert [(r["strategy"], r["seed"]) for r in results["runs"]] == [("random", 0), ("cost_aware", 0)]
     for run in results["runs"]:
         points = run["points"]
         assert [p["round"] for p in points] == [1, 2] and points[0]["spent"] == 0
         assert 0 < points[1]["spent"] <= 6 and all(p["status"] == "ready" and 0 <= p["mAP"] <= 1 for p in points)
         before, after = points[0]["label_counts"], points[1]["label_counts"]
-        upgraded = (after["full"] - before["full"]) * 5 + (before["unlabeled"] - after["unlabeled"]) * 1
-        assert upgraded == points[1]["spent"] and sum(after.values()) == sum(before.values())
+        bought = points[0]["bought"]
+        cost = {"unlabeled->weak": 1, "weak->full": 5, "unlabeled->full": 6}
+        assert sum(cost[k] * n for k, n in bought.items()) == points[1]["spent"]
+        assert after["full"] - before["full"] == bought.get("weak->full", 0) + bought.get("unlabeled->full", 0)
+        assert before["unlabeled"] - after["unlabeled"] == bought.get("unlabeled->weak", 0) + bought.get("unlabeled->full", 0)
+        assert sum(after.values()) == sum(before.values())
     assert written == [1, 2, 3, 4, 4]  # after every point, then the final write
     assert results["config"]["settings"]["lr"] == 1e-3 and results["dataset"]["images"] == 20
     assert "plotly" in (out / "simulation.html").read_text()[:5000].lower()
