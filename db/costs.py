@@ -20,7 +20,7 @@ from db.models import AnnotationTime, Granularity, Image, SuggestedAction
 from db.repository import DEFAULT_PROJECT, get_annotator, get_project
 from oxnet.strategies import UPGRADES, CostModel
 
-__all__ = ["MAX_ACTIVE_SECONDS", "MIN_SAVES", "annotation_costs", "cost_summary", "record_save", "upgrade_of"]
+__all__ = ["MAX_ACTIVE_SECONDS", "MIN_SAVES", "annotation_costs", "cost_rows", "cost_summary", "record_save", "upgrade_of"]
 
 #: Seconds of one save at most (longer: the annotator was away).
 MAX_ACTIVE_SECONDS = 900.0
@@ -84,3 +84,17 @@ def annotation_costs(session: Session, project: str = DEFAULT_PROJECT, *, min_sa
     both = units("unlabeled->full", 1.0 + boxes)
     return CostModel(labels=1.0, boxes=max(boxes, 1e-3), labels_and_boxes=max(both, 1e-3), seconds_per_unit=unit,
                      measured={u: summary[u]["saves"] for u in UPGRADES.values()})
+
+
+def cost_rows(session: Session, project: str = DEFAULT_PROJECT, *, min_saves: int = MIN_SAVES) -> list[dict[str, Any]]:
+    """What the Overview shows: per upgrade ``{"upgrade", "saves", "median seconds", "units", "source"}``
+    (``source``: "measured" when the strategies use the median, else "default")."""
+    summary = cost_summary(session, project)
+    model = annotation_costs(session, project, min_saves=min_saves)
+    rows = []
+    for upgrade in UPGRADES.values():
+        entry = summary[upgrade]
+        measured = model.seconds_per_unit is not None and entry["saves"] >= min_saves
+        rows.append({"upgrade": upgrade, "saves": entry["saves"], "median seconds": entry["median_seconds"],
+                     "units": round(model.cost(upgrade), 2), "source": "measured" if measured else "default"})
+    return rows

@@ -3,6 +3,7 @@
     python scripts/bench.py train-step [--help]   model step time vs torchvision's RetinaNet
     python scripts/bench.py db [--help]           store queries and import at 100k images
     python scripts/bench.py ui [--help]           page server time at 100k images
+    python scripts/bench.py round [--help]        one trainer round's phases at 100k images (tiny model)
 
 The logic lives in the packages (oxnet.bench, db.bench, app.bench); this file only dispatches.
 """
@@ -11,7 +12,7 @@ import json
 import sys
 from importlib import import_module
 
-COMMANDS = {"train-step": "oxnet.bench", "db": "db.bench", "ui": "app.bench"}
+COMMANDS = {"train-step": "oxnet.bench", "db": "db.bench", "ui": "app.bench", "round": "db.bench_round"}
 
 
 def main(argv: list[str]) -> int:

@@ -90,12 +90,12 @@ def test_rounds_end_to_end_new_labels_next_round_and_stop_flag(store_url):
     write_results = store.write_results
     calls = []
 
-    def label_during_round(version_id, classes, results):
+    def label_during_round(version_id, classes, results, suggestions):
         if not calls:  # round 1, after training: an annotator saves labels
             with sessions.begin() as session:
                 set_image_labels(session, unlabeled, {"Nodule": True}, annotator="dr.lee")
         calls.append(version_id)
-        write_results(version_id, classes, results)
+        write_results(version_id, classes, results, suggestions)
 
     store.write_results = label_during_round
     rounds = []
@@ -130,10 +130,13 @@ def test_rounds_end_to_end_new_labels_next_round_and_stop_flag(store_url):
             assert set(scores) == pending and all(v >= 0 for v in scores.values())
             suggestions = session.scalars(select(Suggestion).where(Suggestion.model_version_id == version_id)).all()
             assert {s.image_id for s in suggestions} == pending
-            for s in suggestions:
-                expected = "add image-level labels" if seen[s.image_id] is Granularity.UNLABELED else "draw boxes"
-                assert s.action.value == expected, (s.image_id, s.action)
-                assert s.reason["text"].endswith(f"(score {s.score:.2f})")
+            for s in suggestions:  # the default strategy (cost_aware) picks the upgrade
+                allowed = {"add image-level labels", "draw boxes"} if seen[s.image_id] is Granularity.UNLABELED else {"draw boxes"}
+                assert s.action.value in allowed, (s.image_id, s.action)
+                assert s.reason["strategy"] == "cost_aware" and s.reason["gain"] is not None
+                assert s.reason["cost"] == (1.0 if s.action.value == "add image-level labels" else
+                                            5.0 if seen[s.image_id] is Granularity.WEAK else 6.0)
+                assert "mAP points expected" in s.reason["text"]
             predictions = session.scalars(select(Prediction).where(Prediction.model_version_id == version_id)).all()
             assert {p.image_id for p in predictions} == pending
             for p in predictions:
@@ -148,12 +151,12 @@ def test_rounds_end_to_end_new_labels_next_round_and_stop_flag(store_url):
         state = trainer_state(session)
         assert state.lock_owner is None and state.round == 2 and not state.last_error
         # the queue hands an image to one annotator at a time
-        first = claim_next(session, "add image-level labels", annotator="a")
-        second = claim_next(session, "add image-level labels", annotator="b")
+        first = claim_next(session, "draw boxes", annotator="a")
+        second = claim_next(session, "draw boxes", annotator="b")
         assert first is not None and second is not None and first.image_id != second.image_id
         assert first.model_version_id == versions[1][0] and first.score >= second.score
         assert not take_lease(session, first.image_id, "b")
-        assert claim_next(session, "add image-level labels", annotator="a").image_id == first.image_id
+        assert claim_next(session, "draw boxes", annotator="a").image_id == first.image_id
 
 
 def test_second_trainer_refused_and_dead_owner_taken_over(store_url, tmp_path):
@@ -256,3 +259,39 @@ def test_sigterm_stops_cleanly_and_kill_9_resumes(store_url, tmp_path):
     load_checkpoint(versions[2][4])  # complete and readable
     assert versions[2][5]["train"]["pretrain_epochs"] == 1  # no ready model yet: RetinaNet on the full images first
     assert _granularities(store_url) == before  # no label lost
+
+
+@pytest.mark.parametrize("strategy", ["cost_aware", "uncertainty_diversity"])
+def test_the_queue_shows_exactly_the_strategys_order(store_url, monkeypatch, strategy):
+    """The trainer ranks with the strategy object and the Queue page reads that order back: the same
+    code path the simulation measures (no second ranking in SQL)."""
+    import oxnet.loop as loop
+    from db.ui_queries import queue
+    from oxnet.strategies import get_strategy
+
+    seen = []
+
+    def recording(name):
+        inner = get_strategy(name)
+
+        class Recorder(type(inner)):
+            def __call__(self, images, context):
+                picks = inner(images, context)
+                seen.append((images, context, picks))
+                return picks
+
+        recorder = Recorder.__new__(Recorder)
+        recorder.__dict__.update(inner.__dict__)
+        return recorder
+
+    monkeypatch.setattr(loop, "get_strategy", recording)
+    store = SqlStore.open(store_url)
+    [result] = Trainer(store, replace(SETTINGS, strategy=strategy, batch_units=7)).run()
+    assert result.status == "ready" and set(result.phases) == {"train", "evaluate", "score", "rank", "write"}
+    [(images, context, picks)] = seen
+    assert len(images) == 6 and all(im.embedding is not None and im.image_probs is not None for im in images)
+    assert context.counts["full"] == 3 and context.batch_units == 7 and len(context.history) == 1  # this round's val mAP
+    with _session(store_url).begin() as session:
+        for action in ("add image-level labels", "draw boxes"):
+            listed = [(item.image_id, item.action) for item in queue(session, action, annotator="a", limit=50)]
+            assert listed == [(p.image_id, p.action) for p in picks if p.action == action]

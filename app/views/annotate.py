@@ -9,6 +9,7 @@ state every run into ``annotate_draft``, which survives switching pages.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import streamlit as st
@@ -16,6 +17,7 @@ from streamlit_drawable_canvas import CanvasResult, boxes_to_drawing, st_canvas
 
 from app.imaging import compose, fit, render
 from app.store import annotator, sessions, store_url
+from db.costs import record_save
 from db.lifecycle import ConflictError
 from db.models import SuggestedAction
 from db.repository import release_lease, take_lease
@@ -48,6 +50,7 @@ def _load(detail: ImageDetail, action: str) -> None:
     s["annotate_history"] = []
     s["annotate_handled"] = []
     s["annotate_rev"] = 0
+    s["annotate_opened_at"] = time.monotonic()  # the save's active seconds (db.costs) count from here
     baseline = {
         "present": sorted(name for name, present in detail.labels.items() if present),
         "no_finding": detail.no_finding,
@@ -330,6 +333,8 @@ def _save() -> str | None:
                 annotator=who, expected_version=s["annotate_version"],
             )
             granularity = image.granularity.value
+            record_save(session, detail.id, annotator=who, action=action, before=detail.granularity,
+                        seconds=time.monotonic() - s.get("annotate_opened_at", time.monotonic()))
     except (ConflictError, ValueError) as e:
         s["annotate_error"] = f"Not saved: {e}"
         return None

@@ -12,6 +12,7 @@ from app.jobs import AUTO_DEMO_ENV, list_jobs, start_demo_job
 from app.store import sessions, store_url
 from app.trainer_control import TRAINER_SCRIPT, start_trainer, stop_trainer, trainer_available, trainer_pid
 from app.widgets import show_job
+from db.costs import MIN_SAVES, cost_rows
 from db.models import Granularity, utcnow
 from db.repository import TRAINER_STALE_AFTER, stats, trainer_state
 from db.ui_queries import model_versions, project_exists
@@ -23,6 +24,12 @@ HEADLINE_METRICS = ("mAP", "AP40", "AP75", "mean_image_auc")
 def _counts(url: str) -> dict | None:
     with sessions()() as session:
         return stats(session) if project_exists(session) else None
+
+
+@st.cache_data(ttl=30, show_spinner=False)
+def _costs(url: str) -> list[dict]:
+    with sessions()() as session:
+        return cost_rows(session)
 
 
 @st.cache_data(ttl=10, show_spinner=False)
@@ -125,3 +132,9 @@ else:
     cols = st.columns(len(HEADLINE_METRICS))
     for col, name in zip(cols, HEADLINE_METRICS, strict=True):
         col.metric(f"{name} (val)", f"{val[name]:.3g}" if name in val else "-")
+
+st.subheader("Annotation cost")
+st.caption(f"Active seconds per save, from the Annotate page. The suggestions price each upgrade with the medians "
+           f"once image-level labels and that upgrade have {MIN_SAVES} saves each (units: the labels' median); "
+           "until then 1 unit for labels and 5 for boxes.")
+st.dataframe(pd.DataFrame(_costs(url)), width="content", hide_index=True)
