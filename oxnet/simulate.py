@@ -170,6 +170,8 @@ class SimulationConfig:
         per_round: units spent between two rounds.
         costs: the :class:`CostModel`.
         settings: the trainer's :class:`~oxnet.loop.LoopSettings` (its ``eval_splits`` get "test").
+        min_rounds: train at least this many rounds even when nothing is left to buy (the ceiling run:
+            every training image full from the start, trained as many rounds as the others).
     """
 
     strategies: tuple[str, ...] = ("random", "disagreement")
@@ -178,6 +180,7 @@ class SimulationConfig:
     per_round: float = 10.0
     costs: CostModel = CostModel()
     settings: LoopSettings = field(default_factory=LoopSettings)
+    min_rounds: int = 0
 
     def __post_init__(self) -> None:
         unknown = set(self.strategies) - set(STRATEGIES)
@@ -241,7 +244,7 @@ def run_simulation(
                 done = spent >= config.budget - 1e-9
                 chosen = [] if done else spend(store.candidates(), min(config.per_round, config.budget - spent))
                 point["bought"] = _bought(chosen)
-                point["done"] = done or not chosen
+                point["done"] = (done or not chosen) and len(points) + 1 >= config.min_rounds
                 points.append(point)
                 _append(log, {"point": point})
                 if on_point is not None:
@@ -250,7 +253,7 @@ def run_simulation(
                     on_update(results())
                 if point["done"]:
                     break
-                _append(log, {"plan": [asdict(c) for c in chosen]})
+                _append(log, {"plan": [asdict(c) for c in chosen]})  # before revealing: a kill can finish them
                 for candidate in chosen:
                     store.reveal(candidate.image_id, candidate.action)
                     spent += candidate.cost

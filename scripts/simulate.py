@@ -48,6 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--image-size", type=int, help="network input side")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", default="runs/simulation")
+    parser.add_argument("--ceiling", action="store_true",
+                        help="every training image full from the start, trained budget/per-round + 1 rounds (the ceiling)")
     parser.add_argument("--fresh", action="store_true", help="start every run over (default: continue finished rounds)")
     return parser
 
@@ -73,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     config = SimulationConfig(
         strategies=tuple(args.strategy.split(",")), seeds=tuple(int(s) for s in args.seeds.split(",")),
         budget=args.budget, per_round=args.per_round, costs=CostModel(args.cost_labels, args.cost_boxes),
-        settings=settings,
+        settings=settings, min_rounds=int(args.budget // args.per_round) + 1 if args.ceiling else 0,
     )
     out = Path(args.out)
     stores, logs = out / "stores", out / "logs"
@@ -90,13 +92,20 @@ def main(argv: list[str] | None = None) -> int:
         folder.mkdir(parents=True)
         plan = plan_labels(coco, seed=seed, initial_full=args.initial_full, initial_weak=args.initial_weak,
                            fractions=fractions)
+        if args.ceiling:
+            plan = {i: (split, "full") for i, (split, _) in plan.items()}
         return simulation_store(url, coco, images, plan, models_dir=folder / "models", costs=config.costs)
 
     def on_point(point: dict) -> None:
         logging.info("simulation point: %s", json.dumps(point))
 
     described = {"path": str(dataset), "images": len(coco["images"]), "initial_full": args.initial_full,
-                 "initial_weak": args.initial_weak, "fractions": list(fractions)}
+                 "initial_weak": args.initial_weak, "fractions": list(fractions), "ceiling": args.ceiling}
+    if args.ceiling:  # what boxing every training image costs, from the label plan's start
+        start = [g for split, g in plan_labels(coco, seed=0, initial_full=args.initial_full, initial_weak=args.initial_weak,
+                                                fractions=fractions).values() if split == "train"]
+        described["ceiling_units"] = (start.count("unlabeled") * config.costs.cost("unlabeled->full")
+                                      + start.count("weak") * config.costs.cost("weak->full"))
     results = run_simulation(make_store, config, on_point=on_point, log_dir=logs,
                              on_update=lambda partial: write_results({**partial, "dataset": described}, out))
     paths = write_results({**results, "dataset": described}, out)

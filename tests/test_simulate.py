@@ -154,3 +154,82 @@ def test_simulation_cli_end_to_end_writes_curves_after_every_round(dataset, tmp_
     assert written == [1, 2, 3, 4, 4]  # after every point, then the final write
     assert results["config"]["settings"]["lr"] == 1e-3 and results["dataset"]["images"] == 20
     assert "plotly" in (out / "simulation.html").read_text()[:5000].lower()
+
+
+class _FakeStore:
+    """A store of ``n`` unlabeled images whose suggestions are image ids in order, each costing 1."""
+
+    def __init__(self, n=10):
+        self.levels = {i: "unlabeled" for i in range(1, n + 1)}
+        self.revealed = []
+
+    def candidates(self):
+        return [Candidate(i, g, ADD_LABELS, 1.0) for i, g in self.levels.items() if g == "unlabeled"]
+
+    def reveal(self, image_id, action):
+        self.revealed.append(image_id)
+        self.levels[image_id] = "weak"
+
+    def granularity(self, image_id):
+        return self.levels[image_id]
+
+
+def _fake_trainer(monkeypatch, crash_after=None):
+    import oxnet.simulate as simulate
+    from oxnet.loop import RoundResult
+
+    calls = []
+
+    class FakeTrainer:
+        def __init__(self, store, settings):
+            self.store, self.settings = store, settings
+
+        def run(self):
+            calls.append(self.settings.strategy)
+            if crash_after is not None and len(calls) > crash_after:
+                raise KeyboardInterrupt  # the process is killed during a round
+            weak = sum(g == "weak" for g in self.store.levels.values())
+            return [RoundResult(round=len(calls), status="ready", metrics={"test": {"mAP": weak / 100}})]
+
+    monkeypatch.setattr(simulate, "Trainer", FakeTrainer)
+    return calls
+
+
+def test_a_killed_simulation_continues_from_its_last_round(monkeypatch, tmp_path):
+    config = SimulationConfig(strategies=("random",), seeds=(0,), budget=6, per_round=2)
+    store = _FakeStore()
+    _fake_trainer(monkeypatch, crash_after=2)
+    with pytest.raises(KeyboardInterrupt):
+        run_simulation(lambda strategy, seed: store, config, log_dir=tmp_path)
+    assert store.revealed == [1, 2, 3, 4]  # two rounds bought 2 each; the third round was killed
+    calls = _fake_trainer(monkeypatch)
+    results = run_simulation(lambda strategy, seed: store, config, log_dir=tmp_path)
+    points = results["runs"][0]["points"]
+    assert [p["spent"] for p in points] == [0, 2, 4, 6] and len(calls) == 2  # only the missing rounds ran
+    assert [p["mAP"] for p in points] == pytest.approx([0.0, 0.02, 0.04, 0.06])
+    assert store.revealed == [1, 2, 3, 4, 5, 6] and points[-1]["done"]
+    again = run_simulation(lambda strategy, seed: pytest.fail("a finished run is not reopened"), config, log_dir=tmp_path)
+    assert again["runs"][0]["points"] == points
+
+
+def test_purchases_planned_before_a_kill_are_finished_on_resume(monkeypatch, tmp_path):
+    config = SimulationConfig(strategies=("random",), seeds=(0,), budget=4, per_round=2)
+    store = _FakeStore()
+    _fake_trainer(monkeypatch)
+    log = tmp_path / "random-seed0.jsonl"
+    point = {"strategy": "random", "seed": 0, "round": 1, "spent": 0.0, "mAP": 0.0, "seconds": 1.0, "done": False}
+    log.write_text(json.dumps({"point": point}) + "\n" + json.dumps({"plan": [
+        {"image_id": 1, "granularity": "unlabeled", "action": ADD_LABELS, "cost": 1.0, "gain": None},
+        {"image_id": 2, "granularity": "unlabeled", "action": ADD_LABELS, "cost": 1.0, "gain": None}]}) + "\n")
+    store.reveal(1, ADD_LABELS)  # the kill came after the first reveal
+    results = run_simulation(lambda strategy, seed: store, config, log_dir=tmp_path)
+    assert store.revealed == [1, 2, 3, 4]  # image 1 is not revealed twice
+    assert [p["spent"] for p in results["runs"][0]["points"]] == [0, 2, 4]
+
+
+def test_the_ceiling_trains_as_many_rounds_with_nothing_to_buy(monkeypatch, tmp_path):
+    calls = _fake_trainer(monkeypatch)
+    store = _FakeStore(0)
+    results = run_simulation(lambda strategy, seed: store, SimulationConfig(
+        strategies=("random",), budget=6, per_round=2, min_rounds=4))
+    assert len(calls) == 4 and [p["spent"] for p in results["runs"][0]["points"]] == [0, 0, 0, 0]
