@@ -1,7 +1,7 @@
 """One trainer round on a 100,000-image store, phase by phase: is a round's scoring bounded at scale?
 
 Run ``python scripts/bench.py round [--help]``; :func:`main` returns the JSON-ready dict that script
-prints. Everything happens in a temporary folder: ``--labeled`` synthetic images (64 px, boxes) give the
+prints. Everything happens in a temporary folder: ``--labeled`` synthetic images (128 px, boxes) give the
 full val and train images and some weak ones; the rest of the ``--images`` are unlabeled training images
 whose files are symbolic links to those (the store references files in place, so a link per image is
 all a 100k store needs). One round of the ``tiny`` trainer then runs with the cost-aware strategy and a
@@ -47,7 +47,7 @@ def main(argv: list[str]) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         start = time.perf_counter()
-        paths = write_coco(folder / "synth", args.labeled, size=64, seed=7)
+        paths = write_coco(folder / "synth", args.labeled, size=128, seed=7)
         coco = json.loads(paths["synthetic"].read_text())
         n = len(coco["images"])
         for k, image in enumerate(coco["images"]):  # a quarter val (full), a quarter train full, half train weak
@@ -67,7 +67,7 @@ def main(argv: list[str]) -> dict[str, Any]:
         for i in range(extra):
             link = links / f"u{i:06d}.png"
             os.symlink(files[i % len(files)], link)
-            items.append(_Item(name=link.name, path=link, width=64, height=64, source="bench", split=Split.TRAIN))
+            items.append(_Item(name=link.name, path=link, width=128, height=128, source="bench", split=Split.TRAIN))
         with sessions.begin() as session:
             _write(session, "default", None, items, "import:bench", ImportReport())
         with sessions() as session:

@@ -37,6 +37,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--min-interval", type=float, help="seconds between rounds at least")
     parser.add_argument("--max-interval", type=float, help="start a round after this many seconds even without new labels")
     parser.add_argument("--max-rounds", type=int, help="exit after this many rounds")
+    parser.add_argument("--strategy", help="ranking of the suggestions (default cost_aware; see oxnet.strategies)")
+    parser.add_argument("--pool-size", type=int, help="images scored per round at most (default: every not-full image)")
     parser.add_argument("--stale-after", type=float, default=300.0, help="seconds after which a silent trainer's lock is taken")
     parser.add_argument("--stop", action="store_true", help="ask the running trainer to stop, then exit")
     return parser
@@ -53,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {key: value for key, value in {
         "method": args.method, "epochs": args.epochs, "steps_per_epoch": args.steps_per_epoch,
         "batch_size": args.batch_size, "device": args.device, "min_interval_s": args.min_interval,
-        "max_interval_s": args.max_interval, "max_rounds": args.max_rounds,
+        "max_interval_s": args.max_interval, "max_rounds": args.max_rounds, "strategy": args.strategy,
+        "pool_size": args.pool_size,
     }.items() if value is not None}
     settings = replace(TRAINER_PRESETS[args.preset], **overrides)
     store = SqlStore.open(args.db, project=args.project, stale_after=timedelta(seconds=args.stale_after))

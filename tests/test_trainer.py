@@ -295,3 +295,26 @@ def test_the_queue_shows_exactly_the_strategys_order(store_url, monkeypatch, str
         for action in ("add image-level labels", "draw boxes"):
             listed = [(item.image_id, item.action) for item in queue(session, action, annotator="a", limit=50)]
             assert listed == [(p.image_id, p.action) for p in picks if p.action == action]
+
+
+def test_a_bounded_pool_scores_changed_images_and_previous_top_first(store_url):
+    """pool_size 3 of 6 not-full images: round 1 scores a random 3; an image labelled after round 1 and
+    round 1's top suggestions make round 2's pool (its random share is 0 here)."""
+    settings = replace(SETTINGS, pool_size=3, pool_random_share=0.0, strategy="disagreement")
+    store = SqlStore.open(store_url)
+    [first] = Trainer(store, settings).run()
+    assert first.status == "ready" and first.scored == 3
+    sessions = _session(store_url)
+    with sessions.begin() as session:
+        scored = set(session.scalars(select(Score.image_id).where(Score.model_version_id == first.version_id)))
+        top = session.scalars(select(Suggestion.image_id).where(Suggestion.model_version_id == first.version_id)
+                              .order_by(Suggestion.score.desc())).all()
+        unscored = session.scalars(select(Image.id).where(Image.split == Split.TRAIN, Image.granularity == Granularity.UNLABELED,
+                                                          Image.id.not_in(scored))).first()
+        assert unscored is not None and len(top) == 3
+        set_image_labels(session, unscored, {"Nodule": True}, annotator="dr.lee")
+    assert store.pool_hints(3) == ([unscored], top)
+    [second] = Trainer(store, settings).run()
+    with sessions.begin() as session:
+        again = set(session.scalars(select(Score.image_id).where(Score.model_version_id == second.version_id)))
+    assert second.scored == 3 and unscored in again and again == {unscored, *top[:2]}
