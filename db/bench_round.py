@@ -5,7 +5,8 @@ prints. Everything happens in a temporary folder: ``--labeled`` synthetic images
 full val and train images and some weak ones; the rest of the ``--images`` are unlabeled training images
 whose files are symbolic links to those (the store references files in place, so a link per image is
 all a 100k store needs). One round of the ``tiny`` trainer then runs with the cost-aware strategy and a
-bounded candidate pool (``--pool``), and the round's phases are timed: snapshot (export and records),
+bounded candidate pool (``--pool``, scored most wanted first and cut once scoring has taken
+``--score-share`` of the training time), and the round's phases are timed: snapshot (export and records),
 train, evaluate, score (the pool), rank (the strategy), write (predictions, scores, suggestions).
 """
 
@@ -38,6 +39,8 @@ def main(argv: list[str]) -> dict[str, Any]:
     parser.add_argument("--labeled", type=int, default=240, help="synthetic images with files (val/train full, weak)")
     parser.add_argument("--pool", type=int, default=1000, help="images scored per round (default %(default)s)")
     parser.add_argument("--strategy", default="cost_aware")
+    parser.add_argument("--score-share", type=float, default=1.0,
+                        help="stop scoring after this share of the training time (default %(default)s; 0: no limit)")
     parser.add_argument("--steps", type=int, default=20, help="training steps of the round (default %(default)s)")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
@@ -76,7 +79,7 @@ def main(argv: list[str]) -> dict[str, Any]:
 
         settings = replace(TRAINER_PRESETS["tiny"], epochs=1, steps_per_epoch=args.steps, pretrain_epochs=0,
                            device=args.device, max_rounds=1, min_interval_s=0.0, strategy=args.strategy,
-                           pool_size=args.pool, score_batch_size=16)
+                           pool_size=args.pool, score_batch_size=16, score_time_share=args.score_share or None)
         store = SqlStore.open(url, models_dir=folder / "models")
         [result] = Trainer(store, settings).run()
         if result.status != "ready":
@@ -93,7 +96,8 @@ def main(argv: list[str]) -> dict[str, Any]:
         "scoring_images_per_s": round(result.scored / result.phases["score"], 1) if result.phases["score"] else None,
         "scoring_within_training": result.phases["score"] <= result.phases["train"],
         "suggestions": suggestions,
-        "counts": {"images": total, "label_counts": result.label_counts, "pool": args.pool, "train_steps": args.steps},
+        "counts": {"images": total, "label_counts": result.label_counts, "pool": args.pool, "train_steps": args.steps,
+                   "score_time_share": args.score_share or None},
         "strategy": args.strategy,
         "setup_s": round(setup_s, 1),
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),

@@ -200,6 +200,10 @@ class LoopSettings:
         batch_units: annotation units one batch of suggestions spends (the strategy's batch).
         pool_size: images scored per round at most (None: every not-full image): recently changed
             ones, the previous top suggestions and a rotating random share ``pool_random_share``.
+        score_time_share: stop scoring the pool (in that priority order) once scoring has taken this
+            share of the round's training time (None: score the whole pool). Keeps a round's scoring
+            within its training at any store size; it makes the pool depend on the machine's speed,
+            so the simulation leaves it off.
         eval_splits: splits evaluated on their full images; "val" comes from training, others
             ("test") are evaluated after it.
         min_interval_s: at least this long between the end of a round and the next one.
@@ -227,6 +231,7 @@ class LoopSettings:
     batch_units: float = 50.0
     pool_size: int | None = None
     pool_random_share: float = 0.3
+    score_time_share: float | None = None
     eval_splits: tuple[str, ...] = ("val",)
     min_interval_s: float = 60.0
     max_interval_s: float | None = None
@@ -245,6 +250,8 @@ class LoopSettings:
             raise ValueError(f"strategy must be one of {sorted(STRATEGIES)}, got {self.strategy!r}")
         if not self.batch_units > 0 or (self.pool_size is not None and self.pool_size < 1):
             raise ValueError(f"need batch_units > 0 and pool_size >= 1 or None, got {self.batch_units}, {self.pool_size}")
+        if self.score_time_share is not None and not self.score_time_share > 0:
+            raise ValueError(f"score_time_share must be > 0 or None, got {self.score_time_share}")
         if not 0.0 <= self.pool_random_share <= 1.0:
             raise ValueError(f"pool_random_share must be in [0, 1], got {self.pool_random_share}")
         unknown = set(self.eval_splits) - {"val", "test"}
@@ -623,13 +630,15 @@ class Trainer:
         clock = time.monotonic()
         results: list[ImageScore] = []
         if strategy.needs_outputs:
-            if s.pool_size is not None and s.pool_size < len(pending):
-                changed, top = self.store.pool_hints(s.pool_size)
-                keep = set(candidate_pool([r.image_id for r in pending], size=s.pool_size, changed=changed,
-                                          previous_top=top, random_share=s.pool_random_share,
-                                          rng=np.random.default_rng(s.seed + number)))
-                pending = [r for r in pending if r.image_id in keep]
-            results = self._score(state, pending, classes, number)
+            if s.pool_size is not None or s.score_time_share is not None:
+                size = min(s.pool_size or len(pending), len(pending))
+                changed, top = self.store.pool_hints(size)
+                order = candidate_pool([r.image_id for r in pending], size=size, changed=changed, previous_top=top,
+                                       random_share=s.pool_random_share, rng=np.random.default_rng(s.seed + number))
+                by_id = {r.image_id: r for r in pending}
+                pending = [by_id[i] for i in order]
+            budget = None if s.score_time_share is None else s.score_time_share * phases.get("train", 0.0)
+            results = self._score(state, pending, classes, number, budget_s=budget)
             states = image_states(results)
         else:
             states = [ImageState(r.image_id, r.granularity) for r in pending]
@@ -651,22 +660,34 @@ class Trainer:
         phases["write"] = time.monotonic() - clock
         return len(results)
 
-    def _score(self, state: Mapping[str, Any], records: Sequence[Record], classes: Sequence[str], number: int) -> list[ImageScore]:
-        """Score ``records`` with the student and its teacher (the student itself when the method has none)."""
+    def _score(self, state: Mapping[str, Any], records: Sequence[Record], classes: Sequence[str], number: int,
+               *, budget_s: float | None = None) -> list[ImageScore]:
+        """Score ``records`` with the student and its teacher (the student itself when the method has none).
+        With ``budget_s``, in chunks, in the given order, stopping once that many seconds have passed."""
         s = self.settings
         if not records:
             return []
         device = resolve_device(s.device)
         student = model_from_state(state).to(device)
         teacher = model_from_state(state, weights="teacher").to(device) if state.get("teacher") is not None else student
+        started = time.monotonic()
+        chunk = len(records) if budget_s is None else max(1, 4 * s.score_batch_size)
+        results: list[ImageScore] = []
+        for start in range(0, len(records), chunk):
+            part = records[start : start + chunk]
 
-        def on_batch(done: int, total: int) -> None:
-            self._check_stop()
-            self._set(progress=TRAIN_SHARE + (1 - TRAIN_SHARE) * done / total, phase=f"scoring {done}/{total} images")
+            def on_batch(done: int, total: int, offset: int = start) -> None:
+                self._check_stop()
+                self._set(progress=TRAIN_SHARE + (1 - TRAIN_SHARE) * (offset + done) / len(records),
+                          phase=f"scoring {offset + done}/{len(records)} images")
 
-        results, _ = _halving(
-            lambda b: score_images(student, teacher, records, classes, config=s.score, batch_size=b, device=device,
-                                   num_workers=s.num_workers, seed=s.seed + number, on_batch=on_batch),
-            s.score_batch_size, "scoring",
-        )
+            scored, _ = _halving(
+                lambda b, part=part, on_batch=on_batch: score_images(
+                    student, teacher, part, classes, config=s.score, batch_size=b, device=device,
+                    num_workers=s.num_workers, seed=s.seed + number + start, on_batch=on_batch),
+                s.score_batch_size, "scoring",
+            )
+            results += scored
+            if budget_s is not None and time.monotonic() - started >= budget_s:
+                break
         return results

@@ -320,16 +320,17 @@ def candidate_pool(
     random_share: float = 0.3,
     rng: np.random.Generator | None = None,
 ) -> list[int]:
-    """The images a round scores: all of ``ids`` when ``size`` is None or not smaller; else up to
-    ``size``: the recently ``changed`` ones, then the ``previous_top`` candidates (both taken only where
-    in ``ids``; together at most ``(1 - random_share) * size``), then a random share of the rest (which
-    rotates from round to round with ``rng``). Sorted ids."""
-    if size is None or size >= len(ids):
+    """The images a round scores, most wanted first: the recently ``changed`` ones, then the
+    ``previous_top`` candidates (both taken only where in ``ids``; together at most ``(1 - random_share)
+    * size``), then a random share of the rest (which rotates from round to round with ``rng``), up to
+    ``size`` images. ``size`` None: all of ``ids``, sorted."""
+    if size is None:
         return sorted(ids)
     if size < 1 or not 0.0 <= random_share <= 1.0:
         raise ValueError(f"need size >= 1 and 0 <= random_share <= 1, got {size}, {random_share}")
     rng = rng or np.random.default_rng(0)
     present = set(ids)
+    size = min(size, len(present))
     fixed_cap = int(round((1 - random_share) * size))
     pool: dict[int, None] = {}
     for i in list(changed) + list(previous_top):
@@ -341,7 +342,7 @@ def candidate_pool(
     take = min(size - len(pool), len(rest))
     if take > 0:
         pool.update(dict.fromkeys(rng.choice(rest, size=take, replace=False).tolist()))
-    return sorted(pool)
+    return list(pool)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -484,18 +485,24 @@ class CostAwareStrategy(Strategy):
     def __init__(self, *, diversity: bool = True) -> None:
         self.diversity = diversity
 
-    def gains(self, images: Sequence[ImageState], context: Context, curve: LearningCurve,
+    @staticmethod
+    def informativeness(images: Sequence[ImageState]) -> tuple[np.ndarray, np.ndarray]:
+        """(for image-level labels, for boxes): ndarray[M] each, relative to the pool (mean 1)."""
+        label_info = relative(np.array([binary_entropy(im.image_probs).mean() if im.image_probs is not None
+                                        and len(im.image_probs) else 0.0 for im in images]))
+        box_info = relative(np.array([im.score if im.score is not None else 0.0 for im in images]))
+        return label_info, box_info
+
+    @staticmethod
+    def gains(granularity: np.ndarray, info: tuple[np.ndarray, np.ndarray], curve: LearningCurve,
               weak: float, full: float) -> np.ndarray:
         """ndarray[M, 3] expected gain of each image's upgrades (unlabeled->weak, weak->full,
         unlabeled->full) at counts (weak, full); -inf where the upgrade does not apply."""
-        g = np.array([im.granularity for im in images])
-        probs = [im.image_probs for im in images]
-        label_info = relative(np.array([binary_entropy(p).mean() if p is not None and len(p) else 0.0 for p in probs]))
-        box_info = relative(np.array([im.score if im.score is not None else 0.0 for im in images]))
-        out = np.full((len(images), 3), -np.inf)
-        unl = g == "unlabeled"
+        label_info, box_info = info
+        out = np.full((len(granularity), 3), -np.inf)
+        unl, weak_images = granularity == "unlabeled", granularity == "weak"
         out[unl, 0] = curve.gain("unlabeled->weak", weak, full) * label_info[unl]
-        out[g == "weak", 1] = curve.gain("weak->full", weak, full) * box_info[g == "weak"]
+        out[weak_images, 1] = curve.gain("weak->full", weak, full) * box_info[weak_images]
         out[unl, 2] = curve.gain("unlabeled->full", weak, full) * box_info[unl]
         return out
 
@@ -508,6 +515,8 @@ class CostAwareStrategy(Strategy):
         actions = (ADD_LABELS, DRAW_BOXES, DRAW_BOXES)
         weak, full = float(context.counts.get("weak", 0)), float(context.counts.get("full", 0))
         x = _embeddings(images) if self.diversity else None
+        granularity = np.array([im.granularity for im in images])
+        info = self.informativeness(images)
         scale = None
         if x is not None and len(x) > 1:
             sample = x[np.random.default_rng(context.seed).permutation(len(x))[:256]]
@@ -519,7 +528,7 @@ class CostAwareStrategy(Strategy):
         picks: list[Pick] = []
         curve_text = (f"learning curve from {curve.points} model versions" if curve.points else "prior learning curve")
         while left >= costs.min() - 1e-9 and not taken.all():
-            per_unit = self.gains(images, context, curve, weak, full) / costs
+            per_unit = self.gains(granularity, info, curve, weak, full) / costs
             per_unit[:, costs > left + 1e-9] = -np.inf
             factor = np.ones(len(images)) if scale is None else np.minimum(1.0, nearest / scale)
             finite = np.isfinite(per_unit)
@@ -538,7 +547,7 @@ class CostAwareStrategy(Strategy):
             weak, full = weak + (j == 0) - (j == 1), full + (j >= 1)
             if x is not None:
                 nearest = np.minimum(nearest, np.sqrt(((x - x[i]) ** 2).sum(1)))
-        per_unit = self.gains(images, context, curve, weak, full) / costs
+        per_unit = self.gains(granularity, info, curve, weak, full) / costs
         best = per_unit.argmax(1)
         rest = sorted(np.flatnonzero(~taken).tolist(), key=lambda i: (-per_unit[i, best[i]], images[i].image_id))
         for i in rest:

@@ -276,8 +276,10 @@ def test_candidate_pool_is_bounded_and_rotates():
         assert len(pool) == 500 and len(set(pool)) == 500 and set(pool) <= set(ids)
         assert {5, 7} <= set(pool) and set(top) <= set(pool) and 10_500 not in pool
     assert set(pools[0]) != set(pools[1])  # the random share rotates
-    assert candidate_pool(ids[:50], size=500) == ids[:50]
+    assert sorted(candidate_pool(ids[:50], size=500)) == ids[:50]
     assert candidate_pool(ids, size=None) == ids
+    ordered = candidate_pool(ids, size=500, changed=changed, previous_top=top, rng=np.random.default_rng(0))
+    assert ordered[:2] == [5, 7] and ordered[2:102] == top  # most wanted first: scoring may stop early
     # the fixed part never crowds out the random share
     many = candidate_pool(ids, size=100, changed=list(range(1000)), random_share=0.5, rng=np.random.default_rng(0))
     assert len(many) == 100 and sum(i < 1000 for i in many) >= 50 and sum(i < 50 for i in many) == 50

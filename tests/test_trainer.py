@@ -318,3 +318,15 @@ def test_a_bounded_pool_scores_changed_images_and_previous_top_first(store_url):
     with sessions.begin() as session:
         again = set(session.scalars(select(Score.image_id).where(Score.model_version_id == second.version_id)))
     assert second.scored == 3 and unscored in again and again == {unscored, *top[:2]}
+
+
+def test_scoring_stops_at_its_share_of_the_training_time(store_url):
+    """score_time_share: the pool is scored in chunks, most wanted first, and the round stops scoring
+    once the share of its training time is used (a tiny share: one chunk of 4 of the 6 images)."""
+    settings = replace(SETTINGS, score_time_share=1e-9, score_batch_size=1, strategy="disagreement")
+    [result] = Trainer(SqlStore.open(store_url), settings).run()
+    assert result.status == "ready" and result.scored == 4
+    with _session(store_url).begin() as session:
+        assert len(session.scalars(select(Suggestion).where(Suggestion.model_version_id == result.version_id)).all()) == 4
+    with pytest.raises(ValueError, match="score_time_share"):
+        replace(SETTINGS, score_time_share=0.0)
