@@ -663,7 +663,8 @@ class Trainer:
     def _score(self, state: Mapping[str, Any], records: Sequence[Record], classes: Sequence[str], number: int,
                *, budget_s: float | None = None) -> list[ImageScore]:
         """Score ``records`` with the student and its teacher (the student itself when the method has none).
-        With ``budget_s``, in chunks, in the given order, stopping once that many seconds have passed."""
+        With ``budget_s``, in chunks, in the given order, stopping before a chunk that would (at the pace
+        so far) end after that many seconds; the first chunk is always scored."""
         s = self.settings
         if not records:
             return []
@@ -688,6 +689,7 @@ class Trainer:
                 s.score_batch_size, "scoring",
             )
             results += scored
-            if budget_s is not None and time.monotonic() - started >= budget_s:
-                break
+            elapsed = time.monotonic() - started
+            if budget_s is not None and elapsed + elapsed / (start // chunk + 1) > budget_s:
+                break  # the next chunk would not fit
         return results

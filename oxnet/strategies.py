@@ -232,7 +232,7 @@ def k_center_greedy(embeddings: np.ndarray, k: int, *, centers: np.ndarray | Non
     has_centers = centers is not None and len(centers) > 0
     if has_centers:
         c = np.asarray(centers, dtype=np.float64)
-        nearest = np.sqrt(((x[:, None, :] - c[None, :, :]) ** 2).sum(-1)).min(1)
+        nearest = pairwise_distances(x, c).min(1)
     else:
         nearest = np.sqrt(((x - x.mean(0)) ** 2).sum(1))
     chosen: list[int] = []
@@ -244,6 +244,14 @@ def k_center_greedy(embeddings: np.ndarray, k: int, *, centers: np.ndarray | Non
         nearest = to_i if not (chosen or has_centers) else np.minimum(nearest, to_i)  # the mean only seeds
         chosen.append(i)
     return chosen
+
+
+def pairwise_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Euclidean distances ndarray[M, C] between the rows of ``a`` (M, E) and ``b`` (C, E), without
+    the (M, C, E) intermediate."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    squared = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * a @ b.T
+    return np.sqrt(np.maximum(squared, 0.0))
 
 
 def relative(values: np.ndarray) -> np.ndarray:
@@ -520,7 +528,7 @@ class CostAwareStrategy(Strategy):
         scale = None
         if x is not None and len(x) > 1:
             sample = x[np.random.default_rng(context.seed).permutation(len(x))[:256]]
-            d = np.sqrt(((sample[:, None] - sample[None]) ** 2).sum(-1))
+            d = pairwise_distances(sample, sample)
             scale = float(np.median(d[np.triu_indices(len(sample), 1)])) or None
         nearest = np.full(len(images), np.inf)
         left = context.batch_units
