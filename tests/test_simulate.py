@@ -95,6 +95,23 @@ def test_oracle_upgrades_through_the_lifecycle(dataset, tmp_path):
         assert replay_audit(session, image.id)["boxes_complete"]
 
 
+def test_a_resumed_run_reopens_its_store_with_the_oracle(dataset, tmp_path):
+    from db.workbench import reopen_simulation_store
+
+    coco, images = dataset
+    plan = plan_labels(coco, seed=0, initial_full=2, initial_weak=3)
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    store = simulation_store(url, coco, images, plan, models_dir=tmp_path / "models", costs=CostModel(1, 3))
+    with store.sessions.begin() as session:
+        first, second = session.scalars(select(Image.id).where(Image.granularity == Granularity.UNLABELED)).all()[:2]
+    store.reveal(first, ADD_LABELS)
+    again = reopen_simulation_store(url, coco, images, models_dir=tmp_path / "models", costs=CostModel(1, 3))
+    assert again.granularity(first) == "weak" and again.granularity(second) == "unlabeled"
+    assert again.annotation_costs().boxes == 3  # the simulation's costs, not the (empty) measured ones
+    again.reveal(second, DRAW_BOXES)
+    assert again.granularity(second) == "full"
+
+
 def test_summary_compares_strategies_per_seed():
     def run(strategy, seed, maps):
         return {"strategy": strategy, "seed": seed,
