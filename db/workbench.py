@@ -16,6 +16,7 @@ Model version checkpoints live in ``<data dir>/models/<project>/version-<id>/mod
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import timedelta
@@ -348,6 +349,30 @@ class OracleStore(SqlStore):
     def granularity(self, image_id: int) -> str:
         with self.sessions.begin() as session:
             return session.get(Image, image_id).granularity.value
+
+    def clone(self, folder: str | Path) -> OracleStore:
+        """A copy of this SQLite store and its newest checkpoint in ``folder`` (a what-if branch of the
+        simulation's hindsight oracle); the copy's model versions point at the copied checkpoint."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        target = folder / "store.db"
+        source = self.sessions.kw["bind"]
+        if source.dialect.name != "sqlite":
+            raise ValueError(f"clone needs a SQLite store, not {source.dialect.name}")
+        with source.connect() as connection:
+            connection.exec_driver_sql(f"VACUUM INTO '{target}'")
+        sessions = make_sessionmaker(init_db(f"sqlite:///{target}"))
+        models = folder / "models"
+        with sessions.begin() as session:
+            for version in session.scalars(select(ModelVersion).where(ModelVersion.checkpoint_path.is_not(None))):
+                old = Path(version.checkpoint_path)
+                if old.is_file():
+                    new = models / old.parent.name / old.name
+                    new.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(old, new)
+                    version.checkpoint_path = str(new)
+        return OracleStore(sessions, truth=self.truth, annotator=self.annotator, costs=self.costs, project=self.project,
+                           models_dir=models)
 
     def reveal(self, image_id: int, action: str) -> None:
         """Upgrade with the hidden labels: image-level labels, or boxes (an unlabeled image gets its

@@ -21,6 +21,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -38,16 +39,21 @@ __all__ = [
     "Candidate",
     "CostModel",
     "SimulationConfig",
+    "ORACLE",
     "SimulationStore",
     "figure",
     "hide_labels",
     "plan_labels",
+    "proposals",
+    "run_oracle",
     "run_simulation",
     "spend",
     "summarize",
 ]
 
 STRATEGIES = tuple(_REGISTRY)
+#: The simulation-only hindsight reference (:func:`run_oracle`), not a strategy of the live queue.
+ORACLE = "oracle"
 
 
 @dataclass(frozen=True)
@@ -183,7 +189,7 @@ class SimulationConfig:
     min_rounds: int = 0
 
     def __post_init__(self) -> None:
-        unknown = set(self.strategies) - set(STRATEGIES)
+        unknown = set(self.strategies) - set(STRATEGIES) - {ORACLE}
         if unknown or not self.strategies:
             raise ValueError(f"strategies must be among {STRATEGIES}, got {list(self.strategies)}")
         if not self.seeds:
@@ -225,6 +231,12 @@ def run_simulation(
     for seed in config.seeds:
         for strategy in config.strategies:
             log = Path(log_dir) / f"{strategy}-seed{seed}.jsonl" if log_dir is not None else None
+            if strategy == ORACLE:
+                points: list[dict[str, Any]] = []
+                runs.append({"strategy": strategy, "seed": seed, "points": points})
+                run_oracle(make_store(strategy, seed), config, seed, points=points, log=log,
+                           on_point=lambda point: (on_point and on_point(point), on_update and on_update(results())))
+                continue
             points, planned = _read_log(log)
             runs.append({"strategy": strategy, "seed": seed, "points": points})
             if points and points[-1].get("done"):
@@ -258,6 +270,70 @@ def run_simulation(
                     store.reveal(candidate.image_id, candidate.action)
                     spent += candidate.cost
     return results()
+
+
+def proposals(candidates: Sequence[Candidate], budget: float, costs: CostModel, rng: np.random.Generator,
+              k: int = 4) -> list[list[Candidate]]:
+    """``k`` batches the hindsight oracle tries (``candidates``: the not-full images, one step up):
+    ``k - 2`` random orders of one-step upgrades, image-level labels only, and boxes only (weak images
+    first, then unlabeled -> full); each spent with ``budget`` units."""
+    if k < 3:
+        raise ValueError(f"the oracle needs k >= 3 proposals, got {k}")
+    out = [spend([candidates[i] for i in rng.permutation(len(candidates))], budget) for _ in range(k - 2)]
+    unlabeled = [c for c in candidates if c.granularity == "unlabeled"]
+    weak = [c for c in candidates if c.granularity == "weak"]
+    out.append(spend([Candidate(c.image_id, c.granularity, "add image-level labels", costs.cost("unlabeled->weak"))
+                      for c in (unlabeled[i] for i in rng.permutation(len(unlabeled)))], budget))
+    boxes = [Candidate(c.image_id, "weak", "draw boxes", costs.cost("weak->full")) for c in (weak[i] for i in rng.permutation(len(weak)))]
+    boxes += [Candidate(c.image_id, "unlabeled", "draw boxes", costs.cost("unlabeled->full"))
+              for c in (unlabeled[i] for i in rng.permutation(len(unlabeled)))]
+    out.append(spend(boxes, budget))
+    return [batch for batch in out if batch]
+
+
+def run_oracle(store: Any, config: SimulationConfig, seed: int, *, points: list[dict[str, Any]],
+               log: Path | None = None, on_point: Callable[[dict[str, Any]], Any] | None = None,
+               k: int = 4) -> list[dict[str, Any]]:
+    """The hindsight reference: every round, try each of :func:`proposals`' ``k`` batches on a copy of
+    the store (``store.clone``), train one round on each, and keep the branch whose val mAP is best
+    (the test mAP is what is reported, as for the strategies). It costs ``k`` trainings per round and is
+    not resumable. It bounds what choosing among these batches can gain at this budget, not what any
+    strategy could: a wider search would need more training."""
+    settings = _settings(config.settings, seed, "random", config.per_round)
+    rng = np.random.default_rng(seed)
+    spent, started, branch_root = 0.0, time.monotonic(), Path(store.models_dir).parent / "oracle-branches"
+    result = Trainer(store, settings).run()[-1]
+    bought: list[Candidate] = []
+    while True:
+        point = {"strategy": ORACLE, "seed": seed, **_point(result, spent, time.monotonic() - started),
+                 "bought": {}, "done": False}
+        if points:
+            points[-1]["bought"] = _bought(bought)
+        done = spent >= config.budget - 1e-9
+        batches = [] if done else proposals(store.candidates(), min(config.per_round, config.budget - spent),
+                                            config.costs, rng, k)
+        point["done"] = done or not batches
+        points.append(point)
+        _append(log, {"point": point})
+        if on_point is not None:
+            on_point(point)
+        if point["done"]:
+            return points
+        best = None
+        for b, batch in enumerate(batches):
+            branch = store.clone(branch_root / f"round{result.round}-branch{b}")
+            for c in batch:
+                branch.reveal(c.image_id, c.action)
+            outcome = Trainer(branch, settings).run()[-1]
+            value = outcome.metrics.get("val", {}).get("mAP", -1.0)
+            if best is None or value > best[0]:
+                if best is not None:
+                    shutil.rmtree(Path(best[1].models_dir).parent, ignore_errors=True)
+                best = (value, branch, outcome, batch)
+            else:
+                shutil.rmtree(Path(branch.models_dir).parent, ignore_errors=True)
+        _, store, result, bought = best
+        spent += sum(c.cost for c in bought)
 
 
 def _bought(chosen: Sequence[Candidate]) -> dict[str, int]:

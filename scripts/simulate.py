@@ -22,14 +22,14 @@ from pathlib import Path
 from db.workbench import reopen_simulation_store as reopen
 from db.workbench import simulation_store
 from oxnet.loop import TRAINER_PRESETS
-from oxnet.simulate import STRATEGIES, CostModel, SimulationConfig, plan_labels, run_simulation, write_results
+from oxnet.simulate import ORACLE, STRATEGIES, CostModel, SimulationConfig, plan_labels, run_simulation, write_results
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", required=True, help="a fully labeled COCO JSON (boxes; image_labels optional)")
     parser.add_argument("--images", help="folder of the file names (default: the JSON's folder)")
-    parser.add_argument("--strategy", default="random,cost_aware", help=f"comma-separated, among {', '.join(STRATEGIES)}")
+    parser.add_argument("--strategy", default="random,cost_aware", help=f"comma-separated, among {', '.join(STRATEGIES)}, or {ORACLE} (best of 4 batches in hindsight; 4x the training)")
     parser.add_argument("--budget", type=float, default=40.0, help="annotation units per run")
     parser.add_argument("--per-round", type=float, default=10.0, help="units spent between two rounds")
     parser.add_argument("--seeds", default="0", help="comma-separated seeds")
@@ -86,7 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     def make_store(strategy: str, seed: int):
         folder = stores / f"{strategy}-seed{seed}"
         url = f"sqlite:///{folder / 'store.db'}"
-        if (logs / f"{strategy}-seed{seed}.jsonl").is_file() and (folder / "store.db").is_file():
+        if strategy == ORACLE:  # not resumable: always from the start
+            (logs / f"{strategy}-seed{seed}.jsonl").unlink(missing_ok=True)
+        elif (logs / f"{strategy}-seed{seed}.jsonl").is_file() and (folder / "store.db").is_file():
             return reopen(url, coco, images, models_dir=folder / "models", costs=config.costs)
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)

@@ -20,6 +20,7 @@ from oxnet.simulate import (
     SimulationConfig,
     hide_labels,
     plan_labels,
+    proposals,
     run_simulation,
     spend,
     summarize,
@@ -250,3 +251,43 @@ def test_the_ceiling_trains_as_many_rounds_with_nothing_to_buy(monkeypatch, tmp_
     results = run_simulation(lambda strategy, seed: store, SimulationConfig(
         strategies=("random",), budget=6, per_round=2, min_rounds=4))
     assert len(calls) == 4 and [p["spent"] for p in results["runs"][0]["points"]] == [0, 0, 0, 0]
+
+
+def test_the_hindsight_oracle_keeps_the_best_branch(dataset, tmp_path):
+    """Each round the oracle trains every proposal on a copy of the store and continues from the one
+    with the best val mAP; the original store is never changed after its first round."""
+    coco, images = dataset
+    plan = plan_labels(coco, seed=0, initial_full=3, initial_weak=3)
+    from dataclasses import replace
+
+    from oxnet.loop import TRAINER_PRESETS
+
+    stores = []
+
+    def make_store(strategy, seed):
+        folder = tmp_path / f"{strategy}-{seed}"
+        stores.append(simulation_store(f"sqlite:///{folder / 'store.db'}", coco, images, plan, models_dir=folder / "models"))
+        return stores[-1]
+
+    settings = replace(TRAINER_PRESETS["tiny"], device="cpu", lr=1e-3, steps_per_epoch=1, pretrain_epochs=1)
+    config = SimulationConfig(strategies=("oracle",), budget=4, per_round=4, settings=settings)
+    results = run_simulation(make_store, config, log_dir=tmp_path / "logs")
+    points = results["runs"][0]["points"]
+    assert [p["spent"] for p in points] == [0, 4] and points[-1]["done"]
+    assert sum({"unlabeled->weak": 1, "weak->full": 5, "unlabeled->full": 6}[k] * n
+               for k, n in points[0]["bought"].items()) <= 4 and points[0]["bought"]
+    with stores[0].sessions.begin() as session:  # the original: only round 1, labels as planned
+        assert session.scalars(select(Image.granularity)).all().count(Granularity.UNLABELED) == \
+            sum(g == "unlabeled" for _, g in plan.values())
+    branches = sorted((tmp_path / "oracle-0" / "oracle-branches").iterdir())
+    assert len(branches) == 1  # the losing branches are deleted
+    assert points[1]["round"] == 2 and points[1]["label_counts"] != points[0]["label_counts"]  # learnt from the batch
+
+
+def test_oracle_proposals_spend_the_budget_three_ways():
+    cands = [Candidate(i, "unlabeled" if i % 2 else "weak", ADD_LABELS if i % 2 else DRAW_BOXES,
+                       1.0 if i % 2 else 5.0) for i in range(1, 21)]
+    batches = proposals(cands, 10, CostModel(), np.random.default_rng(0), k=4)
+    assert len(batches) == 4 and all(sum(c.cost for c in b) <= 10 for b in batches)
+    assert {c.action for c in batches[2]} == {ADD_LABELS} and {c.action for c in batches[3]} == {DRAW_BOXES}
+    assert batches[0] != batches[1]
