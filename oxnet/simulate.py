@@ -414,11 +414,15 @@ def summarize(runs: Sequence[Mapping[str, Any]], *, default: str = "cost_aware")
     paired per-seed differences against random (``<strategy>_minus_random``); and ``goal``: whether
     ``default`` beats random in area by more than twice the sd of the paired difference, reaches
     random's final mAP within 60 % of random's units, and is not below the better of random_labels and
-    random_boxes in area."""
+    random_boxes in area. Runs whose last point is not done yet are left out (``in_progress``)."""
     by: dict[str, dict[str, Any]] = {}
     per_seed: dict[tuple[str, int], dict[str, float]] = {}
+    in_progress = []
     for run in runs:
         points = [p for p in run["points"] if p["mAP"] is not None]
+        if run["points"] and run["points"][-1].get("done") is False:  # still running: not in the means yet
+            in_progress.append({"strategy": run["strategy"], "seed": run["seed"], "rounds": len(run["points"])})
+            continue
         if not points:
             continue
         spent = np.array([p["spent"] for p in points], dtype=float)
@@ -474,6 +478,8 @@ def summarize(runs: Sequence[Mapping[str, Any]], *, default: str = "cost_aware")
             "not_below_best_control": bool(controls) and summary[default]["mean_area"] >= max(controls),
             "controls_ran": [c for c in ("random_labels", "random_boxes") if c in summary],
         }
+    if in_progress:
+        summary["in_progress"] = in_progress
     return summary
 
 

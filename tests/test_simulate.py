@@ -130,6 +130,9 @@ def test_summary_compares_strategies_per_seed():
     # random's mean final 0.25; disagreement's mean curve 0.1, 0.2, 0.3 reaches it at 15 units
     assert summary["disagreement"]["units_to_random_final"] == pytest.approx(15.0)
     assert summary["random"]["units_to_random_final"] == pytest.approx(20.0)
+    unfinished = {"strategy": "random", "seed": 2, "points": [{"spent": 0.0, "mAP": 0.9, "done": False}]}
+    assert summarize([run("random", 0, [0.1, 0.2, 0.2]), unfinished])["random"]["mean_mAP"] == pytest.approx([0.1, 0.2, 0.2])
+    assert summarize([unfinished])["in_progress"] == [{"strategy": "random", "seed": 2, "rounds": 1}]
     goal = summary["goal"]
     assert not goal["area_beats_random_by_2sd"] and not goal["reaches_random_final_within_60pct"]
     assert goal["controls_ran"] == [] and not goal["not_below_best_control"]
