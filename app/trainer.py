@@ -44,6 +44,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--min-interval", type=float, help="seconds between rounds at least")
     parser.add_argument("--max-interval", type=float, help="start a round after this many seconds even without new labels")
     parser.add_argument("--max-rounds", type=int, help="exit after this many rounds")
+    parser.add_argument("--strategy", help="ranking of the suggestions (default cost_aware; see oxnet.strategies)")
+    parser.add_argument("--pool-size", type=int, help="images scored per round at most (default: every not-full image)")
     parser.add_argument("--promote-tolerance", type=_tolerance,
                         help="a new model version serves suggestions when its val mAP is at least the serving "
                              "version's minus this (absolute, default 0.02); otherwise it stays a candidate")
@@ -78,8 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {key: value for key, value in {
         "method": args.method, "epochs": args.epochs, "steps_per_epoch": args.steps_per_epoch,
         "batch_size": args.batch_size, "device": args.device, "min_interval_s": args.min_interval,
-        "max_interval_s": args.max_interval, "max_rounds": args.max_rounds,
-        "promote_tolerance": args.promote_tolerance,
+        "max_interval_s": args.max_interval, "max_rounds": args.max_rounds, "strategy": args.strategy,
+        "pool_size": args.pool_size, "promote_tolerance": args.promote_tolerance,
     }.items() if value is not None}
     preset = TRAINER_PRESETS[args.preset]
     if args.weights is not None:

@@ -399,6 +399,23 @@ class Suggestion(Base):
     reason: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
 
 
+class AnnotationTime(Base):
+    """The active seconds of one annotation save: who upgraded which image how (``upgrade`` is
+    "unlabeled->weak", "weak->full", "unlabeled->full", or "edit" when the granularity did not rise)."""
+
+    __tablename__ = "annotation_time"
+    __table_args__ = (Index(None, "project_id", "upgrade"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("project.id", ondelete="CASCADE"))
+    image_id: Mapped[int] = mapped_column(ForeignKey("image.id", ondelete="CASCADE"), index=True)
+    annotator_id: Mapped[int] = mapped_column(ForeignKey("annotator.id"))
+    action: Mapped[str] = mapped_column(String(32))
+    upgrade: Mapped[str] = mapped_column(String(32))
+    seconds: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
 class SweepResult(Base):
     """One run of the granularity sweep (the paper's Table 2): the label mix and its metrics."""
 

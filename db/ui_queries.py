@@ -68,7 +68,12 @@ DEFAULT_SCORE_THRESHOLD = 0.5
 
 @dataclass(frozen=True)
 class QueueItem:
-    """One image of the annotation queue. ``score`` is None when no model has ranked the queue yet."""
+    """One image of the annotation queue. ``score`` is None when no model has ranked the queue yet.
+
+    ``strategy``, ``cost`` (units), ``gain`` (expected mAP, 0-1), ``gain_per_unit`` and
+    ``gain_per_minute`` (None while the costs are not measured) come from the strategy that ranked the
+    queue (:func:`oxnet.strategies.describe`); None where it made no estimate.
+    """
 
     image_id: int
     path: str
@@ -80,6 +85,11 @@ class QueueItem:
     score: float | None
     reason: str
     classes: tuple[str, ...] = ()
+    strategy: str | None = None
+    cost: float | None = None
+    gain: float | None = None
+    gain_per_unit: float | None = None
+    gain_per_minute: float | None = None
 
 
 @dataclass(frozen=True)
@@ -198,8 +208,14 @@ def queue(
             image_id=row.id, path=row.path, width=row.width, height=row.height, granularity=row.granularity.value,
             split=row.split.value if row.split else None, action=action.value, score=score,
             reason=str(reason.get("text", "")), classes=tuple(reason.get("classes") or ()),
+            strategy=reason.get("strategy"), cost=_number(reason.get("cost")), gain=_number(reason.get("gain")),
+            gain_per_unit=_number(reason.get("gain_per_unit")), gain_per_minute=_number(reason.get("gain_per_minute")),
         ))
     return items
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def _like_escape(text: str) -> str:

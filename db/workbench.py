@@ -19,6 +19,7 @@ Model version checkpoints live in ``<data dir>/models/<project>/version-<id>/mod
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import timedelta
@@ -33,6 +34,7 @@ from db.engine import database_url, init_db, make_sessionmaker
 from db.export import export_training_mix
 from db.importers import import_coco
 from db.lifecycle import BoxInput, mark_boxes_complete, set_boxes, set_image_labels
+from db.costs import annotation_costs
 from db.models import (
     AuditEntry,
     FileStatus,
@@ -45,6 +47,7 @@ from db.models import (
     ServingModel,
     Split,
     SuggestedAction,
+    Suggestion,
     utcnow,
 )
 from db.retention import DEFAULT_KEEP_READY, Retention, apply_retention
@@ -73,8 +76,10 @@ from db.repository import (
 from oxnet.loop import Snapshot, VersionInfo
 from oxnet.scoring import ADD_LABELS, ImageScore
 from oxnet.simulate import Candidate, hide_labels
+from oxnet.strategies import CostModel, HistoryPoint
 
-__all__ = ["STOP_ACTION", "STOP_AFTER_ROUND_ACTION", "OracleStore", "SqlStore", "default_owner", "request_stop", "simulation_store"]
+__all__ = ["STOP_ACTION", "STOP_AFTER_ROUND_ACTION", "OracleStore", "SqlStore", "default_owner", "reopen_simulation_store",
+           "request_stop", "simulation_store"]
 
 #: Audit action of a stop request.
 STOP_ACTION = "trainer_stop"
@@ -255,12 +260,6 @@ class SqlStore:
             ).all()
         return [(i, path, (config or {}).get("checkpoint_sha256")) for i, path, config in versions]
 
-    def latest_checkpoint(self) -> str | None:
-        with self.sessions.begin() as session:
-            version = latest_model_version(session, self.project)
-            path = version.checkpoint_path if version is not None else None
-        return path if path and Path(path).is_file() else None
-
     def start_version(self, round: int, label_counts: Mapping[str, int], config: Mapping[str, Any]) -> VersionInfo:
         with self.sessions.begin() as session:
             version = create_model_version(session, self.project, config=config, round=round)
@@ -270,7 +269,8 @@ class SqlStore:
         folder.mkdir(parents=True, exist_ok=True)
         return VersionInfo(id=version_id, folder=folder)
 
-    def write_results(self, version_id: int, classes: Sequence[str], results: Sequence[ImageScore]) -> None:
+    def write_results(self, version_id: int, classes: Sequence[str], results: Sequence[ImageScore],
+                      suggestions: Sequence[Mapping[str, Any]]) -> None:
         for chunk in _chunks(results, WRITE_CHUNK):
             with self.sessions.begin() as session:
                 write_predictions(session, version_id, [_prediction_row(r, classes) for r in chunk])
@@ -279,9 +279,11 @@ class SqlStore:
                      "details": {"disagreement": r.disagreement, "uncertainty": r.uncertainty, "conflict": r.conflict}}
                     for r in chunk
                 ])
+        for chunk in _chunks(suggestions, WRITE_CHUNK):
+            with self.sessions.begin() as session:
                 write_suggestions(session, version_id, [
-                    {"image_id": r.image_id, "action": SuggestedAction(r.action), "score": r.value, "reason": r.reason}
-                    for r in chunk
+                    {"image_id": row["image_id"], "action": SuggestedAction(row["action"]), "score": row["score"],
+                     "reason": row["reason"]} for row in chunk
                 ])
 
     def serving_metrics(self) -> dict[str, float] | None:
@@ -293,6 +295,38 @@ class SqlStore:
                 select(Metric.name, Metric.value).where(Metric.model_version_id == version.id, Metric.split == Split.VAL)
             )
             return {name: value for name, value in rows}
+
+    def annotation_costs(self) -> CostModel:
+        with self.sessions.begin() as session:
+            return annotation_costs(session, self.project)
+
+    def history(self) -> list[HistoryPoint]:
+        with self.sessions.begin() as session:
+            project_id = self._project_id(session)
+            rows = session.execute(
+                select(ModelVersion.label_counts, Metric.value)
+                .join(Metric, (Metric.model_version_id == ModelVersion.id) & (Metric.split == Split.VAL) & (Metric.name == "mAP"))
+                .where(ModelVersion.project_id == project_id, ModelVersion.status == ModelStatus.READY)
+                .order_by(ModelVersion.id)
+            ).all()
+        return [HistoryPoint(weak=int((c or {}).get("weak", 0)), full=int((c or {}).get("full", 0)), mAP=float(v))
+                for c, v in rows]
+
+    def pool_hints(self, limit: int) -> tuple[list[int], list[int]]:
+        with self.sessions.begin() as session:
+            version = latest_model_version(session, self.project)
+            if version is None:
+                return [], []
+            changed = session.scalars(
+                select(AuditEntry.image_id).join(Image, Image.id == AuditEntry.image_id)
+                .where(Image.project_id == self._project_id(session), AuditEntry.at >= version.created_at)
+                .distinct().limit(limit)
+            ).all()
+            top = session.scalars(
+                select(Suggestion.image_id).where(Suggestion.model_version_id == version.id)
+                .order_by(Suggestion.score.desc(), Suggestion.id).limit(limit)
+            ).all()
+        return list(changed), list(top)
 
     def finish_version(
         self, version_id: int, checkpoint: str, metrics: Mapping[str, Mapping[str, float]], config: Mapping[str, Any],
@@ -365,36 +399,74 @@ class OracleStore(SqlStore):
     """
 
     def __init__(self, sessions: sessionmaker[Session], *, truth: Mapping[str, tuple[list[str], list[BoxInput]]],
-                 annotator: str = "oracle", **kwargs: Any) -> None:
+                 annotator: str = "oracle", costs: CostModel = CostModel(), **kwargs: Any) -> None:
         super().__init__(sessions, **kwargs)
         self.truth = dict(truth)
         self.annotator = annotator
+        self.costs = costs
+
+    def annotation_costs(self) -> CostModel:
+        """The simulation's costs (its oracle takes no time)."""
+        return self.costs
 
     def candidates(self) -> list[Candidate]:
+        """The serving version's ranked suggestions, as the live queue shows them."""
         with self.sessions.begin() as session:
-            version = latest_model_version(session, self.project)
+            version = serving_model_version(session, self.project)
             query = (
-                select(Image.id, Image.granularity, Score.value)
-                .outerjoin(Score, (Score.image_id == Image.id) & (Score.model_version_id == (version.id if version else -1)))
-                .where(Image.project_id == self._project_id(session), Image.split == Split.TRAIN,
+                select(Image.id, Image.granularity, Suggestion.action, Suggestion.reason)
+                .join(Suggestion, Suggestion.image_id == Image.id)
+                .where(Suggestion.model_version_id == (version.id if version else -1),
                        Image.granularity != Granularity.FULL)
-                .order_by(Image.id)
+                .order_by(Suggestion.score.desc(), Suggestion.id)
             )
-            return [Candidate(i, g.value, s) for i, g, s in session.execute(query)]
+            return [Candidate(i, g.value, a.value, float((r or {}).get("cost") or self.costs.of(a.value, g.value)),
+                              (r or {}).get("gain")) for i, g, a, r in session.execute(query)]
+
+    def granularity(self, image_id: int) -> str:
+        with self.sessions.begin() as session:
+            return session.get(Image, image_id).granularity.value
+
+    def clone(self, folder: str | Path) -> OracleStore:
+        """A copy of this SQLite store and its newest checkpoint in ``folder`` (a what-if branch of the
+        simulation's hindsight oracle); the copy's model versions point at the copied checkpoint."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        target = folder / "store.db"
+        source = self.sessions.kw["bind"]
+        if source.dialect.name != "sqlite":
+            raise ValueError(f"clone needs a SQLite store, not {source.dialect.name}")
+        with source.connect() as connection:
+            connection.exec_driver_sql(f"VACUUM INTO '{target}'")
+        sessions = make_sessionmaker(init_db(f"sqlite:///{target}"))
+        models = folder / "models"
+        with sessions.begin() as session:
+            for version in session.scalars(select(ModelVersion).where(ModelVersion.checkpoint_path.is_not(None))):
+                old = Path(version.checkpoint_path)
+                if old.is_file():
+                    new = models / old.parent.name / old.name
+                    new.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(old, new)
+                    version.checkpoint_path = str(new)
+        return OracleStore(sessions, truth=self.truth, annotator=self.annotator, costs=self.costs, project=self.project,
+                           models_dir=models)
 
     def reveal(self, image_id: int, action: str) -> None:
+        """Upgrade with the hidden labels: image-level labels, or boxes (an unlabeled image gets its
+        image-level labels first, as the Annotate page saves them together)."""
         with self.sessions.begin() as session:
             image = session.get(Image, image_id)
             labels, boxes = self.truth[image.path]
-            if action == ADD_LABELS:
+            if action == ADD_LABELS or image.granularity == Granularity.UNLABELED:
                 # the oracle assesses every class: the ones it does not name are absent, not unknown
                 every = class_names(session, get_project(session, self.project))
                 set_image_labels(session, image_id, {name: name in labels for name in every},
                                  annotator=self.annotator, no_finding=not labels)
-            elif boxes:
-                set_boxes(session, image_id, boxes, annotator=self.annotator, complete=True)
-            else:
-                mark_boxes_complete(session, image_id, annotator=self.annotator)
+            if action != ADD_LABELS:
+                if boxes:
+                    set_boxes(session, image_id, boxes, annotator=self.annotator, complete=True)
+                else:
+                    mark_boxes_complete(session, image_id, annotator=self.annotator)
 
     def finish_version(self, version_id: int, checkpoint: str, metrics: Mapping[str, Mapping[str, float]],
                        config: Mapping[str, Any], **kwargs: Any) -> None:
@@ -404,11 +476,7 @@ class OracleStore(SqlStore):
                 old.unlink()
 
 
-def simulation_store(url: str, coco: Mapping[str, Any], images: str | Path, plan: Mapping[int, tuple[str, str]],
-                     *, models_dir: str | Path, project: str = DEFAULT_PROJECT) -> OracleStore:
-    """A new store at ``url`` holding the fully labeled ``coco`` (file names relative to ``images``)
-    with the labels hidden as ``plan`` says (:func:`oxnet.simulate.hide_labels`), and its oracle."""
-    root = Path(images).expanduser().resolve()
+def _truth(coco: Mapping[str, Any], root: Path) -> dict[str, tuple[list[str], list[BoxInput]]]:
     names = {c["id"]: c["name"] for c in coco["categories"]}
     boxes: dict[int, list[BoxInput]] = {}
     for ann in coco.get("annotations", []):
@@ -419,10 +487,26 @@ def simulation_store(url: str, coco: Mapping[str, Any], images: str | Path, plan
         own = boxes.get(image["id"], [])
         labels = [n for n in image.get("image_labels", []) if n in names.values()] or sorted({b[0] for b in own})
         truth[str((root / image["file_name"]).resolve())] = (sorted(set(labels) | {b[0] for b in own}), own)
+    return truth
+
+
+def reopen_simulation_store(url: str, coco: Mapping[str, Any], images: str | Path, *, models_dir: str | Path,
+                            project: str = DEFAULT_PROJECT, costs: CostModel = CostModel()) -> OracleStore:
+    """The simulation store at ``url`` made earlier by :func:`simulation_store` (a resumed run)."""
+    truth = _truth(coco, Path(images).expanduser().resolve())
+    return OracleStore(make_sessionmaker(init_db(url)), truth=truth, project=project, models_dir=models_dir, costs=costs)
+
+
+def simulation_store(url: str, coco: Mapping[str, Any], images: str | Path, plan: Mapping[int, tuple[str, str]],
+                     *, models_dir: str | Path, project: str = DEFAULT_PROJECT, costs: CostModel = CostModel()) -> OracleStore:
+    """A new store at ``url`` holding the fully labeled ``coco`` (file names relative to ``images``)
+    with the labels hidden as ``plan`` says (:func:`oxnet.simulate.hide_labels`), and its oracle."""
+    root = Path(images).expanduser().resolve()
+    truth = _truth(coco, root)
     engine = init_db(url)
     sessions = make_sessionmaker(engine)
     with sessions.begin() as session:
         report = import_coco(session, hide_labels(coco, plan), images=root, project=project, annotator="import:simulation")
         if report.errors:
             raise ValueError(f"simulation import failed: {report.errors[:3]}")
-    return OracleStore(sessions, truth=truth, project=project, models_dir=models_dir)
+    return OracleStore(sessions, truth=truth, project=project, models_dir=models_dir, costs=costs)

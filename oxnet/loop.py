@@ -10,7 +10,9 @@ A round::
     -> validation metrics on the val split's full images (skipped, with the reason recorded, when the
        split has no fully labeled image with boxes: the train split's full images then pick the epoch)
     -> a compact inference checkpoint, written atomically, in the version's folder
-    -> score every not-full training image (:mod:`oxnet.scoring`): predictions and suggestions
+    -> score the not-full training images of the round's candidate pool (:mod:`oxnet.scoring`; every
+       one unless ``pool_size`` bounds it), then rank them with the strategy (:mod:`oxnet.strategies`):
+       predictions and suggestions (action, expected gain per unit cost, reason) in the strategy's order
     -> the version is marked ready, its metrics stored, and it SERVES (its suggestions become the
        queue's) only when its val mAP is not worse than the serving version's by more than
        ``promote_tolerance`` (:func:`decide_promotion`); otherwise it stays a candidate until a user
@@ -54,6 +56,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 
 from oxnet.checkpoint import file_sha256, load_checkpoint, model_from_state, non_finite_weights, save_checkpoint, verify_checkpoint
@@ -62,6 +65,18 @@ from oxnet.data.records import GRANULARITIES, Record, records_from_coco
 from oxnet.engine import Progress, evaluate_model, fit, resolve_device
 from oxnet.scoring import ImageScore, ScoreConfig, score_images
 from oxnet.settings import TrainConfig
+from oxnet.strategies import (
+    DEFAULT_STRATEGY,
+    STRATEGIES,
+    Context,
+    CostModel,
+    HistoryPoint,
+    ImageState,
+    candidate_pool,
+    describe,
+    get_strategy,
+    image_states,
+)
 
 __all__ = [
     "STOPPED_MESSAGE",
@@ -163,8 +178,20 @@ class Store(Protocol):
     def start_version(self, round: int, label_counts: Mapping[str, int], config: Mapping[str, Any]) -> VersionInfo:
         """Create a model version with status "training" and its checkpoint folder."""
 
-    def write_results(self, version_id: int, classes: Sequence[str], results: Sequence[ImageScore]) -> None:
-        """Store predictions, scores and suggestions of a version."""
+    def write_results(self, version_id: int, classes: Sequence[str], results: Sequence[ImageScore],
+                      suggestions: Sequence[Mapping[str, Any]]) -> None:
+        """Store predictions and scores (``results``) and the strategy's ranked ``suggestions``
+        (:func:`oxnet.strategies.describe` rows: image_id, action, score, reason) of a version."""
+
+    def annotation_costs(self) -> CostModel:
+        """The cost of each upgrade (measured medians once there are enough saves, else the defaults)."""
+
+    def history(self) -> list[HistoryPoint]:
+        """Ready model versions' training label counts and val mAP, oldest first."""
+
+    def pool_hints(self, limit: int) -> tuple[list[int], list[int]]:
+        """(images whose labels changed since the newest ready version, that version's top ``limit``
+        suggested images): the fixed part of a bounded candidate pool."""
 
     def finish_version(
         self, version_id: int, checkpoint: str, metrics: Mapping[str, Mapping[str, float]], config: Mapping[str, Any],
@@ -206,8 +233,16 @@ class LoopSettings:
         device: "auto" (CUDA when present; AMP then), "cpu", "cuda[:N]".
         num_workers: DataLoader workers.
         score: settings of the suggestion score; ``score_batch_size`` its batch (halved on OOM).
-        suggest: score the not-full training images (False: no predictions or suggestions; the
-            simulation's random strategy does not need them).
+        suggest: rank the not-full training images and store suggestions (False: none).
+        strategy: the ranking (:data:`oxnet.strategies.STRATEGIES`); strategies that read no model
+            output (the random ones) skip the scoring pass.
+        batch_units: annotation units one batch of suggestions spends (the strategy's batch).
+        pool_size: images scored per round at most (None: every not-full image): recently changed
+            ones, the previous top suggestions and a rotating random share ``pool_random_share``.
+        score_time_share: stop scoring the pool (in that priority order) once scoring has taken this
+            share of the round's training time (None: score the whole pool). Keeps a round's scoring
+            within its training at any store size; it makes the pool depend on the machine's speed,
+            so the simulation leaves it off.
         eval_splits: splits evaluated on their full images; "val" comes from training, others
             ("test") are evaluated after it.
         min_interval_s: at least this long between the end of a round and the next one.
@@ -234,6 +269,11 @@ class LoopSettings:
     score: ScoreConfig = ScoreConfig()
     score_batch_size: int = 8
     suggest: bool = True
+    strategy: str = DEFAULT_STRATEGY
+    batch_units: float = 50.0
+    pool_size: int | None = None
+    pool_random_share: float = 0.3
+    score_time_share: float | None = None
     eval_splits: tuple[str, ...] = ("val",)
     min_interval_s: float = 60.0
     max_interval_s: float | None = None
@@ -250,6 +290,14 @@ class LoopSettings:
             raise ValueError(f"epochs must be >= 1 (a round must train), got {self.epochs}")
         if self.score_batch_size < 1:
             raise ValueError(f"score_batch_size must be >= 1, got {self.score_batch_size}")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {sorted(STRATEGIES)}, got {self.strategy!r}")
+        if not self.batch_units > 0 or (self.pool_size is not None and self.pool_size < 1):
+            raise ValueError(f"need batch_units > 0 and pool_size >= 1 or None, got {self.batch_units}, {self.pool_size}")
+        if self.score_time_share is not None and not self.score_time_share > 0:
+            raise ValueError(f"score_time_share must be > 0 or None, got {self.score_time_share}")
+        if not 0.0 <= self.pool_random_share <= 1.0:
+            raise ValueError(f"pool_random_share must be in [0, 1], got {self.pool_random_share}")
         unknown = set(self.eval_splits) - {"val", "test"}
         if unknown:
             raise ValueError(f"eval_splits must be among ('val', 'test'), got {sorted(unknown)}")
@@ -355,7 +403,7 @@ def decide_promotion(
 
 #: Phases of a round after training whose durations predict the next round's ETA (scoring and
 #: writing are per image to score).
-_LATER_PHASES = ("save", "evaluate")
+_LATER_PHASES = ("save", "evaluate", "rank")
 _PER_IMAGE_PHASES = ("score", "write")
 
 
@@ -676,17 +724,11 @@ class Trainer:
             durations["evaluate"], clock = time.monotonic() - clock, time.monotonic()
             if s.suggest:
                 while True:
-                    pending = [r for r in train if r.granularity != "full"]
                     try:
-                        results = self._score(state, pending, classes, number)
+                        result.scored = self._suggest(version.id, state, train, classes, counts, metrics, number, durations)
                         break
                     except UnreadableImage as e:
                         leave_out(e)
-                durations["score"], clock = time.monotonic() - clock, time.monotonic()
-                self._set(phase="writing suggestions")
-                self.store.write_results(version.id, classes, results)
-                durations["write"], clock = time.monotonic() - clock, time.monotonic()
-                result.scored = len(results)
             durations["scored"] = float(result.scored)
             config_record["durations"] = {k: round(v, 3) for k, v in durations.items()}
             result.durations = dict(durations)
@@ -769,29 +811,83 @@ class Trainer:
                 ))
         return metrics
 
-    def _score(self, state: Mapping[str, Any], records: Sequence[Record], classes: Sequence[str], number: int) -> list[ImageScore]:
-        """Score ``records`` with the student and its teacher (the student itself when the method has none)."""
+    def _suggest(self, version_id: int, state: Mapping[str, Any], train: Sequence[Record], classes: Sequence[str],
+                 counts: Mapping[str, int], metrics: Mapping[str, Mapping[str, float]], number: int,
+                 durations: dict[str, float]) -> int:
+        """Score the candidate pool (when the strategy reads model outputs), rank it with the strategy and
+        store predictions and suggestions. Returns how many images were scored."""
+        s = self.settings
+        strategy = get_strategy(s.strategy)
+        pending = [r for r in train if r.granularity != "full"]
+        clock = time.monotonic()
+        results: list[ImageScore] = []
+        if strategy.needs_outputs:
+            if s.pool_size is not None or s.score_time_share is not None:
+                size = min(s.pool_size or len(pending), len(pending))
+                changed, top = self.store.pool_hints(size)
+                order = candidate_pool([r.image_id for r in pending], size=size, changed=changed, previous_top=top,
+                                       random_share=s.pool_random_share, rng=np.random.default_rng(s.seed + number))
+                by_id = {r.image_id: r for r in pending}
+                pending = [by_id[i] for i in order]
+            budget = None if s.score_time_share is None else s.score_time_share * durations.get("train", 0.0)
+            results = self._score(state, pending, classes, number, budget_s=budget)
+            states = image_states(results)
+        else:
+            states = [ImageState(r.image_id, r.granularity) for r in pending]
+        durations["score"] = time.monotonic() - clock
+        clock = time.monotonic()
+        self._set(phase=f"ranking with {strategy.name}")
+        costs = self.store.annotation_costs()
+        history = list(self.store.history())
+        val_map = metrics.get("val", {}).get("mAP")
+        if val_map is not None:
+            history.append(HistoryPoint(weak=counts.get("weak", 0), full=counts.get("full", 0), mAP=float(val_map)))
+        context = Context(costs=costs, counts=counts, history=history, batch_units=s.batch_units, seed=s.seed + number)
+        rows = describe(strategy(states, context), costs, strategy.name,
+                        {r.image_id: (r.reason or {}).get("classes", []) for r in results})
+        durations["rank"] = time.monotonic() - clock
+        clock = time.monotonic()
+        self._set(phase="writing suggestions")
+        self.store.write_results(version_id, classes, results, rows)
+        durations["write"] = time.monotonic() - clock
+        return len(results)
+
+    def _score(self, state: Mapping[str, Any], records: Sequence[Record], classes: Sequence[str], number: int,
+               *, budget_s: float | None = None) -> list[ImageScore]:
+        """Score ``records`` with the student and its teacher (the student itself when the method has none).
+        With ``budget_s``, in chunks, in the given order, stopping before a chunk that would (at the pace
+        so far) end after that many seconds; the first chunk is always scored."""
         s = self.settings
         if not records:
             return []
         device = resolve_device(s.device)
         student = model_from_state(state).to(device)
         teacher = model_from_state(state, weights="teacher").to(device) if state.get("teacher") is not None else student
-
-        started = time.monotonic()
         previous = self._previous_durations or {}
         write_per_image = previous.get("write", 0.0) / previous["scored"] if previous.get("scored") else 0.0
+        started = time.monotonic()
+        chunk = len(records) if budget_s is None else max(1, 4 * s.score_batch_size)
+        results: list[ImageScore] = []
+        for start in range(0, len(records), chunk):
+            part = records[start : start + chunk]
 
-        def on_batch(done: int, total: int) -> None:
-            self._check_stop()
+            def on_batch(done: int, total: int, offset: int = start) -> None:
+                self._check_stop()
+                finished = offset + done
+                elapsed = time.monotonic() - started
+                left = elapsed / finished * (len(records) - finished) + write_per_image * len(records) if finished else None
+                eta = f" round eta {_duration(left)}" if left is not None else ""
+                self._set(progress=TRAIN_SHARE + (1 - TRAIN_SHARE) * finished / len(records),
+                          phase=f"scoring {finished}/{len(records)} images{eta}")
+
+            scored, _ = _halving(
+                lambda b, part=part, on_batch=on_batch: score_images(
+                    student, teacher, part, classes, config=s.score, batch_size=b, device=device,
+                    num_workers=s.num_workers, seed=s.seed + number + start, on_batch=on_batch),
+                s.score_batch_size, "scoring",
+            )
+            results += scored
             elapsed = time.monotonic() - started
-            left = elapsed / done * (total - done) + write_per_image * total if done else None
-            eta = f" round eta {_duration(left)}" if left is not None else ""
-            self._set(progress=TRAIN_SHARE + (1 - TRAIN_SHARE) * done / total, phase=f"scoring {done}/{total} images{eta}")
-
-        results, _ = _halving(
-            lambda b: score_images(student, teacher, records, classes, config=s.score, batch_size=b, device=device,
-                                   num_workers=s.num_workers, seed=s.seed + number, on_batch=on_batch),
-            s.score_batch_size, "scoring",
-        )
+            if budget_s is not None and elapsed + elapsed / (start // chunk + 1) > budget_s:
+                break  # the next chunk would not fit
         return results

@@ -317,6 +317,8 @@ class ImageScore:
     conflict: float
     action: str
     reason: dict[str, Any]
+    #: Tensor[D]: the student's C5 features (after ReLU), averaged over the grid (diversity strategies)
+    embedding: Tensor | None = None
 
 
 @torch.no_grad()
@@ -376,6 +378,7 @@ def score_images(
                 score_thresh=student.config.score_thresh, nms_thresh=student.config.nms_thresh,
             )
             probs = image_logits.float().sigmoid()
+            embeddings = torch.relu(dense["c5"].float()).mean((2, 3))
             best = best_box_scores([d["scores"] for d in detections], [d["labels"] for d in detections], len(classes))
             labels = torch.stack([t["image_labels"] for t in targets]).to(device)
             known = torch.stack([t["image_label_mask"] for t in targets]).to(device)
@@ -396,7 +399,7 @@ def score_images(
                     labels=det["labels"].cpu(), image_probs=probs[i].cpu(), attention=attention[i].float().cpu(),
                     value=float(parts.value[i]), disagreement=float(parts.disagreement[i]),
                     uncertainty=float(parts.uncertainty[i]), conflict=float(parts.conflict[i]),
-                    action=action, reason=reason,
+                    action=action, reason=reason, embedding=embeddings[i].cpu(),
                 ))
             if on_batch is not None:
                 on_batch(len(results), len(dataset))

@@ -2,16 +2,14 @@
 
 Each run starts from a store whose training images are mostly unlabeled (a few full, a few weak; the
 hidden labels are kept by the oracle), runs a round of the trainer (:class:`oxnet.loop.Trainer`), then
-spends ``per_round`` annotation units on the images a strategy picks, each upgraded by one step through
-the store's normal edit functions (unlabeled -> weak costs ``cost_labels``, weak -> full costs
-``cost_boxes``), and repeats until ``budget`` units are spent. After every round the test split's mAP is
-recorded against the units spent so far.
+spends ``per_round`` annotation units on the suggestions the trainer stored, in their order (the
+trainer ranks with the run's strategy, :mod:`oxnet.strategies`, exactly as the live queue), each
+upgrade done through the store's normal edit functions (costs from :class:`~oxnet.strategies.CostModel`),
+and repeats until ``budget`` units are spent. After every round the test split's mAP is recorded
+against the units spent so far.
 
-Strategies: ``random`` (not-full training images in random order), ``disagreement`` (the trainer's
-suggestions, best score first) and ``random_boxes`` (weak images in random order: a control that buys
-boxes as disagreement tends to, so "which images" can be told apart from "which annotation"). The same
-seed gives every strategy the same starting labels, split, model initialisation and batch order, so the
-curves differ only by what was picked.
+The same seed gives every strategy the same starting labels, split, model initialisation and batch
+order, so the curves differ only by what was bought.
 
 The store side (import, oracle edits) is behind :class:`SimulationStore`; ``db.workbench`` implements it.
 """
@@ -23,6 +21,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -32,84 +31,64 @@ from typing import Any, Protocol
 import numpy as np
 
 from oxnet.loop import LoopSettings, RoundResult, Store, Trainer
-from oxnet.scoring import ADD_LABELS, DRAW_BOXES
+from oxnet.strategies import STRATEGIES as _REGISTRY
+from oxnet.strategies import CostModel
 
 __all__ = [
     "STRATEGIES",
     "Candidate",
     "CostModel",
     "SimulationConfig",
+    "ORACLE",
     "SimulationStore",
     "figure",
     "hide_labels",
-    "pick",
     "plan_labels",
+    "proposals",
+    "run_oracle",
     "run_simulation",
+    "spend",
     "summarize",
 ]
 
-STRATEGIES = ("random", "disagreement", "random_boxes")
-
-
-@dataclass(frozen=True)
-class CostModel:
-    """Annotation cost in units: image-level labels for an unlabeled image, boxes for a weak one."""
-
-    labels: float = 1.0
-    boxes: float = 5.0
-
-    def __post_init__(self) -> None:
-        if not (self.labels > 0 and self.boxes > 0):
-            raise ValueError(f"costs must be > 0, got labels={self.labels}, boxes={self.boxes}")
-
-    def of(self, action: str) -> float:
-        """Cost of ``action`` ("add image-level labels" or "draw boxes")."""
-        if action not in (ADD_LABELS, DRAW_BOXES):
-            raise ValueError(f"unknown action {action!r}")
-        return self.labels if action == ADD_LABELS else self.boxes
+STRATEGIES = tuple(_REGISTRY)
+#: The simulation-only hindsight reference (:func:`run_oracle`), not a strategy of the live queue.
+ORACLE = "oracle"
 
 
 @dataclass(frozen=True)
 class Candidate:
-    """A not-full training image: its id, granularity and the latest suggestion score (None: none)."""
+    """A suggestion of the newest model version, as the store ranked it: do ``action`` on a not-full
+    training image, costing ``cost`` units, expected ``gain`` (None: the strategy made no estimate)."""
 
     image_id: int
     granularity: str
-    score: float | None = None
-
-    @property
-    def action(self) -> str:
-        return ADD_LABELS if self.granularity == "unlabeled" else DRAW_BOXES
+    action: str
+    cost: float
+    gain: float | None = None
 
 
 class SimulationStore(Store, Protocol):
-    """A :class:`~oxnet.loop.Store` that also lists candidates and plays the oracle."""
+    """A :class:`~oxnet.loop.Store` that also lists the ranked suggestions and plays the oracle."""
 
     def candidates(self) -> list[Candidate]:
-        """Not-full training images, with the newest ready model version's suggestion score."""
+        """The newest ready model version's suggestions of still not-full images, in the strategy's order."""
 
     def reveal(self, image_id: int, action: str) -> None:
-        """Upgrade the image one step with its hidden labels (as an annotator would save them)."""
+        """Upgrade the image with its hidden labels (as an annotator would save them)."""
+
+    def granularity(self, image_id: int) -> str:
+        """The image's granularity now."""
 
 
-def pick(candidates: Sequence[Candidate], strategy: str, budget: float, costs: CostModel, rng: np.random.Generator) -> list[Candidate]:
-    """The images ``strategy`` upgrades with ``budget`` units: candidates in the strategy's order, each
-    taken when its cost still fits (cheaper ones further down may fill the rest)."""
-    if strategy not in STRATEGIES:
-        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-    if strategy == "random":
-        ordered = [candidates[i] for i in rng.permutation(len(candidates))]
-    elif strategy == "random_boxes":
-        weak = [c for c in candidates if c.granularity == "weak"]
-        ordered = [weak[i] for i in rng.permutation(len(weak))]
-    else:
-        ordered = sorted(candidates, key=lambda c: (-(c.score if c.score is not None else -math.inf), c.image_id))
+def spend(candidates: Sequence[Candidate], budget: float) -> list[Candidate]:
+    """What an annotator with ``budget`` units does with the queue: the suggestions in order, each taken
+    when its cost still fits (cheaper ones further down may fill the rest)."""
     chosen, left = [], budget
-    for candidate in ordered:
-        cost = costs.of(candidate.action)
-        if cost <= left + 1e-9:
+    for candidate in candidates:
+        if candidate.cost <= left + 1e-9:
             chosen.append(candidate)
-            left -= cost
+            left -= candidate.cost
     return chosen
 
 
@@ -197,6 +176,8 @@ class SimulationConfig:
         per_round: units spent between two rounds.
         costs: the :class:`CostModel`.
         settings: the trainer's :class:`~oxnet.loop.LoopSettings` (its ``eval_splits`` get "test").
+        min_rounds: train at least this many rounds even when nothing is left to buy (the ceiling run:
+            every training image full from the start, trained as many rounds as the others).
     """
 
     strategies: tuple[str, ...] = ("random", "disagreement")
@@ -205,9 +186,10 @@ class SimulationConfig:
     per_round: float = 10.0
     costs: CostModel = CostModel()
     settings: LoopSettings = field(default_factory=LoopSettings)
+    min_rounds: int = 0
 
     def __post_init__(self) -> None:
-        unknown = set(self.strategies) - set(STRATEGIES)
+        unknown = set(self.strategies) - set(STRATEGIES) - {ORACLE}
         if unknown or not self.strategies:
             raise ValueError(f"strategies must be among {STRATEGIES}, got {list(self.strategies)}")
         if not self.seeds:
@@ -229,13 +211,17 @@ def run_simulation(
     *,
     on_point: Callable[[dict[str, Any]], None] | None = None,
     on_update: Callable[[dict[str, Any]], None] | None = None,
+    log_dir: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Run every (strategy, seed) on a fresh store from ``make_store(strategy, seed)``.
+    """Run every (strategy, seed) on a store from ``make_store(strategy, seed)``.
 
     Returns ``{"config", "machine", "runs": [{"strategy", "seed", "points": [{"round", "spent", "mAP",
-    "AP40", "val_mAP", "label_counts", "status", "seconds"}]}], "summary"}``; ``mAP`` is the test split's.
-    ``on_point`` receives every new point; ``on_update`` the results so far after every point (the run in
-    progress included), so a long simulation can be watched and an interrupted one keeps its points.
+    "AP40", "val_mAP", "label_counts", "status", "seconds", "bought"}]}], "summary"}``; ``mAP`` is the
+    test split's. ``on_point`` receives every new point; ``on_update`` the results so far after every
+    point (the run in progress included), so a long simulation can be watched and an interrupted one
+    keeps its points. With ``log_dir``, every run appends its points and its purchases to
+    ``log_dir/<strategy>-seed<seed>.jsonl``; a run whose log exists continues from its last finished
+    round (``make_store`` must then reopen that run's store, not make a new one).
     """
     runs: list[dict[str, Any]] = []
 
@@ -244,35 +230,153 @@ def run_simulation(
 
     for seed in config.seeds:
         for strategy in config.strategies:
-            store = make_store(strategy, seed)
-            settings = _settings(config.settings, seed, strategy)
-            rng = np.random.default_rng(seed)
-            points: list[dict[str, Any]] = []
+            log = Path(log_dir) / f"{strategy}-seed{seed}.jsonl" if log_dir is not None else None
+            if strategy == ORACLE:
+                points: list[dict[str, Any]] = []
+                runs.append({"strategy": strategy, "seed": seed, "points": points})
+                run_oracle(make_store(strategy, seed), config, seed, points=points, log=log,
+                           on_point=lambda point: (on_point and on_point(point), on_update and on_update(results())))
+                continue
+            points, planned = _read_log(log)
             runs.append({"strategy": strategy, "seed": seed, "points": points})
-            spent, started = 0.0, time.monotonic()
+            if points and points[-1].get("done"):
+                continue
+            store = make_store(strategy, seed)
+            settings = _settings(config.settings, seed, strategy, config.per_round)
+            spent = points[-1]["spent"] + sum(c["cost"] for c in planned) if points else 0.0
+            if planned:  # killed while revealing: finish the purchases that were planned
+                for c in planned:
+                    target = "weak" if c["action"] == "add image-level labels" else "full"
+                    if store.granularity(c["image_id"]) not in (target, "full"):
+                        store.reveal(c["image_id"], c["action"])
+            started = time.monotonic() - (points[-1]["seconds"] if points else 0.0)
             while True:
                 result = Trainer(store, settings).run()[-1]
                 point = {"strategy": strategy, "seed": seed, **_point(result, spent, time.monotonic() - started)}
+                done = spent >= config.budget - 1e-9
+                chosen = [] if done else spend(store.candidates(), min(config.per_round, config.budget - spent))
+                point["bought"] = _bought(chosen)
+                point["done"] = (done or not chosen) and len(points) + 1 >= config.min_rounds
                 points.append(point)
+                _append(log, {"point": point})
                 if on_point is not None:
                     on_point(point)
                 if on_update is not None:
                     on_update(results())
-                if spent >= config.budget - 1e-9:
+                if point["done"]:
                     break
-                chosen = pick(store.candidates(), strategy, min(config.per_round, config.budget - spent), config.costs, rng)
-                if not chosen:
-                    break
+                _append(log, {"plan": [asdict(c) for c in chosen]})  # before revealing: a kill can finish them
                 for candidate in chosen:
                     store.reveal(candidate.image_id, candidate.action)
-                    spent += config.costs.of(candidate.action)
+                    spent += candidate.cost
     return results()
 
 
-def _settings(base: LoopSettings, seed: int, strategy: str) -> LoopSettings:
+def proposals(candidates: Sequence[Candidate], budget: float, costs: CostModel, rng: np.random.Generator,
+              k: int = 4) -> list[list[Candidate]]:
+    """``k`` batches the hindsight oracle tries (``candidates``: the not-full images, one step up):
+    ``k - 2`` random orders of one-step upgrades, image-level labels only, and boxes only (weak images
+    first, then unlabeled -> full); each spent with ``budget`` units."""
+    if k < 3:
+        raise ValueError(f"the oracle needs k >= 3 proposals, got {k}")
+    out = [spend([candidates[i] for i in rng.permutation(len(candidates))], budget) for _ in range(k - 2)]
+    unlabeled = [c for c in candidates if c.granularity == "unlabeled"]
+    weak = [c for c in candidates if c.granularity == "weak"]
+    out.append(spend([Candidate(c.image_id, c.granularity, "add image-level labels", costs.cost("unlabeled->weak"))
+                      for c in (unlabeled[i] for i in rng.permutation(len(unlabeled)))], budget))
+    boxes = [Candidate(c.image_id, "weak", "draw boxes", costs.cost("weak->full")) for c in (weak[i] for i in rng.permutation(len(weak)))]
+    boxes += [Candidate(c.image_id, "unlabeled", "draw boxes", costs.cost("unlabeled->full"))
+              for c in (unlabeled[i] for i in rng.permutation(len(unlabeled)))]
+    out.append(spend(boxes, budget))
+    return [batch for batch in out if batch]
+
+
+def run_oracle(store: Any, config: SimulationConfig, seed: int, *, points: list[dict[str, Any]],
+               log: Path | None = None, on_point: Callable[[dict[str, Any]], Any] | None = None,
+               k: int = 4) -> list[dict[str, Any]]:
+    """The hindsight reference: every round, try each of :func:`proposals`' ``k`` batches on a copy of
+    the store (``store.clone``), train one round on each, and keep the branch whose val mAP is best
+    (the test mAP is what is reported, as for the strategies). It costs ``k`` trainings per round and is
+    not resumable. It bounds what choosing among these batches can gain at this budget, not what any
+    strategy could: a wider search would need more training."""
+    settings = _settings(config.settings, seed, "random", config.per_round)
+    rng = np.random.default_rng(seed)
+    spent, started, branch_root = 0.0, time.monotonic(), Path(store.models_dir).parent / "oracle-branches"
+    result = Trainer(store, settings).run()[-1]
+    bought: list[Candidate] = []
+    while True:
+        point = {"strategy": ORACLE, "seed": seed, **_point(result, spent, time.monotonic() - started),
+                 "bought": {}, "done": False}
+        if points:
+            points[-1]["bought"] = _bought(bought)
+        done = spent >= config.budget - 1e-9
+        batches = [] if done else proposals(store.candidates(), min(config.per_round, config.budget - spent),
+                                            config.costs, rng, k)
+        point["done"] = done or not batches
+        points.append(point)
+        _append(log, {"point": point})
+        if on_point is not None:
+            on_point(point)
+        if point["done"]:
+            return points
+        best = None
+        for b, batch in enumerate(batches):
+            branch = store.clone(branch_root / f"round{result.round}-branch{b}")
+            for c in batch:
+                branch.reveal(c.image_id, c.action)
+            outcome = Trainer(branch, settings).run()[-1]
+            value = outcome.metrics.get("val", {}).get("mAP", -1.0)
+            if best is None or value > best[0]:
+                if best is not None:
+                    shutil.rmtree(Path(best[1].models_dir).parent, ignore_errors=True)
+                best = (value, branch, outcome, batch)
+            else:
+                shutil.rmtree(Path(branch.models_dir).parent, ignore_errors=True)
+        _, store, result, bought = best
+        spent += sum(c.cost for c in bought)
+
+
+def _bought(chosen: Sequence[Candidate]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for c in chosen:
+        key = f"{c.granularity}->{'weak' if c.action == 'add image-level labels' else 'full'}"
+        out[key] = out.get(key, 0) + 1
+    return out
+
+
+def _append(log: Path | None, record: Mapping[str, Any]) -> None:
+    if log is None:
+        return
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("a", encoding="utf-8") as f:
+        f.write(json.dumps(_jsonable(record)) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _read_log(log: Path | None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(points, purchases planned after the last point) of a run's log (empty when there is none)."""
+    points: list[dict[str, Any]] = []
+    planned: list[dict[str, Any]] = []
+    if log is None or not log.is_file():
+        return points, planned
+    for line in log.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by a kill: the records before it stand
+            break
+        if "point" in record:
+            points.append(record["point"])
+            planned = []
+        elif "plan" in record:
+            planned = record["plan"]
+    return points, planned
+
+
+def _settings(base: LoopSettings, seed: int, strategy: str, per_round: float) -> LoopSettings:
     splits = tuple(dict.fromkeys((*base.eval_splits, "val", "test")))
-    return replace(base, seed=seed, eval_splits=splits, max_rounds=1, min_interval_s=0.0,
-                   suggest=strategy == "disagreement")
+    return replace(base, seed=seed, eval_splits=splits, max_rounds=1, min_interval_s=0.0, suggest=True,
+                   strategy=strategy, batch_units=per_round)
 
 
 def machine() -> dict[str, Any]:
@@ -292,45 +396,90 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def summarize(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Per strategy: the mean test mAP at each spent level over seeds, the mean area under the
-    mAP-vs-units curve (trapezoid, divided by the units spanned) and the final mAP; plus the
-    per-seed differences of disagreement minus random when both ran."""
+def _units_to_reach(spent: Sequence[float], maps: Sequence[float], target: float) -> float | None:
+    """The first units spent at which the (linearly interpolated) curve reaches ``target`` (None: never)."""
+    for k, (x, y) in enumerate(zip(spent, maps)):
+        if y >= target - 1e-12:
+            if k == 0:
+                return float(x)
+            x0, y0 = spent[k - 1], maps[k - 1]
+            return float(x0 + (x - x0) * (target - y0) / (y - y0)) if y > y0 else float(x)
+    return None
+
+
+def summarize(runs: Sequence[Mapping[str, Any]], *, default: str = "cost_aware") -> dict[str, Any]:
+    """Per strategy: the mean and standard deviation of test mAP at each spent level over seeds, the mean
+    area under the mAP-vs-units curve (trapezoid, divided by the units spanned), the final mAP and the
+    units at which the mean curve reaches random's mean final mAP; per strategy other than random, the
+    paired per-seed differences against random (``<strategy>_minus_random``); and ``goal``: whether
+    ``default`` beats random in area by more than twice the sd of the paired difference, reaches
+    random's final mAP within 60 % of random's units, and is not below the better of random_labels and
+    random_boxes in area. Runs whose last point is not done yet are left out (``in_progress``)."""
     by: dict[str, dict[str, Any]] = {}
     per_seed: dict[tuple[str, int], dict[str, float]] = {}
+    in_progress = []
     for run in runs:
         points = [p for p in run["points"] if p["mAP"] is not None]
+        if run["points"] and run["points"][-1].get("done") is False:  # still running: not in the means yet
+            in_progress.append({"strategy": run["strategy"], "seed": run["seed"], "rounds": len(run["points"])})
+            continue
         if not points:
             continue
         spent = np.array([p["spent"] for p in points], dtype=float)
         maps = np.array([p["mAP"] for p in points], dtype=float)
         area = float(np.trapezoid(maps, spent) / (spent[-1] - spent[0])) if len(points) > 1 and spent[-1] > spent[0] else float(maps.mean())
-        per_seed[(run["strategy"], run["seed"])] = {"area": area, "final": float(maps[-1])}
+        per_seed[(run["strategy"], run["seed"])] = {"area": area, "final": float(maps[-1]), "spent": float(spent[-1])}
         entry = by.setdefault(run["strategy"], {"curve": {}, "areas": [], "finals": []})
         entry["areas"].append(area)
         entry["finals"].append(float(maps[-1]))
-        for s, m in zip(spent.tolist(), maps.tolist()):
-            entry["curve"].setdefault(s, []).append(m)
+        for x, m in zip(spent.tolist(), maps.tolist()):
+            entry["curve"].setdefault(x, []).append(m)
     summary: dict[str, Any] = {}
     for strategy, entry in by.items():
+        levels = sorted(entry["curve"])
         summary[strategy] = {
-            "spent": sorted(entry["curve"]),
-            "mean_mAP": [float(np.mean(entry["curve"][s])) for s in sorted(entry["curve"])],
+            "spent": levels,
+            "mean_mAP": [float(np.mean(entry["curve"][x])) for x in levels],
+            "std_mAP": [float(np.std(entry["curve"][x])) for x in levels],
             "mean_area": float(np.mean(entry["areas"])), "std_area": float(np.std(entry["areas"])),
             "mean_final_mAP": float(np.mean(entry["finals"])), "std_final_mAP": float(np.std(entry["finals"])),
             "seeds": len(entry["areas"]),
         }
+    if "random" in summary:
+        target = summary["random"]["mean_final_mAP"]
+        for entry in summary.values():
+            entry["units_to_random_final"] = _units_to_reach(entry["spent"], entry["mean_mAP"], target)
     seeds = sorted({seed for (_, seed) in per_seed})
-    pairs = [(per_seed[("disagreement", s)], per_seed[("random", s)]) for s in seeds
-             if ("disagreement", s) in per_seed and ("random", s) in per_seed]
-    if pairs:
+    for strategy in by:
+        if strategy == "random":
+            continue
+        pairs = [(per_seed[(strategy, x)], per_seed[("random", x)]) for x in seeds
+                 if (strategy, x) in per_seed and ("random", x) in per_seed]
+        if not pairs:
+            continue
         area_diff = [d["area"] - r["area"] for d, r in pairs]
         final_diff = [d["final"] - r["final"] for d, r in pairs]
-        summary["disagreement_minus_random"] = {
-            "area": {"mean": float(np.mean(area_diff)), "per_seed": area_diff},
+        summary[f"{strategy}_minus_random"] = {
+            "area": {"mean": float(np.mean(area_diff)), "sd": float(np.std(area_diff, ddof=1)) if len(pairs) > 1 else None,
+                     "per_seed": area_diff},
             "final_mAP": {"mean": float(np.mean(final_diff)), "per_seed": final_diff},
-            "seeds_where_disagreement_wins": int(sum(d > 0 for d in area_diff)), "seeds": len(pairs),
+            "seeds_where_it_wins": int(sum(d > 0 for d in area_diff)), "seeds": len(pairs),
         }
+    diff = summary.get(f"{default}_minus_random")
+    if diff is not None and "random" in summary and default in summary:
+        sd = diff["area"]["sd"]
+        reach = summary[default]["units_to_random_final"]
+        random_units = summary["random"]["spent"][-1]
+        controls = [summary[c]["mean_area"] for c in ("random_labels", "random_boxes") if c in summary]
+        summary["goal"] = {
+            "strategy": default,
+            "area_beats_random_by_2sd": bool(sd is not None and diff["area"]["mean"] > 2 * sd),
+            "reaches_random_final_within_60pct": bool(reach is not None and reach <= 0.6 * random_units),
+            "not_below_best_control": bool(controls) and summary[default]["mean_area"] >= max(controls),
+            "controls_ran": [c for c in ("random_labels", "random_boxes") if c in summary],
+        }
+    if in_progress:
+        summary["in_progress"] = in_progress
     return summary
 
 
@@ -338,7 +487,9 @@ def figure(results: Mapping[str, Any]):
     """A plotly figure: test mAP against units spent, one bold mean curve per strategy, thin per seed."""
     import plotly.graph_objects as go
 
-    colors = {"random": "#7f7f7f", "disagreement": "#d62728", "random_boxes": "#1f77b4"}
+    colors = {"random": "#7f7f7f", "disagreement": "#d62728", "random_boxes": "#1f77b4", "random_labels": "#17becf",
+              "uncertainty": "#ff7f0e", "diversity": "#9467bd", "uncertainty_diversity": "#8c564b",
+              "cost_aware": "#2ca02c"}
     fig = go.Figure()
     for run in results["runs"]:
         points = [p for p in run["points"] if p["mAP"] is not None]
@@ -351,6 +502,7 @@ def figure(results: Mapping[str, Any]):
         if strategy in STRATEGIES:
             fig.add_trace(go.Scatter(
                 x=entry["spent"], y=[100 * m for m in entry["mean_mAP"]], mode="lines+markers",
+                error_y={"type": "data", "array": [100 * v for v in entry.get("std_mAP", [])], "visible": True},
                 line={"width": 3, "color": colors.get(strategy)},
                 name=f"{strategy} (mean of {entry['seeds']} seed{'s' * (entry['seeds'] != 1)})",
             ))

@@ -5,6 +5,7 @@
     python scripts/bench.py ui [--help]           page server time at 100k images
     python scripts/bench.py load [--help]         annotators saving while the trainer writes (any backend)
     python scripts/bench.py dicomweb [--help]     import throughput from a local Orthanc (instances/s)
+    python scripts/bench.py round [--help]        one trainer round's phases at 100k images (tiny model)
 
 The logic lives in the packages (oxnet.bench, db.bench, db.loadtest, app.bench); this file only dispatches.
 """
@@ -14,7 +15,7 @@ import sys
 from importlib import import_module
 
 COMMANDS = {"train-step": "oxnet.bench", "db": "db.bench", "ui": "app.bench", "load": "db.loadtest",
-            "dicomweb": "db.bench_dicomweb"}
+            "dicomweb": "db.bench_dicomweb", "round": "db.bench_round"}
 
 
 def main(argv: list[str]) -> int:

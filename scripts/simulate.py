@@ -1,10 +1,12 @@
 """Does the loop help? Replay it with an oracle annotator (logic: oxnet.simulate; store: db.workbench).
 
     python scripts/simulate.py --dataset synth/annotations/synthetic.json --images synth/images \
-        --strategy random,disagreement --budget 40 --per-round 10 --seeds 0,1 --preset tiny --out runs/sim
+        --strategy random,cost_aware --budget 40 --per-round 10 --seeds 0,1 --preset tiny --out runs/sim
 
-Writes OUT/simulation.json (every round: units spent, test mAP, label mix) and OUT/simulation.html
-(plotly, test mAP against units spent, one curve per strategy). One SQLite store per run in OUT/stores.
+Writes OUT/simulation.json (every round: units spent, test mAP, label mix, what was bought) and
+OUT/simulation.html (plotly, test mAP against units spent, one curve per strategy). One SQLite store and
+one log (OUT/logs/<strategy>-seed<seed>.jsonl) per run: started again with the same OUT, a run continues
+from its last finished round (``--fresh`` starts over).
 """
 
 from __future__ import annotations
@@ -17,16 +19,17 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+from db.workbench import reopen_simulation_store as reopen
 from db.workbench import simulation_store
 from oxnet.loop import TRAINER_PRESETS
-from oxnet.simulate import CostModel, SimulationConfig, plan_labels, run_simulation, write_results
+from oxnet.simulate import ORACLE, STRATEGIES, CostModel, SimulationConfig, plan_labels, run_simulation, write_results
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", required=True, help="a fully labeled COCO JSON (boxes; image_labels optional)")
     parser.add_argument("--images", help="folder of the file names (default: the JSON's folder)")
-    parser.add_argument("--strategy", default="random,disagreement", help="comma-separated: random, disagreement, random_boxes (a control: random weak images)")
+    parser.add_argument("--strategy", default="random,cost_aware", help=f"comma-separated, among {', '.join(STRATEGIES)}, or {ORACLE} (best of 4 batches in hindsight; 4x the training)")
     parser.add_argument("--budget", type=float, default=40.0, help="annotation units per run")
     parser.add_argument("--per-round", type=float, default=10.0, help="units spent between two rounds")
     parser.add_argument("--seeds", default="0", help="comma-separated seeds")
@@ -45,6 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--image-size", type=int, help="network input side")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", default="runs/simulation")
+    parser.add_argument("--ceiling", action="store_true",
+                        help="every training image full from the start, trained budget/per-round + 1 rounds (the ceiling)")
+    parser.add_argument("--fresh", action="store_true", help="start every run over (default: continue finished rounds)")
     return parser
 
 
@@ -69,25 +75,40 @@ def main(argv: list[str] | None = None) -> int:
     config = SimulationConfig(
         strategies=tuple(args.strategy.split(",")), seeds=tuple(int(s) for s in args.seeds.split(",")),
         budget=args.budget, per_round=args.per_round, costs=CostModel(args.cost_labels, args.cost_boxes),
-        settings=settings,
+        settings=settings, min_rounds=int(args.budget // args.per_round) + 1 if args.ceiling else 0,
     )
     out = Path(args.out)
-    stores = out / "stores"
+    stores, logs = out / "stores", out / "logs"
+    if args.fresh:
+        shutil.rmtree(stores, ignore_errors=True)
+        shutil.rmtree(logs, ignore_errors=True)
 
     def make_store(strategy: str, seed: int):
         folder = stores / f"{strategy}-seed{seed}"
+        url = f"sqlite:///{folder / 'store.db'}"
+        if strategy == ORACLE:  # not resumable: always from the start
+            (logs / f"{strategy}-seed{seed}.jsonl").unlink(missing_ok=True)
+        elif (logs / f"{strategy}-seed{seed}.jsonl").is_file() and (folder / "store.db").is_file():
+            return reopen(url, coco, images, models_dir=folder / "models", costs=config.costs)
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
         plan = plan_labels(coco, seed=seed, initial_full=args.initial_full, initial_weak=args.initial_weak,
                            fractions=fractions)
-        return simulation_store(f"sqlite:///{folder / 'store.db'}", coco, images, plan, models_dir=folder / "models")
+        if args.ceiling:
+            plan = {i: (split, "full") for i, (split, _) in plan.items()}
+        return simulation_store(url, coco, images, plan, models_dir=folder / "models", costs=config.costs)
 
     def on_point(point: dict) -> None:
         logging.info("simulation point: %s", json.dumps(point))
 
     described = {"path": str(dataset), "images": len(coco["images"]), "initial_full": args.initial_full,
-                 "initial_weak": args.initial_weak, "fractions": list(fractions)}
-    results = run_simulation(make_store, config, on_point=on_point,
+                 "initial_weak": args.initial_weak, "fractions": list(fractions), "ceiling": args.ceiling}
+    if args.ceiling:  # what boxing every training image costs, from the label plan's start
+        start = [g for split, g in plan_labels(coco, seed=0, initial_full=args.initial_full, initial_weak=args.initial_weak,
+                                                fractions=fractions).values() if split == "train"]
+        described["ceiling_units"] = (start.count("unlabeled") * config.costs.cost("unlabeled->full")
+                                      + start.count("weak") * config.costs.cost("weak->full"))
+    results = run_simulation(make_store, config, on_point=on_point, log_dir=logs,
                              on_update=lambda partial: write_results({**partial, "dataset": described}, out))
     paths = write_results({**results, "dataset": described}, out)
     print(json.dumps({"summary": results["summary"], **{k: str(v) for k, v in paths.items()}}, indent=1))

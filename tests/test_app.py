@@ -15,7 +15,9 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
+import numpy as np
 import pytest
+import streamlit as st
 from PIL import Image as PILImage
 from sqlalchemy import select
 from streamlit.testing.v1 import AppTest
@@ -27,6 +29,7 @@ from db.engine import init_db, make_sessionmaker
 from db.drafts import get_draft
 from db.lifecycle import set_boxes, set_image_labels
 from db.models import (
+    AnnotationTime,
     AuditEntry,
     Box,
     Granularity,
@@ -239,6 +242,34 @@ def test_queue_lists_suggestions_and_open_takes_the_lease(demo):
         assert session.get(Lease, ids[0]) is not None
 
 
+def test_queue_shows_the_strategys_action_gain_and_reason(demo):
+    """Suggestions ranked by the cost-aware strategy: each card names the action, the expected gain
+    (per unit while saves are untimed, per minute once the costs are measured) and the reason, in the
+    strategy's order."""
+    from oxnet.strategies import Context, CostModel, ImageState, describe, get_strategy
+
+    ids = _unlabeled_ids(demo)
+    images = [ImageState(i, "unlabeled", score=0.1 * k, image_probs=np.full(2, 0.2 + 0.05 * k)) for k, i in enumerate(ids)]
+    for costs, unit in ((CostModel(), "per unit"), (CostModel(seconds_per_unit=20.0), "per minute")):
+        picks = get_strategy("cost_aware")(images, Context(costs=costs, batch_units=3))
+        with _sessions(demo).begin() as session:
+            version = create_model_version(session, config={})
+            finish_model_version(session, version.id, status=ModelStatus.READY)
+            rows = describe(picks, costs, "cost_aware")
+            write_suggestions(session, version.id, [{**r, "action": SuggestedAction(r["action"])} for r in rows])
+        st.cache_data.clear()  # the page caches its rows for a few seconds
+        at = _app("views/queue.py")
+        for action in (SuggestedAction.ADD_LABELS.value, SuggestedAction.DRAW_BOXES.value):
+            at.selectbox(key="queue_action").select(action).run()
+            opens = [int(b.label[6:]) for b in at.button if b.label.startswith("Open #")]
+            assert opens == [p.image_id for p in picks if p.action == action][:24]
+            if opens:
+                first = next(p for p in picks if p.action == action)
+                value = first.gain / first.cost * (60 / 20.0 if unit == "per minute" else 1)
+                assert f"**+{100 * value:.3f}** mAP points {unit}" in _texts(at)
+                assert f"**{action}**" in _texts(at) and first.reason in _texts(at)
+
+
 def test_queue_refuses_an_image_leased_to_someone_else(demo):
     ids = _unlabeled_ids(demo)
     _model(demo, ids)
@@ -313,6 +344,7 @@ def test_annotate_box_without_class_shows_a_message_and_saves_nothing(demo):
     with _sessions(demo)() as session:
         image = session.get(Image, image_id)
         assert image.version == 1 and image.granularity is Granularity.UNLABELED and not image.boxes
+        assert session.scalars(select(AnnotationTime)).all() == []  # a refused save costs nothing
 
 
 @pytest.mark.parametrize("size", [0, 16, 39])  # canvas px at scale 10: 0, 1.6 and 3.9 image px
@@ -396,6 +428,9 @@ def test_annotate_findings_save_and_next_loads_the_next_image(demo):
         assert image.granularity is Granularity.WEAK
         assert {lb.label_class.name: lb.present for lb in image.labels} == {"Pleural effusion": True}  # the rest: not assessed
         assert session.get(Lease, first) is None and session.get(Lease, second) is not None
+        (timed,) = session.scalars(select(AnnotationTime)).all()  # the save's active seconds (issue 14)
+        assert (timed.image_id, timed.upgrade, timed.annotator_id) == (first, "unlabeled->weak", image.labels[0].annotator_id)
+        assert 0 <= timed.seconds < 120
 
 
 def test_annotate_findings_are_present_absent_or_not_assessed(demo):

@@ -234,7 +234,7 @@ def test_export_import_round_trip_keeps_not_assessed(db_sessionmaker, tmp_path):
     ids = _images(db_sessionmaker, 1, folder=tmp_path)
     with db_sessionmaker.begin() as s:
         set_image_labels(s, ids[0], {"Nodule": True, "Mass": False}, annotator="a")
-        coco = export_coco(s, images_root=tmp_path)
+        coco = export_coco(s, images_root=tmp_path, include_patient_ids=True)  # real file names, to import again
     other = make_sessionmaker(init_db(f"sqlite:///{tmp_path / 'other.db'}"))
     with other.begin() as s:
         report = import_coco(s, coco, images=tmp_path)

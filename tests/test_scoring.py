@@ -124,6 +124,8 @@ def test_score_images_one_result_per_image_in_original_pixels(tmp_path):
     teacher = build_model(preset="tiny", num_classes=3, image_size=64)
     config = ScoreConfig(top_k=10)
     results = score_images(student, teacher, records, CLASSES, config=config, batch_size=2)
+    with torch.no_grad():
+        c5_channels = student.eval().dense(torch.rand(1, 1, 64, 64))["c5"].shape[1]
     assert [r.image_id for r in results] == [1, 2, 3]
     assert [r.action for r in results] == [ADD_LABELS, DRAW_BOXES, DRAW_BOXES]
     for r in results:
@@ -131,6 +133,9 @@ def test_score_images_one_result_per_image_in_original_pixels(tmp_path):
         assert (r.boxes[:, 2] <= 160 + 1e-3).all() and (r.boxes[:, 3] <= 96 + 1e-3).all()
         assert r.value == pytest.approx(r.disagreement + r.uncertainty + r.conflict, rel=1e-5)
         assert r.image_probs.shape == (3,) and r.attention.shape[0] == 3
+        assert r.embedding.shape == (c5_channels,)
+        assert (r.embedding >= 0).all()  # pooled ReLU(C5): the diversity strategies' embedding
+    assert not torch.equal(results[0].embedding, results[1].embedding)
     assert results[0].conflict == 0.0
     same = score_images(student, student, records[:1], CLASSES, config=config)
     assert same[0].disagreement > 0  # the teacher's view is photometrically different

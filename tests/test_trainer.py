@@ -92,12 +92,12 @@ def test_rounds_end_to_end_new_labels_next_round_and_stop_flag(store_url):
     write_results = store.write_results
     calls = []
 
-    def label_during_round(version_id, classes, results):
+    def label_during_round(version_id, classes, results, suggestions):
         if not calls:  # round 1, after training: an annotator saves labels
             with sessions.begin() as session:
                 set_image_labels(session, unlabeled, {"Nodule": True}, annotator="dr.lee")
         calls.append(version_id)
-        write_results(version_id, classes, results)
+        write_results(version_id, classes, results, suggestions)
 
     store.write_results = label_during_round
     rounds = []
@@ -132,10 +132,13 @@ def test_rounds_end_to_end_new_labels_next_round_and_stop_flag(store_url):
             assert set(scores) == pending and all(v >= 0 for v in scores.values())
             suggestions = session.scalars(select(Suggestion).where(Suggestion.model_version_id == version_id)).all()
             assert {s.image_id for s in suggestions} == pending
-            for s in suggestions:
-                expected = "add image-level labels" if seen[s.image_id] is Granularity.UNLABELED else "draw boxes"
-                assert s.action.value == expected, (s.image_id, s.action)
-                assert s.reason["text"].endswith(f"(score {s.score:.2f})")
+            for s in suggestions:  # the default strategy (cost_aware) picks the upgrade
+                allowed = {"add image-level labels", "draw boxes"} if seen[s.image_id] is Granularity.UNLABELED else {"draw boxes"}
+                assert s.action.value in allowed, (s.image_id, s.action)
+                assert s.reason["strategy"] == "cost_aware" and s.reason["gain"] is not None
+                assert s.reason["cost"] == (1.0 if s.action.value == "add image-level labels" else
+                                            5.0 if seen[s.image_id] is Granularity.WEAK else 6.0)
+                assert "mAP points expected" in s.reason["text"]
             predictions = session.scalars(select(Prediction).where(Prediction.model_version_id == version_id)).all()
             assert {p.image_id for p in predictions} == pending
             for p in predictions:
@@ -150,12 +153,12 @@ def test_rounds_end_to_end_new_labels_next_round_and_stop_flag(store_url):
         state = trainer_state(session)
         assert state.lock_owner is None and state.round == 2 and not state.last_error
         # the queue hands an image to one annotator at a time
-        first = claim_next(session, "add image-level labels", annotator="a")
-        second = claim_next(session, "add image-level labels", annotator="b")
+        first = claim_next(session, "draw boxes", annotator="a")
+        second = claim_next(session, "draw boxes", annotator="b")
         assert first is not None and second is not None and first.image_id != second.image_id
         assert first.model_version_id == versions[1][0] and first.score >= second.score
         assert not take_lease(session, first.image_id, "b")
-        assert claim_next(session, "add image-level labels", annotator="a").image_id == first.image_id
+        assert claim_next(session, "draw boxes", annotator="a").image_id == first.image_id
 
 
 def test_second_trainer_refused_and_dead_owner_taken_over(store_url, tmp_path):
@@ -267,10 +270,10 @@ def test_stop_after_this_round_finishes_and_saves_the_round_then_exits(store_url
     store = SqlStore.open(store_url)
     write_results = store.write_results
 
-    def ask_during_round(version_id, classes, results):
+    def ask_during_round(version_id, classes, results, *ranked):
         with sessions.begin() as session:
             request_stop(session, after_round=True)
-        write_results(version_id, classes, results)
+        write_results(version_id, classes, results, *ranked)
 
     store.write_results = ask_during_round
     settings = replace(SETTINGS, max_rounds=None, max_interval_s=0.5)
@@ -306,3 +309,72 @@ def test_round_eta_covers_evaluation_saving_scoring_and_writing(store_url):
     assert any("round eta" in text for n, text in training if n == 2)
     assert all(len(text) <= 64 for _, text in phases)  # the store's phase column
     assert _versions(store_url)[0][5]["durations"]["scored"] == 6
+@pytest.mark.parametrize("strategy", ["cost_aware", "uncertainty_diversity"])
+def test_the_queue_shows_exactly_the_strategys_order(store_url, monkeypatch, strategy):
+    """The trainer ranks with the strategy object and the Queue page reads that order back: the same
+    code path the simulation measures (no second ranking in SQL)."""
+    import oxnet.loop as loop
+    from db.ui_queries import queue
+    from oxnet.strategies import get_strategy
+
+    seen = []
+
+    def recording(name):
+        inner = get_strategy(name)
+
+        class Recorder(type(inner)):
+            def __call__(self, images, context):
+                picks = inner(images, context)
+                seen.append((images, context, picks))
+                return picks
+
+        recorder = Recorder.__new__(Recorder)
+        recorder.__dict__.update(inner.__dict__)
+        return recorder
+
+    monkeypatch.setattr(loop, "get_strategy", recording)
+    store = SqlStore.open(store_url)
+    [result] = Trainer(store, replace(SETTINGS, strategy=strategy, batch_units=7)).run()
+    assert result.status == "ready" and set(result.durations) == {"train", "save", "evaluate", "score", "rank", "write", "scored"}
+    [(images, context, picks)] = seen
+    assert len(images) == 6 and all(im.embedding is not None and im.image_probs is not None for im in images)
+    assert context.counts["full"] == 3 and context.batch_units == 7 and len(context.history) == 1  # this round's val mAP
+    with _session(store_url).begin() as session:
+        for action in ("add image-level labels", "draw boxes"):
+            listed = [(item.image_id, item.action) for item in queue(session, action, annotator="a", limit=50)]
+            assert listed == [(p.image_id, p.action) for p in picks if p.action == action]
+
+
+def test_a_bounded_pool_scores_changed_images_and_previous_top_first(store_url):
+    """pool_size 3 of 6 not-full images: round 1 scores a random 3; an image labelled after round 1 and
+    round 1's top suggestions make round 2's pool (its random share is 0 here)."""
+    settings = replace(SETTINGS, pool_size=3, pool_random_share=0.0, strategy="disagreement")
+    store = SqlStore.open(store_url)
+    [first] = Trainer(store, settings).run()
+    assert first.status == "ready" and first.scored == 3
+    sessions = _session(store_url)
+    with sessions.begin() as session:
+        scored = set(session.scalars(select(Score.image_id).where(Score.model_version_id == first.version_id)))
+        top = session.scalars(select(Suggestion.image_id).where(Suggestion.model_version_id == first.version_id)
+                              .order_by(Suggestion.score.desc())).all()
+        unscored = session.scalars(select(Image.id).where(Image.split == Split.TRAIN, Image.granularity == Granularity.UNLABELED,
+                                                          Image.id.not_in(scored))).first()
+        assert unscored is not None and len(top) == 3
+        set_image_labels(session, unscored, {"Nodule": True}, annotator="dr.lee")
+    assert store.pool_hints(3) == ([unscored], top)
+    [second] = Trainer(store, settings).run()
+    with sessions.begin() as session:
+        again = set(session.scalars(select(Score.image_id).where(Score.model_version_id == second.version_id)))
+    assert second.scored == 3 and unscored in again and again == {unscored, *top[:2]}
+
+
+def test_scoring_stops_at_its_share_of_the_training_time(store_url):
+    """score_time_share: the pool is scored in chunks, most wanted first, and the round stops scoring
+    once the share of its training time is used (a tiny share: one chunk of 4 of the 6 images)."""
+    settings = replace(SETTINGS, score_time_share=1e-9, score_batch_size=1, strategy="disagreement")
+    [result] = Trainer(SqlStore.open(store_url), settings).run()
+    assert result.status == "ready" and result.scored == 4
+    with _session(store_url).begin() as session:
+        assert len(session.scalars(select(Suggestion).where(Suggestion.model_version_id == result.version_id)).all()) == 4
+    with pytest.raises(ValueError, match="score_time_share"):
+        replace(SETTINGS, score_time_share=0.0)

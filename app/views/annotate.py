@@ -14,6 +14,7 @@ so a reload comes back to the same image, with its lease, and the draft.
 from __future__ import annotations
 
 import copy
+import time
 from typing import Any
 
 import streamlit as st
@@ -43,6 +44,7 @@ from app.browser import column_room, leave_guard
 from app.imaging import compose, render
 from app.store import CURRENT_PAGE_KEY, PREVIOUS_PAGE_KEY, annotator, sessions, store_url
 from app.widgets import plain
+from db.costs import record_save
 from db.drafts import FINDING_STATES, NOT_ASSESSED, PRESENT, delete_draft, get_draft, list_drafts, save_draft
 from db.lifecycle import ConflictError
 from db.models import SuggestedAction
@@ -106,6 +108,7 @@ def _load(detail: ImageDetail, who: str, *, restore: bool = True) -> None:
     s["annotate_history"] = []
     s["annotate_handled"] = []
     s["annotate_rev"] = 0
+    s["annotate_opened_at"] = time.monotonic()  # the save's active seconds (db.costs) count from here
     s["annotate_findgen"] = 0
     s.pop("annotate_view", None)
     for key in ("annotate_confirm_leave", "annotate_error", "annotate_box_notice"):
@@ -485,6 +488,8 @@ def _save() -> str | None:
             )
             granularity = image.granularity.value
             delete_draft(session, detail.id, who)
+            record_save(session, detail.id, annotator=who, action=queue_action(task), before=detail.granularity,
+                        seconds=time.monotonic() - s.get("annotate_opened_at", time.monotonic()))
     except (ConflictError, ValueError) as e:
         s["annotate_error"] = (f"Not saved: {e}", payload)
         return None

@@ -14,6 +14,7 @@ from app.jobs import AUTO_DEMO_ENV, list_jobs, start_demo_job
 from app.store import sessions, store_url
 from app.trainer_control import start_trainer, stop_trainer, trainer_pid
 from app.widgets import candidate_notices, show_job
+from db.costs import MIN_SAVES, cost_rows
 from db.models import Granularity, utcnow
 from db.repository import TRAINER_STALE_AFTER, stats, trainer_state
 from db.demo import data_dir
@@ -27,6 +28,12 @@ HEADLINE_METRICS = ("mAP", "AP40", "AP75", "mean_image_auc")
 def _counts(url: str) -> dict | None:
     with sessions()() as session:
         return stats(session) if project_exists(session) else None
+
+
+@st.cache_data(ttl=30, show_spinner=False)
+def _costs(url: str) -> list[dict]:
+    with sessions()() as session:
+        return cost_rows(session)
 
 
 def _serving(url: str) -> dict | None:
@@ -170,3 +177,9 @@ def _models_disk_use(url: str) -> tuple[str, int]:
 _folder, _used = _models_disk_use(url)
 st.caption(f"Model checkpoints use {_used / 2**20:,.1f} MiB in `{_folder}` (the serving, the newest and the best versions and the "
            f"{DEFAULT_KEEP_READY} newest others are kept; failed versions' files are removed).")
+
+st.subheader("Annotation cost")
+st.caption(f"Active seconds per save, from the Annotate page. The suggestions price each upgrade with the medians "
+           f"once image-level labels and that upgrade have {MIN_SAVES} saves each (units: the labels' median); "
+           "until then 1 unit for labels and 5 for boxes.")
+st.dataframe(pd.DataFrame(_costs(url)), width="content", hide_index=True)
