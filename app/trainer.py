@@ -6,8 +6,10 @@
     oxnet-trainer --stop                                                  # ask the running one to stop now
     oxnet-trainer --stop-after-round                                      # ... once its round is saved
 
-Exit status: 0 after a clean stop (SIGTERM, SIGINT, a stop request, --max-rounds), 3 when another
-trainer holds the store's lock, 1 on an error outside a round (a failing round is recorded and retried).
+Exit status: 0 after a clean stop (SIGTERM, SIGINT, a stop request, --max-rounds), 2 for options it
+refuses, 3 when another trainer holds the store's lock, 4 when the store is locked, read-only, full or
+cannot be opened (one sentence: what failed, which file, what to do), 1 on another error outside a
+round (a failing round is recorded and retried).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
-from db.engine import init_db, make_sessionmaker
+from db.engine import init_db, make_sessionmaker, store_error_message
 from db.repository import DEFAULT_PROJECT
 from db.retention import DEFAULT_KEEP_READY
 from db.workbench import SqlStore, request_stop
@@ -72,6 +74,20 @@ def _tolerance(text: str) -> float:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return _run(args)
+    except ValueError as e:  # refused settings or store contents, e.g. no such project: say it, no traceback
+        print(f"oxnet-trainer: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001 - a locked, read-only or full store is one sentence, not SQL
+        message = store_error_message(e, args.db)
+        if message is None:
+            raise
+        print(f"oxnet-trainer: error: {message}", file=sys.stderr)
+        return 4
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.stop or args.stop_after_round:
         with make_sessionmaker(init_db(args.db)).begin() as session:
             request_stop(session, args.project, annotator="cli", after_round=args.stop_after_round)

@@ -6,6 +6,7 @@ would send (``{"drawing": {"raw": fabric_json}, "backgroundFit": ...}``).
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import os
@@ -639,6 +640,35 @@ def test_metrics_plots_versions_sweeps_and_losses(demo):
     charts = at.get("plotly_chart")
     assert len(charts) == 6  # mAP vs full, vs weak, sweep, per-class AP, AUC, losses
     assert "No " not in " ".join(i.value for i in at.info)
+
+
+@pytest.mark.parametrize("count", [1, 100])
+def test_metrics_charts_stay_readable_from_one_to_a_hundred_versions(demo, count):
+    """Lines through the versions, integer count axes, both axes from 0, labels only while they fit."""
+    Session = _sessions(demo)
+    with Session.begin() as session:
+        for round_ in range(count):
+            version = create_model_version(session, config={}, round=round_ + 1)
+            version.label_counts = {"full": 10 + round_, "weak": 20 + 2 * round_, "unlabeled": 0}
+            finish_model_version(session, version.id, status=ModelStatus.READY)
+            record_metrics(session, version.id, Split.VAL, {"mAP": 0.1 + 0.001 * round_})
+            record_metrics(session, version.id, Split.TRAIN, {"loss/total": 1.0 / (round_ + 1)})
+    at = _app("views/metrics.py")
+    assert not at.exception, at.exception
+    specs = [json.loads(chart.proto.spec) for chart in at.get("plotly_chart")]
+    versus = [s for s in specs if s["layout"]["title"]["text"].startswith("mAP (val) vs")]
+    losses = [s for s in specs if s["layout"]["title"]["text"] == "mean loss per round"]
+    assert len(versus) == 2 and len(losses) == 1
+    for spec in versus + losses:
+        layout = spec["layout"]
+        assert layout["xaxis"]["rangemode"] == "tozero" and layout["yaxis"]["rangemode"] == "tozero"
+        assert layout["xaxis"]["tickformat"] == "d"
+        assert all("lines" in trace["mode"] for trace in spec["data"])
+    for spec in versus:
+        [trace] = spec["data"]
+        x = trace["x"]  # plotly sends numeric arrays as typed binary: {"dtype", "bdata"}
+        points = len(np.frombuffer(base64.b64decode(x["bdata"]), dtype=x["dtype"])) if isinstance(x, dict) else len(x)
+        assert points == count and ("text" in trace) == (count <= 15)
 
 
 def test_metrics_without_models(demo):

@@ -156,3 +156,24 @@ def test_a_full_store_is_one_sentence(tmp_path):
         f"No space left on {tmp_path} for the store {tmp_path / 'store.db'}; the change was not saved. "
         "Free some disk space and try again.")
     assert store_error_message(ValueError("a bug"), url) is None
+
+
+def test_the_trainer_on_a_read_only_store_says_so_in_one_sentence(tmp_path, capsys):
+    from app.trainer import main as trainer_main
+
+    from db.repository import ensure_project
+
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    assert trainer_main(["--db", url, "--preset", "tiny", "--max-rounds", "1"]) == 2  # an empty store
+    assert capsys.readouterr().err == "oxnet-trainer: error: no project 'default' in the store (projects: none; import images first)\n"
+    engine = init_db(url)
+    with make_sessionmaker(engine).begin() as session:
+        ensure_project(session)
+    engine.dispose()
+    for leftover in tmp_path.glob("store.db.*"):
+        leftover.unlink()
+    read_only = f"sqlite:///file:{tmp_path / 'store.db'}?mode=ro&uri=true"
+    assert trainer_main(["--db", read_only, "--preset", "tiny", "--max-rounds", "1"]) == 4
+    err = capsys.readouterr().err
+    assert err.startswith("oxnet-trainer: error: ") and "read-only" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1

@@ -21,6 +21,15 @@ from db.ui_queries import (
 )
 
 PLOT = {"width": "stretch"}
+#: Above this many model versions the points carry no text labels (hover still names the version).
+LABELLED_VERSIONS = 15
+
+
+def readable(figure, *, integer_x: bool = True):
+    """Axes that start at 0 (a rise is not exaggerated) and, for counts and rounds, integer ticks."""
+    figure.update_xaxes(rangemode="tozero", **({"tickformat": "d"} if integer_x else {}))
+    figure.update_yaxes(rangemode="tozero")
+    return figure
 
 
 @st.cache_data(ttl=30, show_spinner=False)
@@ -57,9 +66,13 @@ else:
     table["label"] = "v" + table["version"].astype(str) + table["state"].map({"serving": " (serving)"}).fillna("")
     left, right = st.columns(2)
     for col, x, colour, key in ((left, "full images", "weak images", "metrics_full"), (right, "weak images", "full images", "metrics_weak")):
-        figure = px.scatter(table, x=x, y="mAP", color=colour, text="label", hover_data=hover, title=f"mAP (val) vs {x}")
-        figure.update_traces(textposition="top center", marker={"size": 10})
-        col.plotly_chart(figure, key=key, **PLOT)
+        # one line through the versions in order (the live loop's path), the other count as colour
+        figure = px.line(table.sort_values("version"), x=x, y="mAP", markers=True, hover_data=hover,
+                         text="label" if len(table) <= LABELLED_VERSIONS else None, title=f"mAP (val) vs {x}")
+        figure.update_traces(textposition="top center", marker={"size": 9, "color": table.sort_values("version")[colour],
+                                                                 "colorscale": "Viridis", "showscale": True,
+                                                                 "colorbar": {"title": colour}})
+        col.plotly_chart(readable(figure), key=key, **PLOT)
 
 st.subheader("Serving version, candidates, promote and roll back")
 with sessions()() as session:
@@ -102,7 +115,7 @@ else:
     figure = px.line(summary, x="n_full", y="mAP", color="method", error_y="sd", markers=True,
                      hover_data=["n_weak", "seeds", "runs"], title="mAP (mean over seeds, +/- sd) vs full images",
                      labels={"n_full": "full images"})
-    st.plotly_chart(figure, key="metrics_sweep", **PLOT)
+    st.plotly_chart(readable(figure), key="metrics_sweep", **PLOT)
 
 latest = versions[-1] if versions else None
 val = latest["metrics"].get("val", {}) if latest else {}
@@ -136,5 +149,5 @@ losses = pd.DataFrame([
 if losses.empty:
     st.info("No training losses recorded yet.")
 else:
-    st.plotly_chart(px.line(losses, x="round", y="value", color="loss", markers=True, hover_data=["version"],
-                            title="mean loss per round"), key="metrics_loss", **PLOT)
+    st.plotly_chart(readable(px.line(losses, x="round", y="value", color="loss", markers=True, hover_data=["version"],
+                                     title="mean loss per round")), key="metrics_loss", **PLOT)
