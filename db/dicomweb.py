@@ -49,7 +49,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from db.imaging import DICOM_DECODERS_HINT, MAX_PIXELS, is_dicom, probe_image
-from db.importers import ImportReport, Progress, _each, _Item, _split, _write, pseudonymize
+from db.importers import ImportReport, Progress, _each, _Item, _split, _write, pseudonymize, report_summary
 from db.models import Annotator, Box, DicomInstance, Image, ImageLabel, LabelClass, ModelVersion, Prediction, Project
 from db.repository import DEFAULT_PROJECT, get_project
 
@@ -363,12 +363,8 @@ class SRReport:
     stored: list[str] = field(default_factory=list)
 
     def summary(self, limit: int = 20) -> str:
-        lines = [f"wrote {len(self.written)} SR files, stored {len(self.stored)}, skipped {len(self.skipped)}, errors {len(self.errors)}"]
-        for title, items in (("skipped", self.skipped), ("error", self.errors)):
-            lines += [f"  {title}: {item}: {reason}" for item, reason in items[:limit]]
-            if len(items) > limit:
-                lines.append(f"  ... and {len(items) - limit} more {title} items")
-        return "\n".join(lines)
+        head = f"wrote {len(self.written)} SR files, stored {len(self.stored)}, skipped {len(self.skipped)}, errors {len(self.errors)}"
+        return report_summary(head, self.skipped, self.errors, limit)
 
     def as_dict(self) -> dict[str, Any]:
         return {"written": self.written, "stored": self.stored, "skipped": [list(s) for s in self.skipped],

@@ -53,6 +53,16 @@ VINDR_COLUMNS = ("image_id", "class_name", "rad_id", "x_min", "y_min", "x_max", 
 VINDR_SUFFIXES = (".dicom", ".dcm", ".png", ".jpg")
 
 
+def report_summary(head: str, skipped: Sequence[tuple[str, str]], errors: Sequence[tuple[str, str]], limit: int = 20) -> str:
+    """``head``, then the first ``limit`` skipped items and errors with their reasons (import and export reports)."""
+    lines = [head]
+    for title, items in (("skipped", skipped), ("error", errors)):
+        lines += [f"  {title}: {item}: {reason}" for item, reason in items[:limit]]
+        if len(items) > limit:
+            lines.append(f"  ... and {len(items) - limit} more {title} items")
+    return "\n".join(lines)
+
+
 @dataclass
 class ImportReport:
     """What an import did. ``skipped`` were already in the store; ``errors`` are bad input, not imported."""
@@ -63,12 +73,8 @@ class ImportReport:
 
     def summary(self, limit: int = 20) -> str:
         """Human-readable counts plus the first ``limit`` skipped items and errors with their reasons."""
-        lines = [f"imported {len(self.imported)}, skipped {len(self.skipped)}, errors {len(self.errors)}"]
-        for title, items in (("skipped", self.skipped), ("error", self.errors)):
-            lines += [f"  {title}: {item}: {reason}" for item, reason in items[:limit]]
-            if len(items) > limit:
-                lines.append(f"  ... and {len(items) - limit} more {title} items")
-        return "\n".join(lines)
+        head = f"imported {len(self.imported)}, skipped {len(self.skipped)}, errors {len(self.errors)}"
+        return report_summary(head, self.skipped, self.errors, limit)
 
     def as_dict(self) -> dict[str, Any]:
         return {"imported": self.imported, "skipped": [list(s) for s in self.skipped], "errors": [list(e) for e in self.errors]}
