@@ -16,12 +16,8 @@ import base64
 import io
 import os
 import re
-import signal
 import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +30,7 @@ from db.drafts import get_draft
 from db.engine import init_db, make_sessionmaker
 from db.models import AuditEntry, Box, Granularity, Image, Lease, ModelStatus, Split, SuggestedAction
 from db.repository import create_model_version, finish_model_version, get_annotator, write_predictions, write_suggestions
+from tests.streamlit_server import streamlit_server
 
 CHROMIUM = Path("/usr/bin/chromium")
 ROOT = Path(__file__).resolve().parent.parent
@@ -95,28 +92,9 @@ def server(tmp_path_factory):
     url = f"sqlite:///{tmp_path / 'workbench.db'}"
     queued = _seed(url)
     port = _free_port()
-    log = open(tmp_path / "streamlit.log", "wb")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", "app/main.py", "--server.headless", "true", "--server.port", str(port),
-         "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false"],
-        cwd=ROOT, env={**os.environ, "OXNET_DB_URL": url, "OXNET_DEMO": "0"}, start_new_session=True,
-        stdout=log, stderr=subprocess.STDOUT,
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=1).status == 200:
-                    break
-            except OSError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError((tmp_path / "streamlit.log").read_text()) from None
-                time.sleep(0.2)
+    env = {**os.environ, "OXNET_DB_URL": url, "OXNET_DEMO": "0"}
+    with streamlit_server("app/main.py", port=port, cwd=ROOT, env=env, log=tmp_path / "streamlit.log"):
         yield f"http://127.0.0.1:{port}", url, iter(queued)
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=20)
-        log.close()
 
 
 @pytest.fixture(scope="module")

@@ -9,11 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -23,6 +18,7 @@ from sqlalchemy import select
 from db.demo import seed_demo
 from db.engine import init_db, make_sessionmaker
 from db.models import Image
+from tests.streamlit_server import streamlit_server
 
 CHROMIUM = Path("/usr/bin/chromium")
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,28 +39,9 @@ def server(tmp_path):
     url = f"sqlite:///{tmp_path / 'workbench.db'}"
     seed_demo(url, n=N_IMAGES, size=64)
     log_path = tmp_path / "streamlit.log"
-    log = open(log_path, "wb")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", "app/main.py", "--server.headless", "true", "--server.port", str(PORT),
-         "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false"],
-        cwd=ROOT, env={**os.environ, "OXNET_DB_URL": url, "OXNET_DEMO": "0"}, start_new_session=True,
-        stdout=log, stderr=subprocess.STDOUT,
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if urllib.request.urlopen(f"http://127.0.0.1:{PORT}/_stcore/health", timeout=1).status == 200:
-                    break
-            except OSError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(log_path.read_text()) from None
-                time.sleep(0.2)
+    env = {**os.environ, "OXNET_DB_URL": url, "OXNET_DEMO": "0"}
+    with streamlit_server("app/main.py", port=PORT, cwd=ROOT, env=env, log=log_path):
         yield f"http://127.0.0.1:{PORT}", url, log_path
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=20)
-        log.close()
 
 
 def test_export_download_works_on_every_click_and_an_upload_is_imported_by_a_job(server, tmp_path):

@@ -11,12 +11,11 @@ import os
 import site
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
+from tests.streamlit_server import streamlit_server
 from tests.test_trainer import make_store
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -92,23 +91,6 @@ def test_the_ui_starts_from_the_install(venv, tmp_path):
         port = s.getsockname()[1]
     main = _run([str(venv / "bin" / "python"), "-c", "import app, pathlib; print(pathlib.Path(app.__file__).parent / 'main.py')"],
                 cwd=tmp_path, env=_env(venv)).stdout.strip()
-    process = subprocess.Popen(
-        [str(venv / "bin" / "python"), "-m", "streamlit", "run", main, "--server.headless", "true", "--server.port", str(port),
-         "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false"],
-        cwd=tmp_path, env=_env(venv, OXNET_DB_URL=f"sqlite:///{tmp_path / 'ui.db'}", OXNET_DEMO="0"),
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2) as r:
-                    assert r.status == 200
-                    break
-            except OSError:
-                assert process.poll() is None, "streamlit exited"
-                assert time.monotonic() < deadline, "the UI did not come up"
-                time.sleep(0.5)
-    finally:
-        os.killpg(process.pid, 15)
-        process.wait(timeout=20)
+    env = _env(venv, OXNET_DB_URL=f"sqlite:///{tmp_path / 'ui.db'}", OXNET_DEMO="0")
+    with streamlit_server(main, port=port, cwd=tmp_path, env=env, python=venv / "bin" / "python", log=tmp_path / "ui.log"):
+        pass  # it answered /_stcore/health from the installed files

@@ -7,12 +7,8 @@ from __future__ import annotations
 import csv
 import json
 import os
-import signal
 import stat
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import psutil
@@ -29,6 +25,7 @@ from db.export import export_coco, export_training_mix, file_mapping
 from db.importers import SALT_ENV, import_coco, pseudonymize
 from db.models import Image
 from db.repository import annotator_name, take_lease
+from tests.streamlit_server import streamlit_server
 
 ROOT = Path(__file__).resolve().parent.parent
 MAIN = str(ROOT / "app" / "main.py")
@@ -198,26 +195,12 @@ def test_ui_started_from_another_folder_listens_on_loopback_only(tmp_path):
     port = 8621
     env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMLIT_")}
     env.update(OXNET_DB_URL=f"sqlite:///{tmp_path / 'workbench.db'}", OXNET_DEMO="0")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", MAIN, "--server.port", str(port), "--server.headless", "true"],
-        cwd=tmp_path, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=1).status == 200:
-                    break
-            except OSError:
-                assert process.poll() is None and time.monotonic() < deadline, "streamlit did not start"
-                time.sleep(0.3)
+    # no --server.address: what the app's own config says, started from another folder
+    with streamlit_server(MAIN, port=port, cwd=tmp_path, env=env, args=()) as process:
         server = psutil.Process(process.pid)
         listening = {c.laddr.ip for p in [server, *server.children(recursive=True)]
                      for c in p.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
         assert listening == {"127.0.0.1"}
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=20)
 
 
 @pytest.mark.parametrize("address", ["0.0.0.0", "", "192.168.1.5"])
