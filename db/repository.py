@@ -447,10 +447,13 @@ def take_lease(
     )
     if extended.rowcount:
         return True
-    if session.execute(select(Lease.image_id).where(Lease.image_id == image_id)).first() is not None:
-        return False
-    session.execute(insert(Lease).values(image_id=image_id, annotator_id=who, taken_at=now, expires_at=now + ttl))
-    return True
+    # No lease row yet, or another's unexpired one. Two annotators can get here at once for the same
+    # image: the insert ignores a row that appeared meanwhile (PostgreSQL would raise a unique
+    # violation), and whoever's row is there holds the lease.
+    _insert_ignore(session, Lease.__table__, {"image_id": image_id, "annotator_id": who, "taken_at": now,
+                                              "expires_at": now + ttl}, key=["image_id"])
+    holder = session.execute(select(Lease.annotator_id).where(Lease.image_id == image_id)).scalar_one()
+    return holder == who
 
 
 def release_lease(session: Session, image_id: int, annotator: str) -> bool:

@@ -70,9 +70,9 @@ if PHASE == "train":
         return real_fit(*a, callback=cb, **k)
     loop.fit = fit
 elif PHASE == "save":
-    loop.Trainer._compact = lambda self, *a: die()
+    loop.Trainer._compact = lambda self, *a, **k: die()
 elif PHASE == "score":
-    loop.Trainer._score = lambda self, *a: die()
+    loop.Trainer._score = lambda self, *a, **k: die()
 elif PHASE == "write":
     real_write = SqlStore.write_results
     def write(self, *a):
