@@ -213,6 +213,21 @@ def _mean_defined(precision: np.ndarray) -> float | None:
     return float(defined.mean()) if defined.size else None
 
 
+def _score_threshold(precision: np.ndarray, scores: np.ndarray, thresholds: np.ndarray,
+                     *, iou: float = 0.5, min_precision: float = 0.5) -> float | None:
+    """The detection score above which boxes are worth showing: per class, the lowest score whose
+    detections at or above it are at least ``min_precision`` correct at IoU ``iou`` (COCO's interpolated
+    precision, which never rises with recall); the median over classes that reach it. ``precision`` and
+    ``scores`` are COCOeval's [T, R, K, A] arrays (``-1`` where undefined); the IoU nearest ``iou`` is used."""
+    t = int(np.argmin(np.abs(thresholds - iou)))
+    per_class = []
+    for k in range(precision.shape[2]):
+        good = (precision[t, :, k, 0] >= min_precision) & (scores[t, :, k, 0] > 0)
+        if good.any():
+            per_class.append(float(scores[t, good, k, 0].min()))
+    return float(np.median(per_class)) if per_class else None
+
+
 def _iou_thresholds(iou_thresholds: Sequence[float] | None) -> np.ndarray:
     if iou_thresholds is None:
         return np.asarray(DEFAULT_IOU_THRESHOLDS)
@@ -252,6 +267,9 @@ def evaluate(
         - ``"AP_S"``, ``"AP_M"``, ``"AP_L"``: as ``"mAP"`` for GT boxes of COCO's small (< 32^2 px),
           medium and large (> 96^2 px) area ranges, over classes with GT in that range;
         - ``"per_class_AP"``: {class name: AP over the thresholds, ``None`` for classes without GT box};
+        - ``"score_threshold"``: the score above which at least half of the detections are correct at IoU
+          0.5 (the lowest such score per class, median over classes; ``None`` when no class gets there);
+          the Annotate page's default suggestion threshold;
         - ``"image_auc"``: {class name: ROC AUC of ``image_probs`` against image-level truth (the image
           has a box of the class or lists it in ``image_labels``), ``None`` when there are no positive
           or no negative images or no ``image_probs``};
@@ -335,6 +353,7 @@ def evaluate(
         "AP75": ap_at(0.75),
         **{key: _mean_defined(precision[..., a]) for key, a in _AREA_INDEX.items()},
         "per_class_AP": {c["name"]: _mean_defined(precision[:, :, k, 0]) for k, c in enumerate(categories)},
+        "score_threshold": _score_threshold(precision, coco_eval.eval["scores"][..., 0], thresholds),
     }
 
     # Image-level AUC: positive = a GT box of the class or the class named in image_labels.

@@ -120,6 +120,70 @@ def test_one_false_positive_and_one_miss_hand_computed():
     assert metrics["AP_S"] is None and metrics["AP_L"] is None  # no GT box in those ranges
 
 
+def _slow_score_threshold(gt: dict, predictions: list[dict], min_precision: float = 0.5) -> float | None:
+    """Oracle: per class, rank the detections by score, match each greedily to an unmatched GT box of its
+    image at IoU >= 0.5, and take the lowest score of a hit whose cut reaches the precision (precision at
+    a cut = the best precision of any lower cut, as COCO interpolates; a false positive adds no recall, so
+    it never sets the threshold); median over classes."""
+    from torchvision.ops import box_iou
+    import torch
+
+    chosen = []
+    for category in {c["id"] for c in gt["categories"]}:
+        gts = {}
+        for a in gt["annotations"]:
+            if a["category_id"] == category:
+                x, y, w, h = a["bbox"]
+                gts.setdefault(a["image_id"], []).append([x, y, x + w, y + h])
+        dets = sorted(((s, p["image_id"], b) for p in predictions for b, s, l in zip(p["boxes"], p["scores"], p["labels"])
+                       if l == category), key=lambda d: -d[0])
+        used, hits, points = set(), 0, []
+        for n, (score, image, b) in enumerate(dets, 1):
+            candidates = gts.get(image, [])
+            if candidates:
+                ious = box_iou(torch.tensor([b], dtype=torch.float64), torch.tensor(candidates, dtype=torch.float64))[0]
+                best = max((i for i in range(len(candidates)) if (image, i) not in used and ious[i] >= 0.5),
+                           key=lambda i: ious[i], default=None)
+                if best is not None:
+                    used.add((image, best))
+                    hits += 1
+            points.append((score, hits / n, best is not None if candidates else False))
+        good = [score for n, (score, _, hit) in enumerate(points) if hit and max(p for _, p, _ in points[n:]) >= min_precision]
+        if good and sum(len(v) for v in gts.values()):
+            chosen.append(min(good))
+    return float(np.median(chosen)) if chosen else None
+
+
+def test_score_threshold_is_where_half_the_detections_are_right():
+    # Mass: hit 0.9, false positive 0.8, hit 0.7, false positives 0.6 and 0.5. Precision at each cut:
+    # 1, 1/2, 2/3, 1/2, 2/5: the lowest hit with precision >= 1/2 is 0.7 (0.6 would only add a false
+    # positive). Nodule: a lone false positive, no threshold; the median over classes is Mass's.
+    gt = make_gt(3, [box(1, 1, 10, 10, 50, 50), box(2, 1, 10, 10, 50, 50), box(3, 2, 10, 10, 40, 40)])
+    predictions = [
+        pred(1, [[10, 10, 60, 60], [200, 200, 250, 250], [100, 100, 140, 140]], [0.9, 0.8, 0.6], [1, 1, 1]),
+        pred(2, [[10, 10, 60, 60], [300, 300, 350, 350]], [0.7, 0.5], [1, 1]),
+        pred(3, [[200, 200, 240, 240]], [0.95], [2]),
+    ]
+    metrics = evaluate(gt, predictions)
+    assert metrics["score_threshold"] == pytest.approx(0.7) == _slow_score_threshold(gt, predictions)
+    assert evaluate(gt, [pred(i, [], [], []) for i in (1, 2, 3)])["score_threshold"] is None
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_score_threshold_matches_the_loop_oracle(seed):
+    rng = np.random.default_rng(seed)
+    annotations = [box(i, int(rng.integers(1, 3)), *map(float, rng.uniform(0, 100, 2)), 40.0, 40.0) for i in range(1, 7)]
+    gt = make_gt(6, annotations)
+    predictions = []
+    for i in range(1, 7):
+        truth = [a for a in annotations if a["image_id"] == i]
+        boxes = [[a["bbox"][0] + rng.uniform(-4, 4), a["bbox"][1], a["bbox"][0] + 40, a["bbox"][1] + 40] for a in truth]
+        boxes += [[x, x, x + 30, x + 30] for x in rng.uniform(150, 300, 2)]
+        labels = [a["category_id"] for a in truth] + [int(l) for l in rng.integers(1, 3, 2)]
+        predictions.append(pred(i, boxes, [float(s) for s in rng.uniform(0.05, 1, len(boxes))], labels))
+    assert evaluate(gt, predictions)["score_threshold"] == pytest.approx(_slow_score_threshold(gt, predictions), abs=1e-9)
+
+
 @pytest.mark.parametrize(("fp_score", "expected"), [(None, 1.0), (0.1, 1.0), (0.9, 0.5)])
 def test_false_positive_on_negative_image(fp_score, expected):
     # Image 1 has one box, found with score 0.5; image 2 has none. A false positive on image 2 ranked
