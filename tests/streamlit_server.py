@@ -1,5 +1,5 @@
-"""Start ``streamlit run`` for a test, wait until it answers, and stop it (the one harness of the
-real-browser and server tests)."""
+"""Start ``streamlit run`` for a test, wait until it answers, and stop it, plus the Chromium settings:
+the one harness of the real-browser and server tests."""
 
 from __future__ import annotations
 
@@ -12,6 +12,15 @@ import time
 import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+
+#: Debian's Chromium (never ``playwright install``) and the flags that keep it off the closed network.
+CHROMIUM = Path("/usr/bin/chromium")
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "artifacts" / "browser"
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync",
+]
 
 
 @contextlib.contextmanager

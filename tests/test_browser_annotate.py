@@ -18,7 +18,6 @@ import os
 import re
 import socket
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -30,15 +29,8 @@ from db.drafts import get_draft
 from db.engine import init_db, make_sessionmaker
 from db.models import AuditEntry, Box, Granularity, Image, Lease, ModelStatus, Split, SuggestedAction
 from db.repository import create_model_version, finish_model_version, get_annotator, write_predictions, write_suggestions
-from tests.streamlit_server import streamlit_server
+from tests.streamlit_server import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, ROOT, streamlit_server
 
-CHROMIUM = Path("/usr/bin/chromium")
-ROOT = Path(__file__).resolve().parent.parent
-ARTIFACTS = ROOT / "artifacts" / "browser"
-CHROMIUM_ARGS = [
-    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync",
-]
 PORTS = range(8630, 8640)
 SIZE = 256  # demo image side (px)
 #: The model's boxes on every queued image: three above the default threshold 0.5, one below.
