@@ -14,7 +14,7 @@ from typing import Any
 
 from db.drafts import ABSENT, NOT_ASSESSED, PRESENT, check_payload
 from db.models import Granularity, SuggestedAction
-from db.ui_queries import ImageDetail
+from db.service import ImageDetail
 
 Box = tuple[str, float, float, float, float]
 

@@ -1,6 +1,6 @@
 """What the pages show of an image: windowed, inverted, fitted to the canvas, with overlays.
 
-Pixels come from :func:`oxnet.imaging.read_pixels` (DICOM windows and MONOCHROME1 handled there). The
+Pixels come from :func:`oxnet.data.imaging.read_pixels` (DICOM windows and MONOCHROME1 handled there). The
 window/level controls are in percent of the image's value range so they mean the same for 8- and
 16-bit data. Rendered images are cached per (file, settings) with ``st.cache_data``.
 """
@@ -16,7 +16,7 @@ import streamlit as st
 from PIL import Image as PILImage
 from PIL import ImageDraw, ImageFont
 
-from oxnet.imaging import read_pixels, window
+from oxnet.data.imaging import read_pixels, window
 
 #: Colour of the model's suggested boxes drawn into the background image.
 SUGGESTION_COLOUR = (255, 196, 0)

@@ -31,7 +31,7 @@ from app.store import (
 )
 from app.widgets import page_icon, plain
 from db.engine import is_read_only, store_error_message
-from db.ui_queries import project_exists
+from db.service import project_exists
 
 st.set_page_config(page_title="OXnet workbench", page_icon=page_icon(), layout="wide")
 

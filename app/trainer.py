@@ -1,4 +1,4 @@
-"""The background trainer of the workbench (one per store). Logic: oxnet.loop (rounds), db.workbench (store).
+"""The background trainer of the workbench (one per store). Logic: oxnet.active.loop (rounds), db.workbench (store).
 
     OXNET_DB_URL=sqlite:///workbench.db oxnet-trainer --preset cpu       # until SIGTERM (or python -m app.trainer)
     oxnet-trainer --preset tiny --max-rounds 1                            # one round, then exit
@@ -28,7 +28,7 @@ from db.engine import init_db, make_sessionmaker, store_error_message
 from db.repository import DEFAULT_PROJECT
 from db.retention import DEFAULT_KEEP_READY
 from db.workbench import SqlStore, request_stop
-from oxnet.loop import TRAINER_PRESETS, AlreadyRunning, Trainer
+from oxnet.active.loop import TRAINER_PRESETS, AlreadyRunning, Trainer
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -46,7 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--min-interval", type=float, help="seconds between rounds at least")
     parser.add_argument("--max-interval", type=float, help="start a round after this many seconds even without new labels")
     parser.add_argument("--max-rounds", type=int, help="exit after this many rounds")
-    parser.add_argument("--strategy", help="ranking of the suggestions (default cost_aware; see oxnet.strategies)")
+    parser.add_argument("--strategy", help="ranking of the suggestions (default cost_aware; see oxnet.active.strategies)")
     parser.add_argument("--pool-size", type=int, help="images scored per round at most (default: every not-full image)")
     parser.add_argument("--promote-tolerance", type=_tolerance,
                         help="a new model version serves suggestions when its val mAP is at least the serving "

@@ -1,5 +1,5 @@
 """Annotation cost, measured: the active seconds of every save (:class:`~db.models.AnnotationTime`),
-and the cost model the strategies use (:class:`oxnet.strategies.CostModel`).
+and the cost model the strategies use (:class:`oxnet.active.strategies.CostModel`).
 
 The Annotate page keeps the moment an image opened (or was last saved) in its session state and calls
 :func:`record_save` in its save handler; the seconds in between, capped at :data:`MAX_ACTIVE_SECONDS`
@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from db.models import AnnotationTime, Granularity, Image, SuggestedAction
 from db.repository import DEFAULT_PROJECT, get_annotator, get_project
-from oxnet.strategies import UPGRADES, CostModel
+from oxnet.active.strategies import UPGRADES, CostModel
 
 __all__ = ["MAX_ACTIVE_SECONDS", "MIN_SAVES", "annotation_costs", "cost_rows", "cost_summary", "record_save", "upgrade_of"]
 

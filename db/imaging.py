@@ -1,10 +1,10 @@
-"""The store's name for the one image reader, :mod:`oxnet.imaging` (PNG, JPEG and DICOM).
+"""The store's name for the one image reader, :mod:`oxnet.data.imaging` (PNG, JPEG and DICOM).
 
 Kept so that ``from db.imaging import probe_image`` goes on working; the code lives in oxnet, which
 the UI, the importers, the trainer and ``oxnet train`` all read images with.
 """
 
-from oxnet.imaging import (  # noqa: F401 - re-exported
+from oxnet.data.imaging import (  # noqa: F401 - re-exported
     DICOM_DECODERS_HINT,
     MAX_PIXELS,
     ImageInfo,

@@ -30,7 +30,7 @@ from db.lifecycle import EMPTY_STATE, box_error, box_state, derive_granularity, 
 from db.models import AuditEntry, Box, FileStatus, Image, ImageLabel, LabelClass, Project, Split, utcnow
 from db.repository import DEFAULT_PROJECT, ensure_project, get_annotator, get_project
 from oxnet.classes import NIH_BOX_CLASSES, NO_FINDING
-from oxnet.imaging import MAX_PIXELS, ImageInfo, probe_image
+from oxnet.data.imaging import MAX_PIXELS, ImageInfo, probe_image
 
 #: ``progress(done, total)``, called as items are read.
 Progress = Callable[[int, int], None]

@@ -1,4 +1,4 @@
-"""The store side of the workbench loop: :class:`SqlStore` implements :class:`oxnet.loop.Store` with
+"""The store side of the workbench loop: :class:`SqlStore` implements :class:`oxnet.active.loop.Store` with
 SQLAlchemy, and :func:`request_stop` lets the UI or a shell stop the trainer through the store.
 
 The trainer's lock owner is ``"<host>:<pid>"`` (``app.trainer_control`` reads the pid from it). A lock
@@ -8,7 +8,7 @@ after :data:`db.repository.TRAINER_STALE_AFTER`.
 
 A stop request is an audit entry (action :data:`STOP_ACTION`, ``after={"project": name}``): the
 running trainer sees it within a heartbeat and stops cleanly; the round in progress is abandoned
-(recorded failed, see :data:`oxnet.loop.STOPPED_MESSAGE`). ``request_stop(..., after_round=True)``
+(recorded failed, see :data:`oxnet.active.loop.STOPPED_MESSAGE`). ``request_stop(..., after_round=True)``
 writes :data:`STOP_AFTER_ROUND_ACTION` instead: the trainer finishes and saves the round in progress,
 then exits. No schema change is needed.
 
@@ -73,10 +73,10 @@ from db.repository import (
     write_scores,
     write_suggestions,
 )
-from oxnet.loop import Snapshot, VersionInfo
-from oxnet.scoring import ADD_LABELS, ImageScore
-from oxnet.simulate import Candidate, hide_labels
-from oxnet.strategies import CostModel, HistoryPoint
+from oxnet.active.loop import Snapshot, VersionInfo
+from oxnet.active.scoring import ADD_LABELS, ImageScore
+from oxnet.experiments.simulate import Candidate, hide_labels
+from oxnet.active.strategies import CostModel, HistoryPoint
 
 __all__ = ["STOP_ACTION", "STOP_AFTER_ROUND_ACTION", "OracleStore", "SqlStore", "default_owner", "reopen_simulation_store",
            "request_stop", "simulation_store"]
@@ -123,7 +123,7 @@ def request_stop(session: Session, project: str = DEFAULT_PROJECT, *, annotator:
 
 
 class SqlStore:
-    """:class:`oxnet.loop.Store` on a SQLAlchemy store; every method runs its own transaction.
+    """:class:`oxnet.active.loop.Store` on a SQLAlchemy store; every method runs its own transaction.
 
     Args:
         sessions: a ``sessionmaker`` (:func:`db.engine.make_sessionmaker`).
@@ -390,7 +390,7 @@ def _prediction_row(result: ImageScore, classes: Sequence[str]) -> dict[str, Any
 
 
 class OracleStore(SqlStore):
-    """:class:`SqlStore` plus the simulation's oracle annotator (:class:`oxnet.simulate.SimulationStore`).
+    """:class:`SqlStore` plus the simulation's oracle annotator (:class:`oxnet.experiments.simulate.SimulationStore`).
 
     ``truth`` maps an image's stored path to its hidden annotation: (present class names, boxes as
     ``(class, x1, y1, x2, y2)`` in original pixels). Upgrades go through :mod:`db.lifecycle`, so the
@@ -500,7 +500,7 @@ def reopen_simulation_store(url: str, coco: Mapping[str, Any], images: str | Pat
 def simulation_store(url: str, coco: Mapping[str, Any], images: str | Path, plan: Mapping[int, tuple[str, str]],
                      *, models_dir: str | Path, project: str = DEFAULT_PROJECT, costs: CostModel = CostModel()) -> OracleStore:
     """A new store at ``url`` holding the fully labeled ``coco`` (file names relative to ``images``)
-    with the labels hidden as ``plan`` says (:func:`oxnet.simulate.hide_labels`), and its oracle."""
+    with the labels hidden as ``plan`` says (:func:`oxnet.experiments.simulate.hide_labels`), and its oracle."""
     root = Path(images).expanduser().resolve()
     truth = _truth(coco, root)
     engine = init_db(url)

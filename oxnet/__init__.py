@@ -6,10 +6,10 @@ Heavy parts (torch) load lazily, so `import oxnet.classes` stays cheap for the s
 from importlib import import_module
 
 _LAZY = {
-    "build_model": "oxnet.model",
-    "OXNet": "oxnet.model",
-    "MeanTeacher": "oxnet.teacher",
-    "evaluate": "oxnet.evaluation",
+    "build_model": "oxnet.modeling.model",
+    "OXNet": "oxnet.modeling.model",
+    "MeanTeacher": "oxnet.modeling.teacher",
+    "evaluate": "oxnet.evaluation.metrics",
 }
 
 __all__ = sorted(_LAZY)

@@ -25,8 +25,8 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from oxnet.model import PRESETS, ModelConfig
-from oxnet.settings import METHODS, TrainConfig
+from oxnet.modeling.model import PRESETS, ModelConfig
+from oxnet.training.settings import METHODS, TrainConfig
 
 logger = logging.getLogger("oxnet.cli")
 
@@ -195,7 +195,7 @@ def _print_json(value: Any) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from oxnet.engine import fit
+    from oxnet.training.engine import fit
 
     model_options = dict(args.model_option)
     unknown = set(model_options) - {f.name for f in fields(ModelConfig)}
@@ -235,8 +235,8 @@ def _train(args: argparse.Namespace) -> int:
 
 def _load(args: argparse.Namespace):
     """(model on its device, classes, records of --data)."""
-    from oxnet.checkpoint import load_checkpoint, model_from_state
-    from oxnet.engine import resolve_device
+    from oxnet.training.checkpoint import load_checkpoint, model_from_state
+    from oxnet.training.engine import resolve_device
 
     state = load_checkpoint(args.checkpoint)
     device = resolve_device(args.device)
@@ -246,7 +246,7 @@ def _load(args: argparse.Namespace):
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from oxnet.engine import evaluate_model
+    from oxnet.training.engine import evaluate_model
 
     model, classes, records, device = _load(args)
     metrics = evaluate_model(
@@ -271,8 +271,8 @@ def _category_ids(path: str, classes: Sequence[str]) -> list[int]:
 
 def _predict(args: argparse.Namespace) -> int:
     from oxnet.data import load_image
-    from oxnet.engine import draw_overlay, predict
-    from oxnet.evaluation import coco_results
+    from oxnet.training.engine import draw_overlay, predict
+    from oxnet.evaluation.metrics import coco_results
 
     model, classes, records, device = _load(args)
     category_ids = _category_ids(args.data, classes)
@@ -300,7 +300,7 @@ def _predict(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from oxnet.data import records_from_coco
     from oxnet.data.synthetic import write_coco
-    from oxnet.engine import fit
+    from oxnet.training.engine import fit
 
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="oxnet-demo-") as scratch:

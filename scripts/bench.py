@@ -7,15 +7,15 @@
     python scripts/bench.py dicomweb [--help]     import throughput from a local Orthanc (instances/s)
     python scripts/bench.py round [--help]        one trainer round's phases at 100k images (tiny model)
 
-The logic lives in the packages (oxnet.bench, db.bench, db.loadtest, app.bench); this file only dispatches.
+The logic lives in the packages (oxnet.experiments.bench, app.benchmarks.queue, app.benchmarks.load, app.benchmarks.ui); this file only dispatches.
 """
 
 import json
 import sys
 from importlib import import_module
 
-COMMANDS = {"train-step": "oxnet.bench", "db": "db.bench", "ui": "app.bench", "load": "db.loadtest",
-            "dicomweb": "db.bench_dicomweb", "round": "db.bench_round"}
+COMMANDS = {"train-step": "oxnet.experiments.bench", "db": "app.benchmarks.queue", "ui": "app.benchmarks.ui", "load": "app.benchmarks.load",
+            "dicomweb": "app.benchmarks.dicomweb", "round": "app.benchmarks.round"}
 
 
 def main(argv: list[str]) -> int:

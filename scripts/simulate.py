@@ -1,4 +1,4 @@
-"""Does the loop help? Replay it with an oracle annotator (logic: oxnet.simulate; store: db.workbench).
+"""Does the loop help? Replay it with an oracle annotator (logic: oxnet.experiments.simulate; store: db.workbench).
 
     python scripts/simulate.py --dataset synth/annotations/synthetic.json --images synth/images \
         --strategy random,cost_aware --budget 40 --per-round 10 --seeds 0,1 --preset tiny --out runs/sim
@@ -21,8 +21,8 @@ from pathlib import Path
 
 from db.workbench import reopen_simulation_store as reopen
 from db.workbench import simulation_store
-from oxnet.loop import TRAINER_PRESETS
-from oxnet.simulate import ORACLE, STRATEGIES, CostModel, SimulationConfig, plan_labels, run_simulation, write_results
+from oxnet.active.loop import TRAINER_PRESETS
+from oxnet.experiments.simulate import ORACLE, STRATEGIES, CostModel, SimulationConfig, plan_labels, run_simulation, write_results
 
 
 def _parser() -> argparse.ArgumentParser:

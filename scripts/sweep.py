@@ -1,4 +1,4 @@
-"""The granularity study (the paper's Table 2). Logic: oxnet.sweep. Run with --help.
+"""The granularity study (the paper's Table 2). Logic: oxnet.experiments.sweep. Run with --help.
 
     python scripts/sweep.py --dataset boxes.json --test-fold 3 --full 0.25,0.5 --seeds 2 --out runs/sweep
     python scripts/sweep.py ... --store      # also record each run in the workbench store (OXNET_DB_URL)
@@ -12,7 +12,7 @@ import logging
 import sys
 from pathlib import Path
 
-from oxnet.sweep import SCHEMA, main
+from oxnet.experiments.sweep import SCHEMA, main
 
 
 def _sessions():

@@ -23,7 +23,7 @@ from db.demo import seed_demo
 from db.drafts import check_payload, delete_draft, get_draft, list_drafts, save_draft
 from db.engine import init_db, make_sessionmaker
 from db.models import Draft, Image
-from db.ui_queries import ImageDetail
+from db.service import ImageDetail
 
 CLASSES = ["Mass", "Nodule", "Fracture"]
 

@@ -247,7 +247,7 @@ def test_queue_shows_the_strategys_action_gain_and_reason(demo):
     """Suggestions ranked by the cost-aware strategy: each card names the action, the expected gain
     (per unit while saves are untimed, per minute once the costs are measured) and the reason, in the
     strategy's order."""
-    from oxnet.strategies import Context, CostModel, ImageState, describe, get_strategy
+    from oxnet.active.strategies import Context, CostModel, ImageState, describe, get_strategy
 
     ids = _unlabeled_ids(demo)
     images = [ImageState(i, "unlabeled", score=0.1 * k, image_probs=np.full(2, 0.2 + 0.05 * k)) for k, i in enumerate(ids)]

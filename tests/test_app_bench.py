@@ -1,6 +1,6 @@
 """The ``ui`` benchmark runs end to end on a small store and reports every page (no timing asserted)."""
 
-from app.bench import PAGES, main
+from app.benchmarks.ui import PAGES, main
 
 
 def test_ui_bench_reports_every_page(monkeypatch):

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from oxnet import bench
-from oxnet.model import build_model
+from oxnet.experiments import bench
+from oxnet.modeling.model import build_model
 
 
 def test_loop_baseline_equals_vectorised_daa_gpa():

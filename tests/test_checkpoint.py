@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from oxnet.checkpoint import load_checkpoint, load_model, save_checkpoint
-from oxnet.model import build_model
-from oxnet.teacher import MeanTeacher
+from oxnet.training.checkpoint import load_checkpoint, load_model, save_checkpoint
+from oxnet.modeling.model import build_model
+from oxnet.modeling.teacher import MeanTeacher
 
 CLASSES = ["Mass", "Nodule", "Fracture"]
 
@@ -128,7 +128,7 @@ def test_pickled_code_is_refused(tmp_path):
 def _free(monkeypatch, free_bytes: int) -> None:
     import shutil
 
-    import oxnet.checkpoint as checkpoint
+    import oxnet.training.checkpoint as checkpoint
 
     real = shutil.disk_usage
     monkeypatch.setattr(checkpoint.shutil, "disk_usage",
@@ -137,7 +137,7 @@ def _free(monkeypatch, free_bytes: int) -> None:
 
 def test_free_space_is_checked_before_writing(tmp_path, monkeypatch):
     """Issue 12.12: a full disk is named before torch writes a byte; the old checkpoint stays intact."""
-    from oxnet.checkpoint import NoSpaceLeft
+    from oxnet.training.checkpoint import NoSpaceLeft
 
     target = save_checkpoint({"student": {"w": torch.ones(3)}, "classes": ["a"], "model_config": {}}, tmp_path / "m.pt")
     before = target.read_bytes()
@@ -149,8 +149,8 @@ def test_free_space_is_checked_before_writing(tmp_path, monkeypatch):
 
 def test_a_failed_write_on_a_full_disk_says_no_space_left(tmp_path, monkeypatch):
     """torch's own message for a full disk is inline_container.cc's; the caller gets one clear sentence."""
-    import oxnet.checkpoint as checkpoint
-    from oxnet.checkpoint import NoSpaceLeft
+    import oxnet.training.checkpoint as checkpoint
+    from oxnet.training.checkpoint import NoSpaceLeft
 
     def full_disk(state, f):
         f.write(b"PK\x03\x04partial")
@@ -166,7 +166,7 @@ def test_a_failed_write_on_a_full_disk_says_no_space_left(tmp_path, monkeypatch)
 
 
 def test_verify_checkpoint_checks_the_checksum_and_finite_weights(tmp_path):
-    from oxnet.checkpoint import file_sha256, verify_checkpoint
+    from oxnet.training.checkpoint import file_sha256, verify_checkpoint
 
     path = save_checkpoint({"student": {"w": torch.ones(3)}, "classes": ["a"], "model_config": {}}, tmp_path / "m.pt")
     digest = file_sha256(path)

@@ -7,7 +7,7 @@ import json
 import pytest
 from PIL import Image
 
-from oxnet.checkpoint import load_checkpoint
+from oxnet.training.checkpoint import load_checkpoint
 from oxnet.cli import main
 from tests.test_engine import CLASSES, write_coco
 

@@ -13,7 +13,7 @@ from db.demo import seed_demo
 from db.engine import init_db, make_sessionmaker
 from db.lifecycle import set_image_labels
 from db.models import AnnotationTime, Granularity, Image
-from oxnet.strategies import CostModel
+from oxnet.active.strategies import CostModel
 
 
 @pytest.fixture

@@ -181,7 +181,7 @@ def test_dicom_trains_through_the_store_reader(tmp_path):
     from tests.test_db_import import write_dicom
 
     from oxnet.data.records import Record
-    from oxnet.imaging import read_pixels
+    from oxnet.data.imaging import read_pixels
 
     pixels = (np.arange(40 * 48, dtype=np.uint16).reshape(40, 48) * 2) % 4096
     path = write_dicom(tmp_path / "x.dcm", pixels, bits_stored=12, window=(1500, 1000), photometric="MONOCHROME1")

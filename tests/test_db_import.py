@@ -375,7 +375,7 @@ def test_nih_cxr_coco_files_round_trip(db_sessionmaker):
 
 def test_a_10000_by_10000_radiograph_imports_and_the_limit_is_16k_squared(db_sessionmaker, tmp_path):
     """Issue 12.14: Pillow's own 89.5 Mpx bomb limit no longer fires first; MAX_PIXELS (16k x 16k) does."""
-    from oxnet.imaging import MAX_PIXELS, probe_image
+    from oxnet.data.imaging import MAX_PIXELS, probe_image
 
     folder = tmp_path / "big"
     folder.mkdir()

@@ -4,7 +4,7 @@ audit log replays to every image's state."""
 
 import pytest
 
-from db.loadtest import run
+from app.benchmarks.load import run
 
 pytestmark = pytest.mark.slow
 

@@ -28,8 +28,8 @@ def _free_port() -> int:
 def _worker(rank: int, port: int, folder: str) -> None:
     """One torchrun-like process: the environment torchrun would set, then fit(). The final student,
     teacher and prototypes are captured from train_one_round's arguments (only rank 0 writes checkpoints)."""
-    import oxnet.engine as engine
-    from oxnet.settings import TrainConfig
+    import oxnet.training.engine as engine
+    from oxnet.training.settings import TrainConfig
 
     torch.set_num_threads(1)
     os.environ.update(
@@ -86,8 +86,8 @@ def test_two_processes_end_with_identical_student_teacher_and_prototypes(tmp_pat
     assert states[0]["student"]["prototype_initialized"].all()
     # The ranks trained (each on its own slice): the weights moved away from the shared initialisation.
     torch.manual_seed(0)
-    from oxnet.settings import TrainConfig
-    from oxnet.model import OXNet
+    from oxnet.training.settings import TrainConfig
+    from oxnet.modeling.model import OXNet
 
     initial = OXNet.from_config(TrainConfig(preset="tiny", model={"image_size": 64}).model_config(len(CLASSES)))
     assert not torch.equal(initial.state_dict()["cls_head.out.weight"], states[0]["student"]["cls_head.out.weight"])

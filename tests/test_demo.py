@@ -1,4 +1,4 @@
-"""The demo project, the scale store and the page queries of db/ui_queries.py (no Streamlit)."""
+"""The demo project, the scale store and the page queries of db/service.py (no Streamlit)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from db.engine import init_db, make_sessionmaker
 from db.lifecycle import ConflictError, replay_audit, set_image_labels
 from db.models import AuditEntry, Granularity, Image, ModelStatus, Split, SuggestedAction
 from db.repository import create_model_version, ensure_project, finish_model_version, stats, take_lease, write_suggestions
-from db.ui_queries import claim_next_image, image_detail, queue, save_annotation, validate_annotation
+from db.service import claim_next_image, image_detail, queue, save_annotation, validate_annotation
 
 pytestmark = pytest.mark.slow  # processes, whole training runs: deselect with -m 'not slow'
 

@@ -362,7 +362,7 @@ def test_credentials_from_environment_or_private_netrc_never_the_url(tmp_path):
 @pytest.mark.slow
 @needs_orthanc
 def test_throughput_benchmark_imports_every_instance():
-    from db.bench_dicomweb import main as bench
+    from app.benchmarks.dicomweb import main as bench
 
     result = bench(["--instances", "3", "--size", "64", "--bits", "8"])
     assert (result["instances"], result["reimport_skipped"]) == (3, 3)
@@ -415,7 +415,7 @@ def test_tiny_trainer_round_on_archive_images(archive, creds, tmp_path):
 
     from db.models import ModelStatus, ModelVersion, Prediction, Split
     from db.workbench import SqlStore
-    from oxnet.loop import TRAINER_PRESETS, Trainer
+    from oxnet.active.loop import TRAINER_PRESETS, Trainer
 
     url, Session = _store(tmp_path)
     with Session.begin() as session:

@@ -12,12 +12,12 @@ import pytest
 import torch
 from PIL import Image
 
-from oxnet.checkpoint import load_checkpoint
+from oxnet.training.checkpoint import load_checkpoint
 from oxnet.data import OmniDataset, collate, records_from_coco
-from oxnet.engine import Progress, evaluate_model, fit, ground_truth, predict, train_one_round
-from oxnet.model import build_model
-from oxnet.settings import METHODS, TrainConfig
-from oxnet.teacher import MeanTeacher
+from oxnet.training.engine import Progress, evaluate_model, fit, ground_truth, predict, train_one_round
+from oxnet.modeling.model import build_model
+from oxnet.training.settings import METHODS, TrainConfig
+from oxnet.modeling.teacher import MeanTeacher
 
 CLASSES = ("Mass", "Nodule")
 
@@ -207,7 +207,7 @@ def test_evaluate_model_perfect_when_predictions_are_the_truth(data, monkeypatch
 def test_fit_pretrains_then_trains_validates_and_checkpoints(data, tmp_path, caplog):
     events: list[Progress] = []
     config = tiny_config(tmp_path, epochs=2, pretrain_epochs=1, early_stop_patience=None)
-    with caplog.at_level(logging.INFO, logger="oxnet.engine"):
+    with caplog.at_level(logging.INFO, logger="oxnet.training.engine"):
         history = fit(data["train"], data["val"], config, classes=CLASSES, callback=events.append, progress=False)
     assert [(e["epoch"], e["phase"]) for e in history.epochs] == [(0, "pretrain"), (1, "train"), (2, "train")]
     for e in history.epochs:
@@ -303,7 +303,7 @@ def test_fit_resume_matches_an_uninterrupted_run(data, tmp_path):
 def test_fit_plateau_lowers_lr_and_early_stop(data, tmp_path, monkeypatch):
     """With a constant validation mAP, the LR drops by 10 after the plateau patience and training
     stops after the early-stop patience."""
-    import oxnet.engine as engine
+    import oxnet.training.engine as engine
 
     constant = {**engine.evaluate(ground_truth(data["val"], CLASSES), []), "mAP": 0.25}
     monkeypatch.setattr(engine, "evaluate", lambda *a, **k: constant)
@@ -330,7 +330,7 @@ def test_fit_warm_start_uses_pretrained_lr_and_weights(data, tmp_path):
 
 
 def test_carry_moments_refuses_an_optimizer_state_that_does_not_fit():
-    from oxnet.engine import _carry_moments
+    from oxnet.training.engine import _carry_moments
 
     small, large = torch.nn.Linear(2, 3), torch.nn.Linear(2, 4)
     stored = torch.optim.Adam(small.parameters(), lr=0.1)

@@ -1,4 +1,4 @@
-"""oxnet.evaluation on constructed cases whose answers are known by hand, plus a pairwise AUC oracle."""
+"""oxnet.evaluation.metrics on constructed cases whose answers are known by hand, plus a pairwise AUC oracle."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import oxnet
-from oxnet.evaluation import DEFAULT_IOU_THRESHOLDS, coco_results, evaluate, roc_auc
+from oxnet.evaluation.metrics import DEFAULT_IOU_THRESHOLDS, coco_results, evaluate, roc_auc
 
 NIH = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "nih-cxr"
 CATEGORIES = [{"id": 1, "name": "Mass"}, {"id": 2, "name": "Nodule"}]

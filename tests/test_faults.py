@@ -18,7 +18,7 @@ from sqlalchemy import func, select
 from db.engine import init_db, make_sessionmaker
 from db.lifecycle import granularity_mismatches, image_state, replay_audit
 from db.models import AuditEntry, Box, Image, ImageLabel, ModelStatus, ModelVersion
-from oxnet.checkpoint import verify_checkpoint
+from oxnet.training.checkpoint import verify_checkpoint
 from tests.test_trainer import make_store
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,9 +56,9 @@ KILL = "import os, signal\ndef die(*a, **k):\n    os.kill(os.getpid(), signal.SI
 TRAINER = KILL + """
 import sys
 from dataclasses import replace
-import oxnet.loop as loop, db.workbench as workbench
+import oxnet.active.loop as loop, db.workbench as workbench
 from db.workbench import SqlStore
-from oxnet.loop import TRAINER_PRESETS, Trainer
+from oxnet.active.loop import TRAINER_PRESETS, Trainer
 PHASE = {phase!r}
 if PHASE == "train":
     real_fit = loop.fit

@@ -7,9 +7,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import sigmoid_focal_loss
 
-from oxnet import losses as L
-
-
+from oxnet.modeling import losses as L
 @pytest.fixture(autouse=True)
 def float64():
     """Oracles and vectorised ops are compared in double precision."""

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from oxnet.model import LOSS_NAMES, ModelConfig, OXNet, build_model
-from oxnet.teacher import MeanTeacher
+from oxnet.modeling.model import LOSS_NAMES, ModelConfig, OXNet, build_model
+from oxnet.modeling.teacher import MeanTeacher
 
 N = 3
 SIZE = 64
@@ -398,7 +398,7 @@ def test_not_assessed_classes_are_masked_from_the_image_level_loss():
     logits, _ = m.image_level(dense)
     logits.retain_grad()
     y = torch.stack([weak([0])["image_labels"], torch.tensor([0.0, 1.0, 0.0])])
-    from oxnet import losses as L
+    from oxnet.modeling import losses as L
     masked = L.image_level_bce(logits, y, torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]]))
     torch.testing.assert_close(masked, a)  # the model applies the target's mask
     masked.backward()

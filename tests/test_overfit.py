@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from oxnet.evaluation import evaluate
-from oxnet.model import build_model
+from oxnet.evaluation.metrics import evaluate
+from oxnet.modeling.model import build_model
 
 pytestmark = pytest.mark.slow  # processes, whole training runs: deselect with -m 'not slow'
 

@@ -30,10 +30,10 @@ from db.repository import (
     write_predictions,
     write_suggestions,
 )
-from db.ui_queries import model_output, model_versions, queue, serving_summary
+from db.service import model_output, model_versions, queue, serving_summary
 from db.workbench import SqlStore
 from oxnet.data.records import records_from_coco
-from oxnet.loop import Trainer, decide_promotion
+from oxnet.active.loop import Trainer, decide_promotion
 
 ROOT = Path(__file__).resolve().parent.parent
 MAIN = str(ROOT / "app" / "main.py")

@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 
 from oxnet.data.records import Record
-from oxnet.model import build_model
-from oxnet.scoring import (
+from oxnet.modeling.model import build_model
+from oxnet.active.scoring import (
     ADD_LABELS,
     DRAW_BOXES,
     ScoreConfig,

@@ -13,7 +13,7 @@ from db.lifecycle import replay_audit
 from db.models import AuditEntry, Granularity, Image
 from db.workbench import simulation_store
 from oxnet.data.synthetic import write_coco
-from oxnet.simulate import (
+from oxnet.experiments.simulate import (
     STRATEGIES,
     Candidate,
     CostModel,
@@ -25,7 +25,7 @@ from oxnet.simulate import (
     spend,
     summarize,
 )
-from oxnet.strategies import ADD_LABELS, DRAW_BOXES
+from oxnet.active.strategies import ADD_LABELS, DRAW_BOXES
 
 pytestmark = pytest.mark.slow  # processes, whole training runs: deselect with -m 'not slow'
 
@@ -145,7 +145,7 @@ def test_simulation_cli_end_to_end_writes_curves_after_every_round(dataset, tmp_
     budget through the oracle (labels 1 unit, boxes 5), and the results are rewritten after every point."""
     import importlib.util
 
-    import oxnet.simulate as simulate
+    import oxnet.experiments.simulate as simulate
 
     coco, images = dataset
     path = tmp_path / "data.json"
@@ -198,8 +198,8 @@ class _FakeStore:
 
 
 def _fake_trainer(monkeypatch, crash_after=None):
-    import oxnet.simulate as simulate
-    from oxnet.loop import RoundResult
+    import oxnet.experiments.simulate as simulate
+    from oxnet.active.loop import RoundResult
 
     calls = []
 
@@ -265,7 +265,7 @@ def test_the_hindsight_oracle_keeps_the_best_branch(dataset, tmp_path):
     plan = plan_labels(coco, seed=0, initial_full=3, initial_weak=3)
     from dataclasses import replace
 
-    from oxnet.loop import TRAINER_PRESETS
+    from oxnet.active.loop import TRAINER_PRESETS
 
     stores = []
 

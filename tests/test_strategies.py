@@ -1,4 +1,4 @@
-"""The strategies (oxnet.strategies): each vectorised scorer against a slow loop oracle, the registry,
+"""The strategies (oxnet.active.strategies): each vectorised scorer against a slow loop oracle, the registry,
 the cost-aware choice of upgrade, bounded pools."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from oxnet.strategies import (
+from oxnet.active.strategies import (
     ADD_LABELS,
     DRAW_BOXES,
     STRATEGIES,

@@ -5,11 +5,11 @@ import json
 import numpy as np
 import pytest
 
-from oxnet import sweep
-from oxnet.checkpoint import load_checkpoint
+from oxnet.experiments import sweep
+from oxnet.training.checkpoint import load_checkpoint
 from oxnet.data.records import Record, Records, records_from_coco
 from oxnet.data.synthetic import write_coco
-from oxnet.settings import TrainConfig
+from oxnet.training.settings import TrainConfig
 
 pytestmark = pytest.mark.slow  # processes, whole training runs: deselect with -m 'not slow'
 
@@ -132,7 +132,7 @@ def test_tiny_sweep_end_to_end_writes_results_and_resumes(synthetic, tmp_path, m
     def no_training(*args, **kwargs):
         raise AssertionError("a finished run was trained again")
 
-    monkeypatch.setattr("oxnet.engine.fit", no_training)
+    monkeypatch.setattr("oxnet.training.engine.fit", no_training)
     again = sweep.run_sweep(study.pool, study.val, study.test, config)
     assert len(again["rows"]) == 3
     with pytest.raises(ValueError, match="other settings"):
@@ -227,7 +227,7 @@ def test_store_puts_a_sweep_in_the_workbench_store_once(tmp_path, db_sessionmake
     from pathlib import Path
 
     from db.repository import ensure_project
-    from db.ui_queries import sweep_results
+    from db.service import sweep_results
 
     with db_sessionmaker.begin() as s:
         ensure_project(s)

@@ -22,11 +22,11 @@ from db.lifecycle import set_image_labels
 from db.models import Granularity, Image, Metric, ModelStatus, ModelVersion, Prediction, Score, Split, Suggestion
 from db.repository import claim_next, take_lease, trainer_state
 from db.workbench import SqlStore, request_stop
-from oxnet import engine
-from oxnet.checkpoint import load_checkpoint
+from oxnet.training import engine
+from oxnet.training.checkpoint import load_checkpoint
 from oxnet.data.synthetic import write_coco
-from oxnet.loop import STOPPED_MESSAGE, TRAINER_PRESETS, AlreadyRunning, Trainer, round_eta
-from oxnet.simulate import hide_labels
+from oxnet.active.loop import STOPPED_MESSAGE, TRAINER_PRESETS, AlreadyRunning, Trainer, round_eta
+from oxnet.experiments.simulate import hide_labels
 
 pytestmark = pytest.mark.slow  # processes, whole training runs: deselect with -m 'not slow'
 
@@ -184,9 +184,9 @@ def test_second_trainer_refused_and_dead_owner_taken_over(store_url, tmp_path):
 
 
 def test_failed_round_recorded_then_retried_and_oom_halves_batch(store_url, monkeypatch):
-    import oxnet.loop
+    import oxnet.active.loop
 
-    real_fit, real_step = oxnet.loop.fit, engine.train_one_round
+    real_fit, real_step = oxnet.active.loop.fit, engine.train_one_round
     fits, steps = [], []
 
     def failing_once(*args, **kwargs):
@@ -201,7 +201,7 @@ def test_failed_round_recorded_then_retried_and_oom_halves_batch(store_url, monk
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
         return real_step(*args, **kwargs)
 
-    monkeypatch.setattr(oxnet.loop, "fit", failing_once)
+    monkeypatch.setattr(oxnet.active.loop, "fit", failing_once)
     monkeypatch.setattr(engine, "train_one_round", oom_once)
     errors = []
     store = SqlStore.open(store_url)
@@ -313,9 +313,9 @@ def test_round_eta_covers_evaluation_saving_scoring_and_writing(store_url):
 def test_the_queue_shows_exactly_the_strategys_order(store_url, monkeypatch, strategy):
     """The trainer ranks with the strategy object and the Queue page reads that order back: the same
     code path the simulation measures (no second ranking in SQL)."""
-    import oxnet.loop as loop
-    from db.ui_queries import queue
-    from oxnet.strategies import get_strategy
+    import oxnet.active.loop as loop
+    from db.service import queue
+    from oxnet.active.strategies import get_strategy
 
     seen = []
 

@@ -13,7 +13,7 @@ from db.engine import init_db, make_sessionmaker
 from db.importers import import_folder, import_vindr
 from db.models import FileStatus, Image, Metric, ModelStatus, ModelVersion, Score, Split
 from db.workbench import SqlStore
-from oxnet.loop import Trainer
+from oxnet.active.loop import Trainer
 from tests.test_db_import import write_dicom
 from tests.test_trainer import SETTINGS
 
@@ -116,7 +116,7 @@ def test_checkpoints_are_checksummed_and_a_bad_one_falls_back_with_a_warning(tmp
     with a warning in the round's notes; the round warm-starts from the newest good version, else from scratch."""
     import torch
 
-    from oxnet.checkpoint import file_sha256, load_checkpoint, save_checkpoint
+    from oxnet.training.checkpoint import file_sha256, load_checkpoint, save_checkpoint
 
     url = dicom_store(tmp_path)
     store = SqlStore.open(url)
@@ -156,7 +156,7 @@ def test_checkpoints_are_checksummed_and_a_bad_one_falls_back_with_a_warning(tmp
 
 def test_a_round_whose_weights_turn_nan_is_not_made_ready(tmp_path, monkeypatch):
     """A NaN checkpoint is never made ready: the round fails with the reason instead."""
-    import oxnet.loop as loop
+    import oxnet.active.loop as loop
 
     url = dicom_store(tmp_path)
     real = loop.load_checkpoint
@@ -178,7 +178,7 @@ def test_a_full_disk_fails_the_round_with_no_space_left_on_the_folder(tmp_path, 
     """Issue 12.12: the trainer records "no space left on <folder>", not torch's inline_container.cc."""
     import shutil
 
-    import oxnet.checkpoint as checkpoint
+    import oxnet.training.checkpoint as checkpoint
     from db.repository import trainer_state
 
     url = dicom_store(tmp_path)

@@ -49,7 +49,7 @@ from db.drafts import FINDING_STATES, NOT_ASSESSED, PRESENT, delete_draft, get_d
 from db.lifecycle import ConflictError
 from db.models import SuggestedAction
 from db.repository import release_lease, take_lease
-from db.ui_queries import (
+from db.service import (
     DEFAULT_SCORE_THRESHOLD,
     MIN_BOX_PX,
     ImageDetail,

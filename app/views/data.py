@@ -18,7 +18,7 @@ from app.store import sessions, store_url
 from app.widgets import show_job
 from db.demo import data_dir
 from db.importers import SALT_ENV
-from db.ui_queries import unreadable_files
+from db.service import unreadable_files
 
 #: More files than this go through a folder import, not the upload box.
 MAX_UPLOAD_FILES = 20

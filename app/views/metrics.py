@@ -10,7 +10,7 @@ import streamlit as st
 
 from app.store import sessions, store_url
 from app.widgets import candidate_notices, promote_button
-from db.ui_queries import (
+from db.service import (
     IMAGE_AUC_PREFIX,
     LOSS_PREFIX,
     PER_CLASS_AP_PREFIX,

@@ -19,7 +19,7 @@ from db.models import Granularity, utcnow
 from db.repository import TRAINER_STALE_AFTER, stats, trainer_state
 from db.demo import data_dir
 from db.retention import DEFAULT_KEEP_READY, folder_size
-from db.ui_queries import project_exists, serving_summary
+from db.service import project_exists, serving_summary
 
 HEADLINE_METRICS = ("mAP", "AP40", "AP75", "mean_image_auc")
 
@@ -123,7 +123,7 @@ def _trainer_panel() -> None:
     owner = row["owner"] if row else None
     if after.button("Stop after this round", disabled=not alive, key="overview_stop_after_round",
                     help="the round in progress finishes and its model version is saved; then the trainer exits"):
-        from db.workbench import request_stop  # imports torch (oxnet.loop): only on this click
+        from db.workbench import request_stop  # imports torch (oxnet.active.loop): only on this click
 
         with sessions().begin() as session:
             request_stop(session, after_round=True, annotator="ui")

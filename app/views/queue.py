@@ -8,7 +8,7 @@ from app.imaging import thumbnail
 from app.store import annotator, sessions, store_url
 from db.models import Split, SuggestedAction
 from db.repository import take_lease
-from db.ui_queries import project_classes, project_exists, queue
+from db.service import project_classes, project_exists, queue
 
 COLUMNS = 4
 PER_PAGE = 24

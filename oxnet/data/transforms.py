@@ -17,11 +17,11 @@ import torchvision.transforms.v2.functional as F
 from torch import Tensor
 from torchvision import tv_tensors
 
-from oxnet.imaging import read_pixels
+from oxnet.data.imaging import read_pixels
 
 
 def load_image(path: str | Path) -> Tensor:
-    """Read a PNG, JPEG or DICOM file as a float image in [0, 1], through :func:`oxnet.imaging.read_pixels`
+    """Read a PNG, JPEG or DICOM file as a float image in [0, 1], through :func:`oxnet.data.imaging.read_pixels`
     (the reader the store and the UI use: DICOM VOI LUT/window, MONOCHROME1 inverted).
 
     8-bit data is divided by 255 and deeper data (16-bit PNG, 12- to 16-bit DICOM) by 65535; colour

@@ -26,8 +26,7 @@ from torchvision.ops import FeaturePyramidNetwork, batched_nms, box_iou, sigmoid
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from torchvision.ops.misc import Conv2dNormActivation, FrozenBatchNorm2d
 
-from oxnet import losses as L
-
+from oxnet.modeling import losses as L
 GRANULARITIES = ("full", "weak", "unlabeled")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -303,7 +302,7 @@ class OXNet(nn.Module):
     "labels" Tensor[K] int64, "image_labels" Tensor[N] (0/1), optionally "image_label_mask" Tensor[N]
     (1 = known, 0 = not assessed: masked from the image-level BCE; absent = all known); weak and unlabeled targets may carry the
     teacher's "soft_labels" Tensor[A, N] (probabilities per anchor and class), "pseudo_boxes" Tensor[P, 4]
-    and "pseudo_labels" Tensor[P], set by :class:`oxnet.teacher.MeanTeacher`.
+    and "pseudo_labels" Tensor[P], set by :class:`oxnet.modeling.teacher.MeanTeacher`.
 
     Eval (``model(images)``) returns per image: "boxes" Tensor[D, 4], "scores" Tensor[D], "labels"
     Tensor[D] int64, "image_probs" Tensor[N] and "attention" Tensor[N, h, w] (R_c on the C5 grid).

@@ -23,7 +23,7 @@ from db.dicomweb import connect, import_dicomweb
 from db.engine import init_db, make_sessionmaker
 from db.orthanc import make_cxr, run_orthanc
 
-NIH_IMAGES = Path(__file__).resolve().parents[2] / "shared" / "data" / "nih-cxr" / "images"
+NIH_IMAGES = Path(__file__).resolve().parents[3] / "shared" / "data" / "nih-cxr" / "images"
 
 
 def main(argv: list[str]) -> dict[str, Any]:

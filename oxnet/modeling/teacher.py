@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from oxnet.model import OXNet
+from oxnet.modeling.model import OXNet
 
 
 class MeanTeacher(nn.Module):

@@ -5,8 +5,8 @@ A strategy gets the not-full training images of a round (:class:`ImageState`: gr
 strategy needs them, the current model's outputs) and a :class:`Context` (annotation costs, the label
 counts, the project's history of model versions, the units one batch spends) and returns every image it
 ranks, in order, as a :class:`Pick`: the upgrade (unlabeled -> weak, weak -> full, unlabeled -> full),
-its cost, its expected gain (mAP points) and a reason. The trainer (:mod:`oxnet.loop`) runs the strategy
-at the end of a round and stores the picks as suggestions; the Queue page and :mod:`oxnet.simulate` read
+its cost, its expected gain (mAP points) and a reason. The trainer (:mod:`oxnet.active.loop`) runs the strategy
+at the end of a round and stores the picks as suggestions; the Queue page and :mod:`oxnet.experiments.simulate` read
 that order, so the ranking a radiologist sees is the code that was measured.
 
 Strategies (:data:`STRATEGIES`):
@@ -14,7 +14,7 @@ Strategies (:data:`STRATEGIES`):
 - ``random``: every not-full image in random order, one step up each.
 - ``random_labels``: unlabeled images in random order, image-level labels.
 - ``random_boxes``: not-full images in random order, boxes (weak -> full, unlabeled -> full).
-- ``disagreement``: the trainer's suggestion score (:mod:`oxnet.scoring`), best first, one step up.
+- ``disagreement``: the trainer's suggestion score (:mod:`oxnet.active.scoring`), best first, one step up.
 - ``uncertainty``: mean binary entropy of the best detection scores per class (the detections' least
   confidence), most uncertain first, one step up.
 - ``diversity``: k-center greedy (core-set) on the pooled C5 embedding, one step up.
@@ -114,7 +114,7 @@ class CostModel:
 class ImageState:
     """A not-full training image as a strategy sees it.
 
-    ``score``: the trainer's suggestion score (:mod:`oxnet.scoring`); ``image_probs``: ndarray[N]
+    ``score``: the trainer's suggestion score (:mod:`oxnet.active.scoring`); ``image_probs``: ndarray[N]
     image-level probabilities; ``detection_scores``: ndarray[D] scores of its detections; ``labels``:
     ndarray[D] their 0-based classes; ``embedding``: ndarray[E] pooled C5 features; ``reason``: the
     scoring's reason text. Model outputs are None when the strategy does not need them.
@@ -588,7 +588,7 @@ def get_strategy(name: str) -> Strategy:
 
 
 def image_states(results: Sequence[Any]) -> list[ImageState]:
-    """:class:`ImageState` of :class:`oxnet.scoring.ImageScore` results (tensors to numpy)."""
+    """:class:`ImageState` of :class:`oxnet.active.scoring.ImageScore` results (tensors to numpy)."""
     out = []
     for r in results:
         embedding = getattr(r, "embedding", None)

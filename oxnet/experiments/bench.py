@@ -24,9 +24,9 @@ from torch import Tensor, nn
 from torchvision.models.detection import RetinaNet
 from torchvision.models.detection.retinanet import RetinaNetHead
 
-from oxnet import losses as L
-from oxnet.model import PRESETS, OXNet, _group_norm
-from oxnet.teacher import MeanTeacher
+from oxnet.modeling import losses as L
+from oxnet.modeling.model import PRESETS, OXNet, _group_norm
+from oxnet.modeling.teacher import MeanTeacher
 
 
 def _sync(device: torch.device) -> None:
@@ -104,7 +104,7 @@ def _step_fn(model: nn.Module, optimizer: torch.optim.Optimizer, call: Callable[
 
 
 def daa_gpa_vectorised(level_logits, cam, c5, labels, prototypes, initialized, num_classes):
-    """DAA + GPA as the model computes them (oxnet.losses)."""
+    """DAA + GPA as the model computes them (oxnet.modeling.losses)."""
     b = cam.shape[0]
     probs = [lv.sigmoid().view(b, -1, num_classes, *lv.shape[-2:]).amax(1) for lv in level_logits]
     att = L.local_attention(probs, tuple(cam.shape[-2:]))

@@ -6,7 +6,7 @@ object size and, for the image-level (DAA) head, ROC AUC per class.
 
 Example::
 
-    >>> from oxnet.evaluation import evaluate
+    >>> from oxnet.evaluation.metrics import evaluate
     >>> gt = {
     ...     "images": [{"id": 1, "width": 64, "height": 64}],
     ...     "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [8, 8, 16, 16]}],

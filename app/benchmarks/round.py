@@ -30,7 +30,7 @@ from db.importers import ImportReport, _Item, _write, import_coco
 from db.models import Image, Split, Suggestion
 from db.workbench import SqlStore
 from oxnet.data.synthetic import write_coco
-from oxnet.loop import TRAINER_PRESETS, Trainer
+from oxnet.active.loop import TRAINER_PRESETS, Trainer
 
 
 def main(argv: list[str]) -> dict[str, Any]:

@@ -27,10 +27,10 @@ from streamlit.testing.v1 import AppTest
 from db.demo import fill_scale_store
 from db.engine import DB_URL_ENV, init_db, make_sessionmaker
 from db.models import SuggestedAction
-from db.ui_queries import queue
+from db.service import queue
 from oxnet.data.synthetic import generate
 
-MAIN = Path(__file__).resolve().parent / "main.py"
+MAIN = Path(__file__).resolve().parents[1] / "main.py"
 PAGES = ("overview", "queue", "annotate", "metrics", "data")
 ANNOTATOR = "bench"
 

@@ -51,7 +51,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from oxnet.data.records import Record, Records
-from oxnet.settings import METHODS, TrainConfig
+from oxnet.training.settings import METHODS, TrainConfig
 
 logger = logging.getLogger(__name__)
 SCHEMA = "oxnet.sweep/1"
@@ -66,7 +66,7 @@ class SweepConfig:
         full_fractions: fractions of the training pool that keep their boxes.
         weak_fraction: share of the rest of the pool that keeps image-level labels (the remainder
             becomes unlabeled); 1.0 = the paper's Table 2 upper rows.
-        methods: names of :data:`oxnet.settings.METHODS`.
+        methods: names of :data:`oxnet.training.settings.METHODS`.
         seeds: one run per seed and mix; the seed picks the full images and seeds training.
         train: the :class:`TrainConfig` template of every run (preset, epochs, pretrain_epochs,
             batch_size, steps_per_epoch, lr, ...); ``method``, ``seed`` and ``out_dir`` are set per run.
@@ -258,8 +258,8 @@ def run_sweep(
 ) -> dict[str, Any]:
     """Train every method on every mix and seed; evaluate on ``test``. Returns the results dict (and
     writes it to ``config.out_dir`` after every run). ``on_row`` receives each new row (e.g. to store it)."""
-    from oxnet.checkpoint import load_checkpoint, model_from_state
-    from oxnet.engine import evaluate_model, fit, resolve_device
+    from oxnet.training.checkpoint import load_checkpoint, model_from_state
+    from oxnet.training.engine import evaluate_model, fit, resolve_device
 
     classes = list(pool.classes)
     check_patient_disjoint(list(pool) + list(val), test, "training/validation and test images")
@@ -523,7 +523,7 @@ def _seeds(value: str) -> tuple[int, ...]:
 def build_parser():
     import argparse
 
-    from oxnet.model import PRESETS
+    from oxnet.modeling.model import PRESETS
 
     p = argparse.ArgumentParser(
         prog="python scripts/sweep.py",

@@ -10,8 +10,8 @@ A round::
     -> validation metrics on the val split's full images (skipped, with the reason recorded, when the
        split has no fully labeled image with boxes: the train split's full images then pick the epoch)
     -> a compact inference checkpoint, written atomically, in the version's folder
-    -> score the not-full training images of the round's candidate pool (:mod:`oxnet.scoring`; every
-       one unless ``pool_size`` bounds it), then rank them with the strategy (:mod:`oxnet.strategies`):
+    -> score the not-full training images of the round's candidate pool (:mod:`oxnet.active.scoring`; every
+       one unless ``pool_size`` bounds it), then rank them with the strategy (:mod:`oxnet.active.strategies`):
        predictions and suggestions (action, expected gain per unit cost, reason) in the strategy's order
     -> the version is marked ready, its metrics stored, and it SERVES (its suggestions become the
        queue's) only when its val mAP is not worse than the serving version's by more than
@@ -59,13 +59,13 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from oxnet.checkpoint import file_sha256, load_checkpoint, model_from_state, non_finite_weights, save_checkpoint, verify_checkpoint
+from oxnet.training.checkpoint import file_sha256, load_checkpoint, model_from_state, non_finite_weights, save_checkpoint, verify_checkpoint
 from oxnet.data.datasets import UnreadableImage
 from oxnet.data.records import GRANULARITIES, Record, records_from_coco
-from oxnet.engine import Progress, evaluate_model, fit, resolve_device
-from oxnet.scoring import ImageScore, ScoreConfig, score_images
-from oxnet.settings import TrainConfig
-from oxnet.strategies import (
+from oxnet.training.engine import Progress, evaluate_model, fit, resolve_device
+from oxnet.active.scoring import ImageScore, ScoreConfig, score_images
+from oxnet.training.settings import TrainConfig
+from oxnet.active.strategies import (
     DEFAULT_STRATEGY,
     STRATEGIES,
     Context,
@@ -181,7 +181,7 @@ class Store(Protocol):
     def write_results(self, version_id: int, classes: Sequence[str], results: Sequence[ImageScore],
                       suggestions: Sequence[Mapping[str, Any]]) -> None:
         """Store predictions and scores (``results``) and the strategy's ranked ``suggestions``
-        (:func:`oxnet.strategies.describe` rows: image_id, action, score, reason) of a version."""
+        (:func:`oxnet.active.strategies.describe` rows: image_id, action, score, reason) of a version."""
 
     def annotation_costs(self) -> CostModel:
         """The cost of each upgrade (measured medians once there are enough saves, else the defaults)."""
@@ -223,7 +223,7 @@ class LoopSettings:
     """Budget and behaviour of the trainer.
 
     Args:
-        preset, model, method: the model (see :class:`~oxnet.settings.TrainConfig`).
+        preset, model, method: the model (see :class:`~oxnet.training.settings.TrainConfig`).
         epochs, steps_per_epoch: the training budget of every round.
         pretrain_epochs: plain RetinaNet epochs on the full images before the first round's method
             (only when there is no checkpoint to warm-start from).
@@ -234,7 +234,7 @@ class LoopSettings:
         num_workers: DataLoader workers.
         score: settings of the suggestion score; ``score_batch_size`` its batch (halved on OOM).
         suggest: rank the not-full training images and store suggestions (False: none).
-        strategy: the ranking (:data:`oxnet.strategies.STRATEGIES`); strategies that read no model
+        strategy: the ranking (:data:`oxnet.active.strategies.STRATEGIES`); strategies that read no model
             output (the random ones) skip the scoring pass.
         batch_units: annotation units one batch of suggestions spends (the strategy's batch).
         pool_size: images scored per round at most (None: every not-full image): recently changed
@@ -420,7 +420,7 @@ def round_eta(train_left_s: float, previous: Mapping[str, float] | None, to_scor
 
 
 def flatten_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
-    """:func:`oxnet.evaluation.evaluate`'s dict as named floats: nested dicts become ``name/key``
+    """:func:`oxnet.evaluation.metrics.evaluate`'s dict as named floats: nested dicts become ``name/key``
     (``per_class_AP/Nodule``); None, lists and non-finite values are left out."""
     flat: dict[str, float] = {}
     for name, value in metrics.items():

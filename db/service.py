@@ -5,7 +5,7 @@ caller owns the transaction. Results are plain dataclasses and dicts (safe to ca
 
 Contracts with the trainer (issue 5), read here and documented in the README:
 
-- metrics are :class:`~db.models.Metric` rows; :func:`oxnet.evaluation.evaluate`'s nested dicts are
+- metrics are :class:`~db.models.Metric` rows; :func:`oxnet.evaluation.metrics.evaluate`'s nested dicts are
   flattened as ``per_class_AP/<class>`` and ``image_auc/<class>``; training losses are ``loss/<name>``
   rows on the ``train`` split (one value per model version, the round's mean);
 - an attention map of a prediction is ``Prediction.image_probs["attention"][<class>]``: a 2-D list of
@@ -51,7 +51,7 @@ from db.repository import (
     take_lease,
 )
 
-#: Metric name prefixes of the flattened per-class dicts of :func:`oxnet.evaluation.evaluate`.
+#: Metric name prefixes of the flattened per-class dicts of :func:`oxnet.evaluation.metrics.evaluate`.
 PER_CLASS_AP_PREFIX = "per_class_AP/"
 IMAGE_AUC_PREFIX = "image_auc/"
 #: Prefix of the training-loss metrics (split ``train``) of a model version.
@@ -72,7 +72,7 @@ class QueueItem:
 
     ``strategy``, ``cost`` (units), ``gain`` (expected mAP, 0-1), ``gain_per_unit`` and
     ``gain_per_minute`` (None while the costs are not measured) come from the strategy that ranked the
-    queue (:func:`oxnet.strategies.describe`); None where it made no estimate.
+    queue (:func:`oxnet.active.strategies.describe`); None where it made no estimate.
     """
 
     image_id: int

@@ -5,13 +5,13 @@
   RetinaNet pretraining, epochs with validation mAP, ``ReduceLROnPlateau``, early stopping, atomic
   checkpoints (``last.pt``, ``best.pt``), resume, progress callback; runs under ``torchrun`` as well.
 - :func:`predict`, :func:`evaluate_model`, :func:`ground_truth`: inference in original image pixels and
-  evaluation through :func:`oxnet.evaluation.evaluate`.
+  evaluation through :func:`oxnet.evaluation.metrics.evaluate`.
 
 Example::
 
     >>> from oxnet.data import records_from_coco
-    >>> from oxnet.engine import fit
-    >>> from oxnet.settings import TrainConfig
+    >>> from oxnet.training.engine import fit
+    >>> from oxnet.training.settings import TrainConfig
     >>> train = records_from_coco("train.json") + records_from_coco("weak.json", granularity="weak")
     >>> val = records_from_coco("val.json")
     >>> history = fit(train, val, TrainConfig(method="oxnet", preset="cpu", epochs=10), classes=val.classes)
@@ -42,14 +42,14 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from oxnet.checkpoint import load_checkpoint, model_from_state, save_checkpoint
+from oxnet.training.checkpoint import load_checkpoint, model_from_state, save_checkpoint
 from oxnet.data.datasets import OmniDataset, collate
 from oxnet.data.records import Record
 from oxnet.data.sampler import MixedBatchSampler
-from oxnet.evaluation import evaluate
-from oxnet.model import OXNet, bn_frozen
-from oxnet.settings import METHODS, TrainConfig
-from oxnet.teacher import MeanTeacher
+from oxnet.evaluation.metrics import evaluate
+from oxnet.modeling.model import OXNet, bn_frozen
+from oxnet.training.settings import METHODS, TrainConfig
+from oxnet.modeling.teacher import MeanTeacher
 
 __all__ = [
     "History",
@@ -183,12 +183,12 @@ def train_one_round(
     update of the teacher.
 
     Args:
-        model: the student :class:`~oxnet.model.OXNet`, or it wrapped in ``DistributedDataParallel``.
+        model: the student :class:`~oxnet.modeling.model.OXNet`, or it wrapped in ``DistributedDataParallel``.
         optimizer: optimizer of the student's parameters.
         loader: batches as produced by ``oxnet.data.collate``.
         device: where the model is; batches are moved there (channels_last on CUDA).
         grad_clip: maximum total gradient norm; 0 switches clipping off.
-        teacher: the :class:`~oxnet.teacher.MeanTeacher` whose student ``model`` is, for methods with
+        teacher: the :class:`~oxnet.modeling.teacher.MeanTeacher` whose student ``model`` is, for methods with
             soft focal loss; ``None`` otherwise.
         scaler: a ``GradScaler`` for mixed precision; autocast (float16) is on when it is enabled.
         epoch: only used in messages.
@@ -266,7 +266,7 @@ def train_one_round(
 # --------------------------------------------------------------------------------------------------
 def ground_truth(records: Sequence[Record], classes: Sequence[str]) -> dict[str, Any]:
     """The COCO ground-truth dict of fully labeled records, in ORIGINAL pixels, for
-    :func:`oxnet.evaluation.evaluate`: category id ``i + 1`` is ``classes[i]``; every image keeps its
+    :func:`oxnet.evaluation.metrics.evaluate`: category id ``i + 1`` is ``classes[i]``; every image keeps its
     image-level labels (``image_labels``, class names) for the image-level AUC.
 
     Raises:
@@ -314,7 +314,7 @@ def predict(
     """Detect on ``records`` (any granularity; images are resized to the model's ``image_size``).
 
     Args:
-        model: an :class:`~oxnet.model.OXNet` (put in eval mode for the call, then restored).
+        model: an :class:`~oxnet.modeling.model.OXNet` (put in eval mode for the call, then restored).
         records: the images.
         batch_size, num_workers: of the DataLoader.
         device: where ``model`` is.
@@ -322,8 +322,8 @@ def predict(
         progress: show a tqdm bar.
 
     Returns:
-        One dict per record, in order, on the CPU, ready for :func:`oxnet.evaluation.evaluate` and
-        :func:`oxnet.evaluation.coco_results`: "image_id" int, "boxes" Tensor[D, 4] (x1, y1, x2, y2) in
+        One dict per record, in order, on the CPU, ready for :func:`oxnet.evaluation.metrics.evaluate` and
+        :func:`oxnet.evaluation.metrics.coco_results`: "image_id" int, "boxes" Tensor[D, 4] (x1, y1, x2, y2) in
         ORIGINAL image pixels, "scores" Tensor[D], "labels" Tensor[D] int64 category ids,
         "image_probs" Tensor[C] (class index order) and "attention" Tensor[C, h, w] (DAA attention on the
         C5 grid of the resized image).
@@ -370,7 +370,7 @@ def evaluate_model(
     device: str | torch.device = "cpu",
     num_workers: int = 0,
 ) -> dict[str, Any]:
-    """:func:`predict` on fully labeled ``records`` and :func:`oxnet.evaluation.evaluate` against their
+    """:func:`predict` on fully labeled ``records`` and :func:`oxnet.evaluation.metrics.evaluate` against their
     ground truth in original pixels. Returns the metrics dict of ``evaluate`` (mAP, AP40, ...)."""
     truth = ground_truth(records, classes)
     predictions = predict(model, records, batch_size=batch_size, device=device, num_workers=num_workers)
@@ -443,7 +443,7 @@ class History:
     """Per-epoch record of a :func:`fit` run.
 
     ``epochs``: one dict per epoch: "epoch" (0-based over both phases), "phase", "losses" (means),
-    "metrics" (validation metrics of :func:`oxnet.evaluation.evaluate`), "lr", "steps", "seconds".
+    "metrics" (validation metrics of :func:`oxnet.evaluation.metrics.evaluate`), "lr", "steps", "seconds".
     ``best_epoch``/``best_metric``: the best validation mAP of the "train" phase; ``best_checkpoint``
     holds that model.
     """

@@ -1,10 +1,10 @@
 """Does the loop help? Replay it with an oracle annotator and compare selection strategies at equal cost.
 
 Each run starts from a store whose training images are mostly unlabeled (a few full, a few weak; the
-hidden labels are kept by the oracle), runs a round of the trainer (:class:`oxnet.loop.Trainer`), then
+hidden labels are kept by the oracle), runs a round of the trainer (:class:`oxnet.active.loop.Trainer`), then
 spends ``per_round`` annotation units on the suggestions the trainer stored, in their order (the
-trainer ranks with the run's strategy, :mod:`oxnet.strategies`, exactly as the live queue), each
-upgrade done through the store's normal edit functions (costs from :class:`~oxnet.strategies.CostModel`),
+trainer ranks with the run's strategy, :mod:`oxnet.active.strategies`, exactly as the live queue), each
+upgrade done through the store's normal edit functions (costs from :class:`~oxnet.active.strategies.CostModel`),
 and repeats until ``budget`` units are spent. After every round the test split's mAP is recorded
 against the units spent so far.
 
@@ -30,9 +30,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from oxnet.loop import LoopSettings, RoundResult, Store, Trainer
-from oxnet.strategies import STRATEGIES as _REGISTRY
-from oxnet.strategies import CostModel
+from oxnet.active.loop import LoopSettings, RoundResult, Store, Trainer
+from oxnet.active.strategies import STRATEGIES as _REGISTRY
+from oxnet.active.strategies import CostModel
 
 __all__ = [
     "STRATEGIES",
@@ -69,7 +69,7 @@ class Candidate:
 
 
 class SimulationStore(Store, Protocol):
-    """A :class:`~oxnet.loop.Store` that also lists the ranked suggestions and plays the oracle."""
+    """A :class:`~oxnet.active.loop.Store` that also lists the ranked suggestions and plays the oracle."""
 
     def candidates(self) -> list[Candidate]:
         """The newest ready model version's suggestions of still not-full images, in the strategy's order."""
@@ -175,7 +175,7 @@ class SimulationConfig:
         budget: units to spend in a run (the last round may spend less when nothing fits).
         per_round: units spent between two rounds.
         costs: the :class:`CostModel`.
-        settings: the trainer's :class:`~oxnet.loop.LoopSettings` (its ``eval_splits`` get "test").
+        settings: the trainer's :class:`~oxnet.active.loop.LoopSettings` (its ``eval_splits`` get "test").
         min_rounds: train at least this many rounds even when nothing is left to buy (the ceiling run:
             every training image full from the start, trained as many rounds as the others).
     """

@@ -21,7 +21,7 @@ A checkpoint is a dict of tensors and plain Python values (never a pickled modul
 
 Example::
 
-    >>> from oxnet.checkpoint import load_model
+    >>> from oxnet.training.checkpoint import load_model
     >>> model = load_model("runs/oxnet/best.pt")  # OXNet in eval mode, on the CPU
 """
 
@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from oxnet.model import ModelConfig, OXNet, bn_frozen
+from oxnet.modeling.model import ModelConfig, OXNet, bn_frozen
 
 FORMAT = "oxnet-checkpoint"
 VERSION = 1
@@ -232,7 +232,7 @@ def model_from_state(state: Mapping[str, Any], *, weights: str = "student", sour
 def load_model(
     path: str | Path, *, weights: str = "student", device: str | torch.device = "cpu"
 ) -> OXNet:
-    """Load an :class:`~oxnet.model.OXNet` for inference from a checkpoint file.
+    """Load an :class:`~oxnet.modeling.model.OXNet` for inference from a checkpoint file.
 
     Args:
         path: a checkpoint (``best.pt``, ``last.pt``, ...).
