@@ -47,6 +47,7 @@ from db.export import INCLUDE_PATIENT_IDS, export_coco, file_mapping, write_file
 from db.dicomweb import DEFAULT_MODALITIES, import_dicomweb
 from db.importers import SALT_ENV, ImportReport, import_coco, import_folder, import_nih, import_vindr
 from db.repository import assign_splits
+from oxnet import files
 
 #: The repository root (the jobs run with it as working directory, so ``app`` imports).
 ROOT = Path(__file__).resolve().parent.parent
@@ -142,9 +143,7 @@ def _now() -> str:
 
 
 def _write_status(path: Path, status: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    write_private(tmp, json.dumps(status, default=str))
-    os.replace(tmp, path)
+    files.write_json(path, status, indent=None, private=True, default=str)
 
 
 def start_job(

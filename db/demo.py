@@ -14,9 +14,7 @@ UI's responsiveness can be measured at 100,000 images (``python scripts/bench.py
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -42,6 +40,7 @@ from db.repository import (
 )
 from oxnet.classes import NO_FINDING, PAPER_CLASSES
 from oxnet.data.synthetic import generate
+from oxnet.files import write_json
 
 #: ``progress(done, total)``.
 Progress = Callable[[int, int], None]
@@ -135,9 +134,7 @@ def write_demo_images(
         if progress is not None:
             progress(min(n, (chunk + 1) * _CHUNK), n)
     coco = {"images_root": str(out), "categories": categories, "images": images, "annotations": annotations}
-    tmp = out / ".demo.json.tmp"
-    tmp.write_text(json.dumps(coco), encoding="utf-8")
-    os.replace(tmp, out / "demo.json")
+    write_json(out / "demo.json", coco, indent=None)
     return coco
 
 

@@ -52,6 +52,7 @@ from db.imaging import DICOM_DECODERS_HINT, MAX_PIXELS, is_dicom, probe_image
 from db.importers import ImportReport, Progress, _each, _Item, _split, _write, pseudonymize, report_summary
 from db.models import Annotator, Box, DicomInstance, Image, ImageLabel, LabelClass, ModelVersion, Prediction, Project
 from db.repository import DEFAULT_PROJECT, get_project
+from oxnet.files import atomic_write
 
 if TYPE_CHECKING:  # dicomweb-client and highdicom take seconds to import: only the commands that use them do
     from dicomweb_client.api import DICOMwebClient
@@ -202,14 +203,8 @@ def _find(client: DICOMwebClient, url: str, studies: Sequence[str], modalities: 
 def _save(ds: Dataset, path: Path) -> None:
     """Write ``ds`` as a DICOM file atomically (temp file + rename), readable by its owner only."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            ds.save_as(f, enforce_file_format=True)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_write(path, binary=True, private=True) as f:
+        ds.save_as(f, enforce_file_format=True)
 
 
 def _check_decoder(ds: Dataset) -> None:

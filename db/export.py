@@ -25,7 +25,6 @@ store, and nothing in training needs the id.
 from __future__ import annotations
 
 import csv
-import json
 import os
 from collections import defaultdict
 from pathlib import Path
@@ -38,6 +37,7 @@ from sqlalchemy.orm import Session
 from db.models import Box, FileStatus, Granularity, Image, ImageLabel, LabelClass, Split
 from db.repository import DEFAULT_PROJECT, get_project
 from oxnet.classes import NO_FINDING
+from oxnet import files
 
 #: Whether an export carries patient ids and real file names when the caller does not say (the one default).
 INCLUDE_PATIENT_IDS = False
@@ -183,12 +183,7 @@ def export_training_mix(
 
 def write_json(data: dict[str, Any], path: str | Path) -> None:
     """Write ``data`` as JSON atomically (temp file + rename), creating the folder."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)
+    files.write_json(path, data)
 
 
 def write_file_map(rows: Sequence[Mapping[str, Any]], path: str | Path) -> None:

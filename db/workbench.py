@@ -43,7 +43,6 @@ from db.models import (
     Metric,
     ModelStatus,
     ModelVersion,
-    Score,
     ServingModel,
     Split,
     SuggestedAction,

@@ -25,7 +25,7 @@ from PIL import Image as PILImage
 from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 
-from db.engine import StoreNotWritable, init_db, is_read_only, make_engine, make_sessionmaker, store_error_message
+from db.engine import StoreNotWritable, init_db, is_read_only, make_sessionmaker, store_error_message
 from db.importers import import_folder
 
 ROOT = Path(__file__).resolve().parent.parent

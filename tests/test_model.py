@@ -2,13 +2,11 @@
 loop oracle, DAA gradient flow, prototype buffers, the EMA teacher and pseudo-box filtering."""
 
 import math
-import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from oxnet.modeling.model import LOSS_NAMES, ModelConfig, OXNet, build_model
+from oxnet.modeling.model import LOSS_NAMES, OXNet, build_model
 from oxnet.modeling.teacher import MeanTeacher
 
 N = 3

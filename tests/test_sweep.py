@@ -7,7 +7,7 @@ import pytest
 
 from oxnet.experiments import sweep
 from oxnet.training.checkpoint import load_checkpoint
-from oxnet.data.records import Record, Records, records_from_coco
+from oxnet.data.records import Record, Records
 from oxnet.data.synthetic import write_coco
 from oxnet.training.settings import TrainConfig
 

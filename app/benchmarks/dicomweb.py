@@ -9,8 +9,6 @@ store transaction. A second import (nothing new, nothing fetched) is timed too.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -22,6 +20,7 @@ from PIL import Image as PILImage
 from db.dicomweb import connect, import_dicomweb
 from db.engine import init_db, make_sessionmaker
 from db.orthanc import make_cxr, run_orthanc
+from oxnet.machine import describe
 
 NIH_IMAGES = Path(__file__).resolve().parents[3] / "shared" / "data" / "nih-cxr" / "images"
 
@@ -73,6 +72,6 @@ def main(argv: list[str]) -> dict[str, Any]:
         "import_s": round(first_s, 3), "instances_per_s": round(args.instances / first_s, 2),
         "megabytes_per_s": round(total_bytes / 1e6 / first_s, 1),
         "reimport_s": round(again_s, 3), "reimport_skipped": len(again.skipped),
-        "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(), "python": platform.python_version()},
+        "machine": describe(),
         "note": "Orthanc and the importer share the machine's CPUs; the archive sends files as stored (no transcoding)",
     }

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
-import os
-import platform
 import queue
 import random
 import statistics
@@ -47,6 +45,7 @@ from db.repository import (
     trainer_heartbeat,
     write_suggestions,
 )
+from oxnet.machine import describe
 
 CLASSES = ("Mass", "Nodule", "Effusion")
 
@@ -169,7 +168,7 @@ def run(url: str, *, annotators: int, seconds: float, images: int) -> dict[str, 
         "user_errors": sum(r["user_errors"] for r in results.values()), "error_samples": errors[:5],
         "lost_writes": saves - saved_versions, "audit_rows": audited, "audit_replays_to_state": replay_ok,
         "trainer_versions": results["trainer"]["versions"], "trainer_suggestions": results["trainer"]["suggestions"],
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
+        "machine": describe(),
     }
 
 

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import os
-import platform
 import random
 import sqlite3
 import statistics
@@ -35,6 +33,7 @@ from db.repository import (
     take_lease,
     write_suggestions,
 )
+from oxnet.machine import describe
 
 NIH_ROWS = 112_120
 NIH_FINDINGS = (
@@ -151,11 +150,5 @@ def main(argv: list[str]) -> dict[str, Any]:
             "granularity": overview["granularity"],
         },
         "repeats": args.repeats,
-        "machine": {
-            "platform": platform.platform(),
-            "cpu_count": os.cpu_count(),
-            "python": platform.python_version(),
-            "sqlalchemy": sqlalchemy.__version__,
-            "sqlite": sqlite3.sqlite_version,
-        },
+        "machine": {**describe(), "sqlalchemy": sqlalchemy.__version__, "sqlite": sqlite3.sqlite_version},
     }

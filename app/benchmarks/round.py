@@ -15,14 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import torch
 from sqlalchemy import func, select
 
 from db.engine import init_db, make_sessionmaker
@@ -31,6 +29,7 @@ from db.models import Image, Split, Suggestion
 from db.workbench import SqlStore
 from oxnet.data.synthetic import write_coco
 from oxnet.active.loop import TRAINER_PRESETS, Trainer
+from oxnet.machine import describe
 
 
 def main(argv: list[str]) -> dict[str, Any]:
@@ -101,8 +100,5 @@ def main(argv: list[str]) -> dict[str, Any]:
                    "score_time_share": args.score_share or None},
         "strategy": args.strategy,
         "setup_s": round(setup_s, 1),
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "cpu_count": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-                    "device": args.device,
-                    "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
+        "machine": describe(args.device),
     }

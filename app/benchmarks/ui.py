@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import tempfile
 import time
 from collections.abc import Sequence
@@ -29,6 +28,7 @@ from db.engine import DB_URL_ENV, init_db, make_sessionmaker
 from db.models import SuggestedAction
 from db.service import queue
 from oxnet.data.synthetic import generate
+from oxnet.machine import describe
 
 MAIN = Path(__file__).resolve().parents[1] / "main.py"
 PAGES = ("overview", "queue", "annotate", "metrics", "data")
@@ -102,8 +102,7 @@ def main(argv: Sequence[str] = ()) -> dict[str, Any]:
         "page_s_warm": warm,
         "max_page_s": max(cold.values()),
         "build_store_s": round(build_s, 2),
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "cpus": os.cpu_count()},
+"machine": describe(),
         "notes": "AppTest script-run time per page (server side, no browser), median of --repeat runs; cold = "
                  "st.cache_data cleared before the run, warm = right after",
     }

@@ -10,12 +10,9 @@ authors' code computes them). Returns one dict (the script prints it as JSON).
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import time
 from dataclasses import replace
-from functools import partial
 from typing import Callable
 
 import torch
@@ -27,6 +24,7 @@ from torchvision.models.detection.retinanet import RetinaNetHead
 from oxnet.modeling import losses as L
 from oxnet.modeling.model import PRESETS, OXNet, _group_norm
 from oxnet.modeling.teacher import MeanTeacher
+from oxnet.machine import describe
 
 
 def _sync(device: torch.device) -> None:
@@ -259,14 +257,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     on_gpu = device.type == "cuda"
     return {
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "torch": torch.__version__,
-        },
+        "machine": describe(device),
         "setup": {
             "preset": args.preset, "depth": config.depth, "levels": list(config.levels), "fpn_width": config.fpn_width,
             "head_depth": 4, "image_size": size, "batch": args.batch, "classes": args.classes,

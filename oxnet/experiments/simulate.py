@@ -20,7 +20,6 @@ import copy
 import json
 import math
 import os
-import platform
 import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -33,6 +32,8 @@ import numpy as np
 from oxnet.active.loop import LoopSettings, RoundResult, Store, Trainer
 from oxnet.active.strategies import STRATEGIES as _REGISTRY
 from oxnet.active.strategies import CostModel
+from oxnet.files import write_json
+from oxnet.machine import describe
 
 __all__ = [
     "STRATEGIES",
@@ -226,7 +227,7 @@ def run_simulation(
     runs: list[dict[str, Any]] = []
 
     def results() -> dict[str, Any]:
-        return {"config": _jsonable(asdict(config)), "machine": machine(), "runs": runs, "summary": summarize(runs)}
+        return {"config": _jsonable(asdict(config)), "machine": describe(), "runs": runs, "summary": summarize(runs)}
 
     for seed in config.seeds:
         for strategy in config.strategies:
@@ -379,15 +380,6 @@ def _settings(base: LoopSettings, seed: int, strategy: str, per_round: float) ->
                    strategy=strategy, batch_units=per_round)
 
 
-def machine() -> dict[str, Any]:
-    """Where the numbers were measured."""
-    import torch
-
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(), "torch": torch.__version__,
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
-
-
 def _jsonable(value: Any) -> Any:
     if isinstance(value, Mapping):
         return {str(k): _jsonable(v) for k, v in value.items()}
@@ -516,8 +508,6 @@ def write_results(results: Mapping[str, Any], out_dir: str | Path) -> dict[str, 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     json_path, html_path = out / "simulation.json", out / "simulation.html"
-    tmp = json_path.with_name(f".{json_path.name}.tmp")
-    tmp.write_text(json.dumps(results, indent=1), encoding="utf-8")
-    os.replace(tmp, json_path)
+    write_json(json_path, results)
     figure(results).write_html(html_path, include_plotlyjs=True)
     return {"json": json_path, "html": html_path}

@@ -37,8 +37,6 @@ import csv
 import json
 import logging
 import math
-import os
-import platform
 import shutil
 import statistics
 import sys
@@ -52,6 +50,8 @@ import numpy as np
 
 from oxnet.data.records import Record, Records
 from oxnet.training.settings import METHODS, TrainConfig
+from oxnet.files import atomic_write, write_json, write_text
+from oxnet.machine import describe
 
 logger = logging.getLogger(__name__)
 SCHEMA = "oxnet.sweep/1"
@@ -160,18 +160,6 @@ def check_patient_disjoint(a: Sequence[Record], b: Sequence[Record], what: str) 
         raise ValueError(f"{what} share {len(shared)} patients (e.g. {sorted(map(str, shared))[:3]}): the test must be patient-disjoint")
 
 
-def machine() -> dict[str, Any]:
-    import torch
-
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-    }
-
-
 def summarize(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Mean and sample standard deviation over seeds, per (method, full fraction)."""
     groups: dict[tuple[str, float], list[Mapping[str, Any]]] = {}
@@ -224,24 +212,16 @@ def _write(results: dict[str, Any], out_dir: Path) -> None:
     """results.json, results.csv and figure.html, each replaced atomically."""
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    def atomic(name: str, write: Callable[[Path], None]) -> None:
-        tmp = out_dir / f".{name}.tmp"
-        write(tmp)
-        os.replace(tmp, out_dir / name)
-
-    atomic("results.json", lambda p: p.write_text(json.dumps(results, indent=2)))
+    write_json(out_dir / "results.json", results, indent=2)
     columns = ["method", "full_fraction", "seed", "n_full", "n_weak", "n_unlabeled", "batch_size", "epochs_trained", "best_epoch",
                "train_seconds", "val_mAP", *METRIC_KEYS, "teacher_mAP"]
 
-    def write_csv(p: Path) -> None:
-        with p.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(results["rows"])
-
-    atomic("results.csv", write_csv)
+    with atomic_write(out_dir / "results.csv") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(results["rows"])
     if results["summary"]:
-        atomic("figure.html", lambda p: figure(results).write_html(p, include_plotlyjs=True))
+        write_text(out_dir / "figure.html", figure(results).to_html(include_plotlyjs=True))
 
 
 def run_sweep(
@@ -269,7 +249,7 @@ def run_sweep(
     results = {
         "schema": SCHEMA,
         "config": _jsonable(asdict(config)),
-        "machine": machine(),
+        "machine": describe(),
         "classes": classes,
         "pool": {"images": len(pool), "val_images": len(val), "test_images": len(test),
                  "extra_weak": len(extra_weak), "extra_unlabeled": len(extra_unlabeled)},

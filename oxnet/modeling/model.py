@@ -11,7 +11,6 @@ import math
 import warnings
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field, replace
-from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Mapping
 

@@ -29,9 +29,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import os
 import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -39,6 +37,7 @@ from typing import Any
 import torch
 
 from oxnet.modeling.model import ModelConfig, OXNet, bn_frozen
+from oxnet.files import atomic_write
 
 FORMAT = "oxnet-checkpoint"
 VERSION = 1
@@ -104,38 +103,15 @@ def save_checkpoint(state: Mapping[str, Any], path: str | Path) -> Path:
     state = {"format": FORMAT, "version": VERSION, **state}
     needed = _tensor_bytes(state)
     ensure_free_space(path.parent, needed)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
+        with atomic_write(path, binary=True) as f:
             torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
     except (OSError, RuntimeError) as e:  # torch reports a full disk as inline_container.cc's RuntimeError
-        Path(tmp).unlink(missing_ok=True)
         if getattr(e, "errno", None) == errno.ENOSPC or shutil.disk_usage(path.parent).free < needed + SPACE_MARGIN:
             raise NoSpaceLeft(f"no space left on {path.parent} while writing {path.name}; free some space "
                               "(old model versions, runs/) and try again") from e
         raise
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
     return path
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make the rename durable (POSIX); a no-op where folders cannot be opened (Windows)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -42,7 +42,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from oxnet.training.checkpoint import load_checkpoint, model_from_state, save_checkpoint
+from oxnet.training.checkpoint import load_checkpoint, save_checkpoint
 from oxnet.data.datasets import OmniDataset, collate
 from oxnet.data.records import Record
 from oxnet.data.sampler import MixedBatchSampler

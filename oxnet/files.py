@@ -1,0 +1,71 @@
+"""Files written whole or not at all, for every layer (no torch, no SQL).
+
+A reader never sees half a file: :func:`atomic_write` writes a temporary file in the destination's
+folder, flushes and fsyncs it, renames it over the destination (``os.replace``) and fsyncs the folder;
+if anything fails midway the destination keeps its previous content and the temporary file is removed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any
+
+
+@contextmanager
+def atomic_write(path: str | Path, *, binary: bool = False, private: bool = False) -> Iterator[IO[Any]]:
+    """Open a temporary file to write ``path`` through; it replaces ``path`` when the block ends cleanly.
+
+    Args:
+        path: the destination; its folder is created if needed.
+        binary: open the temporary file in ``"wb"`` mode instead of UTF-8 text.
+        private: create the file readable by its owner only (0600), e.g. for job files that name
+            patients or carry a salt.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        if not private:  # mkstemp makes 0600 files; a normal file follows the umask like open() would
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)
+        with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def fsync_dir(folder: str | Path) -> None:
+    """Make a rename in ``folder`` durable (POSIX); a no-op where folders cannot be opened (Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_text(path: str | Path, text: str, *, private: bool = False) -> Path:
+    """Write ``text`` to ``path`` atomically (see :func:`atomic_write`); returns ``path``."""
+    with atomic_write(path, private=private) as f:
+        f.write(text)
+    return Path(path)
+
+
+def write_json(path: str | Path, data: Any, *, indent: int | None = 1, private: bool = False, **dumps: Any) -> Path:
+    """Write ``data`` as JSON to ``path`` atomically (see :func:`atomic_write`); returns ``path``."""
+    return write_text(path, json.dumps(data, indent=indent, **dumps), private=private)
