@@ -6,8 +6,8 @@ Heavy parts (torch) load lazily, so `import oxnet.classes` stays cheap for the s
 from importlib import import_module
 
 _LAZY = {
-    "build_model": "oxnet.modeling.model",
-    "OXNet": "oxnet.modeling.model",
+    "build_model": "oxnet.modeling.config",
+    "OXNet": "oxnet.modeling.detector",
     "MeanTeacher": "oxnet.modeling.teacher",
     "evaluate": "oxnet.evaluation.metrics",
 }

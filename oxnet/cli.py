@@ -25,7 +25,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from oxnet.modeling.model import PRESETS, ModelConfig
+from oxnet.modeling.config import PRESETS, ModelConfig
 from oxnet.training.settings import METHODS, TrainConfig
 
 logger = logging.getLogger("oxnet.cli")

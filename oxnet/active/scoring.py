@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader
 from oxnet.data.datasets import OmniDataset, collate
 from oxnet.data.records import Record
 from oxnet.data.transforms import TEACHER_AUGMENT, Photometric
-from oxnet.modeling.model import OXNet
+from oxnet.modeling.detector import OXNet
 
 __all__ = [
     "ADD_LABELS",

@@ -503,7 +503,7 @@ def _seeds(value: str) -> tuple[int, ...]:
 def build_parser():
     import argparse
 
-    from oxnet.modeling.model import PRESETS
+    from oxnet.modeling.config import PRESETS
 
     p = argparse.ArgumentParser(
         prog="python scripts/sweep.py",

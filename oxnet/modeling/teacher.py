@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from oxnet.modeling.model import OXNet
+from oxnet.modeling.detector import OXNet
 
 
 class MeanTeacher(nn.Module):

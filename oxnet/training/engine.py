@@ -47,7 +47,8 @@ from oxnet.data.datasets import OmniDataset, collate
 from oxnet.data.records import Record
 from oxnet.data.sampler import MixedBatchSampler
 from oxnet.evaluation.metrics import evaluate
-from oxnet.modeling.model import OXNet, bn_frozen
+from oxnet.modeling.backbone import bn_frozen
+from oxnet.modeling.detector import OXNet
 from oxnet.training.settings import METHODS, TrainConfig
 from oxnet.modeling.teacher import MeanTeacher
 
@@ -183,7 +184,7 @@ def train_one_round(
     update of the teacher.
 
     Args:
-        model: the student :class:`~oxnet.modeling.model.OXNet`, or it wrapped in ``DistributedDataParallel``.
+        model: the student :class:`~oxnet.modeling.detector.OXNet`, or it wrapped in ``DistributedDataParallel``.
         optimizer: optimizer of the student's parameters.
         loader: batches as produced by ``oxnet.data.collate``.
         device: where the model is; batches are moved there (channels_last on CUDA).
@@ -314,7 +315,7 @@ def predict(
     """Detect on ``records`` (any granularity; images are resized to the model's ``image_size``).
 
     Args:
-        model: an :class:`~oxnet.modeling.model.OXNet` (put in eval mode for the call, then restored).
+        model: an :class:`~oxnet.modeling.detector.OXNet` (put in eval mode for the call, then restored).
         records: the images.
         batch_size, num_workers: of the DataLoader.
         device: where ``model`` is.
