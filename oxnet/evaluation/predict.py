@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
+from torchvision.ops import box_convert
 from tqdm.auto import tqdm
 
 from oxnet.data.datasets import OmniDataset, collate
@@ -41,13 +42,14 @@ def ground_truth(records: Sequence[Record], classes: Sequence[str]) -> dict[str,
                 "image_labels": [classes[c] for c in r.image_labels],
             }
         )
-        for (x1, y1, x2, y2), label in zip(r.boxes.tolist(), r.labels.tolist()):
+        xywh = box_convert(torch.tensor(r.boxes, dtype=torch.float64).reshape(-1, 4), "xyxy", "xywh")  # float64: exact widths
+        for bbox, label in zip(xywh.tolist(), r.labels.tolist()):
             annotations.append(
                 {
                     "id": len(annotations) + 1,
                     "image_id": r.image_id,
                     "category_id": label + 1,
-                    "bbox": [x1, y1, x2 - x1, y2 - y1],
+                    "bbox": bbox,
                 }
             )
     categories = [{"id": i + 1, "name": name} for i, name in enumerate(classes)]

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.models.detection import _utils as det_utils
 from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.ops import batched_nms, box_iou
+from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image
 
 from oxnet.modeling.backbone import IMAGENET_MEAN, IMAGENET_STD, ResNetFPN, resnet_fpn_backbone
 from oxnet.modeling.config import GRANULARITIES, LOSS_NAMES, ModelConfig
@@ -358,8 +358,7 @@ class OXNet(nn.Module):
             flat = cand[order]
             a_idx, labels = flat // n, flat % n
             boxes = self.box_coder.decode_single(reg[a_idx], anchors[a_idx])
-            boxes[:, 0::2] = boxes[:, 0::2].clamp(0, image_size[1])
-            boxes[:, 1::2] = boxes[:, 1::2].clamp(0, image_size[0])
+            boxes = clip_boxes_to_image(boxes, image_size)
             keep = batched_nms(boxes, top_scores, labels, nms_thresh)[:keep_n]
             results.append({"boxes": boxes[keep], "scores": top_scores[keep], "labels": labels[keep]})
         return results
