@@ -429,6 +429,13 @@ def test_teacher_ema_matches_formula():
     assert not any(p.requires_grad for p in mt.teacher.parameters())
 
 
+def test_mean_teacher_only_trains_and_predicting_goes_through_student_or_teacher():
+    mt = MeanTeacher(make_model()).eval()
+    with pytest.raises(ValueError, match=r"\.student or \.teacher"):
+        mt(images(1))
+    assert len(mt.student(images(1))) == 1 and len(mt.teacher(images(1))) == 1
+
+
 def test_teacher_stays_in_eval_mode_and_gets_no_gradient():
     mt = MeanTeacher(make_model()).train()
     assert mt.student.training and not mt.teacher.training

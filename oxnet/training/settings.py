@@ -134,16 +134,6 @@ class TrainConfig:
         if not (self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda")):
             raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
 
-    @property
-    def uses_teacher(self) -> bool:
-        """Whether ``method`` trains against a mean teacher (soft focal loss)."""
-        return bool(METHODS[self.method]["sfl"])
-
-    @property
-    def granularities(self) -> tuple[str, ...]:
-        """The granularities ``method`` can learn from."""
-        return METHODS[self.method]["granularities"]
-
     def model_config(self, num_classes: int, *, method: str | None = None) -> ModelConfig:
         """The :class:`ModelConfig` of ``preset`` + ``model`` overrides with the flags of ``method``
         (default: this config's method)."""
