@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from oxnet.data.datasets import OmniDataset, collate
 from oxnet.data.records import Record
+from oxnet.data.transforms import to_original_pixels
 from oxnet.evaluation.metrics import evaluate
 from oxnet.modeling.detector import OXNet
 from oxnet.training.distributed import to_device
@@ -98,14 +99,12 @@ def predict(
     results = []
     try:
         for images, _, targets in tqdm(loader, desc="predict", disable=not progress, leave=False):
-            height, width = images.shape[-2:]
+            size = tuple(images.shape[-2:])
             for det, t in zip(model(to_device(images, device)), targets):
-                orig_h, orig_w = t["orig_size"]
-                scale = torch.tensor([orig_w / width, orig_h / height] * 2)
                 results.append(
                     {
                         "image_id": int(t["image_id"]),
-                        "boxes": det["boxes"].float().cpu() * scale,
+                        "boxes": to_original_pixels(det["boxes"], size, t["orig_size"]),
                         "scores": det["scores"].float().cpu(),
                         "labels": ids[det["labels"].cpu()],
                         "image_probs": det["image_probs"].float().cpu(),
