@@ -87,16 +87,16 @@ class OXNet(nn.Module):
         self.anchor_generator = anchor_generator or default_anchor_generator(cfg.levels)
         num_anchors = self.anchor_generator.num_anchors_per_location()[0]
         norm = group_norm if cfg.head_norm == "group" else None
-        self.box_coder = det_utils.BoxCoder(weights=cfg.bbox_weights)
         self.cls_head = cls_head or ClassificationHead(
             backbone.out_channels, num_anchors, num_classes, depth=cfg.head_depth, norm_layer=norm,
             prior_probability=cfg.prior_probability, focal_alpha=cfg.focal_alpha, focal_gamma=cfg.focal_gamma,
             sfl_alpha=cfg.sfl_alpha, sfl_gamma=cfg.sfl_gamma, sfl_eps=cfg.sfl_eps,
         )
         self.reg_head = reg_head or RegressionHead(
-            backbone.out_channels, num_anchors, depth=cfg.head_depth, norm_layer=norm, box_coder=self.box_coder,
-            smooth_l1_beta=cfg.smooth_l1_beta,
+            backbone.out_channels, num_anchors, depth=cfg.head_depth, norm_layer=norm,
+            box_coder=det_utils.BoxCoder(weights=cfg.bbox_weights), smooth_l1_beta=cfg.smooth_l1_beta,
         )
+        self.box_coder = self.reg_head.box_coder  # decoding uses the coder the box loss encodes with
         self.image_head = image_head or ImageLevelHead(backbone.c5_channels, num_classes)
         self.prototype_head = prototype_head or PrototypeHead(momentum=cfg.prototype_momentum, margin=cfg.inter_margin)
         self.matcher = det_utils.Matcher(cfg.fg_iou_thresh, cfg.bg_iou_thresh, cfg.allow_low_quality_matches)
