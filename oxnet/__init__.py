@@ -3,19 +3,14 @@
 Heavy parts (torch) load lazily, so `import oxnet.classes` stays cheap for the store and the UI.
 """
 
-from importlib import import_module
+from oxnet.lazy import lazy_getattr
 
 _LAZY = {
-    "build_model": "oxnet.modeling.model",
-    "OXNet": "oxnet.modeling.model",
+    "build_model": "oxnet.modeling.config",
+    "OXNet": "oxnet.modeling.detector",
     "MeanTeacher": "oxnet.modeling.teacher",
     "evaluate": "oxnet.evaluation.metrics",
 }
 
 __all__ = sorted(_LAZY)
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        return getattr(import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'oxnet' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)

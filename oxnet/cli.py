@@ -25,7 +25,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from oxnet.modeling.model import PRESETS, ModelConfig
+from oxnet.modeling.config import PRESETS, ModelConfig
 from oxnet.training.settings import METHODS, TrainConfig
 
 logger = logging.getLogger("oxnet.cli")
@@ -236,7 +236,7 @@ def _train(args: argparse.Namespace) -> int:
 def _load(args: argparse.Namespace):
     """(model on its device, classes, records of --data)."""
     from oxnet.training.checkpoint import load_checkpoint, model_from_state
-    from oxnet.training.engine import resolve_device
+    from oxnet.training.distributed import resolve_device
 
     state = load_checkpoint(args.checkpoint)
     device = resolve_device(args.device)
@@ -246,7 +246,7 @@ def _load(args: argparse.Namespace):
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from oxnet.training.engine import evaluate_model
+    from oxnet.evaluation.predict import evaluate_model
 
     model, classes, records, device = _load(args)
     metrics = evaluate_model(
@@ -271,7 +271,8 @@ def _category_ids(path: str, classes: Sequence[str]) -> list[int]:
 
 def _predict(args: argparse.Namespace) -> int:
     from oxnet.data import load_image
-    from oxnet.training.engine import draw_overlay, predict
+    from oxnet.evaluation.predict import predict
+    from oxnet.training.engine import draw_overlay
     from oxnet.evaluation.metrics import coco_results
 
     model, classes, records, device = _load(args)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from oxnet.experiments import bench
-from oxnet.modeling.model import build_model
+from oxnet.modeling.config import build_model
 
 
 def test_loop_baseline_equals_vectorised_daa_gpa():

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from oxnet.training.checkpoint import load_checkpoint, load_model, save_checkpoint
-from oxnet.modeling.model import build_model
+from oxnet.modeling.config import build_model
 from oxnet.modeling.teacher import MeanTeacher
 
 CLASSES = ["Mass", "Nodule", "Fracture"]

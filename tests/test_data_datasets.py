@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader
 from oxnet.data.datasets import OmniDataset, UnreadableImage, collate
 from oxnet.data.records import Record
 from oxnet.data.sampler import MixedBatchSampler
-from oxnet.data.transforms import Photometric, load_image
+from oxnet.data.transforms import Photometric, load_image, resize_flip, to_original_pixels
 
 NUM_CLASSES = 3
 
@@ -193,3 +193,12 @@ def test_dicom_trains_through_the_store_reader(tmp_path):
     assert len(torch.unique(loaded)) > 256  # deeper than 8 bits
     assert loaded[0, 0, 0] == 1.0  # stored 0 is below the window: black, inverted to white
     assert student.shape == (1, 40, 40)
+
+
+def test_to_original_pixels_undoes_the_resize_of_a_non_square_image():
+    boxes = torch.tensor([[10.0, 20.0, 70.0, 44.0], [0.0, 0.0, 96.0, 80.0]])
+    _, resized = resize_flip(torch.rand(1, 80, 96), boxes, 64, flip=False)
+    assert not torch.allclose(resized, boxes)
+    back = to_original_pixels(resized, (64, 64), (80, 96))
+    assert back.dtype == torch.float32 and back.device.type == "cpu"
+    torch.testing.assert_close(back, boxes)

@@ -87,7 +87,7 @@ def test_two_processes_end_with_identical_student_teacher_and_prototypes(tmp_pat
     # The ranks trained (each on its own slice): the weights moved away from the shared initialisation.
     torch.manual_seed(0)
     from oxnet.training.settings import TrainConfig
-    from oxnet.modeling.model import OXNet
+    from oxnet.modeling.detector import OXNet
 
     initial = OXNet.from_config(TrainConfig(preset="tiny", model={"image_size": 64}).model_config(len(CLASSES)))
     assert not torch.equal(initial.state_dict()["cls_head.out.weight"], states[0]["student"]["cls_head.out.weight"])

@@ -14,8 +14,9 @@ from PIL import Image
 
 from oxnet.training.checkpoint import load_checkpoint
 from oxnet.data import OmniDataset, collate, records_from_coco
-from oxnet.training.engine import Progress, evaluate_model, fit, ground_truth, predict, train_one_round
-from oxnet.modeling.model import build_model
+from oxnet.evaluation.predict import evaluate_model, ground_truth, predict
+from oxnet.training.engine import Progress, fit, train_one_round
+from oxnet.modeling.config import build_model
 from oxnet.training.settings import METHODS, TrainConfig
 from oxnet.modeling.teacher import MeanTeacher
 

@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from oxnet.modeling.model import LOSS_NAMES, OXNet, build_model
+from oxnet.modeling.config import LOSS_NAMES, build_model
+from oxnet.modeling.detector import OXNet
 from oxnet.modeling.teacher import MeanTeacher
 
 N = 3
@@ -282,6 +283,90 @@ def test_soft_losses_match_loop_oracle_with_the_batch_positive_count():
     torch.testing.assert_close(losses["pseudo_bbox_regression"], torch.tensor(reg, dtype=torch.float32), rtol=1e-4, atol=1e-6)
 
 
+
+def test_forward_loss_dict_equals_the_pure_losses_called_directly():
+    """Each head's loss equals, bit for bit, the pure function (modeling/losses.py, torchvision's focal
+    loss and smooth-L1) applied to the dense outputs with torchvision's matcher and box coder."""
+    from torchvision.models.detection import _utils as det_utils
+    from torchvision.ops import box_iou, sigmoid_focal_loss
+
+    from oxnet.modeling import losses as L
+
+    m = make_model().train()
+    x = images(4)
+    with torch.no_grad():
+        m.image_head.weight.normal_(0, 1, generator=torch.Generator().manual_seed(0))  # non-zero X
+        dense = m.dense(x)
+    A = len(dense["anchors"])
+    soft = torch.rand(2, A, N, generator=torch.Generator().manual_seed(3))
+    targets = [
+        full([[4, 6, 30, 28], [20, 22, 60, 50]], [0, 2]),
+        weak_masked([1], [2]),
+        {**weak([0]), "soft_labels": soft[0], "pseudo_boxes": torch.tensor([[8.0, 9.0, 36.0, 40.0]]),
+         "pseudo_labels": torch.tensor([0])},
+        {**unlabeled(), "soft_labels": soft[1], "pseudo_boxes": torch.tensor([[30.0, 2.0, 60.0, 30.0]]),
+         "pseudo_labels": torch.tensor([2])},
+    ]
+    p0, init0 = m.prototypes.clone(), m.prototype_initialized.clone()
+    p0[1], init0[1] = torch.rand(p0.shape[1]), True  # one prototype already set: Eq. 5 blends, Eq. 6 has pairs
+    with torch.no_grad():
+        m.prototypes.copy_(p0)
+        m.prototype_initialized.copy_(init0)
+    losses = m(x, targets)
+
+    cfg = m.config
+    logits, deltas, anchors = dense["cls_logits"].float(), dense["bbox_deltas"].float(), dense["anchors"]
+    matcher = det_utils.Matcher(cfg.fg_iou_thresh, cfg.bg_iou_thresh, cfg.allow_low_quality_matches)
+    coder = det_utils.BoxCoder(weights=cfg.bbox_weights)
+
+    def assigned(i, boxes, labels):
+        matched = matcher(box_iou(boxes, anchors))
+        fg, valid = matched >= 0, matched != matcher.BETWEEN_THRESHOLDS
+        onehot = torch.zeros_like(logits[i])
+        onehot[fg.nonzero().squeeze(1), labels[matched[fg]]] = 1.0
+        return onehot, valid, fg, boxes[matched.clamp_min(0)]
+
+    def regression(i, fg, matched_boxes):
+        target = coder.encode_single(matched_boxes[fg], anchors[fg])
+        return torch.nn.functional.smooth_l1_loss(deltas[i][fg], target, beta=cfg.smooth_l1_beta, reduction="sum")
+
+    onehot, valid, fg, matched_boxes = assigned(0, targets[0]["boxes"], targets[0]["labels"])
+    real = fg.sum()
+    focal = sigmoid_focal_loss(logits[0], onehot, alpha=cfg.focal_alpha, gamma=cfg.focal_gamma, reduction="none")
+    expected = {
+        "classification": (focal * valid[:, None]).sum() / real.clamp_min(1),
+        "bbox_regression": regression(0, fg, matched_boxes) / real.clamp_min(1),
+    }
+    soft_idx = [2, 3]  # the batch's anchors in one sum, as a batched loss adds them
+    per_image = [assigned(i, targets[i]["pseudo_boxes"], targets[i]["pseudo_labels"]) for i in soft_idx]
+    valid = torch.stack([v for _, v, _, _ in per_image])
+    sfl = L.soft_focal_loss(logits[soft_idx], soft, alpha=cfg.sfl_alpha, gamma=cfg.sfl_gamma, eps=cfg.sfl_eps)
+    pred = torch.cat([deltas[i][fg] for i, (_, _, fg, _) in zip(soft_idx, per_image)])
+    target = torch.cat([coder.encode_single(mb[fg], anchors[fg]) for _, _, fg, mb in per_image])
+    pseudo = sum(int(fg.sum()) for _, _, fg, _ in per_image)
+    norm = max(1, pseudo + int(real))
+    sfl_sum = (sfl * valid[..., None]).sum()
+    reg_sum = torch.nn.functional.smooth_l1_loss(pred, target, beta=cfg.smooth_l1_beta, reduction="sum")
+    expected["soft_focal"], expected["pseudo_bbox_regression"] = sfl_sum / norm, reg_sum / norm
+
+    level_probs = [c.float().sigmoid().view(4, -1, N, *c.shape[-2:]).amax(1) for c in dense["level_cls"]]
+    attention = L.local_attention(level_probs, tuple(dense["c5"].shape[-2:]))
+    image_logits = L.dual_attention_logits(torch.nn.functional.conv2d(dense["c5"], m.image_head.weight), attention)
+    idx = torch.tensor([0, 1, 2])
+    y = torch.stack([targets[i]["image_labels"] for i in idx])
+    known = torch.stack([torch.ones(N), targets[1]["image_label_mask"], torch.ones(N)])
+    expected["image_bce"] = L.image_level_bce(image_logits[idx], y, known)
+    feats = L.category_features(torch.relu(dense["c5"][idx]), attention[idx])
+    p1, init1 = L.update_prototypes(p0, init0, feats, image_logits[idx].sigmoid(), y, cfg.prototype_momentum)
+    expected["prototype_intra"], expected["prototype_inter"] = L.prototype_losses(feats, p1, init1, y, cfg.inter_margin)
+
+    assert set(losses) == set(LOSS_NAMES) == set(expected)
+    for name in LOSS_NAMES:
+        assert losses[name] > 0, name
+        assert torch.equal(losses[name].detach(), expected[name].detach()), (name, losses[name], expected[name])
+    assert torch.equal(m.prototypes, p1) and torch.equal(m.prototype_initialized, init1)
+
+
 # ------------------------------------------------------------------------------------------ DAA, GPA
 def test_daa_gradient_reaches_the_local_classification_head():
     m = make_model(gpa=False, sfl=False).train()
@@ -342,6 +427,13 @@ def test_teacher_ema_matches_formula():
     for k, v in mt.teacher.state_dict().items():
         torch.testing.assert_close(v, expected[k], msg=k)
     assert not any(p.requires_grad for p in mt.teacher.parameters())
+
+
+def test_mean_teacher_only_trains_and_predicting_goes_through_student_or_teacher():
+    mt = MeanTeacher(make_model()).eval()
+    with pytest.raises(ValueError, match=r"\.student or \.teacher"):
+        mt(images(1))
+    assert len(mt.student(images(1))) == 1 and len(mt.teacher(images(1))) == 1
 
 
 def test_teacher_stays_in_eval_mode_and_gets_no_gradient():

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from oxnet.evaluation.metrics import evaluate
-from oxnet.modeling.model import build_model
+from oxnet.modeling.config import build_model
 
 pytestmark = pytest.mark.slow  # processes, whole training runs: deselect with -m 'not slow'
 

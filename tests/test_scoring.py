@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from oxnet.data.records import Record
-from oxnet.modeling.model import build_model
+from oxnet.modeling.config import build_model
 from oxnet.active.scoring import (
     ADD_LABELS,
     DRAW_BOXES,

@@ -15,7 +15,8 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 from app.trainer import main as trainer_main
 from db.workbench import SqlStore
 from oxnet.training.checkpoint import model_from_state, save_checkpoint
-from oxnet.modeling.model import PRESETS, bn_frozen, build_model
+from oxnet.modeling.backbone import bn_frozen
+from oxnet.modeling.config import PRESETS, build_model
 from oxnet.active.loop import Trainer
 from oxnet.training.settings import LR_FROM_SCRATCH, LR_PRETRAINED, TrainConfig
 from tests.test_trainer import SETTINGS, _versions, make_store

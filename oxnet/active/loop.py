@@ -62,7 +62,9 @@ import torch
 from oxnet.training.checkpoint import file_sha256, load_checkpoint, model_from_state, non_finite_weights, save_checkpoint, verify_checkpoint
 from oxnet.data.datasets import UnreadableImage
 from oxnet.data.records import GRANULARITIES, Record, records_from_coco
-from oxnet.training.engine import Progress, evaluate_model, fit, resolve_device
+from oxnet.evaluation.predict import evaluate_model
+from oxnet.training.distributed import resolve_device
+from oxnet.training.engine import Progress, fit
 from oxnet.active.scoring import ImageScore, ScoreConfig, score_images
 from oxnet.training.settings import TrainConfig
 from oxnet.active.strategies import (

@@ -4,7 +4,7 @@ synthetic chest X-rays.
 Names load lazily, so ``import oxnet.data.synthetic`` (numpy and Pillow only) does not import torch.
 """
 
-from importlib import import_module
+from oxnet.lazy import lazy_getattr
 
 _LAZY = {
     "GRANULARITIES": "oxnet.data.records",
@@ -22,9 +22,4 @@ _LAZY = {
 }
 
 __all__ = sorted(_LAZY)
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        return getattr(import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'oxnet.data' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)

@@ -66,6 +66,14 @@ def resize_flip(
     return image.as_subclass(Tensor).clamp_(0.0, 1.0), boxes.as_subclass(Tensor)
 
 
+def to_original_pixels(boxes: Tensor, size: tuple[int, int], orig_size: tuple[int, int]) -> Tensor:
+    """Boxes Tensor[K, 4] (x1, y1, x2, y2) in the pixels of the resized image (``size`` = (height,
+    width)) back in the pixels of the original image (``orig_size`` = (height, width)): float32, CPU.
+    The inverse of :func:`resize_flip`'s resize, for predictions."""
+    (height, width), (orig_h, orig_w) = size, orig_size
+    return boxes.float().cpu() * torch.tensor([orig_w / width, orig_h / height] * 2)
+
+
 def _uniform(generator: torch.Generator, low: float, high: float) -> float:
     return low + (high - low) * torch.rand((), generator=generator).item()
 

@@ -22,7 +22,9 @@ from torchvision.models.detection import RetinaNet
 from torchvision.models.detection.retinanet import RetinaNetHead
 
 from oxnet.modeling import losses as L
-from oxnet.modeling.model import PRESETS, OXNet, _group_norm
+from oxnet.modeling.config import PRESETS
+from oxnet.modeling.detector import OXNet
+from oxnet.modeling.heads import group_norm
 from oxnet.modeling.teacher import MeanTeacher
 from oxnet.machine import describe
 
@@ -203,7 +205,7 @@ def main(argv: list[str] | None = None) -> dict:
         min_size=size,
         max_size=size,
         anchor_generator=ours_rn.anchor_generator,
-        head=RetinaNetHead(config.fpn_width, 9, args.classes, norm_layer=_group_norm),
+        head=RetinaNetHead(config.fpn_width, 9, args.classes, norm_layer=group_norm),
     ).to(device)
     tv.train()
     tv_images = list(images.expand(-1, 3, -1, -1))

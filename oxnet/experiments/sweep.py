@@ -239,7 +239,9 @@ def run_sweep(
     """Train every method on every mix and seed; evaluate on ``test``. Returns the results dict (and
     writes it to ``config.out_dir`` after every run). ``on_row`` receives each new row (e.g. to store it)."""
     from oxnet.training.checkpoint import load_checkpoint, model_from_state
-    from oxnet.training.engine import evaluate_model, fit, resolve_device
+    from oxnet.evaluation.predict import evaluate_model
+    from oxnet.training.distributed import resolve_device
+    from oxnet.training.engine import fit
 
     classes = list(pool.classes)
     check_patient_disjoint(list(pool) + list(val), test, "training/validation and test images")
@@ -503,7 +505,7 @@ def _seeds(value: str) -> tuple[int, ...]:
 def build_parser():
     import argparse
 
-    from oxnet.modeling.model import PRESETS
+    from oxnet.modeling.config import PRESETS
 
     p = argparse.ArgumentParser(
         prog="python scripts/sweep.py",

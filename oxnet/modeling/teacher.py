@@ -8,12 +8,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from oxnet.modeling.model import OXNet
+from oxnet.modeling.detector import OXNet
 
 
 class MeanTeacher(nn.Module):
-    """Student + EMA teacher. Training returns the student's loss dict for a mixed batch; eval returns
-    the detections of the model named by ``infer_with`` ("student" or "teacher").
+    """Student + EMA teacher, for training: returns the student's loss dict for a mixed batch. To
+    predict, call ``.student`` or ``.teacher`` (each an :class:`OXNet`).
 
     ``forward(images, targets, teacher_images)``: the teacher sees ``teacher_images`` (same geometry,
     other photometric augmentation) without gradient, and for every weak and unlabeled image attaches
@@ -22,16 +22,13 @@ class MeanTeacher(nn.Module):
     image-level labels or not assessed (``image_label_mask`` 0); unlabeled images keep all. :meth:`update_teacher` is the explicit EMA step.
     """
 
-    def __init__(self, student: OXNet, *, ema_decay: float = 0.99, infer_with: str = "student") -> None:
+    def __init__(self, student: OXNet, *, ema_decay: float = 0.99) -> None:
         super().__init__()
         if not 0.0 <= ema_decay <= 1.0:
             raise ValueError(f"ema_decay must be in [0, 1], got {ema_decay}")
-        if infer_with not in ("student", "teacher"):
-            raise ValueError(f"infer_with must be 'student' or 'teacher', got {infer_with!r}")
         self.student = student
         self.teacher = copy.deepcopy(student).requires_grad_(False).eval()
         self.ema_decay = ema_decay
-        self.infer_with = infer_with
         self.register_buffer("ema_step", torch.zeros((), dtype=torch.int64))
 
     def train(self, mode: bool = True) -> "MeanTeacher":
@@ -46,7 +43,7 @@ class MeanTeacher(nn.Module):
         teacher_images: Tensor | list[Tensor] | None = None,
     ):
         if not self.training:
-            return (self.teacher if self.infer_with == "teacher" else self.student)(images)
+            raise ValueError("MeanTeacher trains; to predict, call its .student or .teacher")
         if targets is None:
             raise ValueError("targets are required in training mode")
         targets = self.pseudo_label(teacher_images if teacher_images is not None else images, targets)

@@ -36,7 +36,9 @@ from typing import Any
 
 import torch
 
-from oxnet.modeling.model import ModelConfig, OXNet, bn_frozen
+from oxnet.modeling.backbone import bn_frozen
+from oxnet.modeling.config import ModelConfig
+from oxnet.modeling.detector import OXNet
 from oxnet.files import atomic_write
 
 FORMAT = "oxnet-checkpoint"
@@ -208,7 +210,7 @@ def model_from_state(state: Mapping[str, Any], *, weights: str = "student", sour
 def load_model(
     path: str | Path, *, weights: str = "student", device: str | torch.device = "cpu"
 ) -> OXNet:
-    """Load an :class:`~oxnet.modeling.model.OXNet` for inference from a checkpoint file.
+    """Load an :class:`~oxnet.modeling.detector.OXNet` for inference from a checkpoint file.
 
     Args:
         path: a checkpoint (``best.pt``, ``last.pt``, ...).

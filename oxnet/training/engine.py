@@ -2,10 +2,12 @@
 
 - :func:`train_one_round`: batches -> loss dict -> sum -> finite check -> backward -> clip -> step -> EMA.
 - :func:`fit`: datasets, mixed sampler and loaders for the granularities the method can use, optional
-  RetinaNet pretraining, epochs with validation mAP, ``ReduceLROnPlateau``, early stopping, atomic
-  checkpoints (``last.pt``, ``best.pt``), resume, progress callback; runs under ``torchrun`` as well.
-- :func:`predict`, :func:`evaluate_model`, :func:`ground_truth`: inference in original image pixels and
-  evaluation through :func:`oxnet.evaluation.metrics.evaluate`.
+  RetinaNet pretraining, epochs, and after each epoch the end-of-epoch steps of :class:`_Run`: validate
+  (mAP), schedule (``ReduceLROnPlateau``), record, early stop, checkpoint (atomic ``last.pt``,
+  ``best.pt``), report; resume, progress callback; runs under ``torchrun`` as well
+  (:mod:`oxnet.training.distributed`).
+
+Prediction and evaluation of a trained model are in :mod:`oxnet.evaluation.predict`.
 
 Example::
 
@@ -20,14 +22,12 @@ Example::
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import logging
 import math
-import os
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -47,7 +47,11 @@ from oxnet.data.datasets import OmniDataset, collate
 from oxnet.data.records import Record
 from oxnet.data.sampler import MixedBatchSampler
 from oxnet.evaluation.metrics import evaluate
-from oxnet.modeling.model import OXNet, bn_frozen
+from oxnet.evaluation.predict import ground_truth, predict
+from oxnet.modeling.backbone import bn_frozen
+from oxnet.modeling.config import ModelConfig
+from oxnet.modeling.detector import OXNet
+from oxnet.training.distributed import Dist, average_batchnorm_stats, current_world_size, distributed, to_device
 from oxnet.training.settings import METHODS, TrainConfig
 from oxnet.modeling.teacher import MeanTeacher
 
@@ -55,11 +59,7 @@ __all__ = [
     "History",
     "Progress",
     "draw_overlay",
-    "evaluate_model",
     "fit",
-    "ground_truth",
-    "predict",
-    "resolve_device",
     "train_one_round",
 ]
 
@@ -73,89 +73,9 @@ _RESUME_KEYS = ("preset", "model", "method", "pretrain_epochs", "seed")
 
 
 # --------------------------------------------------------------------------------------------------
-# Devices and torch.distributed
-# --------------------------------------------------------------------------------------------------
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"`` -> CUDA when available (``cuda:LOCAL_RANK`` under torchrun), else CPU."""
-    if isinstance(device, torch.device):
-        return device
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("device 'cuda' requested but CUDA is not available")
-        return torch.device("cuda", local_rank)
-    return torch.device(device)
-
-
-@dataclass(frozen=True)
-class _Dist:
-    rank: int
-    world_size: int
-    device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-@contextlib.contextmanager
-def _distributed(device: str) -> Iterator[_Dist]:
-    """Join the process group that ``torchrun`` describes in the environment (NCCL on CUDA, gloo on
-    the CPU) unless one exists already; leave it on exit if it was created here."""
-    created = False
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        target = resolve_device(device)
-        if target.type == "cuda":
-            torch.cuda.set_device(target)
-        dist.init_process_group("nccl" if target.type == "cuda" else "gloo")
-        created = True
-    try:
-        if dist.is_initialized():
-            target = resolve_device(device)
-            yield _Dist(dist.get_rank(), dist.get_world_size(), target)
-        else:
-            yield _Dist(0, 1, resolve_device(device))
-    finally:
-        if created:
-            dist.destroy_process_group()
-
-
-def _distributed_world() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-@torch.no_grad()
-def _average_batchnorm_stats(model: nn.Module) -> None:
-    """Average BatchNorm running statistics over the processes (DDP syncs gradients, not buffers), so
-    every rank keeps identical student and teacher state."""
-    buffers = [
-        b
-        for m in model.modules()
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
-        for b in (m.running_mean, m.running_var)
-    ]
-    if not buffers:
-        return
-    flat = torch.cat([b.flatten() for b in buffers])
-    dist.all_reduce(flat)
-    flat /= dist.get_world_size()
-    offset = 0
-    for b in buffers:
-        b.copy_(flat[offset : offset + b.numel()].view_as(b))
-        offset += b.numel()
-
-
-# --------------------------------------------------------------------------------------------------
 # One round of training
 # --------------------------------------------------------------------------------------------------
 Batch = tuple[Tensor, Tensor, list[dict[str, Any]]]
-
-
-def _to_device(images: Tensor, device: torch.device) -> Tensor:
-    images = images.to(device, non_blocking=True)
-    return images.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else images
 
 
 def _target_to(target: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
@@ -183,7 +103,7 @@ def train_one_round(
     update of the teacher.
 
     Args:
-        model: the student :class:`~oxnet.modeling.model.OXNet`, or it wrapped in ``DistributedDataParallel``.
+        model: the student :class:`~oxnet.modeling.detector.OXNet`, or it wrapped in ``DistributedDataParallel``.
         optimizer: optimizer of the student's parameters.
         loader: batches as produced by ``oxnet.data.collate``.
         device: where the model is; batches are moved there (channels_last on CUDA).
@@ -207,7 +127,7 @@ def train_one_round(
     student = teacher.student if teacher is not None else getattr(model, "module", model)
     params = [p for p in student.parameters() if p.requires_grad]
     amp = scaler is not None and scaler.is_enabled()
-    world = _distributed_world()
+    world = current_world_size()
     model.train()
     if teacher is not None:
         teacher.train()  # the student trains, the teacher stays in eval mode
@@ -215,12 +135,12 @@ def train_one_round(
     names: list[str] = []
     steps = 0
     for step, (images, teacher_images, targets) in enumerate(loader):
-        images = _to_device(images, device)
+        images = to_device(images, device)
         targets = [_target_to(t, device) for t in targets]
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
             if teacher is not None:
-                targets = teacher.pseudo_label(_to_device(teacher_images, device), targets)
+                targets = teacher.pseudo_label(to_device(teacher_images, device), targets)
             losses = model(images, targets)
         names = list(losses)
         total = torch.stack([losses[k].float() for k in names]).sum()
@@ -249,7 +169,7 @@ def train_one_round(
         else:
             optimizer.step()
         if world > 1:
-            _average_batchnorm_stats(student)
+            average_batchnorm_stats(student)
         if teacher is not None:
             teacher.update_teacher()
         sums = values if sums is None else sums + values
@@ -261,122 +181,10 @@ def train_one_round(
     return dict(zip(names + ["total"], [v + 0.0 for v in (sums / steps).tolist()]))
 
 
+
 # --------------------------------------------------------------------------------------------------
-# Prediction and evaluation
+# Drawing
 # --------------------------------------------------------------------------------------------------
-def ground_truth(records: Sequence[Record], classes: Sequence[str]) -> dict[str, Any]:
-    """The COCO ground-truth dict of fully labeled records, in ORIGINAL pixels, for
-    :func:`oxnet.evaluation.metrics.evaluate`: category id ``i + 1`` is ``classes[i]``; every image keeps its
-    image-level labels (``image_labels``, class names) for the image-level AUC.
-
-    Raises:
-        ValueError: a record is not "full" (boxes may be missing: it cannot be evaluated).
-    """
-    images, annotations = [], []
-    for r in records:
-        if r.granularity != "full":
-            raise ValueError(
-                f"{r.path} (image id {r.image_id}) is {r.granularity}: evaluation needs fully labeled images"
-            )
-        images.append(
-            {
-                "id": r.image_id,
-                "file_name": str(r.path),
-                "width": r.width,
-                "height": r.height,
-                "image_labels": [classes[c] for c in r.image_labels],
-            }
-        )
-        for (x1, y1, x2, y2), label in zip(r.boxes.tolist(), r.labels.tolist()):
-            annotations.append(
-                {
-                    "id": len(annotations) + 1,
-                    "image_id": r.image_id,
-                    "category_id": label + 1,
-                    "bbox": [x1, y1, x2 - x1, y2 - y1],
-                }
-            )
-    categories = [{"id": i + 1, "name": name} for i, name in enumerate(classes)]
-    return {"images": images, "annotations": annotations, "categories": categories}
-
-
-@torch.no_grad()
-def predict(
-    model: OXNet,
-    records: Sequence[Record],
-    *,
-    batch_size: int = 8,
-    device: str | torch.device = "cpu",
-    category_ids: Sequence[int] | None = None,
-    num_workers: int = 0,
-    progress: bool = False,
-) -> list[dict[str, Any]]:
-    """Detect on ``records`` (any granularity; images are resized to the model's ``image_size``).
-
-    Args:
-        model: an :class:`~oxnet.modeling.model.OXNet` (put in eval mode for the call, then restored).
-        records: the images.
-        batch_size, num_workers: of the DataLoader.
-        device: where ``model`` is.
-        category_ids: COCO category id of each class index; default ``1..C``.
-        progress: show a tqdm bar.
-
-    Returns:
-        One dict per record, in order, on the CPU, ready for :func:`oxnet.evaluation.metrics.evaluate` and
-        :func:`oxnet.evaluation.metrics.coco_results`: "image_id" int, "boxes" Tensor[D, 4] (x1, y1, x2, y2) in
-        ORIGINAL image pixels, "scores" Tensor[D], "labels" Tensor[D] int64 category ids,
-        "image_probs" Tensor[C] (class index order) and "attention" Tensor[C, h, w] (DAA attention on the
-        C5 grid of the resized image).
-    """
-    device = torch.device(device)
-    num_classes = model.num_classes
-    ids = torch.arange(1, num_classes + 1) if category_ids is None else torch.as_tensor(list(category_ids))
-    if ids.shape != (num_classes,):
-        raise ValueError(f"category_ids must have one id per class ({num_classes}), got {ids.tolist()}")
-    dataset = OmniDataset(records, num_classes=num_classes, size=model.config.image_size, train=False)
-    loader = DataLoader(
-        dataset, batch_size=batch_size, collate_fn=collate, num_workers=num_workers, pin_memory=device.type == "cuda"
-    )
-    was_training = model.training
-    model.eval()
-    results = []
-    try:
-        for images, _, targets in tqdm(loader, desc="predict", disable=not progress, leave=False):
-            height, width = images.shape[-2:]
-            for det, t in zip(model(_to_device(images, device)), targets):
-                orig_h, orig_w = t["orig_size"]
-                scale = torch.tensor([orig_w / width, orig_h / height] * 2)
-                results.append(
-                    {
-                        "image_id": int(t["image_id"]),
-                        "boxes": det["boxes"].float().cpu() * scale,
-                        "scores": det["scores"].float().cpu(),
-                        "labels": ids[det["labels"].cpu()],
-                        "image_probs": det["image_probs"].float().cpu(),
-                        "attention": det["attention"].float().cpu(),
-                    }
-                )
-    finally:
-        model.train(was_training)
-    return results
-
-
-def evaluate_model(
-    model: OXNet,
-    records: Sequence[Record],
-    classes: Sequence[str],
-    *,
-    batch_size: int = 8,
-    device: str | torch.device = "cpu",
-    num_workers: int = 0,
-) -> dict[str, Any]:
-    """:func:`predict` on fully labeled ``records`` and :func:`oxnet.evaluation.metrics.evaluate` against their
-    ground truth in original pixels. Returns the metrics dict of ``evaluate`` (mAP, AP40, ...)."""
-    truth = ground_truth(records, classes)
-    predictions = predict(model, records, batch_size=batch_size, device=device, num_workers=num_workers)
-    return evaluate(truth, predictions)
-
-
 def draw_overlay(
     image: Tensor,
     prediction: Mapping[str, Any],
@@ -391,7 +199,7 @@ def draw_overlay(
 
     Args:
         image: Tensor[1, H, W] in [0, 1], the original image (``oxnet.data.load_image``).
-        prediction: one item of :func:`predict` (boxes in the pixels of ``image``).
+        prediction: one item of :func:`oxnet.evaluation.predict.predict` (boxes in the pixels of ``image``).
         classes: class names in class index order.
         category_ids: the category ids ``predict`` used; default ``1..C``.
     """
@@ -596,7 +404,7 @@ def fit(
     history = History.from_dict(resume["history"]) if resume is not None else History(out_dir=str(out_dir))
     history.out_dir = str(out_dir)
 
-    with _distributed(config.device) as env:
+    with distributed(config.device) as env:
 
         def log(level: int, message: str, *args: Any) -> None:
             if env.is_main:
@@ -625,8 +433,23 @@ def fit(
     return history
 
 
+@dataclass
+class _Parts:
+    """What one phase trains, built by :meth:`_Run._build` (from scratch, resumed or warm-started)."""
+
+    model_config: ModelConfig
+    student: OXNet
+    teacher: MeanTeacher | None
+    model: nn.Module  # the student, or it wrapped in DistributedDataParallel
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau
+
+
 class _Run:
-    """The state shared by the phases of one :func:`fit` call."""
+    """The state shared by the phases of one :func:`fit` call. :meth:`phase` trains epochs; after each,
+    the end-of-epoch steps run in order: :meth:`_validate`, :meth:`_schedule`, :meth:`_record`,
+    :meth:`_early_stop`, :meth:`_log_epoch`, :meth:`_checkpoint`, :meth:`_report_epoch`."""
 
     def __init__(
         self,
@@ -635,7 +458,7 @@ class _Run:
         train_records: Sequence[Record],
         val_records: Sequence[Record],
         truth: dict[str, Any],
-        env: _Dist,
+        env: Dist,
         amp: bool,
         history: History,
         callback: Callable[[Progress], None] | None,
@@ -659,7 +482,7 @@ class _Run:
         self.started = time.perf_counter()
         self.epoch_seconds = 0.0  # time spent in the current epoch so far
 
-    def _build(self, method: str, state: Mapping[str, Any] | None, init: Mapping[str, Any] | None):
+    def _build(self, method: str, state: Mapping[str, Any] | None, init: Mapping[str, Any] | None) -> _Parts:
         config, device = self.config, self.env.device
         model_config = config.model_config(len(self.classes), method=method)
         torch.manual_seed(config.seed)
@@ -709,7 +532,7 @@ class _Run:
         elif init is not None and init.get("optimizer") is not None:
             if not _carry_moments(optimizer, init["optimizer"]):
                 self.log(logging.WARNING, "warm start: the checkpoint's optimizer state does not fit; Adam starts afresh")
-        return model_config, student, teacher, model, optimizer, scaler, scheduler
+        return _Parts(model_config, student, teacher, model, optimizer, scaler, scheduler)
 
     def _loader(self, method: str) -> DataLoader:
         config, env = self.config, self.env
@@ -728,73 +551,46 @@ class _Run:
     def phase(self, phase: str, method: str, epochs: int, *, first_epoch: int, state, init) -> None:
         """Train ``epochs`` epochs of ``method`` (global epoch numbers start at ``first_epoch``), from
         ``state`` (resume: a ``last.pt``) or ``init`` (warm start: student weights) or scratch."""
-        config, env, history = self.config, self.env, self.history
-        model_config, student, teacher, model, optimizer, scaler, scheduler = self._build(method, state, init)
+        parts = self._build(method, state, init)
         loader = self._loader(method)
-        for local in range(history.done(phase), epochs):
+        for local in range(self.history.done(phase), epochs):
             epoch = first_epoch + local
             loader.dataset.set_epoch(epoch)
             loader.batch_sampler.set_epoch(epoch)
             started = time.perf_counter()
-            lr = optimizer.param_groups[0]["lr"]
-            bar = tqdm(loader, desc=f"{phase} epoch {epoch + 1}/{self.total_epochs}", disable=not self.progress,
-                       leave=False, dynamic_ncols=True)
-
-            def on_step(step: int, losses: dict[str, float]) -> None:
-                self.global_step += 1
-                self.epoch_seconds = time.perf_counter() - started
-                bar.set_postfix(loss=f"{losses['total']:.4f}")
-                if self.callback is not None:
-                    self.callback(self._progress("step", phase, epoch, step + 1, len(loader), losses, lr))
-
-            losses = train_one_round(
-                model, optimizer, bar, device=env.device, grad_clip=config.grad_clip, teacher=teacher,
-                scaler=scaler, epoch=epoch, on_step=on_step,
-            )
-            bar.close()
-            metrics = self._validate(student)
-            scheduler.step(metrics["mAP"])
-            history.epochs.append(
-                {"epoch": epoch, "phase": phase, "losses": losses, "metrics": metrics, "lr": lr,
-                 "steps": len(loader), "seconds": time.perf_counter() - started}
-            )
-            best_epoch, best_metric = history.best(phase)
-            if phase == "train":
-                history.best_epoch, history.best_metric = best_epoch, best_metric
-            bad_epochs = epoch - best_epoch
-            stop = (phase == "train" and config.early_stop_patience is not None and local + 1 < epochs
-                    and bad_epochs >= config.early_stop_patience)
-            history.stopped_early = stop
-            self.log(
-                logging.INFO,
-                "%s epoch %d/%d: loss %.4f (%s), val mAP %.4f AP40 %.4f (best %.4f at epoch %d), lr %.2g, %.1f s",
-                phase, epoch + 1, self.total_epochs, losses["total"],
-                ", ".join(f"{k} {v:.4f}" for k, v in losses.items() if k != "total" and v),
-                metrics["mAP"], metrics["AP40"] or 0.0, best_metric, best_epoch + 1, lr,
-                history.epochs[-1]["seconds"],
-            )
-            if env.is_main:
-                checkpoint = {
-                    "classes": self.classes, "model_config": model_config.to_dict(),
-                    "train_config": config.to_dict(), "student": student.state_dict(),
-                    "teacher": teacher.teacher.state_dict() if teacher is not None else None,
-                    "ema_step": int(teacher.ema_step) if teacher is not None else 0,
-                    "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                    "scheduler": scheduler.state_dict(), "phase": phase, "epoch": epoch + 1,
-                    "step": self.global_step, "best_metric": best_metric, "history": history.to_dict(),
-                    "backbone_start": self.backbone_start,
-                }
-                if best_epoch == epoch:
-                    save_checkpoint(checkpoint, self.out_dir / (BEST if phase == "train" else PRETRAIN_BEST))
-                save_checkpoint(checkpoint, self.out_dir / LAST)
-            if self.callback is not None:
-                self.callback(self._progress("epoch", phase, epoch, len(loader), len(loader), losses,
-                                             optimizer.param_groups[0]["lr"], metrics))
+            lr = parts.optimizer.param_groups[0]["lr"]
+            losses = self._train_epoch(parts, loader, phase, epoch, lr, started)
+            metrics = self._validate(parts.student)
+            self._schedule(parts, metrics)
+            best_epoch, best_metric = self._record(phase, epoch, losses, metrics, lr, len(loader), started)
+            stop = self._early_stop(phase, epoch, best_epoch, more_to_come=local + 1 < epochs)
+            self._log_epoch(phase, epoch, losses, metrics, lr, best_epoch, best_metric)
+            self._checkpoint(parts, phase, epoch, best_epoch, best_metric)
+            self._report_epoch(parts, phase, epoch, len(loader), losses, metrics)
             if stop:
-                self.log(logging.INFO, "early stop: no better val mAP for %d epochs", bad_epochs)
+                self.log(logging.INFO, "early stop: no better val mAP for %d epochs", epoch - best_epoch)
                 break
-        if env.world_size > 1:
+        if self.env.world_size > 1:
             dist.barrier()  # the next phase reads the checkpoints rank 0 wrote
+
+    def _train_epoch(self, parts: _Parts, loader: DataLoader, phase: str, epoch: int, lr: float, started: float) -> dict[str, float]:
+        """One :func:`train_one_round` over ``loader`` with a progress bar and a step callback."""
+        bar = tqdm(loader, desc=f"{phase} epoch {epoch + 1}/{self.total_epochs}", disable=not self.progress,
+                   leave=False, dynamic_ncols=True)
+
+        def on_step(step: int, losses: dict[str, float]) -> None:
+            self.global_step += 1
+            self.epoch_seconds = time.perf_counter() - started
+            bar.set_postfix(loss=f"{losses['total']:.4f}")
+            if self.callback is not None:
+                self.callback(self._progress("step", phase, epoch, step + 1, len(loader), losses, lr))
+
+        losses = train_one_round(
+            parts.model, parts.optimizer, bar, device=self.env.device, grad_clip=self.config.grad_clip,
+            teacher=parts.teacher, scaler=parts.scaler, epoch=epoch, on_step=on_step,
+        )
+        bar.close()
+        return losses
 
     def _validate(self, student: OXNet) -> dict[str, Any]:
         """Rank 0 evaluates; the metrics go to every rank (the scheduler and early stop need them)."""
@@ -810,6 +606,74 @@ class _Run:
             dist.broadcast_object_list(box, src=0)
             metrics = box[0]
         return metrics
+
+    def _schedule(self, parts: _Parts, metrics: Mapping[str, Any]) -> None:
+        """``ReduceLROnPlateau`` on the validation mAP."""
+        parts.scheduler.step(metrics["mAP"])
+
+    def _record(
+        self, phase: str, epoch: int, losses: dict[str, float], metrics: dict[str, Any], lr: float, steps: int,
+        started: float,
+    ) -> tuple[int, float]:
+        """Append the epoch to the history; returns the phase's best (epoch, mAP) so far, which for the
+        "train" phase is also the history's best."""
+        history = self.history
+        history.epochs.append(
+            {"epoch": epoch, "phase": phase, "losses": losses, "metrics": metrics, "lr": lr,
+             "steps": steps, "seconds": time.perf_counter() - started}
+        )
+        best_epoch, best_metric = history.best(phase)
+        if phase == "train":
+            history.best_epoch, history.best_metric = best_epoch, best_metric
+        return best_epoch, best_metric
+
+    def _early_stop(self, phase: str, epoch: int, best_epoch: int, *, more_to_come: bool) -> bool:
+        """Whether the "train" phase stops here: ``early_stop_patience`` epochs without a better val mAP
+        while epochs remain. Recorded in the history (``stopped_early``)."""
+        patience = self.config.early_stop_patience
+        stop = phase == "train" and patience is not None and more_to_come and epoch - best_epoch >= patience
+        self.history.stopped_early = stop
+        return stop
+
+    def _log_epoch(
+        self, phase: str, epoch: int, losses: dict[str, float], metrics: dict[str, Any], lr: float, best_epoch: int,
+        best_metric: float,
+    ) -> None:
+        self.log(
+            logging.INFO,
+            "%s epoch %d/%d: loss %.4f (%s), val mAP %.4f AP40 %.4f (best %.4f at epoch %d), lr %.2g, %.1f s",
+            phase, epoch + 1, self.total_epochs, losses["total"],
+            ", ".join(f"{k} {v:.4f}" for k, v in losses.items() if k != "total" and v),
+            metrics["mAP"], metrics["AP40"] or 0.0, best_metric, best_epoch + 1, lr,
+            self.history.epochs[-1]["seconds"],
+        )
+
+    def _checkpoint(self, parts: _Parts, phase: str, epoch: int, best_epoch: int, best_metric: float) -> None:
+        """Rank 0 writes ``last.pt`` and, when this epoch is the phase's best, ``best.pt`` (or
+        ``pretrain_best.pt``), each atomically."""
+        if not self.env.is_main:
+            return
+        teacher = parts.teacher
+        checkpoint = {
+            "classes": self.classes, "model_config": parts.model_config.to_dict(),
+            "train_config": self.config.to_dict(), "student": parts.student.state_dict(),
+            "teacher": teacher.teacher.state_dict() if teacher is not None else None,
+            "ema_step": int(teacher.ema_step) if teacher is not None else 0,
+            "optimizer": parts.optimizer.state_dict(), "scaler": parts.scaler.state_dict(),
+            "scheduler": parts.scheduler.state_dict(), "phase": phase, "epoch": epoch + 1,
+            "step": self.global_step, "best_metric": best_metric, "history": self.history.to_dict(),
+            "backbone_start": self.backbone_start,
+        }
+        if best_epoch == epoch:
+            save_checkpoint(checkpoint, self.out_dir / (BEST if phase == "train" else PRETRAIN_BEST))
+        save_checkpoint(checkpoint, self.out_dir / LAST)
+
+    def _report_epoch(
+        self, parts: _Parts, phase: str, epoch: int, steps: int, losses: dict[str, float], metrics: dict[str, Any]
+    ) -> None:
+        if self.callback is not None:
+            self.callback(self._progress("epoch", phase, epoch, steps, steps, losses,
+                                         parts.optimizer.param_groups[0]["lr"], metrics))
 
     def _progress(self, kind, phase, epoch, step, steps, losses, lr, metrics=None) -> Progress:
         """ETA: remaining steps of this epoch at this epoch's pace, plus the remaining epochs at the pace

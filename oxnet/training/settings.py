@@ -14,7 +14,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
-from oxnet.modeling.model import GRANULARITIES, PRESETS, ModelConfig
+from oxnet.modeling.config import GRANULARITIES, PRESETS, ModelConfig
 
 #: Training methods: which parts of OXnet are switched on, which granularities each can learn from,
 #: and whether a mean teacher is needed (only for the soft focal loss).
@@ -45,8 +45,8 @@ class TrainConfig:
     """Everything a training run needs besides the data. Stored in checkpoints (``to_dict``).
 
     Args:
-        preset: model preset of :data:`oxnet.modeling.model.PRESETS` ("paper", "cpu", "tiny").
-        model: :class:`~oxnet.modeling.model.ModelConfig` overrides, e.g. ``{"depth": 50, "image_size": 512}``.
+        preset: model preset of :data:`oxnet.modeling.config.PRESETS` ("paper", "cpu", "tiny").
+        model: :class:`~oxnet.modeling.config.ModelConfig` overrides, e.g. ``{"depth": 50, "image_size": 512}``.
             ``daa``/``gpa``/``sfl`` are set by ``method`` and may not appear here.
         method: one of :data:`METHODS`.
         epochs: epochs of ``method``.
@@ -133,16 +133,6 @@ class TrainConfig:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
         if not (self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda")):
             raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
-
-    @property
-    def uses_teacher(self) -> bool:
-        """Whether ``method`` trains against a mean teacher (soft focal loss)."""
-        return bool(METHODS[self.method]["sfl"])
-
-    @property
-    def granularities(self) -> tuple[str, ...]:
-        """The granularities ``method`` can learn from."""
-        return METHODS[self.method]["granularities"]
 
     def model_config(self, num_classes: int, *, method: str | None = None) -> ModelConfig:
         """The :class:`ModelConfig` of ``preset`` + ``model`` overrides with the flags of ``method``

@@ -2,267 +2,23 @@
 
 Built like torchvision's detection models: injected parts (backbone with ``out_channels``, anchor
 generator, heads, box coder, matcher), plain keyword thresholds, and one forward contract:
-training returns a dict of named losses, eval returns one dict per image.
+training returns a dict of named losses, eval returns one dict per image. The detector matches anchors
+to boxes; each head computes its own loss (:mod:`oxnet.modeling.heads`) and the detector gathers them.
 """
 
 from __future__ import annotations
 
-import math
-import warnings
-from collections import OrderedDict
-from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.models import resnet
 from torchvision.models.detection import _utils as det_utils
 from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models._utils import IntermediateLayerGetter
-from torchvision.ops import FeaturePyramidNetwork, batched_nms, box_iou, sigmoid_focal_loss
-from torchvision.ops.feature_pyramid_network import LastLevelP6P7
-from torchvision.ops.misc import Conv2dNormActivation, FrozenBatchNorm2d
+from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image
 
-from oxnet.modeling import losses as L
-GRANULARITIES = ("full", "weak", "unlabeled")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-_RESNETS = {18: resnet.resnet18, 34: resnet.resnet34, 50: resnet.resnet50, 101: resnet.resnet101}
-_WEIGHTS = {
-    18: resnet.ResNet18_Weights,
-    34: resnet.ResNet34_Weights,
-    50: resnet.ResNet50_Weights,
-    101: resnet.ResNet101_Weights,
-}
-
-
-# --------------------------------------------------------------------------------------------------
-# Settings and presets
-# --------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ModelConfig:
-    """Everything needed to rebuild a model; stored in checkpoints and in the store's model versions."""
-
-    num_classes: int = 9
-    depth: int = 18
-    levels: tuple[int, ...] = (3, 4, 5, 6, 7)
-    fpn_width: int = 256
-    head_depth: int = 4
-    head_norm: str | None = "group"  # "group" (GroupNorm) or None (original RetinaNet heads)
-    image_size: int = 512
-    weights: str = "random"  # "random", "imagenet" or a path to a torchvision ResNet state_dict
-    freeze_bn: bool | None = None  # FrozenBatchNorm2d in the backbone; None: exactly when pretrained weights loaded
-    daa: bool = True  # image-level head with dual attention alignment (Eq. 1-3)
-    gpa: bool = True  # global prototype alignment (Eq. 4-6); needs DAA
-    sfl: bool = True  # soft focal loss against a mean teacher (Eq. 8); used by MeanTeacher
-    fg_iou_thresh: float = 0.5
-    bg_iou_thresh: float = 0.4
-    allow_low_quality_matches: bool = True  # torchvision's RetinaNet default: every box gets an anchor
-    focal_alpha: float = 0.25
-    focal_gamma: float = 2.0
-    smooth_l1_beta: float = 1.0 / 9.0
-    bbox_weights: tuple[float, float, float, float] = (10.0, 10.0, 5.0, 5.0)  # deltas / (.1, .1, .2, .2)
-    prior_probability: float = 0.01
-    prototype_momentum: float = 0.7
-    inter_margin: float = 1.0
-    sfl_alpha: float = 0.9
-    sfl_gamma: float = 2.0
-    sfl_eps: float = 0.05
-    pseudo_score_thresh: float = 0.5
-    pseudo_nms_thresh: float = 0.5
-    score_thresh: float = 0.05
-    nms_thresh: float = 0.5
-    detections_per_img: int = 100
-    topk_candidates: int = 1000
-    loss_weights: dict[str, float] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.depth not in _RESNETS:
-            raise ValueError(f"depth must be one of {sorted(_RESNETS)}, got {self.depth}")
-        levels = tuple(self.levels)
-        object.__setattr__(self, "levels", levels)
-        if levels != tuple(range(levels[0], levels[-1] + 1)) or levels[0] not in (2, 3) or levels[-1] not in (5, 7):
-            raise ValueError(f"levels must be a contiguous range from P2 or P3 to P5 or P7, got {levels}")
-        if self.num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
-        if self.gpa and not self.daa:
-            raise ValueError("gpa=True needs daa=True: the class features are pooled with the DAA attention")
-        if self.head_norm not in (None, "group"):
-            raise ValueError(f"head_norm must be 'group' or None, got {self.head_norm!r}")
-        unknown = set(self.loss_weights) - set(LOSS_NAMES)
-        if unknown:
-            raise ValueError(f"unknown loss_weights keys {sorted(unknown)}; known: {list(LOSS_NAMES)}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-LOSS_NAMES = (
-    "classification",  # focal loss, full images
-    "bbox_regression",  # smooth-L1, full images
-    "image_bce",  # Eq. 1 through DAA, weak + full
-    "prototype_intra",  # Eq. 6, weak + full
-    "prototype_inter",  # Eq. 6, weak + full
-    "soft_focal",  # Eq. 8, weak + unlabeled
-    "pseudo_bbox_regression",  # consistency with the teacher's pseudo-boxes, weak + unlabeled
-)
-
-PRESETS: dict[str, ModelConfig] = {
-    # The paper: ResNet-101 from ImageNet weights (BatchNorm frozen; random init with a warning when
-    # they cannot be had), P2-P7 as in the authors' code, 512 px.
-    "paper": ModelConfig(depth=101, levels=(2, 3, 4, 5, 6, 7), fpn_width=256, head_depth=4, image_size=512,
-                         weights="imagenet"),
-    # CPU-sized: ResNet-18, narrower FPN and heads, 256 px.
-    "cpu": ModelConfig(depth=18, levels=(3, 4, 5, 6, 7), fpn_width=128, head_depth=2, image_size=256),
-    # Tests: a few milliseconds per image.
-    "tiny": ModelConfig(depth=18, levels=(3, 4, 5), fpn_width=32, head_depth=1, image_size=128),
-}
-
-
-def build_model(*, preset: str = "cpu", num_classes: int = 9, **overrides: Any) -> "OXNet":
-    """Build an OXnet detector from a named preset (``paper``, ``cpu``, ``tiny``) and overrides.
-
-    Any :class:`ModelConfig` field can be overridden, e.g. ``depth=50``, ``levels=(3, 4, 5, 6, 7)``,
-    ``fpn_width=64``, ``head_depth=2``, ``weights="imagenet"`` or ``weights="/path/resnet50.pth"``,
-    ``daa=False, gpa=False, sfl=False`` for plain RetinaNet.
-    """
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
-    unknown = set(overrides) - set(ModelConfig.__dataclass_fields__)
-    if unknown:
-        raise TypeError(f"unknown model options {sorted(unknown)}")
-    return OXNet.from_config(replace(PRESETS[preset], num_classes=num_classes, **overrides))
-
-
-# --------------------------------------------------------------------------------------------------
-# Parts
-# --------------------------------------------------------------------------------------------------
-class ResNetFPN(nn.Module):
-    """ResNet body + FPN. Returns the pyramid (list of Tensor[B, out_channels, H_l, W_l], finest first)
-    and ReLU(C5) (Tensor[B, c5_channels, h, w]) for the image-level head.
-    P6 and P7 are computed from C5 (original RetinaNet)."""
-
-    def __init__(self, body: resnet.ResNet, levels: tuple[int, ...], out_channels: int) -> None:
-        super().__init__()
-        c_levels = [lvl for lvl in levels if lvl <= 5]
-        return_layers = {f"layer{lvl - 1}": f"c{lvl}" for lvl in c_levels}
-        return_layers["layer4"] = "c5"
-        self.body = IntermediateLayerGetter(body, return_layers=return_layers)
-        stage_channels = {lvl: body.inplanes // 2 ** (5 - lvl) for lvl in (2, 3, 4, 5)}
-        self.c5_channels = stage_channels[5]
-        self.c_names = [f"c{lvl}" for lvl in c_levels]
-        extra = LastLevelP6P7(self.c5_channels, out_channels) if levels[-1] == 7 else None
-        self.fpn = FeaturePyramidNetwork([stage_channels[lvl] for lvl in c_levels], out_channels, extra_blocks=extra)
-        self.out_channels = out_channels
-
-    def forward(self, x: Tensor) -> tuple[list[Tensor], Tensor]:
-        c = self.body(x)
-        pyramid = self.fpn(OrderedDict((name, c[name]) for name in self.c_names))
-        return list(pyramid.values()), c["c5"]
-
-
-def resnet_fpn_backbone(
-    *, depth: int, levels: tuple[int, ...], out_channels: int, weights: str = "random", freeze_bn: bool | None = None
-) -> ResNetFPN:
-    """A ResNet-FPN backbone.
-
-    Args:
-        weights: "random", "imagenet" (torchvision's, from its cache or downloaded; when they cannot be
-            had this warns in one line and carries on from random init) or a local torchvision ResNet
-            state_dict path (``fc.*`` keys are ignored).
-        freeze_bn: FrozenBatchNorm2d in the body; ``None`` freezes exactly when pretrained weights were
-            loaded (frozen statistics from a random start would never be learnt).
-
-    The returned backbone's ``start`` says which start it had, e.g. ``"ImageNet weights
-    (ResNet101_Weights.IMAGENET1K_V2)"``, ``"weights file resnet50.pth"`` or ``"random init: ImageNet
-    weights unavailable (URLError)"``.
-    """
-    state, start = _backbone_state(depth, weights)
-    frozen = state is not None if freeze_bn is None else freeze_bn
-    body = _RESNETS[depth](weights=None, norm_layer=FrozenBatchNorm2d if frozen else nn.BatchNorm2d)
-    if state is not None:
-        missing, unexpected = body.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not k.startswith("fc.") and not k.endswith("num_batches_tracked")]
-        unexpected = [k for k in unexpected if not k.endswith("num_batches_tracked")]
-        if missing or unexpected:
-            raise ValueError(
-                f"{weights} is not a ResNet-{depth} state_dict: missing {missing[:3]}..., unexpected {unexpected[:3]}..."
-            )
-    backbone = ResNetFPN(body, levels, out_channels)
-    backbone.start = start + (" (BatchNorm frozen)" if frozen else "")
-    return backbone
-
-
-def _backbone_state(depth: int, weights: str) -> tuple[dict[str, Tensor] | None, str]:
-    """The ResNet body's pretrained state_dict (None: random init) and a one-line description of it."""
-    if weights == "random":
-        return None, "random init"
-    if weights == "imagenet":
-        entry = _WEIGHTS[depth].DEFAULT
-        try:
-            state = entry.get_state_dict(progress=False)
-        except Exception as exc:  # no internet and no cached copy: say so and train from scratch
-            warnings.warn(
-                f"ImageNet weights for ResNet-{depth} are unavailable ({type(exc).__name__}); training from "
-                f"random init. Pass weights='/path/to/resnet{depth}.pth' (a torchvision ResNet state_dict) "
-                "to use a local copy.",
-                stacklevel=3,
-            )
-            return None, f"random init: ImageNet weights unavailable ({type(exc).__name__})"
-        return state, f"ImageNet weights ({type(entry).__name__}.{entry.name})"
-    path = Path(weights)
-    if not path.is_file():
-        raise FileNotFoundError(f"backbone weights file {path} does not exist (use weights='random' or 'imagenet')")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a truncated or foreign file: name it
-        raise ValueError(f"backbone weights file {path} cannot be read as a state_dict: {exc}") from exc
-    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ValueError(f"backbone weights file {path} is not a state_dict of tensors")
-    return {k: v for k, v in state.items() if not k.startswith("fc.")}, f"weights file {path.name}"
-
-
-def bn_frozen(state_dict: Mapping[str, Any]) -> bool:
-    """Whether a model's state_dict comes from a backbone with FrozenBatchNorm2d (no BatchNorm step counters)."""
-    return not any(k.startswith("backbone.body.") and k.endswith("num_batches_tracked") for k in state_dict)
-
-
-def _group_norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(math.gcd(32, channels), channels)
-
-
-class DenseHead(nn.Module):
-    """One RetinaNet head branch: ``depth`` 3x3 conv(+norm)+ReLU, then a 3x3 conv predicting
-    ``num_anchors * outputs_per_anchor`` channels. Shared over pyramid levels."""
-
-    def __init__(
-        self,
-        in_channels: int,
-        num_anchors: int,
-        outputs_per_anchor: int,
-        *,
-        depth: int = 4,
-        norm_layer: Callable[[int], nn.Module] | None = None,
-        bias_init: float = 0.0,
-    ) -> None:
-        super().__init__()
-        self.conv = nn.Sequential(
-            *[Conv2dNormActivation(in_channels, in_channels, norm_layer=norm_layer) for _ in range(depth)]
-        )
-        self.out = nn.Conv2d(in_channels, num_anchors * outputs_per_anchor, 3, padding=1)
-        for layer in self.modules():
-            if isinstance(layer, nn.Conv2d):
-                nn.init.normal_(layer.weight, std=0.01)
-                if layer.bias is not None:
-                    nn.init.constant_(layer.bias, 0.0)
-        nn.init.constant_(self.out.bias, bias_init)
-        self.outputs_per_anchor = outputs_per_anchor
-
-    def forward(self, features: list[Tensor]) -> list[Tensor]:
-        """Returns one Tensor[B, A * K, H_l, W_l] per level."""
-        return [self.out(self.conv(f)) for f in features]
+from oxnet.modeling.backbone import IMAGENET_MEAN, IMAGENET_STD, ResNetFPN, resnet_fpn_backbone
+from oxnet.modeling.config import GRANULARITIES, LOSS_NAMES, ModelConfig
+from oxnet.modeling.heads import ClassificationHead, ImageLevelHead, PrototypeHead, RegressionHead, group_norm
 
 
 def flatten_levels(maps: list[Tensor], outputs_per_anchor: int) -> Tensor:
@@ -313,8 +69,10 @@ class OXNet(nn.Module):
         num_classes: int,
         *,
         anchor_generator: AnchorGenerator | None = None,
-        cls_head: DenseHead | None = None,
-        reg_head: DenseHead | None = None,
+        cls_head: ClassificationHead | None = None,
+        reg_head: RegressionHead | None = None,
+        image_head: ImageLevelHead | None = None,
+        prototype_head: PrototypeHead | None = None,
         config: ModelConfig | None = None,
     ) -> None:
         super().__init__()
@@ -328,16 +86,19 @@ class OXNet(nn.Module):
         self.backbone = backbone
         self.anchor_generator = anchor_generator or default_anchor_generator(cfg.levels)
         num_anchors = self.anchor_generator.num_anchors_per_location()[0]
-        norm = _group_norm if cfg.head_norm == "group" else None
-        prior_bias = -math.log((1 - cfg.prior_probability) / cfg.prior_probability)
-        self.cls_head = cls_head or DenseHead(
-            backbone.out_channels, num_anchors, num_classes, depth=cfg.head_depth, norm_layer=norm, bias_init=prior_bias
+        norm = group_norm if cfg.head_norm == "group" else None
+        self.cls_head = cls_head or ClassificationHead(
+            backbone.out_channels, num_anchors, num_classes, depth=cfg.head_depth, norm_layer=norm,
+            prior_probability=cfg.prior_probability, focal_alpha=cfg.focal_alpha, focal_gamma=cfg.focal_gamma,
+            sfl_alpha=cfg.sfl_alpha, sfl_gamma=cfg.sfl_gamma, sfl_eps=cfg.sfl_eps,
         )
-        self.reg_head = reg_head or DenseHead(backbone.out_channels, num_anchors, 4, depth=cfg.head_depth, norm_layer=norm)
-        # Image-level head: 1x1 conv without bias on ReLU(C5), zero-initialised -> class activation map X.
-        self.image_head = nn.Conv2d(backbone.c5_channels, num_classes, 1, bias=False)
-        nn.init.zeros_(self.image_head.weight)
-        self.box_coder = det_utils.BoxCoder(weights=cfg.bbox_weights)
+        self.reg_head = reg_head or RegressionHead(
+            backbone.out_channels, num_anchors, depth=cfg.head_depth, norm_layer=norm,
+            box_coder=det_utils.BoxCoder(weights=cfg.bbox_weights), smooth_l1_beta=cfg.smooth_l1_beta,
+        )
+        self.box_coder = self.reg_head.box_coder  # decoding uses the coder the box loss encodes with
+        self.image_head = image_head or ImageLevelHead(backbone.c5_channels, num_classes)
+        self.prototype_head = prototype_head or PrototypeHead(momentum=cfg.prototype_momentum, margin=cfg.inter_margin)
         self.matcher = det_utils.Matcher(cfg.fg_iou_thresh, cfg.bg_iou_thresh, cfg.allow_low_quality_matches)
         self.register_buffer("prototypes", torch.zeros(num_classes, backbone.c5_channels))
         self.register_buffer("prototype_initialized", torch.zeros(num_classes, dtype=torch.bool))
@@ -406,15 +167,7 @@ class OXNet(nn.Module):
 
     def image_level(self, dense: dict[str, Any]) -> tuple[Tensor, Tensor]:
         """DAA (Eq. 2-3): image-level logits Tensor[B, N] and attention R Tensor[B, N, h, w]."""
-        c5 = dense["c5"]
-        n = self.num_classes
-        level_probs = []
-        for m in dense["level_cls"]:
-            b, _, h, w = m.shape
-            level_probs.append(m.float().sigmoid().view(b, -1, n, h, w).amax(1))
-        attention = L.local_attention(level_probs, tuple(c5.shape[-2:]))
-        cam = self.image_head(c5).float()
-        return L.dual_attention_logits(cam, attention), attention
+        return self.image_head.attention_logits(dense["level_cls"], dense["c5"])
 
     def forward(self, images: Tensor | list[Tensor], targets: list[dict[str, Any]] | None = None):
         if self.training:
@@ -449,12 +202,12 @@ class OXNet(nn.Module):
             idx = torch.tensor(labelled, device=dev)
             y = torch.stack([targets[i]["image_labels"].to(dev, torch.float32) for i in labelled])
             known = torch.stack([_label_mask(targets[i], y[j]) for j, i in enumerate(labelled)])
-            out["image_bce"] = L.image_level_bce(image_logits[idx], y, known)
+            out["image_bce"] = self.image_head.compute_loss(image_logits[idx], y, known)
             if cfg.gpa:
-                feats = L.category_features(F.relu(dense["c5"][idx]).float(), attention[idx])
+                feats = self.prototype_head.features(dense["c5"][idx], attention[idx])
                 self.update_prototypes(feats.detach(), image_logits[idx].detach().sigmoid(), y)
-                out["prototype_intra"], out["prototype_inter"] = L.prototype_losses(
-                    feats, self.prototypes, self.prototype_initialized, y, cfg.inter_margin
+                out["prototype_intra"], out["prototype_inter"] = self.prototype_head.compute_loss(
+                    feats, self.prototypes, self.prototype_initialized, y
                 )
 
         soft = [i for i, g in enumerate(gran) if g in ("weak", "unlabeled") and "soft_labels" in targets[i]]
@@ -523,11 +276,6 @@ class OXNet(nn.Module):
         onehot.scatter_(2, matched_labels.unsqueeze(-1), fg.unsqueeze(-1).to(logits.dtype))
         return onehot, valid, fg, matched_boxes
 
-    def _box_regression(self, deltas: Tensor, anchors: Tensor, matched_boxes: Tensor, fg: Tensor) -> Tensor:
-        b_idx, a_idx = fg.nonzero(as_tuple=True)
-        target = self.box_coder.encode_single(matched_boxes[b_idx, a_idx], anchors[a_idx])
-        return F.smooth_l1_loss(deltas[b_idx, a_idx], target, beta=self.config.smooth_l1_beta, reduction="sum")
-
     def _box_losses(
         self, logits: Tensor, deltas: Tensor, anchors: Tensor, targets: list[dict]
     ) -> tuple[dict[str, Tensor], Tensor]:
@@ -538,12 +286,9 @@ class OXNet(nn.Module):
         )
         positives = fg.sum()
         norm = positives.clamp_min(1)
-        cls = sigmoid_focal_loss(
-            logits, onehot, alpha=self.config.focal_alpha, gamma=self.config.focal_gamma, reduction="none"
-        )
         return {
-            "classification": (cls * valid.unsqueeze(-1)).sum() / norm,
-            "bbox_regression": self._box_regression(deltas, anchors, matched_boxes, fg) / norm,
+            "classification": self.cls_head.compute_loss(logits, onehot, valid, norm),
+            "bbox_regression": self.reg_head.compute_loss(deltas, anchors, matched_boxes, fg, norm),
         }, positives
 
     def _soft_losses(
@@ -562,29 +307,16 @@ class OXNet(nn.Module):
         plabels = [t.get("pseudo_labels", empty_labels) for t in targets]
         _, valid, fg, matched_boxes = self._assign(logits, anchors, pboxes, plabels)
         norm = (fg.sum() + real_positives).clamp_min(1)
-        cfg = self.config
-        sfl = L.soft_focal_loss(logits, soft, alpha=cfg.sfl_alpha, gamma=cfg.sfl_gamma, eps=cfg.sfl_eps)
         return {
-            "soft_focal": (sfl * valid.unsqueeze(-1)).sum() / norm,
-            "pseudo_bbox_regression": self._box_regression(deltas, anchors, matched_boxes, fg) / norm,
+            "soft_focal": self.cls_head.compute_soft_loss(logits, soft, valid, norm),
+            "pseudo_bbox_regression": self.reg_head.compute_loss(deltas, anchors, matched_boxes, fg, norm),
         }
 
     @torch.no_grad()
     def update_prototypes(self, features: Tensor, probs: Tensor, labels: Tensor) -> None:
-        """Eq. 5 on the prototype buffers. Under torch.distributed the weighted sums are all-reduced,
-        so every rank ends with the same prototypes."""
-        weights = probs.float() * labels.float()
-        total = weights.sum(0)
-        summed = torch.einsum("bn,bnd->nd", weights, features.float())
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(total)
-            torch.distributed.all_reduce(summed)
-        mean = summed / total.clamp_min(1e-12)[:, None]
-        new, init = L.blend_prototypes(
-            self.prototypes, self.prototype_initialized, mean, total > 0, self.config.prototype_momentum
-        )
-        self.prototypes.copy_(new)
-        self.prototype_initialized.copy_(init)
+        """Eq. 5 on the prototype buffers (see :meth:`PrototypeHead.update`; all-reduced under
+        torch.distributed, so every rank ends with the same prototypes)."""
+        self.prototype_head.update(self.prototypes, self.prototype_initialized, features, probs, labels)
 
     # ---------------------------------------------------------------------------------------------
     # Inference
@@ -626,8 +358,7 @@ class OXNet(nn.Module):
             flat = cand[order]
             a_idx, labels = flat // n, flat % n
             boxes = self.box_coder.decode_single(reg[a_idx], anchors[a_idx])
-            boxes[:, 0::2] = boxes[:, 0::2].clamp(0, image_size[1])
-            boxes[:, 1::2] = boxes[:, 1::2].clamp(0, image_size[0])
+            boxes = clip_boxes_to_image(boxes, image_size)
             keep = batched_nms(boxes, top_scores, labels, nms_thresh)[:keep_n]
             results.append({"boxes": boxes[keep], "scores": top_scores[keep], "labels": labels[keep]})
         return results
