@@ -154,12 +154,13 @@ else:
     st.plotly_chart(readable(px.line(losses, x="round", y="value", color="loss", markers=True, hover_data=["version"],
                                      title="mean loss per round")), key="metrics_loss", **PLOT)
 
-st.subheader("Reader agreement")
 with sessions()() as session:
     agreement = project_agreement(session)
-if not agreement["images"]:
-    st.info(f"No image has all its reads yet ({agreement['readers']} reader(s) per image; set it on **Review**).")
-else:
+if agreement["readers"] > 1 or agreement["images"]:  # one reader per image: nothing to agree on
+    st.subheader("Reader agreement")
+if agreement["readers"] > 1 and not agreement["images"]:
+    st.caption(f"No image has all its {agreement['readers']} reads yet.")
+elif agreement["images"]:
     st.caption(f"{agreement['images']} image(s) with all {agreement['readers']} reads, readers disagree on "
                f"{agreement['disagree']}; box F1 at IoU 0.4 "
                + ("n/a" if agreement["box_f1"] is None else f"{agreement['box_f1']:.2f}") + " (details on **Review**).")
