@@ -61,7 +61,7 @@ from db.repository import (
     release_lease,
     take_lease,
 )
-from db.ui_queries import ImageDetail, image_detail, save_annotation, validate_annotation
+from db.ui_queries import MIN_BOX_PX, ImageDetail, image_detail, save_annotation, validate_annotation
 
 #: Who the consensus label is attributed to (a system writer: names with ":" are not a person's).
 CONSENSUS_ANNOTATOR = "consensus:readers"
@@ -200,7 +200,7 @@ def take_reader_lease(
         raise ValueError(f"no image with id {image_id}")
     now = now or utcnow()
     n = _image_readers(session, image_id)
-    who = get_annotator(session, annotator).id
+    who = get_annotator(session, annotator).id  # on SQLite its INSERT takes the write lock before the counts below
     if _own_reading(session, image_id, who) is not None:
         return True
     done = session.scalar(select(func.count()).where(Reading.image_id == image_id))
@@ -394,8 +394,19 @@ def fuse_boxes(
             if count < min_readers:
                 continue
             x1, y1, x2, y2 = (np.clip(box * scale, 0, scale)).round(2).tolist()
+            # averages of boxes of at least MIN_BOX_PX are too, but for float32 rounding in the library
+            x1, x2 = _at_least(x1, x2, width)
+            y1, y2 = _at_least(y1, y2, height)
             fused.append((name, x1, y1, x2, y2))
     return sorted(fused)
+
+
+def _at_least(low: float, high: float, side: int) -> tuple[float, float]:
+    """(low, high) widened about its centre to :data:`MIN_BOX_PX` when narrower, kept inside [0, side]."""
+    if high - low >= MIN_BOX_PX or side < MIN_BOX_PX:
+        return low, high
+    centre = min(max((low + high) / 2, MIN_BOX_PX / 2), side - MIN_BOX_PX / 2)
+    return centre - MIN_BOX_PX / 2, centre + MIN_BOX_PX / 2
 
 
 def consensus(image_reads: Sequence[Read], classes: Sequence[str], width: int, height: int) -> dict[str, Any]:

@@ -5,6 +5,8 @@ PostgreSQL (the ``db_sessionmaker`` fixture)."""
 from __future__ import annotations
 
 import json
+import threading
+import time
 from datetime import timedelta
 
 import pytest
@@ -14,6 +16,7 @@ from db.export import export_coco
 from db.lifecycle import ConflictError, replay_audit
 from db.models import AuditEntry, Image, ImageReview, Lease, ReaderLease, Reading, utcnow
 from db.readers import (
+    _at_least,
     CONSENSUS,
     CONSENSUS_ANNOTATOR,
     REVIEWED,
@@ -26,6 +29,7 @@ from db.readers import (
     project_agreement,
     reads,
     readers_per_image,
+    release_image,
     review_detail,
     review_queue,
     save_for,
@@ -123,6 +127,34 @@ def test_the_last_place_is_not_taken_twice(db_sessionmaker):
         assert s.scalars(select(Reading)).all() == []
 
 
+def test_two_annotators_racing_for_the_last_place_get_it_once(db_sessionmaker):
+    S = db_sessionmaker
+    (image,) = _images(S, 1)
+    _read(S, image, "dr.x", present=["Nodule"])  # one of the two places is taken
+    with S.begin() as s:  # both annotators exist already (their rows are not what is raced for)
+        for name in ("dr.a", "dr.b"):
+            take_image(s, image, name, review=True) and release_image(s, image, name)
+    holding, results = threading.Event(), {}
+
+    def first():
+        with S.begin() as s:
+            results["a"] = take_reader_lease(s, image, "dr.a")
+            holding.set()
+            time.sleep(0.5)  # still uncommitted while dr.b tries
+
+    def second():
+        holding.wait(10)
+        with S.begin() as s:
+            results["b"] = take_reader_lease(s, image, "dr.b")
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert results == {"a": True, "b": False}
+
+
 # --- blind reads ---------------------------------------------------------------------------------
 
 
@@ -211,6 +243,14 @@ def test_fusion_of_boxes_one_reader_drew_twice_is_not_agreement():
     assert len(fuse_boxes([twice, []], 64, 64, min_readers=1)) == 1
     fused = fuse_boxes([[("Nodule", 0.0, 0.0, 64.0, 64.0)], [("Nodule", 0.0, 0.0, 64.0, 64.0)]], 64, 64)
     assert fused == [("Nodule", 0.0, 0.0, 64.0, 64.0)]  # back in pixels, inside the image
+    # the smallest box a save accepts stays savable on a large image (the library computes in float32)
+    small = ("Nodule", 2999.37, 1000.11, 3003.37, 1004.11)
+    (fused,) = fuse_boxes([[small], [small]], 4096, 4096)
+    assert fused[1:] == pytest.approx(small[1:], abs=0.02)
+    # a fused side a rounding left under the minimum is widened about its centre, inside the image
+    assert _at_least(10.0, 13.99, 4096) == pytest.approx((9.995, 13.995))
+    assert _at_least(0.0, 3.99, 64) == (0.0, 4.0) and _at_least(61.0, 64.0, 64) == (60.0, 64.0)
+    assert _at_least(10.0, 20.0, 64) == (10.0, 20.0)
 
 
 def test_the_last_read_writes_the_consensus_as_the_training_label(db_sessionmaker):
