@@ -85,7 +85,7 @@ def require_reviewer(session: Session, name: str) -> str:
     them at merge) any valid person's name may review (as any name may annotate today).
     """
     try:
-        from db.accounts import require_role  # noqa: PLC0415 - optional until the accounts are merged
+        from db.accounts import require_role  # optional until the accounts are merged
     except ImportError:
         return annotator_name(name)
     require_role(session, name, "reviewer")
@@ -282,7 +282,7 @@ def save_for(
     (:func:`save_read`; the granularity of their read). ``review=True``: a reviewer's edit of the
     image's label (:func:`review_edit`).
     """
-    annotation = dict(present=present, no_finding=no_finding, boxes=boxes, complete=complete, absent=absent)
+    annotation = {"present": present, "no_finding": no_finding, "boxes": boxes, "complete": complete, "absent": absent}
     if review:
         return review_edit(session, image_id, reviewer=annotator, expected_version=expected_version, **annotation).granularity.value
     if _image_readers(session, image_id) == 1:
@@ -363,7 +363,7 @@ def fuse_boxes(
     a fused box must join at least two boxes; ``min_readers`` = 1 fuses every box. Coordinates are
     normalised to [0, 1] for the library and back, clamped to the image.
     """
-    from ensemble_boxes import weighted_boxes_fusion  # noqa: PLC0415 - numba start-up only where fusion runs
+    from ensemble_boxes import weighted_boxes_fusion  # numba's start-up only where fusion runs
 
     if min_readers not in (1, 2):
         raise ValueError(f"min_readers must be 1 or 2, got {min_readers}")

@@ -198,7 +198,7 @@ def queue(
                 )
             )
     if project_row.readers_per_image > 1:  # several blind readers: db.readers says who may still read an image
-        from db.readers import open_to_reader  # noqa: PLC0415 - db.readers builds on this module
+        from db.readers import open_to_reader  # here: db.readers builds on this module
 
         query = query.where(Image.granularity.in_(below), open_to_reader(who, project_row.readers_per_image, now))
     else:
@@ -242,7 +242,7 @@ def claim_next_image(
     With several readers per image the lease is a reader's (:func:`db.readers.take_reader_lease`)."""
     take = take_lease
     if get_project(session, project).readers_per_image > 1:
-        from db.readers import take_reader_lease as take  # noqa: PLC0415 - db.readers builds on this module
+        from db.readers import take_reader_lease as take  # here: db.readers builds on this module
     for item in queue(session, action, annotator=annotator, project=project, class_name=class_name, split=split,
                       limit=20, exclude=exclude):
         if take(session, item.image_id, annotator):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+
 import numpy as np
 import pytest
 
@@ -88,8 +89,8 @@ def fleiss_loop(ratings):
         totals = {0.0: 0, 1.0: 0}
         for row in rows:
             counts = {v: sum(1 for x in row if x == v) for v in (0.0, 1.0)}
-            for v in counts:
-                totals[v] += counts[v]
+            for v, k in counts.items():
+                totals[v] += k
             p_items.append((sum(k * k for k in counts.values()) - n) / (n * (n - 1)))
         p_bar = sum(p_items) / big_n
         pe = sum((t / (big_n * n)) ** 2 for t in totals.values())

@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
+import pytest
 from sqlalchemy import select
 
+from db.demo import seed_demo
 from db.models import AuditEntry, ImageReview, Reading
 from db.readers import save_read, set_readers_per_image
 from db.ui_queries import image_detail
-from tests.test_app import _app, _draw, _open, _sessions, _texts, _unlabeled_ids, demo, empty  # noqa: F401 - fixtures
+from tests.test_app import SIZE, _app, _draw, _open, _sessions, _texts, _unlabeled_ids
 
 NODULE = ("Nodule", 10.0, 10.0, 30.0, 30.0)
 NODULE_B = ("Nodule", 11.0, 10.0, 31.0, 31.0)
 MASS = ("Mass", 40.0, 40.0, 60.0, 60.0)
+
+
+@pytest.fixture
+def demo(tmp_path, monkeypatch):
+    """The demo store of tests/test_app.py (10 images of 64 px), the pages pointed at it."""
+    url = f"sqlite:///{tmp_path / 'workbench.db'}"
+    monkeypatch.setenv("OXNET_DB_URL", url)
+    monkeypatch.setenv("OXNET_DEMO", "0")
+    seed_demo(url, n=10, size=SIZE)
+    return url
 
 
 def _table(at, column):

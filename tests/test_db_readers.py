@@ -16,19 +16,19 @@ from db.export import export_coco
 from db.lifecycle import ConflictError, replay_audit
 from db.models import AuditEntry, Image, ImageReview, Lease, ReaderLease, Reading, utcnow
 from db.readers import (
-    _at_least,
     CONSENSUS,
     CONSENSUS_ANNOTATOR,
     REVIEWED,
     Read,
+    _at_least,
     accept_read,
     annotation_detail,
     consensus,
     fuse_boxes,
     merge_reads,
     project_agreement,
-    reads,
     readers_per_image,
+    reads,
     release_image,
     review_detail,
     review_queue,
