@@ -31,7 +31,8 @@ With N = 1 nothing here is used: the queue, leases and saves are the single-read
   label, audited with the reviewer's name and the source reads, and the image is "reviewed".
 - Once an image has its N reads, reads can no longer change; only a reviewer changes its label.
 
-Reviewer rights go through :func:`require_reviewer`, the hook the accounts of issue 16 plug into.
+Reviewer rights go through :func:`require_reviewer` and the setting through :func:`require_admin`, the
+hooks the accounts of issue 16 plug into.
 """
 
 from __future__ import annotations
@@ -77,19 +78,29 @@ ACCEPT_ACTION, MERGE_ACTION, EDIT_ACTION = "review_accept", "review_merge", "rev
 # --- the role hook -------------------------------------------------------------------------------
 
 
-def require_reviewer(session: Session, name: str) -> str:
-    """HOOK (issue 16 accounts): the reviewer's name when ``name`` may adjudicate reads, else PermissionError.
+def _require_role(session: Session, name: str, role: str) -> str:
+    """HOOK (issue 16 accounts): ``name`` when it may act as ``role``; the accounts' error otherwise.
 
-    Every review write calls this first. When ``db.accounts`` exists it is
-    ``db.accounts.require_role(session, name, "reviewer")``; until the accounts land (the lead wires
-    them at merge) any valid person's name may review (as any name may annotate today).
+    When ``db.accounts`` exists this is ``db.accounts.require_role(session, name, role)``; until the
+    accounts land (the lead wires them at merge) any valid person's name passes (as any name may
+    annotate today), and a reserved or malformed one raises ValueError.
     """
     try:
         from db.accounts import require_role  # optional until the accounts are merged
     except ImportError:
         return annotator_name(name)
-    require_role(session, name, "reviewer")
+    require_role(session, name, role)
     return name
+
+
+def require_reviewer(session: Session, name: str) -> str:
+    """The reviewer's name when ``name`` may adjudicate reads (every review write calls this first)."""
+    return _require_role(session, name, "reviewer")
+
+
+def require_admin(session: Session, name: str) -> str:
+    """The admin's name when ``name`` may change the project's readers-per-image setting."""
+    return _require_role(session, name, "admin")
 
 
 # --- the setting ---------------------------------------------------------------------------------
@@ -117,6 +128,7 @@ def set_readers_per_image(session: Session, n: int, *, annotator: str, project: 
     """
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_READERS:
         raise ValueError(f"readers per image must be a whole number from 1 to {MAX_READERS}, got {n!r}")
+    annotator = require_admin(session, annotator)
     row = get_project(session, project)
     before = row.readers_per_image
     row.readers_per_image = n

@@ -96,6 +96,32 @@ def test_readers_per_image_must_be_a_small_whole_number(db_sessionmaker, bad):
         assert readers_per_image(s) == 1
 
 
+def test_the_role_hooks_use_the_accounts_once_they_exist(db_sessionmaker, monkeypatch):
+    """Until db.accounts exists any person's name passes; with it, its require_role decides."""
+    import sys
+    import types
+
+    S = db_sessionmaker
+    (image,) = _images(S, 1)
+    read_a, _ = _two_reads(S, image, agree=True)
+    calls = []
+
+    def require_role(session, name, role):
+        calls.append((name, role))
+        if name != "dr.boss":
+            raise PermissionError(f"{name} lacks the {role} role")
+
+    monkeypatch.setitem(sys.modules, "db.accounts", types.SimpleNamespace(require_role=require_role))
+    with pytest.raises(PermissionError, match="lacks the reviewer role"), S.begin() as s:
+        accept_read(s, image, read_id=read_a, reviewer="dr.a", expected_version=image_detail(s, image).version)
+    with pytest.raises(PermissionError, match="lacks the admin role"), S.begin() as s:
+        set_readers_per_image(s, 3, annotator="dr.a")
+    with S.begin() as s:
+        accept_read(s, image, read_id=read_a, reviewer="dr.boss", expected_version=image_detail(s, image).version)
+        assert readers_per_image(s) == 2
+    assert calls == [("dr.a", "reviewer"), ("dr.a", "admin"), ("dr.boss", "reviewer")]
+
+
 def test_two_readers_queue_hands_an_image_to_two_annotators_never_twice_to_one(db_sessionmaker):
     S = db_sessionmaker
     first, second = _images(S, 2)
