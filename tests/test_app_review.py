@@ -125,3 +125,15 @@ def test_metrics_shows_the_reader_agreement(demo):
     at = _app("views/metrics.py")
     table = _table(at, "box F1")
     assert table.set_index("class").loc["Nodule", "box F1"] == 1.0
+
+
+def test_annotate_take_next_hands_an_image_to_two_readers_then_moves_on(demo):
+    _readers(demo)
+    taken = []
+    for who in ("dr.a", "dr.b", "dr.c"):
+        at = _app("views/annotate.py", annotator=who)
+        at.button(key="annotate_take_next").click().run()
+        assert not at.exception, at.exception
+        taken.append(at.session_state["annotate_image_id"])
+    first, second = _unlabeled_ids(demo)[:2]
+    assert taken == [first, first, second]  # two readers of the first image, then the next one
