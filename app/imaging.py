@@ -20,6 +20,8 @@ from oxnet.data.imaging import read_pixels, window
 
 #: Colour of the model's suggested boxes drawn into the background image.
 SUGGESTION_COLOUR = (255, 196, 0)
+#: Colour of annotated boxes (a reader's or the training label's) drawn by :func:`outline`.
+ANNOTATION_COLOUR = (255, 59, 48)
 
 
 def fit(width: int, height: int, max_width: int, max_height: int) -> tuple[int, int]:
@@ -124,3 +126,16 @@ def compose(
         label = f"S{number} {box.get('class', '?')} {float(box.get('score', 0)):.2f}"
         draw.text((x1 + 3, max(0.0, y1 - 16)), label, fill=SUGGESTION_COLOUR, font=font)
     return image.convert("RGB")
+
+
+def outline(base: PILImage.Image, scale: float, boxes: Sequence[Sequence[Any]], colour: tuple[int, int, int] = ANNOTATION_COLOUR) -> PILImage.Image:
+    """``base`` as RGB with annotated ``boxes`` ((class, x1, y1, x2, y2) in original pixels, shown ``scale``
+    times larger) drawn as solid outlines numbered in order with their class."""
+    image = base.convert("RGB")
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default(size=13)
+    for k, (name, x1, y1, x2, y2) in enumerate(boxes, 1):
+        corners = [float(x1) * scale, float(y1) * scale, float(x2) * scale, float(y2) * scale]
+        draw.rectangle(corners, outline=colour, width=2)
+        draw.text((corners[0] + 3, max(0.0, corners[1] - 16)), f"{k} {name}", fill=colour, font=font)
+    return image

@@ -63,6 +63,7 @@ PAGES = [
     st.Page("views/overview.py", title="Overview", icon=":material/dashboard:", default=True),
     st.Page("views/queue.py", title="Queue", icon=":material/view_module:"),
     st.Page("views/annotate.py", title="Annotate", icon=":material/edit_square:"),
+    st.Page("views/review.py", title="Review", icon=":material/rule:"),
     st.Page("views/metrics.py", title="Metrics", icon=":material/monitoring:"),
     st.Page("views/data.py", title="Data", icon=":material/database:"),
 ]

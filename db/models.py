@@ -120,6 +120,8 @@ class Project(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(String(128), unique=True)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    #: How many different annotators read each image blind (1: today's single reader; see :mod:`db.readers`).
+    readers_per_image: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
 
     classes: Mapped[list[LabelClass]] = relationship(
         back_populates="project", order_by="LabelClass.ordinal", cascade="all, delete-orphan"
@@ -301,6 +303,58 @@ class Draft(Base):
     image_id: Mapped[int] = mapped_column(ForeignKey("image.id", ondelete="CASCADE"), index=True)
     base_version: Mapped[int] = mapped_column(Integer)
     payload: Mapped[dict[str, Any]] = mapped_column(JSON)
+    updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class Reading(Base):
+    """One reader's own, blind read of an image in a project with several readers per image (:mod:`db.readers`).
+
+    ``labels``: {class: present} for the classes the reader assessed; ``boxes``: [[class, x1, y1, x2,
+    y2], ...] in original pixels; ``complete``: the reader boxed every lesion. ``revision`` grows with
+    each save of the same read (the version the reader's Annotate page checks).
+    """
+
+    __tablename__ = "reading"
+    __table_args__ = (UniqueConstraint("image_id", "annotator_id"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("image.id", ondelete="CASCADE"), index=True)
+    annotator_id: Mapped[int] = mapped_column(ForeignKey("annotator.id"))
+    labels: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    no_finding: Mapped[bool] = mapped_column(Boolean, default=False)
+    complete: Mapped[bool] = mapped_column(Boolean, default=False)
+    boxes: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    revision: Mapped[int] = mapped_column(Integer, default=1)
+    saved_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+    annotator: Mapped[Annotator] = relationship(lazy="joined")
+
+
+class ReaderLease(Base):
+    """An image handed to one of its several readers until ``expires_at`` (one row per reader: up to
+    ``readers_per_image`` annotators hold it at once). Projects with one reader use :class:`Lease`."""
+
+    __tablename__ = "reader_lease"
+
+    image_id: Mapped[int] = mapped_column(ForeignKey("image.id", ondelete="CASCADE"), primary_key=True)
+    annotator_id: Mapped[int] = mapped_column(ForeignKey("annotator.id"), primary_key=True)
+    taken_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(DateTime, index=True)
+
+
+class ImageReview(Base):
+    """Where a multi-reader image stands: ``status`` "consensus" (the readers' consensus is its label,
+    not reviewed) or "reviewed" (a reviewer's result is); ``disagree``: the readers disagreed (the
+    review queue puts it first); ``sources``: the reads (ids, readers) the label came from."""
+
+    __tablename__ = "image_review"
+    __table_args__ = (Index(None, "status", "disagree"),)
+
+    image_id: Mapped[int] = mapped_column(ForeignKey("image.id", ondelete="CASCADE"), primary_key=True)
+    status: Mapped[str] = mapped_column(String(16))
+    disagree: Mapped[bool] = mapped_column(Boolean, default=False)
+    reviewer_id: Mapped[Optional[int]] = mapped_column(ForeignKey("annotator.id"))
+    sources: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
 
 

@@ -172,7 +172,8 @@ def queue(
     past the action's target are never listed.
     """
     action = SuggestedAction(action)
-    project_id = get_project(session, project).id
+    project_row = get_project(session, project)
+    project_id = project_row.id
     who = get_annotator(session, annotator).id
     now = now or utcnow()
     below = [g for g in Granularity if g.rank < action.target.rank]
@@ -196,7 +197,12 @@ def queue(
                     ImageLabel.class_id == LabelClass.id, LabelClass.name == class_name,
                 )
             )
-    query = query.outerjoin(Lease, Lease.image_id == Image.id).where(Image.granularity.in_(below), _free_for(who, now))
+    if project_row.readers_per_image > 1:  # several blind readers: db.readers says who may still read an image
+        from db.readers import open_to_reader  # here: db.readers builds on this module
+
+        query = query.where(Image.granularity.in_(below), open_to_reader(who, project_row.readers_per_image, now))
+    else:
+        query = query.outerjoin(Lease, Lease.image_id == Image.id).where(Image.granularity.in_(below), _free_for(who, now))
     if split:
         query = query.where(Image.split == Split(split))
     if exclude:
@@ -232,10 +238,14 @@ def claim_next_image(
     class_name: str | None = None,
     split: Split | str | None = None,
 ) -> int | None:
-    """Lease the top of the queue (:func:`queue`) to ``annotator`` and return its image id (None: empty)."""
+    """Lease the top of the queue (:func:`queue`) to ``annotator`` and return its image id (None: empty).
+    With several readers per image the lease is a reader's (:func:`db.readers.take_reader_lease`)."""
+    take = take_lease
+    if get_project(session, project).readers_per_image > 1:
+        from db.readers import take_reader_lease as take  # here: db.readers builds on this module
     for item in queue(session, action, annotator=annotator, project=project, class_name=class_name, split=split,
                       limit=20, exclude=exclude):
-        if take_lease(session, item.image_id, annotator):
+        if take(session, item.image_id, annotator):
             return item.image_id
     return None
 

@@ -56,7 +56,7 @@ from db.repository import (
 )
 
 MAIN = str(Path(__file__).resolve().parent.parent / "app" / "main.py")
-PAGES = ["views/overview.py", "views/queue.py", "views/annotate.py", "views/metrics.py", "views/data.py"]
+PAGES = ["views/overview.py", "views/queue.py", "views/annotate.py", "views/review.py", "views/metrics.py", "views/data.py"]
 SIZE = 64  # demo image side; the canvas shows it at 640 px (scale 10)
 
 

@@ -8,7 +8,9 @@ suggestion, a deleted box, undo, a new view). What the annotator has not saved (
 written to the store's ``draft`` table on every change (:mod:`db.drafts`) and restored when the same
 annotator opens the image again, after a page change, a reload or a restart; saving or discarding
 deletes it. The open image id and the annotator's name ride in the URL (``?image=..&annotator=..``)
-so a reload comes back to the same image, with its lease, and the draft.
+so a reload comes back to the same image, with its lease, and the draft. With several readers per image
+(:mod:`db.readers`) the page shows and saves the annotator's own read; opened from Review
+(``annotate_review`` holds the image id) a reviewer edits the image's label itself.
 """
 
 from __future__ import annotations
@@ -48,21 +50,21 @@ from db.costs import record_save
 from db.drafts import FINDING_STATES, NOT_ASSESSED, PRESENT, delete_draft, get_draft, list_drafts, save_draft
 from db.lifecycle import ConflictError
 from db.models import SuggestedAction
-from db.repository import release_lease, take_lease
+from db.readers import annotation_detail, release_image, save_for, take_image
 from db.service import (
     DEFAULT_SCORE_THRESHOLD,
     MIN_BOX_PX,
     ImageDetail,
     claim_next_image,
-    image_detail,
     model_output,
     project_exists,
-    save_annotation,
 )
 
 Box = tuple[str, float, float, float, float]
 
 IMAGE_KEY = "annotate_image_id"
+#: Image id a reviewer opened from Review to edit its label (not their own read).
+REVIEW_KEY = "annotate_review"
 ACTION_KEY = "annotate_action"
 DIRTY_KEY = "annotate_dirty"
 #: URL query parameter holding the open image (a reload reopens it).
@@ -80,6 +82,11 @@ FONT_SIZE = 13
 
 def _state() -> Any:
     return st.session_state
+
+
+def _reviewing(image_id: int | None) -> bool:
+    """Whether the open image is a reviewer's edit (opened from Review)."""
+    return image_id is not None and _state().get(REVIEW_KEY) == image_id
 
 
 def _load(detail: ImageDetail, who: str, *, restore: bool = True) -> None:
@@ -157,7 +164,9 @@ def _go_to(image_id: int | None, who: str) -> None:
     current = s.get(IMAGE_KEY)
     if current is not None and current != image_id:
         with sessions().begin() as session:
-            release_lease(session, current, who)
+            release_image(session, current, who)
+    if s.get(REVIEW_KEY) != image_id:
+        s.pop(REVIEW_KEY, None)
     s[IMAGE_KEY] = image_id
     s.pop("annotate_loaded_id", None)
     if image_id is None:
@@ -182,7 +191,7 @@ def _open_by_id(image_id: int, who: str) -> bool:
     An image id that does not exist is said so on the page (and the script stops)."""
     try:
         with sessions().begin() as session:
-            taken = take_lease(session, image_id, who)
+            taken = take_image(session, image_id, who, review=_reviewing(image_id))
     except ValueError as e:  # no such image
         st.error(str(e))
         st.stop()
@@ -253,7 +262,7 @@ if s.get(IMAGE_KEY) is None:
 
 try:
     with sessions()() as session:
-        detail = image_detail(session, s[IMAGE_KEY], annotator=who)
+        detail = annotation_detail(session, s[IMAGE_KEY], annotator=who, review=_reviewing(s[IMAGE_KEY]))
 except ValueError as e:
     st.error(str(e))
     _go_to(None, who)
@@ -290,6 +299,8 @@ if detail.version != s["annotate_version"]:
 if detail.leased_by:
     st.warning(f"{plain(detail.leased_by)} is annotating this image too (they hold its lease). Saves are version-checked.")
 
+if _reviewing(detail.id):
+    st.info("Reviewing: your save becomes this image's training label (the readers' reads stay as they are).")
 st.caption(f"Image **#{detail.id}** · {detail.width}x{detail.height} px · {detail.granularity} · "
            f"{detail.split or 'no split'} · version {detail.version} · task: **{task}** · `{detail.path}`")
 
@@ -482,11 +493,10 @@ def _save() -> str | None:
     present, absent = split_findings(draft["findings"])
     try:
         with sessions().begin() as session:
-            image = save_annotation(
+            granularity = save_for(
                 session, detail.id, present=present, absent=absent, no_finding=no_finding, boxes=live, complete=complete,
-                annotator=who, expected_version=s["annotate_version"],
+                annotator=who, expected_version=s["annotate_version"], review=_reviewing(detail.id),
             )
-            granularity = image.granularity.value
             delete_draft(session, detail.id, who)
             record_save(session, detail.id, annotator=who, action=queue_action(task), before=detail.granularity,
                         seconds=time.monotonic() - s.get("annotate_opened_at", time.monotonic()))
@@ -517,11 +527,15 @@ with actions:
         st.warning("Unsaved changes (kept as your draft in the store until you save or discard them).")
 
 if save or save_next:
+    reviewed = _reviewing(detail.id)
     granularity = _save()
     if granularity is not None:
         message = f"Saved image {detail.id} ({granularity})."
         target = detail.id
-        if save_next:
+        if save_next and reviewed:  # the next image to review is on Review, not in the annotation queue
+            _go_to(None, who)
+            target, message = None, message + " Pick the next image to review on **Review**."
+        elif save_next:
             target = _next_image(queue_action(task), who, [detail.id])
             _go_to(target, who)
             message += " The queue is empty." if target is None else ""

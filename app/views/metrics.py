@@ -1,6 +1,7 @@
 """Metrics: mAP against the label mix across model versions, which version serves (promote or roll back
 any ready version, audited), the granularity sweep (the paper's Table 2), per-class AP, image-level AUC
-and training losses. Hovering a point names the model version."""
+training losses and the agreement between readers (several readers per image). Hovering a point names the
+model version."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import streamlit as st
 
 from app.store import sessions, store_url
 from app.widgets import candidate_notices, promote_button
+from db.readers import project_agreement
 from db.service import (
     IMAGE_AUC_PREFIX,
     LOSS_PREFIX,
@@ -151,3 +153,17 @@ if losses.empty:
 else:
     st.plotly_chart(readable(px.line(losses, x="round", y="value", color="loss", markers=True, hover_data=["version"],
                                      title="mean loss per round")), key="metrics_loss", **PLOT)
+
+with sessions()() as session:
+    agreement = project_agreement(session)
+if agreement["readers"] > 1 or agreement["images"]:  # one reader per image: nothing to agree on
+    st.subheader("Reader agreement")
+if agreement["readers"] > 1 and not agreement["images"]:
+    st.caption(f"No image has all its {agreement['readers']} reads yet.")
+elif agreement["images"]:
+    st.caption(f"{agreement['images']} image(s) with all {agreement['readers']} reads, readers disagree on "
+               f"{agreement['disagree']}; box F1 at IoU 0.4 "
+               + ("n/a" if agreement["box_f1"] is None else f"{agreement['box_f1']:.2f}") + " (details on **Review**).")
+    st.dataframe(pd.DataFrame([{"class": r["class"], "Cohen's kappa": r["cohen_kappa"], "Fleiss' kappa": r["fleiss_kappa"],
+                                "box F1": r["box_f1"]} for r in agreement["per_class"]]),
+                 hide_index=True, key="metrics_agreement")

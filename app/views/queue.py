@@ -7,7 +7,7 @@ import streamlit as st
 from app.imaging import thumbnail
 from app.store import annotator, sessions, store_url
 from db.models import Split, SuggestedAction
-from db.repository import take_lease
+from db.readers import take_image
 from db.service import project_classes, project_exists, queue
 
 COLUMNS = 4
@@ -46,7 +46,7 @@ def gain_text(item) -> str:
 def _open(image_id: int, action: str, who: str) -> None:
     """Take the image's lease and switch to Annotate (refused while someone else holds it)."""
     with sessions().begin() as session:
-        leased = take_lease(session, image_id, who)
+        leased = take_image(session, image_id, who)  # a reader's lease when several read each image
     if not leased:
         st.session_state["queue_message"] = f"Image {image_id} is being annotated by someone else; pick another."
         _page.clear()

@@ -1,0 +1,171 @@
+"""Review: images whose readers have all read them (disagreements first), the reads side by side with
+their boxes, and the reviewer's accept / merge (weighted box fusion) / edit; the project's readers per
+image and the readers' agreement. The logic is :mod:`db.readers`; each write checks the reviewer there."""
+
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+
+from app.imaging import fit, outline, render
+from app.store import annotator, sessions
+from app.widgets import plain
+from db.lifecycle import ConflictError
+from db.readers import (
+    MAX_READERS,
+    accept_read,
+    merge_reads,
+    project_agreement,
+    readers_per_image,
+    release_image,
+    review_detail,
+    review_queue,
+    set_readers_per_image,
+    take_image,
+)
+from db.service import project_exists
+
+#: Side (px) of each read's picture.
+SIDE = 320
+SELECTED_KEY = "review_image_id"
+MESSAGE_KEY = "review_message"
+#: Annotate's keys (app/views/annotate.py) set to open an image there as the reviewer's edit.
+OPEN_IMAGE_KEY, OPEN_REVIEW_KEY = "annotate_image_id", "annotate_review"
+
+
+def _number(value: float | None, digits: int = 2) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def _picture(path: str, width: int, height: int, boxes) -> None:
+    size = fit(width, height, SIDE, SIDE)
+    try:
+        st.image(outline(render(path, size), size[0] / width, boxes), width=size[0])
+    except ValueError as e:  # the file is missing or unreadable: the boxes are still listed
+        st.caption(f"Image not shown: {e}")
+
+
+def _findings(labels: dict[str, bool], no_finding: bool, complete: bool, boxes) -> str:
+    present = sorted({n for n, p in labels.items() if p} | {b[0] for b in boxes})
+    absent = sorted(n for n, p in labels.items() if not p and n not in present)
+    parts = ["**No finding**" if no_finding else f"present: {', '.join(present) or '-'}"]
+    if absent:
+        parts.append(f"absent: {', '.join(absent)}")
+    parts.append(f"{len(boxes)} box(es)" + (", all lesions boxed" if complete else ""))
+    return " · ".join(parts)
+
+
+def _act(action, **kwargs) -> None:
+    """Run one review write; its refusal (stale version, no reviewer right, bad input) becomes a message."""
+    try:
+        with sessions().begin() as session:
+            action(session, **kwargs)
+        st.session_state[MESSAGE_KEY] = ("success", f"Image {kwargs['image_id']}: saved as its training label.")
+    except (ConflictError, ValueError, PermissionError) as e:
+        st.session_state[MESSAGE_KEY] = ("error", f"Not saved: {e}")
+
+
+def _edit(image_id: int, who: str) -> None:
+    """Open the image in Annotate as the reviewer's edit of its label."""
+    with sessions().begin() as session:
+        current = st.session_state.get(OPEN_IMAGE_KEY)
+        if current is not None and current != image_id:
+            release_image(session, current, who)
+        taken = take_image(session, image_id, who, review=True)
+    if not taken:
+        st.session_state[MESSAGE_KEY] = ("error", f"Image {image_id} is being edited by someone else.")
+        return
+    st.session_state[OPEN_IMAGE_KEY] = image_id
+    st.session_state[OPEN_REVIEW_KEY] = image_id
+    st.session_state.pop("annotate_action", None)
+    st.session_state.pop("annotate_loaded_id", None)
+    st.switch_page("views/annotate.py")
+
+
+st.title("Review")
+with sessions()() as session:
+    has_project = project_exists(session)
+if not has_project:
+    st.info("The store has no project yet: see **Overview**.")
+    st.stop()
+who = annotator()
+
+with sessions()() as session:
+    n = readers_per_image(session)
+    agreement = project_agreement(session)
+with st.expander(f"Readers per image: **{n}**", expanded=n == 1):
+    st.caption("With more than one, the queue hands each image to that many different annotators, each reading "
+               "blind; their consensus trains until a reviewer resolves the image here.")
+    wanted = st.number_input("Readers per image", min_value=1, max_value=MAX_READERS, value=n, step=1, key="review_readers")
+    if st.button("Set", key="review_set_readers", disabled=not who or wanted == n):
+        try:
+            with sessions().begin() as session:
+                settled = set_readers_per_image(session, int(wanted), annotator=who)
+            st.session_state[MESSAGE_KEY] = ("success", f"Readers per image: {int(wanted)}"
+                                             + (f"; {settled} image(s) got their consensus." if settled else "."))
+        except (ValueError, PermissionError) as e:
+            st.session_state[MESSAGE_KEY] = ("error", str(e))
+        st.rerun()
+
+if message := st.session_state.pop(MESSAGE_KEY, None):
+    (st.success if message[0] == "success" else st.error)(message[1])
+
+st.subheader("Agreement between readers")
+if not agreement["images"]:
+    st.caption("No image has all its reads yet.")
+else:
+    st.caption(f"{agreement['images']} image(s) with all {agreement['readers']} reads; readers disagree on "
+               f"{agreement['disagree']}. Box F1 at IoU 0.4 over every pair of readers: {_number(agreement['box_f1'])}. "
+               "Kappa is n/a where undefined (every reader gave one same answer, or nobody assessed the class).")
+    st.dataframe(pd.DataFrame([{"class": r["class"], "Cohen's kappa": _number(r["cohen_kappa"]),
+                                "Fleiss' kappa": _number(r["fleiss_kappa"]), "box F1": _number(r["box_f1"]),
+                                "boxes": r["boxes"]} for r in agreement["per_class"]]),
+                 hide_index=True, key="review_agreement")
+
+st.subheader("Waiting for review")
+include_reviewed = st.toggle("Also reviewed images", key="review_include_reviewed")
+with sessions()() as session:
+    rows = review_queue(session, include_reviewed=include_reviewed)
+if not rows:
+    st.info("Nothing to review: images appear here once all their readers have read them.")
+    st.stop()
+st.dataframe(pd.DataFrame([{"image": r["image_id"], "status": r["status"], "reason": r["reason"],
+                            "readers": ", ".join(r["readers"]), "label agreement": _number(r["label_agreement"]),
+                            "box F1": _number(r["box_f1"])} for r in rows]), hide_index=True, key="review_table")
+ids = [r["image_id"] for r in rows]
+if st.session_state.get(SELECTED_KEY) not in ids:
+    st.session_state[SELECTED_KEY] = ids[0]
+image_id = st.selectbox("Image", ids, key=SELECTED_KEY,
+                        format_func=lambda i: f"#{i} · " + next(r["reason"] for r in rows if r["image_id"] == i))
+if not who:
+    st.warning("Enter your name in the sidebar first: a review is saved under it.")
+    st.stop()
+
+with sessions()() as session:
+    detail = review_detail(session, image_id)
+image, image_reads = detail["image"], detail["reads"]
+status = "reviewed" if detail["status"] == "reviewed" else "consensus, not reviewed"
+st.caption(f"Image **#{image.id}** · {image.width}x{image.height} px · training label now: **{status}** "
+           f"({image.granularity}) · version {image.version} · `{image.path}`")
+
+columns = st.columns(len(image_reads) + 1, gap="small")
+for column, read in zip(columns, image_reads):
+    with column:
+        st.markdown(f"**{plain(read.reader)}**")
+        _picture(image.path, image.width, image.height, read.boxes)
+        st.markdown(_findings(read.labels, read.no_finding, read.complete, read.boxes))
+        st.caption(f"read {read.id}, saved {read.saved_at:%Y-%m-%d %H:%M} UTC")
+        if st.button("Accept this read", key=f"review_accept_{read.id}"):
+            _act(accept_read, image_id=image.id, read_id=read.id, reviewer=who, expected_version=image.version)
+            st.rerun()
+with columns[-1]:
+    st.markdown(f"**Training label ({status})**")
+    _picture(image.path, image.width, image.height, image.boxes)
+    st.markdown(_findings(image.labels, image.no_finding, image.boxes_complete, image.boxes))
+    if st.button("Merge boxes (weighted box fusion)", key="review_merge",
+                 help="every reader's boxes fused at IoU 0.4; findings by majority (ties present)"):
+        _act(merge_reads, image_id=image.id, reviewer=who, expected_version=image.version)
+        st.rerun()
+    if st.button("Edit in Annotate", key="review_edit", help="open the image in Annotate; your save becomes its label"):
+        _edit(image.id, who)
+        st.rerun()

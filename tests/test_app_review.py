@@ -1,0 +1,139 @@
+"""The Review page, Annotate with several readers per image, and Metrics' agreement table, through AppTest."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import select
+
+from db.demo import seed_demo
+from db.models import AuditEntry, ImageReview, Reading
+from db.readers import save_read, set_readers_per_image
+from db.service import image_detail
+from tests.test_app import SIZE, _app, _draw, _open, _sessions, _texts, _unlabeled_ids
+
+NODULE = ("Nodule", 10.0, 10.0, 30.0, 30.0)
+NODULE_B = ("Nodule", 11.0, 10.0, 31.0, 31.0)
+MASS = ("Mass", 40.0, 40.0, 60.0, 60.0)
+
+
+@pytest.fixture
+def demo(tmp_path, monkeypatch):
+    """The demo store of tests/test_app.py (10 images of 64 px), the pages pointed at it."""
+    url = f"sqlite:///{tmp_path / 'workbench.db'}"
+    monkeypatch.setenv("OXNET_DB_URL", url)
+    monkeypatch.setenv("OXNET_DEMO", "0")
+    seed_demo(url, n=10, size=SIZE)
+    return url
+
+
+def _table(at, column):
+    """The dataframe with ``column`` (AppTest's dataframes carry no key)."""
+    [table] = [d.value for d in at.dataframe if column in d.value.columns]
+    return table
+
+
+def _readers(url, n=2):
+    with _sessions(url).begin() as s:
+        set_readers_per_image(s, n, annotator="admin")
+
+
+def _read(url, image_id, who, boxes, complete=True):
+    with _sessions(url).begin() as s:
+        return save_read(s, image_id, annotator=who, present=[b[0] for b in boxes], boxes=list(boxes), no_finding=False,
+                         complete=complete, expected_revision=0).id
+
+
+def test_review_page_lists_disagreements_first_and_accepts_a_read(demo):
+    _readers(demo)
+    agreed, disputed = _unlabeled_ids(demo)[:2]
+    _read(demo, agreed, "dr.a", [NODULE])
+    _read(demo, agreed, "dr.b", [NODULE_B])
+    _read(demo, disputed, "dr.a", [NODULE])
+    read_b = _read(demo, disputed, "dr.b", [MASS])
+    at = _app("views/review.py", annotator="dr.rev")
+    table = _table(at, "reason")
+    assert list(table["image"]) == [disputed, agreed] and "disagree" in table["reason"][0]
+    assert at.selectbox(key="review_image_id").value == disputed
+    assert table["readers"][0] == "dr.a, dr.b" and "consensus, not reviewed" in _texts(at)
+    assert "present: Nodule · 1 box(es)" in _texts(at) and "present: Mass · 1 box(es)" in _texts(at)  # side by side
+    assert len(at.get("image")) == 3  # two reads and the training label, each drawn with its boxes
+    agreement = _table(at, "boxes")
+    assert "Nodule" in list(agreement["class"])
+    at.button(key=f"review_accept_{read_b}").click().run()
+    assert not at.exception, at.exception
+    assert f"Image {disputed}: saved as its training label" in _texts(at)
+    with _sessions(demo)() as s:
+        detail = image_detail(s, disputed)
+        assert detail.boxes == [MASS] and detail.labels == {"Mass": True}
+        assert s.get(ImageReview, disputed).status == "reviewed"
+        last = s.scalars(select(AuditEntry).where(AuditEntry.image_id == disputed).order_by(AuditEntry.id.desc())).first()
+        assert (last.action, last.annotator.name) == ("review_accept", "dr.rev")
+    assert list(_table(at, "reason")["image"]) == [agreed]  # reviewed: out of the list
+
+
+def test_review_merge_and_edit_in_annotate(demo):
+    _readers(demo)
+    image = _unlabeled_ids(demo)[0]
+    _read(demo, image, "dr.a", [NODULE])
+    _read(demo, image, "dr.b", [MASS])
+    at = _app("views/review.py", annotator="dr.rev")
+    at.button(key="review_merge").click().run()
+    assert not at.exception, at.exception
+    with _sessions(demo)() as s:
+        assert sorted(b[0] for b in image_detail(s, image).boxes) == ["Mass", "Nodule"]
+    at.toggle(key="review_include_reviewed").set_value(True).run()
+    at.button(key="review_edit").click().run()
+    assert not at.exception, at.exception
+    assert at.session_state["annotate_review"] == image
+    at.switch_page("views/annotate.py").run()  # AppTest's next run stays on its own page: follow the switch
+    assert "Reviewing: your save becomes this image's training label" in _texts(at)
+    assert "Boxes** (2)" in _texts(at)  # the reviewer edits the label itself, not a read of their own
+    at.button(key="annotate_save").click().run()
+    assert not at.exception, at.exception
+    with _sessions(demo)() as s:
+        last = s.scalars(select(AuditEntry).where(AuditEntry.image_id == image).order_by(AuditEntry.id.desc())).first()
+        assert (last.action, last.annotator.name) == ("review_edit", "dr.rev")
+
+
+def test_annotate_shows_a_reader_only_their_own_read(demo):
+    _readers(demo)
+    image = _unlabeled_ids(demo)[0]
+    _read(demo, image, "dr.a", [NODULE, MASS])
+    at = _open(image)  # as dr.test, the second reader
+    assert not at.exception, at.exception
+    assert "Boxes** (0)" in _texts(at) and "dr.a" not in _texts(at) and "dr\\.a" not in _texts(at)
+    at.button(key="annotate_cls_5").click().run()  # Nodule
+    _draw(at, ("Nodule", 110, 100, 200, 210))  # canvas at scale 10: (11, 10) - (31, 31) in the image
+    at.button(key="annotate_save").click().run()
+    assert not at.exception, at.exception
+    assert f"Saved image {image}" in _texts(at)
+    with _sessions(demo)() as s:
+        assert sorted(r.annotator.name for r in s.scalars(select(Reading).where(Reading.image_id == image))) == ["dr.a", "dr.test"]
+        detail = image_detail(s, image)  # the second read wrote the consensus: the agreed Nodule, not dr.a's lone Mass
+        assert [b[0] for b in detail.boxes] == ["Nodule"] and s.get(ImageReview, image).status == "consensus"
+
+
+def test_metrics_shows_the_reader_agreement(demo):
+    at = _app("views/metrics.py")
+    assert "Reader agreement" not in [h.value for h in at.subheader]  # one reader per image: no such section
+    _readers(demo)
+    at = _app("views/metrics.py")
+    assert "No image has all its 2 reads yet" in _texts(at)
+    image = _unlabeled_ids(demo)[0]
+    _read(demo, image, "dr.a", [NODULE])
+    _read(demo, image, "dr.b", [NODULE_B])
+    at = _app("views/metrics.py")
+    table = _table(at, "box F1")
+    assert table.set_index("class").loc["Nodule", "box F1"] == 1.0
+
+
+def test_annotate_take_next_hands_an_image_to_two_readers_then_moves_on(demo):
+    _readers(demo)
+    taken = []
+    for who in ("dr.a", "dr.b", "dr.c"):
+        at = _app("views/annotate.py", annotator=who)
+        at.button(key="annotate_take_next").click().run()
+        assert not at.exception, at.exception
+        taken.append(at.session_state["annotate_image_id"])
+    first, second = _unlabeled_ids(demo)[:2]
+    assert taken == [first, first, second]  # two readers of the first image, then the next one
