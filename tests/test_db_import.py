@@ -14,7 +14,7 @@ from pydicom.encaps import encapsulate
 from pydicom.uid import ExplicitVRLittleEndian, JPEGLossless, SecondaryCaptureImageStorage, generate_uid
 from sqlalchemy import func, select
 
-import db.importers
+import db.importers.write
 from db.export import export_coco
 from db.importers import check_files, import_coco, import_folder, import_nih, import_vindr, pseudonymize
 from db.lifecycle import granularity_mismatches, image_state, replay_audit
@@ -243,7 +243,7 @@ def test_failed_batch_leaves_store_unchanged(db_sessionmaker, tmp_path, monkeypa
             raise RuntimeError("disk full")
         return db.lifecycle.make_state(*args)
 
-    monkeypatch.setattr(db.importers, "make_state", failing_make_state)
+    monkeypatch.setattr(db.importers.write, "make_state", failing_make_state)
     with pytest.raises(RuntimeError, match="disk full"), db_sessionmaker.begin() as s:
         import_coco(s, _coco(tmp_path, images, []), images=root)
     assert count(db_sessionmaker) == 0

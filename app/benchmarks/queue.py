@@ -22,7 +22,8 @@ import sqlalchemy
 from sqlalchemy import select
 
 from db.engine import init_db, make_sessionmaker
-from db.importers import _Item, _write, import_nih
+from db.importers import import_nih
+from db.importers.write import ImportItem, write_items
 from db.models import Granularity, Image, SuggestedAction
 from db.repository import (
     assign_splits,
@@ -105,9 +106,9 @@ def main(argv: list[str]) -> dict[str, Any]:
 
         rng = random.Random(1)
         with Session.begin() as session:
-            items = [_Item(name=f"u{i}", path=folder / "extra" / f"u{i:06d}.png", width=1024, height=1024, source="bench")
+            items = [ImportItem(name=f"u{i}", path=folder / "extra" / f"u{i:06d}.png", width=1024, height=1024, source="bench")
                      for i in range(args.unlabeled)]
-            _write(session, "default", None, items, "import:bench", report)
+            write_items(session, "default", None, items, "import:bench", report)
             assign_splits(session)
             version = create_model_version(session, config={"bench": True})
             rows = session.execute(select(Image.id, Image.granularity)).all()
