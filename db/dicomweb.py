@@ -51,7 +51,7 @@ from sqlalchemy.orm import Session
 from db.imaging import DICOM_DECODERS_HINT, MAX_PIXELS, is_dicom
 from db.importers.write import ImportItem, ImportReport, Progress, each, parse_split, probed_item, report_summary, write_items
 from db.models import Annotator, Box, DicomInstance, Image, ImageLabel, LabelClass, ModelVersion, Prediction, Project
-from db.repository import DEFAULT_PROJECT, get_project
+from db.projects import DEFAULT_PROJECT, get_project
 from oxnet.files import atomic_write
 
 if TYPE_CHECKING:  # dicomweb-client and highdicom take seconds to import: only the commands that use them do

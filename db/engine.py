@@ -23,14 +23,16 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, insert, select
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
@@ -231,3 +233,15 @@ def store_error_message(error: BaseException, url: str | None = None) -> str | N
         if error.errno in (1, 13, 30):
             return f"No permission to write {name} (read-only?); reading works, changes need write access."
     return None
+
+
+_UPSERT_INSERT = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}
+
+
+def insert_ignore(session: Session, table, values: Mapping[str, Any], key: Sequence[str]) -> None:
+    """INSERT ``values`` unless a row with the same ``key`` exists (race-free on SQLite and PostgreSQL)."""
+    upsert = _UPSERT_INSERT.get(session.get_bind().dialect.name)
+    if upsert is not None:
+        session.execute(upsert(table).values(**values).on_conflict_do_nothing(index_elements=list(key)))
+    elif session.execute(select(table).filter_by(**{k: values[k] for k in key})).first() is None:
+        session.execute(insert(table).values(**values))

@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session, selectinload
 from sqlalchemy.orm.exc import StaleDataError
 
 from db.models import Annotator, AuditEntry, Box, Granularity, Image, ImageLabel, LabelClass, utcnow
-from db.repository import get_annotator
+from db.people import get_annotator
 
 #: A box as edited: (class name, x1, y1, x2, y2) in original pixels.
 BoxInput = tuple[str, float, float, float, float]

@@ -41,15 +41,10 @@ from db.models import (
     SweepResult,
     utcnow,
 )
-from db.repository import (
-    DEFAULT_PROJECT,
-    class_names,
-    get_annotator,
-    get_project,
-    serving_history,
-    serving_model_version,
-    take_lease,
-)
+from db.people import get_annotator
+from db.projects import DEFAULT_PROJECT, class_names, get_project
+from db.queue import take_lease
+from db.versions import serving_history, serving_model_version
 
 #: Metric name prefixes of the flattened per-class dicts of :func:`oxnet.evaluation.metrics.evaluate`.
 PER_CLASS_AP_PREFIX = "per_class_AP/"
@@ -165,7 +160,7 @@ def queue(
 ) -> list[QueueItem]:
     """Images waiting for ``action``, best first, skipping images leased to other annotators.
 
-    With a serving model version (:func:`db.repository.serving_model_version`; a candidate does not
+    With a serving model version (:func:`db.versions.serving_model_version`; a candidate does not
     serve): its suggestions by score (``class_name`` keeps suggestions whose reason
     names the class). Before any model: images below the action's target granularity in store order
     (``class_name`` keeps images labelled with the class), reason "no model yet". Images already at or

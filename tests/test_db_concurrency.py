@@ -10,15 +10,9 @@ from sqlalchemy import func, select
 from db.engine import make_engine, make_sessionmaker
 from db.lifecycle import ConflictError, granularity_mismatches, image_state, replay_audit, set_image_labels
 from db.models import Image, ModelVersion, Suggestion
-from db.repository import (
-    acquire_trainer_lock,
-    create_model_version,
-    ensure_project,
-    finish_model_version,
-    record_metrics,
-    trainer_heartbeat,
-    write_suggestions,
-)
+from db.projects import ensure_project
+from db.trainer_lock import acquire_trainer_lock, trainer_heartbeat
+from db.versions import create_model_version, finish_model_version, record_metrics, write_suggestions
 
 pytestmark = pytest.mark.slow  # processes, whole training runs: deselect with -m 'not slow'
 

@@ -9,23 +9,14 @@ from sqlalchemy import select
 from db.export import export_coco, export_training_mix
 from db.lifecycle import set_boxes, set_image_labels
 from db.models import Image, Metric, ModelStatus, Split, SuggestedAction, utcnow
-from db.repository import (
-    acquire_trainer_lock,
-    assign_splits,
-    claim_next,
+from db.projects import assign_splits, ensure_project, stats
+from db.queue import claim_next, expire_leases, next_suggestions, release_lease, take_lease
+from db.trainer_lock import acquire_trainer_lock, release_trainer_lock, trainer_heartbeat, trainer_state
+from db.versions import (
     create_model_version,
-    ensure_project,
-    expire_leases,
     finish_model_version,
-    next_suggestions,
     record_metrics,
     record_sweep_result,
-    release_lease,
-    release_trainer_lock,
-    stats,
-    take_lease,
-    trainer_heartbeat,
-    trainer_state,
     write_predictions,
     write_scores,
     write_suggestions,

@@ -6,7 +6,8 @@ from __future__ import annotations
 from sqlalchemy import select
 
 from db.models import ModelStatus, ModelVersion
-from db.repository import create_model_version, ensure_project, finish_model_version, promote_model_version, record_metrics
+from db.projects import ensure_project
+from db.versions import create_model_version, finish_model_version, promote_model_version, record_metrics
 from db.retention import apply_retention, folder_size, protected_versions
 from db.workbench import SqlStore
 

@@ -161,7 +161,7 @@ def test_a_full_store_is_one_sentence(tmp_path):
 def test_the_trainer_on_a_read_only_store_says_so_in_one_sentence(tmp_path, capsys):
     from app.trainer import main as trainer_main
 
-    from db.repository import ensure_project
+    from db.projects import ensure_project
 
     url = f"sqlite:///{tmp_path / 'store.db'}"
     assert trainer_main(["--db", url, "--preset", "tiny", "--max-rounds", "1"]) == 2  # an empty store

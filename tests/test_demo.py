@@ -11,7 +11,9 @@ from db.demo import data_dir, demo_plan, fill_scale_store, seed_demo
 from db.engine import init_db, make_sessionmaker
 from db.lifecycle import ConflictError, replay_audit, set_image_labels
 from db.models import AuditEntry, Granularity, Image, ModelStatus, Split, SuggestedAction
-from db.repository import create_model_version, ensure_project, finish_model_version, stats, take_lease, write_suggestions
+from db.projects import ensure_project, stats
+from db.queue import take_lease
+from db.versions import create_model_version, finish_model_version, write_suggestions
 from db.service import claim_next_image, image_detail, queue, save_annotation, validate_annotation
 
 pytestmark = pytest.mark.slow  # processes, whole training runs: deselect with -m 'not slow'

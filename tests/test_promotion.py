@@ -15,15 +15,15 @@ from streamlit.testing.v1 import AppTest
 from db.engine import init_db, make_sessionmaker, upgrade
 from db.lifecycle import set_image_labels
 from db.models import AuditEntry, Image, ServingModel, SuggestedAction
-from db.repository import (
+from db.projects import ensure_project
+from db.queue import next_suggestions
+from db.versions import (
     CANDIDATE_ACTION,
     PROMOTE_ACTION,
     ROLLBACK_ACTION,
     candidate_model_versions,
     create_model_version,
-    ensure_project,
     finish_model_version,
-    next_suggestions,
     promote_model_version,
     record_metrics,
     serving_model_version,

@@ -25,15 +25,9 @@ from db.engine import init_db, make_sessionmaker
 from db.importers import import_nih
 from db.importers.write import ImportItem, write_items
 from db.models import Granularity, Image, SuggestedAction
-from db.repository import (
-    assign_splits,
-    create_model_version,
-    finish_model_version,
-    next_suggestions,
-    stats,
-    take_lease,
-    write_suggestions,
-)
+from db.projects import assign_splits, stats
+from db.queue import next_suggestions, take_lease
+from db.versions import create_model_version, finish_model_version, write_suggestions
 from oxnet.machine import describe
 
 NIH_ROWS = 112_120

@@ -48,7 +48,7 @@ from db.costs import record_save
 from db.drafts import FINDING_STATES, NOT_ASSESSED, PRESENT, delete_draft, get_draft, list_drafts, save_draft
 from db.lifecycle import ConflictError
 from db.models import SuggestedAction
-from db.repository import release_lease, take_lease
+from db.queue import release_lease, take_lease
 from db.service import (
     DEFAULT_SCORE_THRESHOLD,
     MIN_BOX_PX,

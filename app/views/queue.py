@@ -7,7 +7,7 @@ import streamlit as st
 from app.imaging import thumbnail
 from app.store import annotator, sessions, store_url
 from db.models import Split, SuggestedAction
-from db.repository import take_lease
+from db.queue import take_lease
 from db.service import project_classes, project_exists, queue
 
 COLUMNS = 4

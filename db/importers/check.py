@@ -9,7 +9,7 @@ from sqlalchemy.orm import Session
 
 from db.importers.write import ImportReport, Progress, each
 from db.models import FileStatus, Image
-from db.repository import DEFAULT_PROJECT, get_project
+from db.projects import DEFAULT_PROJECT, get_project
 from oxnet.data.imaging import MAX_PIXELS, probe_image
 
 

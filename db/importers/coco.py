@@ -21,7 +21,7 @@ from db.importers.write import (
 )
 from db.lifecycle import box_error
 from db.models import FileStatus, Split
-from db.repository import DEFAULT_PROJECT
+from db.projects import DEFAULT_PROJECT
 from oxnet.classes import NO_FINDING
 from oxnet.data.imaging import MAX_PIXELS, probe_image
 

@@ -21,7 +21,8 @@ from sqlalchemy.orm import Session
 
 from db.lifecycle import EMPTY_STATE, box_error, box_state, derive_granularity, make_state
 from db.models import AuditEntry, Box, FileStatus, Image, ImageLabel, LabelClass, Project, Split, utcnow
-from db.repository import ensure_project, get_annotator
+from db.people import get_annotator
+from db.projects import ensure_project
 from oxnet.classes import NO_FINDING
 from oxnet.data.imaging import MAX_PIXELS, ImageInfo, probe_image
 
