@@ -315,7 +315,7 @@ def test_the_queue_shows_exactly_the_strategys_order(store_url, monkeypatch, str
     """The trainer ranks with the strategy object and the Queue page reads that order back: the same
     code path the simulation measures (no second ranking in SQL)."""
     import oxnet.active.loop as loop
-    from db.service import queue
+    from db.queue import queue
     from oxnet.active.strategies import get_strategy
 
     seen = []

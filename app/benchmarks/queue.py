@@ -26,7 +26,7 @@ from db.importers import import_nih
 from db.importers.write import ImportItem, write_items
 from db.models import Granularity, Image, SuggestedAction
 from db.projects import assign_splits, stats
-from db.queue import next_suggestions, take_lease
+from db.queue import queue, take_lease
 from db.versions import create_model_version, finish_model_version, write_suggestions
 from oxnet.machine import describe
 
@@ -121,17 +121,17 @@ def main(argv: list[str]) -> dict[str, Any]:
         images = len(rows)
 
         with Session() as session:
-            queue = {
-                action.value: _median_ms(lambda a=action: next_suggestions(session, a, annotator="bench", limit=50), args.repeats)
+            queue_ms = {
+                action.value: _median_ms(lambda a=action: queue(session, a, annotator="bench", limit=50), args.repeats)
                 for action in SuggestedAction
             }
             stats_ms = _median_ms(lambda: stats(session), args.repeats)
-            returned = {a.value: len(next_suggestions(session, a, annotator="bench", limit=50)) for a in SuggestedAction}
+            returned = {a.value: len(queue(session, a, annotator="bench", limit=50)) for a in SuggestedAction}
             overview = stats(session)
 
     return {
-        "queue_ms": max(queue.values()),
-        "queue_ms_per_action": queue,
+        "queue_ms": max(queue_ms.values()),
+        "queue_ms_per_action": queue_ms,
         "stats_ms": stats_ms,
         "nih_import_s": nih_import_s,
         "counts": {
