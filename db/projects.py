@@ -7,7 +7,6 @@ exports in :mod:`db.export`; model versions in :mod:`db.versions`; the queue in 
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,6 +16,7 @@ from sqlalchemy.orm import Session
 from db.models import Granularity, Image, LabelClass, Project, Split
 from db.people import log_event
 from oxnet.classes import PAPER_CLASSES
+from oxnet.data.splits import check_fractions, patient_key, split_of
 
 
 #: Name of the project used when none is given.
@@ -76,11 +76,6 @@ def stats(session: Session, project: str = DEFAULT_PROJECT) -> dict[str, Any]:
     return result
 
 
-def _unit_hash(seed: int, key: str) -> float:
-    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64
-
-
 def assign_splits(
     session: Session,
     project: str = DEFAULT_PROJECT,
@@ -93,12 +88,12 @@ def assign_splits(
     """Put every image without a split into train / val / test, all images of a patient together.
 
     A patient who already has images in a split keeps it (new images join their patient); other
-    patients are placed by a seeded hash of their id, so the result is reproducible and stable as
-    images arrive. Images without a patient id count as their own patient. ``reassign=True`` redoes
-    every image. Returns the number of images newly assigned per split.
+    patients are placed by the one patient split, :func:`oxnet.data.splits.split_of` (a seeded hash of
+    their id), so the result is reproducible and stable as images arrive. Images without a patient id
+    count as their own patient (:func:`oxnet.data.splits.patient_key`). ``reassign=True`` redoes every
+    image. Returns the number of images newly assigned per split.
     """
-    if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
-        raise ValueError(f"fractions must be three non-negative numbers (train, val, test) summing to 1, got {fractions}")
+    check_fractions(fractions)
     project_id = get_project(session, project).id
     rows = session.execute(select(Image.id, Image.patient_id, Image.split).where(Image.project_id == project_id)).all()
     known: dict[str, Split] = {}
@@ -106,16 +101,14 @@ def assign_splits(
         for _, patient, split in rows:
             if patient is not None and split is not None:
                 known.setdefault(patient, split)
-    bounds = (fractions[0], fractions[0] + fractions[1])
     updates, counts = [], {s.value: 0 for s in Split}
     for image_id, patient, split in rows:
         if split is not None and not reassign:
             continue
-        key = patient if patient is not None else f"image:{image_id}"
+        key = patient_key(patient, image_id)
         chosen = known.get(key)
         if chosen is None:
-            u = _unit_hash(seed, key)
-            chosen = Split.TRAIN if u < bounds[0] else Split.VAL if u < bounds[1] else Split.TEST
+            chosen = Split(split_of(key, seed=seed, fractions=fractions))
             if patient is not None:
                 known[patient] = chosen
         updates.append({"b_id": image_id, "b_split": chosen.value})
