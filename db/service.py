@@ -23,7 +23,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
-from db.lifecycle import BoxInput, ConflictError, box_error, downgrade, mark_boxes_complete, set_boxes, set_image_labels
+from db.lifecycle import ConflictError, downgrade, mark_boxes_complete, set_boxes, set_image_labels
 from db.models import (
     Annotator,
     FileStatus,
@@ -41,6 +41,7 @@ from db.models import (
 )
 from db.projects import DEFAULT_PROJECT, class_names, get_project
 from db.versions import serving_history, serving_model_version
+from oxnet.data.annotation import BoxInput, annotation_problems
 
 #: Metric name prefixes of the flattened per-class dicts of :func:`oxnet.evaluation.metrics.evaluate`.
 PER_CLASS_AP_PREFIX = "per_class_AP/"
@@ -187,42 +188,15 @@ def validate_annotation(
 ) -> list[str]:
     """Why an annotation cannot be saved, one message per problem ([] when it can).
 
-    Checks: every box has a known class and an extent inside the image of at least ``min_box`` pixels
-    on each side, "No finding" goes with no finding and no box, no class is both present (ticked or
-    boxed) and absent, something is labelled at all, and a ``complete`` (full) annotation has a box for
-    every present finding.
+    The one annotation check (:func:`oxnet.data.annotation.annotation_problems`) with the UI's rules:
+    every box has a known class and an extent inside the image of at least ``min_box`` pixels on each
+    side, "No finding" goes with no finding and no box, no class is both present (ticked or boxed) and
+    absent, something is labelled at all, and a ``complete`` (full) annotation has a box for every
+    present finding.
     """
-    problems = []
-    known = set(classes)
-    for k, (name, *coords) in enumerate(boxes, 1):
-        if not name:
-            problems.append(f"box {k} has no class: pick a class for it (or delete it)")
-            continue
-        if name not in known:
-            problems.append(f"box {k}: unknown class {name!r}")
-            continue
-        reason = box_error(*coords, width, height)
-        if reason:
-            problems.append(f"box {k} ({name}): {reason}; draw it again")
-            continue
-        x1, y1, x2, y2 = (float(v) for v in coords)
-        if min(x2 - x1, y2 - y1) < min_box:
-            problems.append(f"box {k} ({name}) is {x2 - x1:.1f} x {y2 - y1:.1f} px, smaller than the minimum "
-                            f"{min_box:g} px per side: drag to draw a box (a click is not a box)")
-    unknown = sorted((set(present) | set(absent)) - known)
-    if unknown:
-        problems.append(f"unknown findings {unknown}")
-    both = sorted(set(absent) & (set(present) | {b[0] for b in boxes}))
-    if both:
-        problems.append(f"{both} marked absent but present (ticked or boxed): choose one")
-    if no_finding and (present or boxes):
-        problems.append("'No finding' cannot go with ticked findings or boxes: untick one of them")
-    if not (no_finding or present or boxes or absent):
-        problems.append("nothing labelled: mark the findings you assessed (present or absent), or 'No finding'")
-    unboxed = sorted(set(present) & known - {b[0] for b in boxes})
-    if complete and unboxed:
-        problems.append(f"'all lesions are boxed' but {unboxed} have no box: draw them, or untick 'all lesions are boxed'")
-    return problems
+    return [p.message for p in annotation_problems(boxes, classes=classes, width=width, height=height, present=present,
+                                                   absent=absent, no_finding=no_finding, complete=complete,
+                                                   require_label=True, min_box=min_box)]
 
 
 def save_annotation(

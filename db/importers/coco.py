@@ -19,10 +19,10 @@ from db.importers.write import (
     pseudonymize,
     write_items,
 )
-from db.lifecycle import box_error
 from db.models import FileStatus, Split
 from db.projects import DEFAULT_PROJECT
 from oxnet.classes import NO_FINDING
+from oxnet.data.annotation import box_error
 from oxnet.data.imaging import MAX_PIXELS, probe_image
 
 

@@ -19,11 +19,12 @@ from typing import Any
 from sqlalchemy import false, func, insert, select, update
 from sqlalchemy.orm import Session
 
-from db.lifecycle import EMPTY_STATE, box_error, box_state, derive_granularity, make_state
+from db.lifecycle import EMPTY_STATE, box_state, derive_granularity, make_state
 from db.models import AuditEntry, Box, FileStatus, Image, ImageLabel, LabelClass, Project, Split, utcnow
 from db.people import get_annotator
 from db.projects import ensure_project
 from oxnet.classes import NO_FINDING
+from oxnet.data.annotation import annotation_problems
 from oxnet.data.imaging import MAX_PIXELS, ImageInfo, probe_image
 
 
@@ -86,17 +87,20 @@ class ImportItem:
     def error(self, classes: Iterable[str]) -> str | None:
         """Why the item cannot be imported as it is, or None."""
         known = set(classes)
-        unknown = sorted({n for n in self.labels if n not in known} | {b[0] for b in self.boxes if b[0] not in known})
+        problems = annotation_problems(
+            [b[:5] for b in self.boxes], classes=known, width=self.width, height=self.height,
+            present=[n for n, v in self.labels.items() if v], absent=[n for n, v in self.labels.items() if not v],
+            no_finding=self.no_finding,
+        )
+        kinds = {p.kind: p for p in reversed(problems)}  # the first problem of each kind
+        unknown = sorted({n for p in problems if p.kind in ("no_class", "unknown_class", "unknown_finding") for n in p.names})
         if unknown:
             return f"unknown class {unknown[0]!r} (known: {sorted(known)})" if len(unknown) == 1 else f"unknown classes {unknown}"
-        for name, *coords, _ in self.boxes:
-            reason = box_error(*coords, self.width, self.height)
-            if reason:
-                return f"class {name!r}: {reason}"
-        absent = sorted({b[0] for b in self.boxes if self.labels.get(b[0]) is False})
-        if absent:
-            return f"boxes of {absent}, which the labels say are absent"
-        if self.no_finding and (self.boxes or any(self.labels.values())):
+        if "box" in kinds:
+            return f"class {kinds['box'].names[0]!r}: {kinds['box'].reason}"
+        if "absent_and_present" in kinds:
+            return f"boxes of {list(kinds['absent_and_present'].names)}, which the labels say are absent"
+        if "no_finding_with_findings" in kinds:
             return f"{NO_FINDING!r} together with findings"
         return None
 
