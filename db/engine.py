@@ -21,12 +21,12 @@ turns a locked, read-only, full or unopenable store into one sentence for the CL
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import filelock
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
@@ -147,7 +147,7 @@ def alembic_config(engine: Engine) -> Config:
 def _migration_lock(engine: Engine) -> Iterator[None]:
     """One migration at a time per store: the UI, a job and the trainer may all open a fresh store at
     once, and two concurrent Alembic runs would both try to create the schema. A SQLite file takes an
-    exclusive lock on ``<file>.migrate.lock``, PostgreSQL an advisory lock; others run unguarded."""
+    exclusive lock on ``<file>.migrate.lock`` (``filelock``), PostgreSQL an advisory lock; others run unguarded."""
     if engine.dialect.name == "postgresql":  # CREATE TABLE races too: a session-level advisory lock
         with engine.connect() as connection:
             connection.exec_driver_sql(f"SELECT pg_advisory_lock({_PG_MIGRATION_LOCK})")
@@ -160,12 +160,8 @@ def _migration_lock(engine: Engine) -> Iterator[None]:
     if not database or database == ":memory:" or database.startswith("file:"):
         yield
         return
-    with open(f"{Path(database).expanduser().resolve()}.migrate.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    with filelock.FileLock(f"{Path(database).expanduser().resolve()}.migrate.lock"):
+        yield
 
 
 def upgrade(engine: Engine, revision: str = "head") -> None:

@@ -64,11 +64,6 @@ def release_lease(session: Session, image_id: int, annotator: str) -> bool:
     return bool(result.rowcount)
 
 
-def expire_leases(session: Session, now: datetime | None = None) -> int:
-    """Delete expired leases; returns how many."""
-    return session.execute(delete(Lease).where(Lease.expires_at <= (now or utcnow()))).rowcount
-
-
 @dataclass(frozen=True)
 class QueueItem:
     """One image of the annotation queue. ``score`` is None when no model has ranked the queue yet.
