@@ -71,5 +71,6 @@ def split_patients(
     empty = [s for s in require if counts[s] == 0]
     if empty:
         raise ValueError(f"the {' and '.join(empty)} split got no patient: {len(placed)} patients are too few for "
-                         f"fractions {tuple(fractions)} with seed {seed}; use more images, larger fractions or another seed")
+                         f"fractions {tuple(fractions)} with seed {seed}; use more images, larger fractions "
+                         "or another seed")
     return placed
