@@ -98,7 +98,7 @@ def import_process(url: str, folder: str, coco: str, start, results) -> None:
 
 @pytest.mark.slow
 def test_concurrent_runs_of_the_same_import_skip_instead_of_crashing(tmp_path):
-    """Issue 12.5: racing imports of one folder (and one COCO file) crashed with an IntegrityError; now
+    """Racing imports of one folder (and one COCO file) used to crash with an IntegrityError; now
     each image is imported exactly once and the other runs skip it. The project is new, so its creation
     races too."""
     import json

@@ -190,7 +190,7 @@ def test_coco_file_level_errors(db_sessionmaker, tmp_path):
 
 
 def test_coco_duplicate_image_ids_are_refused_and_nothing_is_imported(db_sessionmaker, tmp_path):
-    """Issue 12.2: two images with one id would both get that id's boxes: the file is refused."""
+    """Two images with one id would both get that id's boxes: the file is refused."""
     root = tmp_path / "root"
     root.mkdir()
     for name in ("a.png", "b.png", "c.png"):
@@ -210,7 +210,7 @@ def test_coco_duplicate_image_ids_are_refused_and_nothing_is_imported(db_session
 
 
 def test_coco_duplicate_file_name_is_an_error_with_its_reason(db_sessionmaker, tmp_path):
-    """Issue 12.2: a file_name listed twice was skipped as "already in the store (image -1)" with exit 0."""
+    """A file_name listed twice used to be skipped as "already in the store (image -1)" with exit 0."""
     root = tmp_path / "root"
     root.mkdir()
     png(root / "a.png", value=3)
@@ -374,7 +374,7 @@ def test_nih_cxr_coco_files_round_trip(db_sessionmaker):
 
 
 def test_a_10000_by_10000_radiograph_imports_and_the_limit_is_16k_squared(db_sessionmaker, tmp_path):
-    """Issue 12.14: Pillow's own 89.5 Mpx bomb limit no longer fires first; MAX_PIXELS (16k x 16k) does."""
+    """Pillow's own 89.5 Mpx bomb limit no longer fires first; MAX_PIXELS (16k x 16k) does."""
     from oxnet.data.imaging import MAX_PIXELS, probe_image
 
     folder = tmp_path / "big"

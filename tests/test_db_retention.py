@@ -27,7 +27,7 @@ def _version(session, models, status, mAP=None, files=("model.pt",)):
 
 
 def test_retention_keeps_newest_best_and_last_n_and_removes_the_rest(db_sessionmaker, tmp_path):
-    """Issue 12.13: failed versions kept last.pt/best.pt/model.pt and temp files forever."""
+    """Failed versions used to keep last.pt/best.pt/model.pt and temp files forever."""
     models = tmp_path / "models" / "default"
     with db_sessionmaker.begin() as s:
         ensure_project(s)
