@@ -9,16 +9,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from db.importers.write import (
-    ImportItem,
-    ImportReport,
-    Progress,
-    each,
-    existing_paths,
-    parse_split,
-    pseudonymize,
-    write_items,
-)
+from db.importers.write import ImportItem, ImportReport, Progress, each, existing_paths, parse_split, pseudonymize, write_items
 from db.models import FileStatus, Split
 from db.projects import DEFAULT_PROJECT
 from oxnet.classes import NO_FINDING

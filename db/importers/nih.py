@@ -9,16 +9,7 @@ from pathlib import Path
 
 from sqlalchemy.orm import Session
 
-from db.importers.write import (
-    ImportItem,
-    ImportReport,
-    Progress,
-    each,
-    parse_split,
-    pseudonymize,
-    read_csv,
-    write_items,
-)
+from db.importers.write import ImportItem, ImportReport, Progress, each, parse_split, pseudonymize, read_csv, write_items
 from db.models import FileStatus
 from db.projects import DEFAULT_PROJECT
 from oxnet.classes import NIH_BOX_CLASSES, NO_FINDING

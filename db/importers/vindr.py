@@ -6,17 +6,7 @@ from pathlib import Path
 
 from sqlalchemy.orm import Session
 
-from db.importers.write import (
-    ImportItem,
-    ImportReport,
-    Progress,
-    each,
-    existing_paths,
-    parse_split,
-    probed_item,
-    read_csv,
-    write_items,
-)
+from db.importers.write import ImportItem, ImportReport, Progress, each, existing_paths, parse_split, probed_item, read_csv, write_items
 from db.projects import DEFAULT_PROJECT
 from oxnet.data.imaging import MAX_PIXELS
 
