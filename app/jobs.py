@@ -46,7 +46,7 @@ from db.engine import DB_URL_ENV, database_url, init_db, make_sessionmaker
 from db.export import INCLUDE_PATIENT_IDS, export_coco, file_mapping, write_file_map, write_json
 from db.dicomweb import DEFAULT_MODALITIES, import_dicomweb
 from db.importers import SALT_ENV, ImportReport, import_coco, import_folder, import_nih, import_vindr
-from db.repository import assign_splits
+from db.projects import assign_splits
 from oxnet import files
 
 #: The repository root (the jobs run with it as working directory, so ``app`` imports).

@@ -10,7 +10,7 @@ import streamlit as st
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.engine import database_url, display_url, init_db, make_sessionmaker
-from db.repository import annotator_name
+from db.people import annotator_name
 
 #: ``st.session_state`` key of the annotator's name (chosen once per browser session).
 ANNOTATOR_KEY = "main_annotator"
@@ -61,7 +61,7 @@ def shown_store_url() -> str:
 
 
 def set_annotator(name: str) -> None:
-    """Remember ``name`` as this browser session's annotator, normalised by :func:`db.repository.annotator_name`,
+    """Remember ``name`` as this browser session's annotator, normalised by :func:`db.people.annotator_name`,
     in the session and in the page's URL (a reload keeps it).
 
     Raises:

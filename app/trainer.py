@@ -25,7 +25,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from db.engine import init_db, make_sessionmaker, store_error_message
-from db.repository import DEFAULT_PROJECT
+from db.projects import DEFAULT_PROJECT
 from db.retention import DEFAULT_KEEP_READY
 from db.workbench import SqlStore, request_stop
 from oxnet.active.loop import TRAINER_PRESETS, AlreadyRunning, Trainer

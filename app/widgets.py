@@ -53,7 +53,7 @@ def promote_button(version_id: int, label: str, *, key: str, on_done: Callable[[
     """A button that makes ``version_id`` the serving model version (a promotion or a rollback), audited
     with this browser session's annotator; disabled until the user entered a name."""
     from app.store import annotator, sessions
-    from db.repository import promote_model_version
+    from db.versions import promote_model_version
 
     who = annotator()
     if st.button(label, key=key, disabled=who is None,

@@ -15,7 +15,7 @@ from tqdm import tqdm
 from db.engine import DB_URL_ENV, DEFAULT_DB_URL, database_url, display_url, init_db, make_sessionmaker, store_error_message
 from db.export import INCLUDE_PATIENT_IDS, export_coco, export_training_mix, file_mapping, write_file_map, write_json
 from db.importers import SALT_ENV, ImportReport, check_files, import_coco, import_folder, import_nih, import_vindr
-from db.repository import DEFAULT_PROJECT, assign_splits, stats
+from db.projects import DEFAULT_PROJECT, assign_splits, stats
 from db.dicomweb import DEFAULT_MODALITIES, NETRC_ENV, PASSWORD_ENV, USER_ENV, export_sr, import_dicomweb, store_sr
 from db.demo import data_dir
 

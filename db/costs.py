@@ -17,7 +17,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from db.models import AnnotationTime, Granularity, Image, SuggestedAction
-from db.repository import DEFAULT_PROJECT, get_annotator, get_project
+from db.people import get_annotator
+from db.projects import DEFAULT_PROJECT, get_project
 from oxnet.active.strategies import UPGRADES, CostModel
 
 __all__ = ["MAX_ACTIVE_SECONDS", "MIN_SAVES", "annotation_costs", "cost_rows", "cost_summary", "record_save", "upgrade_of"]

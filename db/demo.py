@@ -28,10 +28,9 @@ from sqlalchemy.orm import Session
 from db.engine import database_url, init_db, make_sessionmaker
 from db.importers import ImportReport, import_coco
 from db.models import Granularity, Image, ModelStatus, Split, SuggestedAction, utcnow
-from db.repository import (
-    DEFAULT_PROJECT,
+from db.projects import DEFAULT_PROJECT, ensure_project
+from db.versions import (
     create_model_version,
-    ensure_project,
     finish_model_version,
     record_metrics,
     record_sweep_result,

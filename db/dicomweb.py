@@ -48,10 +48,10 @@ from pydicom.uid import generate_uid
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from db.imaging import DICOM_DECODERS_HINT, MAX_PIXELS, is_dicom, probe_image
-from db.importers import ImportReport, Progress, _each, _Item, _split, _write, pseudonymize, report_summary
+from db.imaging import DICOM_DECODERS_HINT, MAX_PIXELS, is_dicom
+from db.importers.write import ImportItem, ImportReport, Progress, each, parse_split, probed_item, report_summary, write_items
 from db.models import Annotator, Box, DicomInstance, Image, ImageLabel, LabelClass, ModelVersion, Prediction, Project
-from db.repository import DEFAULT_PROJECT, get_project
+from db.projects import DEFAULT_PROJECT, get_project
 from oxnet.files import atomic_write
 
 if TYPE_CHECKING:  # dicomweb-client and highdicom take seconds to import: only the commands that use them do
@@ -266,7 +266,7 @@ def import_dicomweb(
     report = ImportReport()
     where = safe_url(url)
     try:
-        split_ = _split(split, "split")
+        split_ = parse_split(split, "split")
         if isinstance(since, str):
             try:
                 since = date.fromisoformat(since)
@@ -285,9 +285,9 @@ def import_dicomweb(
     known = dict(session.execute(
         select(DicomInstance.sop_uid, Image.id).join(Image, Image.id == DicomInstance.image_id).where(Image.project_id == project_id)
     ).all())
-    items: list[_Item] = []
+    items: list[ImportItem] = []
     meta: dict[str, dict[str, Any]] = {}
-    for instance in _each(found, progress):
+    for instance in each(found, progress):
         name = f"{instance.study}/{instance.sop}"
         if instance.sop in known:
             report.skipped.append((name, f"already in the store (image {known[instance.sop]})"))
@@ -303,7 +303,7 @@ def import_dicomweb(
             except (pydicom.errors.InvalidDicomError, EOFError) as e:
                 raise ValueError(f"the archive sent no readable DICOM file ({e})") from None
             _check_decoder(header)
-            info = probe_image(path, verify=True, max_pixels=max_pixels)
+            item = probed_item(name, path, source="dicomweb", split=split_, patient_salt=patient_salt, max_pixels=max_pixels)
             if str(header.get("SOPInstanceUID", "")) != instance.sop:
                 raise ValueError(f"the archive sent instance {header.get('SOPInstanceUID')!r} for {instance.sop}")
         except ArchiveError as e:
@@ -317,9 +317,6 @@ def import_dicomweb(
             path.unlink(missing_ok=True)  # not in the store: the cache keeps only what was imported
             report.errors.append((name, str(e).removeprefix(f"{path}: ")))
             continue
-        item = _Item(name=name, path=path, width=info.width, height=info.height, source="dicomweb", split=split_)
-        item.add_info(info)
-        item.patient_id = pseudonymize(item.patient_id, patient_salt)
         items.append(item)
         center, width = _window(header)
         meta[str(path)] = {
@@ -328,7 +325,7 @@ def import_dicomweb(
             "transfer_syntax": str(header.file_meta.get("TransferSyntaxUID", "")) or None,
             "window_center": center, "window_width": width, "archive": where,
         }
-    _write(session, project, None, items, annotator, report)
+    write_items(session, project, None, items, annotator, report)
     project_id = get_project_id(session, project)
     paths = list(meta)
     for chunk in (paths[i : i + 10_000] for i in range(0, len(paths), 10_000)):  # under SQLite's variable limit

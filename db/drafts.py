@@ -17,7 +17,7 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from db.models import Annotator, Draft, Image, utcnow
-from db.repository import get_annotator
+from db.people import get_annotator
 
 #: The states of one image-level finding in a draft (and on the page).
 PRESENT, ABSENT, NOT_ASSESSED = "present", "absent", "not assessed"

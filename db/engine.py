@@ -21,16 +21,18 @@ turns a locked, read-only, full or unopenable store into one sentence for the CL
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
+import filelock
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, insert, select
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
@@ -145,7 +147,7 @@ def alembic_config(engine: Engine) -> Config:
 def _migration_lock(engine: Engine) -> Iterator[None]:
     """One migration at a time per store: the UI, a job and the trainer may all open a fresh store at
     once, and two concurrent Alembic runs would both try to create the schema. A SQLite file takes an
-    exclusive lock on ``<file>.migrate.lock``, PostgreSQL an advisory lock; others run unguarded."""
+    exclusive lock on ``<file>.migrate.lock`` (``filelock``), PostgreSQL an advisory lock; others run unguarded."""
     if engine.dialect.name == "postgresql":  # CREATE TABLE races too: a session-level advisory lock
         with engine.connect() as connection:
             connection.exec_driver_sql(f"SELECT pg_advisory_lock({_PG_MIGRATION_LOCK})")
@@ -158,12 +160,8 @@ def _migration_lock(engine: Engine) -> Iterator[None]:
     if not database or database == ":memory:" or database.startswith("file:"):
         yield
         return
-    with open(f"{Path(database).expanduser().resolve()}.migrate.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    with filelock.FileLock(f"{Path(database).expanduser().resolve()}.migrate.lock"):
+        yield
 
 
 def upgrade(engine: Engine, revision: str = "head") -> None:
@@ -231,3 +229,15 @@ def store_error_message(error: BaseException, url: str | None = None) -> str | N
         if error.errno in (1, 13, 30):
             return f"No permission to write {name} (read-only?); reading works, changes need write access."
     return None
+
+
+_UPSERT_INSERT = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}
+
+
+def insert_ignore(session: Session, table, values: Mapping[str, Any], key: Sequence[str]) -> None:
+    """INSERT ``values`` unless a row with the same ``key`` exists (race-free on SQLite and PostgreSQL)."""
+    upsert = _UPSERT_INSERT.get(session.get_bind().dialect.name)
+    if upsert is not None:
+        session.execute(upsert(table).values(**values).on_conflict_do_nothing(index_elements=list(key)))
+    elif session.execute(select(table).filter_by(**{k: values[k] for k in key})).first() is None:
+        session.execute(insert(table).values(**values))

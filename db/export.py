@@ -35,7 +35,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from db.models import Box, FileStatus, Granularity, Image, ImageLabel, LabelClass, Split
-from db.repository import DEFAULT_PROJECT, get_project
+from db.projects import DEFAULT_PROJECT, get_project
 from oxnet.classes import NO_FINDING
 from oxnet import files
 
@@ -175,7 +175,7 @@ def export_training_mix(
 
     The bridge to the trainer: every image carries its granularity and its real path (the trainer
     opens it); patient ids only when asked (the trainer needs none: splits are per patient already).
-    Images without a split are left out (run :func:`db.repository.assign_splits`, ``python -m db split``, first).
+    Images without a split are left out (run :func:`db.projects.assign_splits`, ``python -m db split``, first).
     """
     return {s.value: export_coco(session, split=s, project=project, include_patient_ids=include_patient_ids, real_paths=True)
             for s in Split}

@@ -16,7 +16,6 @@ owns the transaction::
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -25,10 +24,8 @@ from sqlalchemy.orm import Session, selectinload
 from sqlalchemy.orm.exc import StaleDataError
 
 from db.models import Annotator, AuditEntry, Box, Granularity, Image, ImageLabel, LabelClass, utcnow
-from db.repository import get_annotator
-
-#: A box as edited: (class name, x1, y1, x2, y2) in original pixels.
-BoxInput = tuple[str, float, float, float, float]
+from db.people import get_annotator
+from oxnet.data.annotation import BoxInput, annotation_problems
 
 #: The annotation state of an image that has never been labelled.
 EMPTY_STATE: dict[str, Any] = {"labels": {}, "no_finding": False, "boxes_complete": False, "boxes": []}
@@ -94,22 +91,6 @@ def image_state(image: Image) -> dict[str, Any]:
         image.boxes_complete,
         [box_state(b.label_class.name, b.x1, b.y1, b.x2, b.y2, b.annotator.name) for b in image.boxes],
     )
-
-
-def box_error(x1: float, y1: float, x2: float, y2: float, width: int, height: int) -> str | None:
-    """Why (x1, y1, x2, y2) is not a valid box on a ``width`` x ``height`` image, or None when it is."""
-    try:
-        values = [float(v) for v in (x1, y1, x2, y2)]
-    except (TypeError, ValueError):
-        return f"box coordinates must be numbers, got {[x1, y1, x2, y2]!r}"
-    if not all(math.isfinite(v) for v in values):
-        return f"box {values} is not finite"
-    x1, y1, x2, y2 = values
-    if x2 <= x1 or y2 <= y1:
-        return f"box (x1, y1, x2, y2) = {values} is inverted or empty"
-    if x1 < 0 or y1 < 0 or x2 > width or y2 > height:
-        return f"box (x1, y1, x2, y2) = {values} lies outside the {width}x{height} image"
-    return None
 
 
 def _load(session: Session, image_id: int, expected_version: int | None) -> Image:
@@ -216,15 +197,19 @@ def set_boxes(
     """
     image = _load(session, image_id, expected_version)
     classes = _classes(session, image)
-    for name, *coords in boxes:
-        _check_class(name, classes, image)
-        reason = box_error(*coords, image.width, image.height)
-        if reason:
-            raise ValueError(f"image {image_id}, class {name!r}: {reason}")
-    if boxes and image.no_finding:
+    problems = annotation_problems(boxes, classes=classes, width=image.width, height=image.height,
+                                   absent={lb.label_class.name for lb in image.labels if not lb.present},
+                                   no_finding=image.no_finding)
+    kinds = {p.kind: p for p in reversed(problems)}  # the first problem of each kind
+    for problem in problems:
+        if problem.kind in ("no_class", "unknown_class"):
+            _check_class(problem.names[0], classes, image)
+        if problem.kind == "box":
+            raise ValueError(f"image {image_id}, class {problem.names[0]!r}: {problem.reason}")
+    if "no_finding_with_findings" in kinds:
         raise ValueError(f"image {image_id} is marked 'No Finding'; clear that before drawing boxes")
-    absent = sorted({name for name, *_ in boxes if any(lb.label_class.name == name and not lb.present for lb in image.labels)})
-    if absent:
+    if "absent_and_present" in kinds:
+        absent = list(kinds["absent_and_present"].names)
         raise ValueError(f"image {image_id}: {absent} are labelled absent; set them present before drawing boxes")
     if complete and not (boxes or image.labels or image.no_finding):
         raise ValueError(f"image {image_id} has no image-level labels; set them (or 'No Finding') before marking boxes complete")

@@ -378,10 +378,10 @@ class ModelVersion(Base):
 class ServingModel(Base):
     """Which ready model version of a project serves suggestions and the Annotate page's model boxes.
 
-    One row per project, changed only by :func:`db.repository.promote_model_version` (a user's promote
+    One row per project, changed only by :func:`db.versions.promote_model_version` (a user's promote
     or rollback) and by the trainer's serve-or-candidate decision, each with an audit entry. A ready
     version newer than the serving one is a candidate. No row (a store whose versions were made without
-    the trainer): the newest ready version serves (:func:`db.repository.serving_model_version`).
+    the trainer): the newest ready version serves (:func:`db.versions.serving_model_version`).
     """
 
     __tablename__ = "serving_model"

@@ -2,7 +2,7 @@
 
 A project's ``readers_per_image`` (N, default 1) says how many different annotators read each image.
 With N = 1 nothing here is used: the queue, leases and saves are the single-reader ones of
-:mod:`db.service` and :mod:`db.repository`. With N > 1:
+:mod:`db.service` and :mod:`db.queue`. With N > 1:
 
 - **Blind reads.** The queue hands an image to up to N different annotators at once (a
   :class:`~db.models.ReaderLease` each) and never to one who already read it. Each reader's save is
@@ -51,17 +51,10 @@ from sqlalchemy.orm import Session
 from db.agreement import BOX_IOU, box_matches, cohen_kappa, fleiss_kappa, iou_matrix, mean_pairwise_box_f1
 from db.lifecycle import BoxInput, ConflictError, derive_granularity, image_state
 from db.models import Annotator, AuditEntry, Image, ImageReview, LabelClass, Project, ReaderLease, Reading, utcnow
-from db.repository import (
-    DEFAULT_LEASE,
-    DEFAULT_PROJECT,
-    _insert_ignore,
-    annotator_name,
-    get_annotator,
-    get_project,
-    log_event,
-    release_lease,
-    take_lease,
-)
+from db.engine import insert_ignore
+from db.people import annotator_name, get_annotator, log_event
+from db.projects import DEFAULT_PROJECT, get_project
+from db.queue import DEFAULT_LEASE, release_lease, take_lease
 from db.service import MIN_BOX_PX, ImageDetail, image_detail, save_annotation, validate_annotation
 
 #: Who the consensus label is attributed to (a system writer: names with ":" are not a person's).
@@ -191,7 +184,7 @@ def _own_reading(session: Session, image_id: int, who: int) -> Reading | None:
 
 def open_to_reader(who: int, n: int, now: datetime):
     """SQL condition on ``Image``: annotator ``who`` may read it (has no read of it, and its reads plus
-    other readers' unexpired leases leave a place among the ``n``). Used by :func:`db.service.queue`."""
+    other readers' unexpired leases leave a place among the ``n``). Used by :func:`db.queue.queue`."""
     done = select(func.count()).where(Reading.image_id == Image.id).scalar_subquery()
     held = (select(func.count()).where(ReaderLease.image_id == Image.id, ReaderLease.annotator_id != who,
                                        ReaderLease.expires_at > now).scalar_subquery())
@@ -225,7 +218,7 @@ def take_reader_lease(
         .values(taken_at=now, expires_at=now + ttl).execution_options(synchronize_session=False)
     )
     if not extended.rowcount:
-        _insert_ignore(session, ReaderLease.__table__, {"image_id": image_id, "annotator_id": who, "taken_at": now,
+        insert_ignore(session, ReaderLease.__table__, {"image_id": image_id, "annotator_id": who, "taken_at": now,
                                                          "expires_at": now + ttl}, key=["image_id", "annotator_id"])
     return True
 
@@ -242,7 +235,7 @@ def release_reader_lease(session: Session, image_id: int, annotator: str) -> boo
 
 def take_image(session: Session, image_id: int, annotator: str, *, review: bool = False) -> bool:
     """The lease the Annotate page takes: a reader lease with several readers, else (and for a
-    reviewer's edit) the single :func:`db.repository.take_lease`."""
+    reviewer's edit) the single :func:`db.queue.take_lease`."""
     if not review and _image_readers(session, image_id) > 1:
         return take_reader_lease(session, image_id, annotator)
     return take_lease(session, image_id, annotator)

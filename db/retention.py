@@ -16,7 +16,8 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from db.models import Metric, ModelStatus, ModelVersion, Split
-from db.repository import DEFAULT_PROJECT, get_project, serving_model_version
+from db.projects import DEFAULT_PROJECT, get_project
+from db.versions import serving_model_version
 
 __all__ = ["DEFAULT_KEEP_READY", "Retention", "apply_retention", "folder_size", "protected_versions"]
 

@@ -1,9 +1,11 @@
 """Queries and the one annotation save behind the Streamlit pages (``app/views``).
 
-Pages only render; what they read and write goes through here. Each function takes a Session and the
-caller owns the transaction. Results are plain dataclasses and dicts (safe to cache and to pickle).
+Pages only render; what they read and write goes through here, or through the store module the
+function lives in (pages import it from there: the queue and its leases from :mod:`db.queue`, counts
+from :mod:`db.projects`, the trainer's state from :mod:`db.trainer_lock`). Each function takes a Session
+and the caller owns the transaction. Results are plain dataclasses and dicts (safe to cache and to pickle).
 
-Contracts with the trainer (issue 5), read here and documented in the README:
+Contracts with the trainer (what it writes and these queries read; documented in the README):
 
 - metrics are :class:`~db.models.Metric` rows; :func:`oxnet.evaluation.metrics.evaluate`'s nested dicts are
   flattened as ``per_class_AP/<class>`` and ``image_auc/<class>``; training losses are ``loss/<name>``
@@ -16,19 +18,17 @@ from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any
 
-from sqlalchemy import String, cast, exists, or_, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
-from db.lifecycle import BoxInput, ConflictError, box_error, downgrade, mark_boxes_complete, set_boxes, set_image_labels
+from db.lifecycle import ConflictError, downgrade, mark_boxes_complete, set_boxes, set_image_labels
 from db.models import (
     Annotator,
     FileStatus,
     Granularity,
     Image,
-    ImageLabel,
     LabelClass,
     Lease,
     Metric,
@@ -36,20 +36,12 @@ from db.models import (
     Prediction,
     Project,
     Split,
-    SuggestedAction,
-    Suggestion,
     SweepResult,
     utcnow,
 )
-from db.repository import (
-    DEFAULT_PROJECT,
-    class_names,
-    get_annotator,
-    get_project,
-    serving_history,
-    serving_model_version,
-    take_lease,
-)
+from db.projects import DEFAULT_PROJECT, class_names, get_project
+from db.versions import serving_history, serving_model_version
+from oxnet.data.annotation import BoxInput, annotation_problems
 
 #: Metric name prefixes of the flattened per-class dicts of :func:`oxnet.evaluation.metrics.evaluate`.
 PER_CLASS_AP_PREFIX = "per_class_AP/"
@@ -64,32 +56,6 @@ MIN_BOX_PX = 4.0
 #: Annotate page's threshold default); without it the page starts at :data:`DEFAULT_SCORE_THRESHOLD`.
 SCORE_THRESHOLD_METRIC = "score_threshold"
 DEFAULT_SCORE_THRESHOLD = 0.5
-
-
-@dataclass(frozen=True)
-class QueueItem:
-    """One image of the annotation queue. ``score`` is None when no model has ranked the queue yet.
-
-    ``strategy``, ``cost`` (units), ``gain`` (expected mAP, 0-1), ``gain_per_unit`` and
-    ``gain_per_minute`` (None while the costs are not measured) come from the strategy that ranked the
-    queue (:func:`oxnet.active.strategies.describe`); None where it made no estimate.
-    """
-
-    image_id: int
-    path: str
-    width: int
-    height: int
-    granularity: str
-    split: str | None
-    action: str
-    score: float | None
-    reason: str
-    classes: tuple[str, ...] = ()
-    strategy: str | None = None
-    cost: float | None = None
-    gain: float | None = None
-    gain_per_unit: float | None = None
-    gain_per_minute: float | None = None
 
 
 @dataclass(frozen=True)
@@ -140,114 +106,6 @@ def project_exists(session: Session, project: str = DEFAULT_PROJECT) -> bool:
 def project_classes(session: Session, project: str = DEFAULT_PROJECT) -> list[str]:
     """The project's class names in category-id order."""
     return class_names(session, get_project(session, project))
-
-
-# --- the queue -----------------------------------------------------------------------------------
-
-
-def _free_for(annotator_id: int, now: datetime):
-    """SQL condition: the image (outer-joined ``Lease``) is not leased to someone else right now."""
-    return or_(Lease.image_id.is_(None), Lease.expires_at <= now, Lease.annotator_id == annotator_id)
-
-
-def queue(
-    session: Session,
-    action: SuggestedAction | str,
-    *,
-    annotator: str,
-    project: str = DEFAULT_PROJECT,
-    class_name: str | None = None,
-    split: Split | str | None = None,
-    limit: int = 24,
-    offset: int = 0,
-    exclude: Collection[int] = (),
-    now: datetime | None = None,
-) -> list[QueueItem]:
-    """Images waiting for ``action``, best first, skipping images leased to other annotators.
-
-    With a serving model version (:func:`db.repository.serving_model_version`; a candidate does not
-    serve): its suggestions by score (``class_name`` keeps suggestions whose reason
-    names the class). Before any model: images below the action's target granularity in store order
-    (``class_name`` keeps images labelled with the class), reason "no model yet". Images already at or
-    past the action's target are never listed.
-    """
-    action = SuggestedAction(action)
-    project_row = get_project(session, project)
-    project_id = project_row.id
-    who = get_annotator(session, annotator).id
-    now = now or utcnow()
-    below = [g for g in Granularity if g.rank < action.target.rank]
-    version = serving_model_version(session, project)
-    columns = (Image.id, Image.path, Image.width, Image.height, Image.granularity, Image.split)
-    if version is not None:
-        query = (
-            select(*columns, Suggestion.score, Suggestion.reason)
-            .join(Image, Image.id == Suggestion.image_id)
-            .where(Suggestion.model_version_id == version.id, Suggestion.action == action)
-            .order_by(Suggestion.score.desc(), Suggestion.id)
-        )
-        if class_name:
-            query = query.where(cast(Suggestion.reason, String).like(f'%"{_like_escape(class_name)}"%', escape="\\"))
-    else:
-        query = select(*columns).where(Image.project_id == project_id).order_by(Image.id)
-        if class_name:
-            query = query.where(
-                exists().where(
-                    ImageLabel.image_id == Image.id, ImageLabel.present,
-                    ImageLabel.class_id == LabelClass.id, LabelClass.name == class_name,
-                )
-            )
-    if project_row.readers_per_image > 1:  # several blind readers: db.readers says who may still read an image
-        from db.readers import open_to_reader  # here: db.readers builds on this module
-
-        query = query.where(Image.granularity.in_(below), open_to_reader(who, project_row.readers_per_image, now))
-    else:
-        query = query.outerjoin(Lease, Lease.image_id == Image.id).where(Image.granularity.in_(below), _free_for(who, now))
-    if split:
-        query = query.where(Image.split == Split(split))
-    if exclude:
-        query = query.where(Image.id.not_in(list(exclude)))
-    items = []
-    for row in session.execute(query.limit(limit).offset(offset)):
-        score, reason = (row[6], row[7] or {}) if version is not None else (None, {"text": "no model yet: images in store order"})
-        items.append(QueueItem(
-            image_id=row.id, path=row.path, width=row.width, height=row.height, granularity=row.granularity.value,
-            split=row.split.value if row.split else None, action=action.value, score=score,
-            reason=str(reason.get("text", "")), classes=tuple(reason.get("classes") or ()),
-            strategy=reason.get("strategy"), cost=_number(reason.get("cost")), gain=_number(reason.get("gain")),
-            gain_per_unit=_number(reason.get("gain_per_unit")), gain_per_minute=_number(reason.get("gain_per_minute")),
-        ))
-    return items
-
-
-def _number(value: Any) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-
-
-def _like_escape(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-
-
-def claim_next_image(
-    session: Session,
-    action: SuggestedAction | str,
-    *,
-    annotator: str,
-    project: str = DEFAULT_PROJECT,
-    exclude: Collection[int] = (),
-    class_name: str | None = None,
-    split: Split | str | None = None,
-) -> int | None:
-    """Lease the top of the queue (:func:`queue`) to ``annotator`` and return its image id (None: empty).
-    With several readers per image the lease is a reader's (:func:`db.readers.take_reader_lease`)."""
-    take = take_lease
-    if get_project(session, project).readers_per_image > 1:
-        from db.readers import take_reader_lease as take  # here: db.readers builds on this module
-    for item in queue(session, action, annotator=annotator, project=project, class_name=class_name, split=split,
-                      limit=20, exclude=exclude):
-        if take(session, item.image_id, annotator):
-            return item.image_id
-    return None
 
 
 def unreadable_files(session: Session, project: str = DEFAULT_PROJECT, *, limit: int = 500) -> list[dict[str, Any]]:
@@ -330,42 +188,15 @@ def validate_annotation(
 ) -> list[str]:
     """Why an annotation cannot be saved, one message per problem ([] when it can).
 
-    Checks: every box has a known class and an extent inside the image of at least ``min_box`` pixels
-    on each side, "No finding" goes with no finding and no box, no class is both present (ticked or
-    boxed) and absent, something is labelled at all, and a ``complete`` (full) annotation has a box for
-    every present finding.
+    The one annotation check (:func:`oxnet.data.annotation.annotation_problems`) with the UI's rules:
+    every box has a known class and an extent inside the image of at least ``min_box`` pixels on each
+    side, "No finding" goes with no finding and no box, no class is both present (ticked or boxed) and
+    absent, something is labelled at all, and a ``complete`` (full) annotation has a box for every
+    present finding.
     """
-    problems = []
-    known = set(classes)
-    for k, (name, *coords) in enumerate(boxes, 1):
-        if not name:
-            problems.append(f"box {k} has no class: pick a class for it (or delete it)")
-            continue
-        if name not in known:
-            problems.append(f"box {k}: unknown class {name!r}")
-            continue
-        reason = box_error(*coords, width, height)
-        if reason:
-            problems.append(f"box {k} ({name}): {reason}; draw it again")
-            continue
-        x1, y1, x2, y2 = (float(v) for v in coords)
-        if min(x2 - x1, y2 - y1) < min_box:
-            problems.append(f"box {k} ({name}) is {x2 - x1:.1f} x {y2 - y1:.1f} px, smaller than the minimum "
-                            f"{min_box:g} px per side: drag to draw a box (a click is not a box)")
-    unknown = sorted((set(present) | set(absent)) - known)
-    if unknown:
-        problems.append(f"unknown findings {unknown}")
-    both = sorted(set(absent) & (set(present) | {b[0] for b in boxes}))
-    if both:
-        problems.append(f"{both} marked absent but present (ticked or boxed): choose one")
-    if no_finding and (present or boxes):
-        problems.append("'No finding' cannot go with ticked findings or boxes: untick one of them")
-    if not (no_finding or present or boxes or absent):
-        problems.append("nothing labelled: mark the findings you assessed (present or absent), or 'No finding'")
-    unboxed = sorted(set(present) & known - {b[0] for b in boxes})
-    if complete and unboxed:
-        problems.append(f"'all lesions are boxed' but {unboxed} have no box: draw them, or untick 'all lesions are boxed'")
-    return problems
+    return [p.message for p in annotation_problems(boxes, classes=classes, width=width, height=height, present=present,
+                                                   absent=absent, no_finding=no_finding, complete=complete,
+                                                   require_label=True, min_box=min_box)]
 
 
 def save_annotation(

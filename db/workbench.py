@@ -4,7 +4,7 @@ SQLAlchemy, and :func:`request_stop` lets the UI or a shell stop the trainer thr
 The trainer's lock owner is ``"<host>:<pid>"`` (``app.trainer_control`` reads the pid from it). A lock
 whose heartbeat is fresh refuses a second trainer, except when its owner is a process of this host
 that no longer exists (a trainer killed with ``kill -9``): then it is taken over at once instead of
-after :data:`db.repository.TRAINER_STALE_AFTER`.
+after :data:`db.trainer_lock.TRAINER_STALE_AFTER`.
 
 A stop request is an audit entry (action :data:`STOP_ACTION`, ``after={"project": name}``): the
 running trainer sees it within a heartbeat and stops cleanly; the round in progress is abandoned
@@ -50,24 +50,24 @@ from db.models import (
     utcnow,
 )
 from db.retention import DEFAULT_KEEP_READY, Retention, apply_retention
-from db.repository import (
-    DEFAULT_PROJECT,
+from db.people import log_event
+from db.projects import DEFAULT_PROJECT, class_names, get_project
+from db.trainer_lock import (
     TRAINER_STALE_AFTER,
     acquire_trainer_lock,
-    class_names,
+    release_trainer_lock,
+    trainer_heartbeat,
+    trainer_state,
+)
+from db.versions import (
     create_model_version,
     finish_model_version,
-    get_project,
     AUTO_SERVE_ACTION,
     CANDIDATE_ACTION,
     latest_model_version,
-    log_event,
     record_metrics,
-    release_trainer_lock,
     serving_model_version,
     set_serving_version,
-    trainer_heartbeat,
-    trainer_state,
     write_predictions,
     write_scores,
     write_suggestions,

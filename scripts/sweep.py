@@ -23,7 +23,7 @@ def _sessions():
 
 def _store_rows():
     """Record each finished run as a SweepResult in the workbench store, so the UI plots it."""
-    from db.repository import record_sweep_rows
+    from db.versions import record_sweep_rows
 
     sessions = _sessions()
 
@@ -36,7 +36,8 @@ def _store_rows():
 
 def store(argv: list[str]) -> int:
     """``store FILE [FILE ...]``: every run of each results.json into the store, skipping runs already there."""
-    from db.repository import DEFAULT_PROJECT, record_sweep_rows
+    from db.projects import DEFAULT_PROJECT
+    from db.versions import record_sweep_rows
 
     parser = argparse.ArgumentParser(prog="python scripts/sweep.py store", description=store.__doc__)
     parser.add_argument("results", nargs="+", help="results.json files written by a sweep or by merge")

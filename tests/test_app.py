@@ -41,16 +41,14 @@ from db.models import (
     SuggestedAction,
     utcnow,
 )
-from db.repository import (
-    acquire_trainer_lock,
+from db.people import get_annotator
+from db.queue import take_lease
+from db.trainer_lock import acquire_trainer_lock, release_trainer_lock, trainer_heartbeat
+from db.versions import (
     create_model_version,
     finish_model_version,
-    get_annotator,
     record_metrics,
     record_sweep_result,
-    release_trainer_lock,
-    take_lease,
-    trainer_heartbeat,
     write_predictions,
     write_suggestions,
 )

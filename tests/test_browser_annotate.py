@@ -28,7 +28,8 @@ from db.demo import seed_demo
 from db.drafts import get_draft
 from db.engine import init_db, make_sessionmaker
 from db.models import AuditEntry, Box, Granularity, Image, Lease, ModelStatus, Split, SuggestedAction
-from db.repository import create_model_version, finish_model_version, get_annotator, write_predictions, write_suggestions
+from db.people import get_annotator
+from db.versions import create_model_version, finish_model_version, write_predictions, write_suggestions
 from tests.streamlit_server import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, ROOT, streamlit_server
 
 PORTS = range(8630, 8640)

@@ -9,7 +9,7 @@ import pytest
 
 from db.engine import init_db, make_sessionmaker
 from db.models import ModelStatus, Split
-from db.repository import create_model_version, finish_model_version, record_metrics
+from db.versions import create_model_version, finish_model_version, record_metrics
 from tests.test_browser_annotate import (  # noqa: F401 (server, browser and page are fixtures)
     ARTIFACTS,
     CHROMIUM,

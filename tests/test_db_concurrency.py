@@ -10,15 +10,9 @@ from sqlalchemy import func, select
 from db.engine import make_engine, make_sessionmaker
 from db.lifecycle import ConflictError, granularity_mismatches, image_state, replay_audit, set_image_labels
 from db.models import Image, ModelVersion, Suggestion
-from db.repository import (
-    acquire_trainer_lock,
-    create_model_version,
-    ensure_project,
-    finish_model_version,
-    record_metrics,
-    trainer_heartbeat,
-    write_suggestions,
-)
+from db.projects import ensure_project
+from db.trainer_lock import acquire_trainer_lock, trainer_heartbeat
+from db.versions import create_model_version, finish_model_version, record_metrics, write_suggestions
 
 pytestmark = pytest.mark.slow  # processes, whole training runs: deselect with -m 'not slow'
 
@@ -104,7 +98,7 @@ def import_process(url: str, folder: str, coco: str, start, results) -> None:
 
 @pytest.mark.slow
 def test_concurrent_runs_of_the_same_import_skip_instead_of_crashing(tmp_path):
-    """Issue 12.5: racing imports of one folder (and one COCO file) crashed with an IntegrityError; now
+    """Racing imports of one folder (and one COCO file) used to crash with an IntegrityError; now
     each image is imported exactly once and the other runs skip it. The project is new, so its creation
     races too."""
     import json

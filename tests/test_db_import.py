@@ -14,7 +14,7 @@ from pydicom.encaps import encapsulate
 from pydicom.uid import ExplicitVRLittleEndian, JPEGLossless, SecondaryCaptureImageStorage, generate_uid
 from sqlalchemy import func, select
 
-import db.importers
+import db.importers.write
 from db.export import export_coco
 from db.importers import check_files, import_coco, import_folder, import_nih, import_vindr, pseudonymize
 from db.lifecycle import granularity_mismatches, image_state, replay_audit
@@ -190,7 +190,7 @@ def test_coco_file_level_errors(db_sessionmaker, tmp_path):
 
 
 def test_coco_duplicate_image_ids_are_refused_and_nothing_is_imported(db_sessionmaker, tmp_path):
-    """Issue 12.2: two images with one id would both get that id's boxes: the file is refused."""
+    """Two images with one id would both get that id's boxes: the file is refused."""
     root = tmp_path / "root"
     root.mkdir()
     for name in ("a.png", "b.png", "c.png"):
@@ -210,7 +210,7 @@ def test_coco_duplicate_image_ids_are_refused_and_nothing_is_imported(db_session
 
 
 def test_coco_duplicate_file_name_is_an_error_with_its_reason(db_sessionmaker, tmp_path):
-    """Issue 12.2: a file_name listed twice was skipped as "already in the store (image -1)" with exit 0."""
+    """A file_name listed twice used to be skipped as "already in the store (image -1)" with exit 0."""
     root = tmp_path / "root"
     root.mkdir()
     png(root / "a.png", value=3)
@@ -243,7 +243,7 @@ def test_failed_batch_leaves_store_unchanged(db_sessionmaker, tmp_path, monkeypa
             raise RuntimeError("disk full")
         return db.lifecycle.make_state(*args)
 
-    monkeypatch.setattr(db.importers, "make_state", failing_make_state)
+    monkeypatch.setattr(db.importers.write, "make_state", failing_make_state)
     with pytest.raises(RuntimeError, match="disk full"), db_sessionmaker.begin() as s:
         import_coco(s, _coco(tmp_path, images, []), images=root)
     assert count(db_sessionmaker) == 0
@@ -374,7 +374,7 @@ def test_nih_cxr_coco_files_round_trip(db_sessionmaker):
 
 
 def test_a_10000_by_10000_radiograph_imports_and_the_limit_is_16k_squared(db_sessionmaker, tmp_path):
-    """Issue 12.14: Pillow's own 89.5 Mpx bomb limit no longer fires first; MAX_PIXELS (16k x 16k) does."""
+    """Pillow's own 89.5 Mpx bomb limit no longer fires first; MAX_PIXELS (16k x 16k) does."""
     from oxnet.data.imaging import MAX_PIXELS, probe_image
 
     folder = tmp_path / "big"

@@ -17,7 +17,7 @@ from db.lifecycle import (
     set_image_labels,
 )
 from db.models import AuditEntry, Granularity, Image
-from db.repository import ensure_project
+from db.projects import ensure_project
 
 CLASSES = ("Mass", "Nodule", "Fracture")
 

@@ -38,14 +38,21 @@ from db.readers import (
     take_image,
     take_reader_lease,
 )
-from db.repository import ensure_project
-from db.service import claim_next_image, image_detail, queue
+from db.projects import ensure_project
+from db.queue import claim_next, queue
+from db.service import image_detail
 
 CLASSES = ["Nodule", "Mass", "Effusion"]
 ADD, BOXES = "add image-level labels", "draw boxes"
 NODULE = ("Nodule", 10.0, 10.0, 30.0, 30.0)
 NODULE_B = ("Nodule", 11.0, 10.0, 31.0, 31.0)  # IoU with NODULE about 0.86
 MASS = ("Mass", 40.0, 40.0, 60.0, 60.0)
+
+
+def _claimed(session, action, **kwargs):
+    """The image id :func:`db.queue.claim_next` leased (None: the queue was empty)."""
+    item = claim_next(session, action, **kwargs)
+    return item.image_id if item is not None else None
 
 
 def _images(S, n, readers=2):
@@ -78,8 +85,8 @@ def test_one_reader_by_default_keeps_todays_queue_and_save(db_sessionmaker):
     a, b = _images(S, 2, readers=1)
     with S.begin() as s:
         assert readers_per_image(s) == 1
-        assert claim_next_image(s, ADD, annotator="dr.a") == a
-        assert claim_next_image(s, ADD, annotator="dr.b") == b  # a is leased to dr.a: one reader at a time
+        assert _claimed(s, ADD, annotator="dr.a") == a
+        assert _claimed(s, ADD, annotator="dr.b") == b  # a is leased to dr.a: one reader at a time
         assert save_for(s, a, annotator="dr.a", present=["Nodule"], no_finding=False, boxes=[], complete=False,
                         expected_version=image_detail(s, a).version) == "weak"
         assert image_detail(s, a).labels == {"Nodule": True}
@@ -126,16 +133,16 @@ def test_two_readers_queue_hands_an_image_to_two_annotators_never_twice_to_one(d
     S = db_sessionmaker
     first, second = _images(S, 2)
     with S.begin() as s:
-        assert claim_next_image(s, ADD, annotator="dr.a") == first
-        assert claim_next_image(s, ADD, annotator="dr.b") == first  # the second reader of the same image
-        assert claim_next_image(s, ADD, annotator="dr.c") == second  # first has its two readers
+        assert _claimed(s, ADD, annotator="dr.a") == first
+        assert _claimed(s, ADD, annotator="dr.b") == first  # the second reader of the same image
+        assert _claimed(s, ADD, annotator="dr.c") == second  # first has its two readers
         assert [i.image_id for i in queue(s, ADD, annotator="dr.d")] == [second]
         assert take_reader_lease(s, first, "dr.d") is False
     _read(S, first, "dr.a", present=["Nodule"])
     with S.begin() as s:
         # dr.a read it: never handed to dr.a again, whatever the lease state
         assert first not in [i.image_id for i in queue(s, ADD, annotator="dr.a")]
-        assert claim_next_image(s, ADD, annotator="dr.a") == second
+        assert _claimed(s, ADD, annotator="dr.a") == second
         assert take_reader_lease(s, first, "dr.d") is False  # one read + dr.b's lease fill the two places
         later = utcnow() + timedelta(hours=1)  # dr.b's lease has expired by then
         assert take_reader_lease(s, first, "dr.d", now=later) is True

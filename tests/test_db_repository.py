@@ -9,23 +9,14 @@ from sqlalchemy import select
 from db.export import export_coco, export_training_mix
 from db.lifecycle import set_boxes, set_image_labels
 from db.models import Image, Metric, ModelStatus, Split, SuggestedAction, utcnow
-from db.repository import (
-    acquire_trainer_lock,
-    assign_splits,
-    claim_next,
+from db.projects import assign_splits, ensure_project, stats
+from db.queue import claim_next, queue, release_lease, take_lease
+from db.trainer_lock import acquire_trainer_lock, release_trainer_lock, trainer_heartbeat, trainer_state
+from db.versions import (
     create_model_version,
-    ensure_project,
-    expire_leases,
     finish_model_version,
-    next_suggestions,
     record_metrics,
     record_sweep_result,
-    release_lease,
-    release_trainer_lock,
-    stats,
-    take_lease,
-    trainer_heartbeat,
-    trainer_state,
     write_predictions,
     write_scores,
     write_suggestions,
@@ -78,9 +69,9 @@ def test_queue_excludes_leased_and_upgraded_images(db_sessionmaker):
         assert take_lease(s, ids[4], "carol", ttl=timedelta(seconds=1), now=now - timedelta(minutes=1))  # expired
         set_image_labels(s, ids[3], {"Mass": True}, annotator="dan")
     with S() as s:
-        alice = [x.image_id for x in next_suggestions(s, ADD, annotator="alice", now=now)]
-        bob = [x.image_id for x in next_suggestions(s, ADD, annotator="bob", now=now)]
-        alice_boxes = [x.image_id for x in next_suggestions(s, BOXES, annotator="alice", limit=2, now=now)]
+        alice = [x.image_id for x in queue(s, ADD, annotator="alice", now=now)]
+        bob = [x.image_id for x in queue(s, ADD, annotator="bob", now=now)]
+        alice_boxes = [x.image_id for x in queue(s, BOXES, annotator="alice", limit=2, now=now)]
     assert alice == [ids[4], ids[2], ids[1], ids[0]]  # 5 leased to bob, 3 already weak
     assert bob == [ids[5], ids[4], ids[2], ids[1], ids[0]]
     assert alice_boxes == [ids[4], ids[3]]  # a weak image still needs boxes
@@ -95,7 +86,7 @@ def test_queue_uses_the_latest_ready_version_only(db_sessionmaker):
         training = create_model_version(s, config={})
         write_suggestions(s, training.id, [{"image_id": ids[2], "action": ADD, "score": 9.0}])
     with S() as s:
-        assert [x.image_id for x in next_suggestions(s, ADD, annotator="a")] == [ids[1]]
+        assert [x.image_id for x in queue(s, ADD, annotator="a")] == [ids[1]]
 
 
 def test_claim_next_hands_each_image_to_one_annotator(db_sessionmaker):
@@ -109,7 +100,8 @@ def test_claim_next_hands_each_image_to_one_annotator(db_sessionmaker):
         assert {first, second} == set(ids)
         assert release_lease(s, first, "alice") and not release_lease(s, second, "alice")
         assert claim_next(s, BOXES, annotator="carol").image_id == first
-        assert expire_leases(s, now=utcnow() + timedelta(days=1)) == 2
+        later = utcnow() + timedelta(days=1)  # both leases have expired: anyone may take the images
+        assert take_lease(s, first, "dave", now=later) and take_lease(s, second, "dave", now=later)
 
 
 def test_model_version_outputs(db_sessionmaker):

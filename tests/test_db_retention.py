@@ -6,7 +6,8 @@ from __future__ import annotations
 from sqlalchemy import select
 
 from db.models import ModelStatus, ModelVersion
-from db.repository import create_model_version, ensure_project, finish_model_version, promote_model_version, record_metrics
+from db.projects import ensure_project
+from db.versions import create_model_version, finish_model_version, promote_model_version, record_metrics
 from db.retention import apply_retention, folder_size, protected_versions
 from db.workbench import SqlStore
 
@@ -26,7 +27,7 @@ def _version(session, models, status, mAP=None, files=("model.pt",)):
 
 
 def test_retention_keeps_newest_best_and_last_n_and_removes_the_rest(db_sessionmaker, tmp_path):
-    """Issue 12.13: failed versions kept last.pt/best.pt/model.pt and temp files forever."""
+    """Failed versions used to keep last.pt/best.pt/model.pt and temp files forever."""
     models = tmp_path / "models" / "default"
     with db_sessionmaker.begin() as s:
         ensure_project(s)

@@ -10,7 +10,7 @@ from sqlalchemy import text
 
 from db.engine import alembic_config, database_url, init_db, make_sessionmaker
 from db.models import AuditEntry, Base
-from db.repository import get_annotator
+from db.people import get_annotator
 
 
 def test_migrations_match_models(db_url):

@@ -81,7 +81,7 @@ def _as_reader(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_stats_reads_a_read_only_store_and_a_write_says_so_in_one_sentence(read_only_store):
-    """Issue 12.11/12.12: init_db opened a lock file for appending, so even `db stats` failed."""
+    """init_db used to open a lock file for appending, so even `db stats` failed on a read-only store."""
     url, folder = read_only_store
     stats = _as_reader("--db", url, "stats")
     assert stats.returncode == 0, stats.stderr
@@ -161,7 +161,7 @@ def test_a_full_store_is_one_sentence(tmp_path):
 def test_the_trainer_on_a_read_only_store_says_so_in_one_sentence(tmp_path, capsys):
     from app.trainer import main as trainer_main
 
-    from db.repository import ensure_project
+    from db.projects import ensure_project
 
     url = f"sqlite:///{tmp_path / 'store.db'}"
     assert trainer_main(["--db", url, "--preset", "tiny", "--max-rounds", "1"]) == 2  # an empty store

@@ -11,8 +11,11 @@ from db.demo import data_dir, demo_plan, fill_scale_store, seed_demo
 from db.engine import init_db, make_sessionmaker
 from db.lifecycle import ConflictError, replay_audit, set_image_labels
 from db.models import AuditEntry, Granularity, Image, ModelStatus, Split, SuggestedAction
-from db.repository import create_model_version, ensure_project, finish_model_version, stats, take_lease, write_suggestions
-from db.service import claim_next_image, image_detail, queue, save_annotation, validate_annotation
+from db.projects import ensure_project, stats
+from db.queue import take_lease
+from db.versions import create_model_version, finish_model_version, write_suggestions
+from db.queue import claim_next, queue
+from db.service import image_detail, save_annotation, validate_annotation
 
 pytestmark = pytest.mark.slow  # processes, whole training runs: deselect with -m 'not slow'
 
@@ -108,10 +111,10 @@ def test_queue_with_a_model_ranks_by_score_and_filters_by_class(store):
         nodules = queue(session, SuggestedAction.ADD_LABELS, annotator="dr.a", class_name="Nodule")
         assert nodules and all(i.classes == ("Nodule",) for i in nodules)
         assert queue(session, SuggestedAction.ADD_LABELS, annotator="dr.a", class_name="Fracture") == []
-        first = claim_next_image(session, SuggestedAction.ADD_LABELS, annotator="dr.a")
+        first = claim_next(session, SuggestedAction.ADD_LABELS, annotator="dr.a").image_id
         assert first == unlabeled[0]
-        assert claim_next_image(session, SuggestedAction.ADD_LABELS, annotator="dr.b") == unlabeled[1]
-        assert claim_next_image(session, SuggestedAction.ADD_LABELS, annotator="dr.a", exclude=[first]) == unlabeled[2]
+        assert claim_next(session, SuggestedAction.ADD_LABELS, annotator="dr.b").image_id == unlabeled[1]
+        assert claim_next(session, SuggestedAction.ADD_LABELS, annotator="dr.a", exclude=[first]).image_id == unlabeled[2]
 
 
 def _unlabeled(Session) -> Image:

@@ -28,7 +28,7 @@ from db.importers import pseudonymize
 from db.lifecycle import set_boxes, set_image_labels
 from db.models import DicomInstance, Image
 from db.orthanc import make_cxr, orthanc_missing, run_orthanc
-from db.repository import create_model_version, write_predictions
+from db.versions import create_model_version, write_predictions
 
 NIH = Path(__file__).resolve().parents[2] / "shared" / "data" / "nih-cxr" / "images"
 if not NIH.is_dir():

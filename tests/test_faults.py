@@ -118,7 +118,7 @@ def test_kill_9_of_the_trainer_at_each_phase_loses_nothing_and_resumes(tmp_path)
 
 IMPORT = KILL + """
 import sys
-import db.importers as importers
+import db.importers.write as importers
 from db.__main__ import main
 real_insert = importers.insert
 calls = []

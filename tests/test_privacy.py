@@ -24,7 +24,8 @@ from db.engine import display_url, init_db, make_sessionmaker
 from db.export import export_coco, export_training_mix, file_mapping
 from db.importers import SALT_ENV, import_coco, pseudonymize
 from db.models import Image
-from db.repository import annotator_name, take_lease
+from db.people import annotator_name
+from db.queue import take_lease
 from tests.streamlit_server import streamlit_server
 
 ROOT = Path(__file__).resolve().parent.parent

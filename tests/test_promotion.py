@@ -15,22 +15,22 @@ from streamlit.testing.v1 import AppTest
 from db.engine import init_db, make_sessionmaker, upgrade
 from db.lifecycle import set_image_labels
 from db.models import AuditEntry, Image, ServingModel, SuggestedAction
-from db.repository import (
+from db.projects import ensure_project
+from db.queue import queue
+from db.versions import (
     CANDIDATE_ACTION,
     PROMOTE_ACTION,
     ROLLBACK_ACTION,
     candidate_model_versions,
     create_model_version,
-    ensure_project,
     finish_model_version,
-    next_suggestions,
     promote_model_version,
     record_metrics,
     serving_model_version,
     write_predictions,
     write_suggestions,
 )
-from db.service import model_output, model_versions, queue, serving_summary
+from db.service import model_output, model_versions, serving_summary
 from db.workbench import SqlStore
 from oxnet.data.records import records_from_coco
 from oxnet.active.loop import Trainer, decide_promotion
@@ -108,7 +108,7 @@ def test_a_worse_version_stays_candidate_and_the_queue_keeps_the_old_suggestions
         assert [v.id for v in candidate_model_versions(s)] == [v2]
         items = queue(s, SuggestedAction.ADD_LABELS, annotator="a")
         assert [i.image_id for i in items] == ids and all(i.reason == f"v{v1}" for i in items)
-        assert [x.model_version_id for x in next_suggestions(s, SuggestedAction.ADD_LABELS, annotator="a")] == [v1] * 3
+        assert [x.model_version_id for x in queue(s, SuggestedAction.ADD_LABELS, annotator="a")] == [v1] * 3
         assert model_output(s, ids[0]).model_version_id == v1
         assert {v["id"]: v["state"] for v in model_versions(s)} == {v1: "serving", v2: "candidate"}
         summary = serving_summary(s)
@@ -209,13 +209,13 @@ def test_trainer_keeps_a_worse_round_as_candidate(tmp_path):
     assert first.status == "ready" and first.serving and first.label_counts["weak"] == 4
     with S.begin() as s:
         record_metrics(s, first.version_id, "val", {"mAP": 2.0})  # no real model reaches this
-        before = [(x.image_id, x.score) for x in next_suggestions(s, SuggestedAction.ADD_LABELS, annotator="a")]
+        before = [(x.image_id, x.score) for x in queue(s, SuggestedAction.ADD_LABELS, annotator="a")]
     second = Trainer(store, replace(SETTINGS, promote_tolerance=0.05)).run()[0]
     assert second.status == "ready" and second.serving is False and "kept as a candidate" in second.notes["promotion"]
     with S.begin() as s:
         assert serving_model_version(s).id == first.version_id
         assert [v.id for v in candidate_model_versions(s)] == [second.version_id]
-        after = next_suggestions(s, SuggestedAction.ADD_LABELS, annotator="a")
+        after = queue(s, SuggestedAction.ADD_LABELS, annotator="a")
         assert [(x.image_id, x.score) for x in after] == before and {x.model_version_id for x in after} == {first.version_id}
 
 

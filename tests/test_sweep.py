@@ -226,7 +226,7 @@ def test_store_puts_a_sweep_in_the_workbench_store_once(tmp_path, db_sessionmake
     import sys
     from pathlib import Path
 
-    from db.repository import ensure_project
+    from db.projects import ensure_project
     from db.service import sweep_results
 
     with db_sessionmaker.begin() as s:

@@ -20,7 +20,8 @@ from db.engine import init_db, make_sessionmaker
 from db.importers import import_coco
 from db.lifecycle import set_image_labels
 from db.models import Granularity, Image, Metric, ModelStatus, ModelVersion, Prediction, Score, Split, Suggestion
-from db.repository import claim_next, take_lease, trainer_state
+from db.queue import claim_next, take_lease
+from db.trainer_lock import trainer_state
 from db.workbench import SqlStore, request_stop
 from oxnet.training import engine
 from oxnet.training.checkpoint import load_checkpoint
@@ -314,7 +315,7 @@ def test_the_queue_shows_exactly_the_strategys_order(store_url, monkeypatch, str
     """The trainer ranks with the strategy object and the Queue page reads that order back: the same
     code path the simulation measures (no second ranking in SQL)."""
     import oxnet.active.loop as loop
-    from db.service import queue
+    from db.queue import queue
     from oxnet.active.strategies import get_strategy
 
     seen = []

@@ -179,7 +179,7 @@ def test_a_full_disk_fails_the_round_with_no_space_left_on_the_folder(tmp_path, 
     import shutil
 
     import oxnet.training.checkpoint as checkpoint
-    from db.repository import trainer_state
+    from db.trainer_lock import trainer_state
 
     url = dicom_store(tmp_path)
     real = shutil.disk_usage

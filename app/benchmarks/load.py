@@ -34,17 +34,10 @@ from sqlalchemy.exc import DBAPIError
 from db.engine import init_db, make_engine, make_sessionmaker
 from db.lifecycle import ConflictError, image_state, replay_audit, set_boxes, set_image_labels
 from db.models import AuditEntry, Image
-from db.repository import (
-    acquire_trainer_lock,
-    create_model_version,
-    ensure_project,
-    finish_model_version,
-    record_metrics,
-    release_lease,
-    take_lease,
-    trainer_heartbeat,
-    write_suggestions,
-)
+from db.projects import ensure_project
+from db.queue import release_lease, take_lease
+from db.trainer_lock import acquire_trainer_lock, trainer_heartbeat
+from db.versions import create_model_version, finish_model_version, record_metrics, write_suggestions
 from oxnet.machine import describe
 
 CLASSES = ("Mass", "Nodule", "Effusion")

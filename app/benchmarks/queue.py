@@ -22,17 +22,12 @@ import sqlalchemy
 from sqlalchemy import select
 
 from db.engine import init_db, make_sessionmaker
-from db.importers import _Item, _write, import_nih
+from db.importers import import_nih
+from db.importers.write import ImportItem, write_items
 from db.models import Granularity, Image, SuggestedAction
-from db.repository import (
-    assign_splits,
-    create_model_version,
-    finish_model_version,
-    next_suggestions,
-    stats,
-    take_lease,
-    write_suggestions,
-)
+from db.projects import assign_splits, stats
+from db.queue import queue, take_lease
+from db.versions import create_model_version, finish_model_version, write_suggestions
 from oxnet.machine import describe
 
 NIH_ROWS = 112_120
@@ -105,9 +100,9 @@ def main(argv: list[str]) -> dict[str, Any]:
 
         rng = random.Random(1)
         with Session.begin() as session:
-            items = [_Item(name=f"u{i}", path=folder / "extra" / f"u{i:06d}.png", width=1024, height=1024, source="bench")
+            items = [ImportItem(name=f"u{i}", path=folder / "extra" / f"u{i:06d}.png", width=1024, height=1024, source="bench")
                      for i in range(args.unlabeled)]
-            _write(session, "default", None, items, "import:bench", report)
+            write_items(session, "default", None, items, "import:bench", report)
             assign_splits(session)
             version = create_model_version(session, config={"bench": True})
             rows = session.execute(select(Image.id, Image.granularity)).all()
@@ -126,17 +121,17 @@ def main(argv: list[str]) -> dict[str, Any]:
         images = len(rows)
 
         with Session() as session:
-            queue = {
-                action.value: _median_ms(lambda a=action: next_suggestions(session, a, annotator="bench", limit=50), args.repeats)
+            queue_ms = {
+                action.value: _median_ms(lambda a=action: queue(session, a, annotator="bench", limit=50), args.repeats)
                 for action in SuggestedAction
             }
             stats_ms = _median_ms(lambda: stats(session), args.repeats)
-            returned = {a.value: len(next_suggestions(session, a, annotator="bench", limit=50)) for a in SuggestedAction}
+            returned = {a.value: len(queue(session, a, annotator="bench", limit=50)) for a in SuggestedAction}
             overview = stats(session)
 
     return {
-        "queue_ms": max(queue.values()),
-        "queue_ms_per_action": queue,
+        "queue_ms": max(queue_ms.values()),
+        "queue_ms_per_action": queue_ms,
         "stats_ms": stats_ms,
         "nih_import_s": nih_import_s,
         "counts": {

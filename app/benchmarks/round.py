@@ -24,7 +24,8 @@ from typing import Any
 from sqlalchemy import func, select
 
 from db.engine import init_db, make_sessionmaker
-from db.importers import ImportReport, _Item, _write, import_coco
+from db.importers import ImportReport, import_coco
+from db.importers.write import ImportItem, write_items
 from db.models import Image, Split, Suggestion
 from db.workbench import SqlStore
 from oxnet.data.synthetic import write_coco
@@ -69,9 +70,9 @@ def main(argv: list[str]) -> dict[str, Any]:
         for i in range(extra):
             link = links / f"u{i:06d}.png"
             os.symlink(files[i % len(files)], link)
-            items.append(_Item(name=link.name, path=link, width=128, height=128, source="bench", split=Split.TRAIN))
+            items.append(ImportItem(name=link.name, path=link, width=128, height=128, source="bench", split=Split.TRAIN))
         with sessions.begin() as session:
-            _write(session, "default", None, items, "import:bench", ImportReport())
+            write_items(session, "default", None, items, "import:bench", ImportReport())
         with sessions() as session:
             total = session.scalar(select(func.count(Image.id)))
         setup_s = time.perf_counter() - start

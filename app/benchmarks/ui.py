@@ -26,7 +26,7 @@ from streamlit.testing.v1 import AppTest
 from db.demo import fill_scale_store
 from db.engine import DB_URL_ENV, init_db, make_sessionmaker
 from db.models import SuggestedAction
-from db.service import queue
+from db.queue import queue
 from oxnet.data.synthetic import generate
 from oxnet.machine import describe
 

@@ -50,12 +50,12 @@ from db.costs import record_save
 from db.drafts import FINDING_STATES, NOT_ASSESSED, PRESENT, delete_draft, get_draft, list_drafts, save_draft
 from db.lifecycle import ConflictError
 from db.models import SuggestedAction
+from db.queue import claim_next
 from db.readers import annotation_detail, release_image, save_for, take_image
 from db.service import (
     DEFAULT_SCORE_THRESHOLD,
     MIN_BOX_PX,
     ImageDetail,
-    claim_next_image,
     model_output,
     project_exists,
 )
@@ -183,7 +183,8 @@ def _discard(image_id: int, who: str) -> None:
 
 def _next_image(action: str, who: str, exclude: list[int]) -> int | None:
     with sessions().begin() as session:
-        return claim_next_image(session, action, annotator=who, exclude=exclude)
+        item = claim_next(session, action, annotator=who, exclude=exclude)
+        return item.image_id if item is not None else None
 
 
 def _open_by_id(image_id: int, who: str) -> bool:

@@ -16,7 +16,8 @@ from app.trainer_control import start_trainer, stop_trainer, trainer_pid
 from app.widgets import candidate_notices, show_job
 from db.costs import MIN_SAVES, cost_rows
 from db.models import Granularity, utcnow
-from db.repository import TRAINER_STALE_AFTER, stats, trainer_state
+from db.projects import stats
+from db.trainer_lock import TRAINER_STALE_AFTER, trainer_state
 from db.demo import data_dir
 from db.retention import DEFAULT_KEEP_READY, folder_size
 from db.service import project_exists, serving_summary

@@ -7,8 +7,9 @@ import streamlit as st
 from app.imaging import thumbnail
 from app.store import annotator, sessions, store_url
 from db.models import Split, SuggestedAction
+from db.queue import queue
 from db.readers import take_image
-from db.service import project_classes, project_exists, queue
+from db.service import project_classes, project_exists
 
 COLUMNS = 4
 PER_PAGE = 24

@@ -29,6 +29,7 @@ from typing import Any, Literal
 import numpy as np
 
 from oxnet.classes import NO_FINDING
+from oxnet.data.annotation import annotation_problems, box_problem
 
 Granularity = Literal["full", "weak", "unlabeled"]
 
@@ -264,18 +265,18 @@ def records_from_coco(
 
 
 def _xyxy(bbox: Any, size: tuple[Any, Any]) -> list[float] | str:
-    """COCO [x, y, w, h] -> [x1, y1, x2, y2], or the reason it is invalid for an image of ``size`` (w, h)."""
+    """COCO [x, y, w, h] -> [x1, y1, x2, y2], or the reason it is invalid for an image of ``size`` (w, h)
+    (the one box check, :func:`oxnet.data.annotation.box_problem`, said in COCO's terms)."""
     try:
         x, y, w, h = (float(v) for v in bbox)
         width, height = float(size[0]), float(size[1])
     except (TypeError, ValueError):
         return f"bbox must be 4 numbers [x, y, w, h] on an image with width and height, got {bbox!r}"
-    if not all(math.isfinite(v) for v in (x, y, w, h)):
-        return f"bbox {bbox} is not finite"
-    if w <= 0 or h <= 0:
-        return f"bbox {bbox} has zero or negative size"
-    if x < 0 or y < 0 or x + w > width or y + h > height:
-        return f"bbox {bbox} lies outside the {width:g}x{height:g} image"
+    problem = box_problem(x, y, x + w, y + h, width, height)
+    if problem is not None:
+        said = {"finite": "is not finite", "empty": "has zero or negative size",
+                "outside": f"lies outside the {width:g}x{height:g} image"}
+        return f"bbox {bbox} {said.get(problem[0], problem[1])}"
     return [x, y, x + w, y + h]
 
 
@@ -306,9 +307,14 @@ def _record(
         return f"image_labels {unknown} are not among the classes {list(class_index)}"
     negative = NO_FINDING in names
     present = {class_index[n] for n in names if n != NO_FINDING}
-    if negative and (present or boxes):
-        return f"{NO_FINDING!r} together with findings or boxes"
     absent_names = image.get("absent_labels")
+    class_of = {i: n for n, i in class_index.items()}
+    problems = {p.kind for p in annotation_problems(  # the one annotation check (boxes: checked by _xyxy)
+        [(class_of[c], *b) for b, c in boxes], classes=class_index, width=math.inf, height=math.inf,
+        present=[n for n in names if n != NO_FINDING], no_finding=negative,
+    )}
+    if "no_finding_with_findings" in problems:
+        return f"{NO_FINDING!r} together with findings or boxes"
     if absent_names is None:
         absent = set(class_index.values()) - present  # the old dialect: every class not listed is absent
     else:
@@ -320,7 +326,7 @@ def _record(
         absent = {class_index[n] for n in absent_names}
         if negative:
             absent = set(class_index.values())
-        both = sorted(n for n in absent_names if class_index[n] in present)
+        both = sorted(n for n in absent_names if class_index[n] in present)  # a box makes its class present
         if both:
             return f"classes {both} are in both image_labels and absent_labels"
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 import shutil
 import time
@@ -32,6 +31,7 @@ import numpy as np
 from oxnet.active.loop import LoopSettings, RoundResult, Store, Trainer
 from oxnet.active.strategies import STRATEGIES as _REGISTRY
 from oxnet.active.strategies import CostModel
+from oxnet.data.splits import SPLITS, patient_key, split_patients
 from oxnet.files import write_json
 from oxnet.machine import describe
 
@@ -135,28 +135,20 @@ def plan_labels(
     split_seed: int = 0,
 ) -> dict[int, tuple[str, str]]:
     """``{image id: (split, granularity)}`` for a simulation: patients go to train / val / test by
-    ``fractions`` (shuffled by ``split_seed``, so every seed shares the evaluation images), val and test
-    are full; of the training images ``initial_full`` (picked by ``seed``) start full, the next
-    ``initial_weak`` weak and the rest unlabeled."""
-    if len(fractions) != 3 or min(fractions) < 0 or not math.isclose(sum(fractions), 1.0):
-        raise ValueError(f"fractions must be three numbers >= 0 summing to 1, got {fractions}")
+    ``fractions`` with the one patient split (:mod:`oxnet.data.splits`, seeded by ``split_seed``, so
+    every seed shares the evaluation images; ValueError when a split with a fraction gets no patient),
+    val and test are full; of the training images ``initial_full`` (picked by ``seed``) start full, the
+    next ``initial_weak`` weak and the rest unlabeled."""
     images = list(coco["images"])
-    by_patient: dict[str, list[int]] = {}
-    for image in images:
-        patient = image.get("patient_id")
-        by_patient.setdefault(str(patient) if patient is not None else f"image-{image['id']}", []).append(image["id"])
-    patients = sorted(by_patient)
-    order = np.random.default_rng(split_seed).permutation(len(patients))
-    bounds = np.cumsum(fractions)[:2] * len(images)
+    keys = {image["id"]: patient_key(image.get("patient_id"), image["id"]) for image in images}
+    placed = split_patients(keys.values(), seed=split_seed, fractions=fractions,
+                            require=[s for s, f in zip(SPLITS, fractions) if f > 0])
     plan: dict[int, tuple[str, str]] = {}
     train: list[int] = []
-    for i in order.tolist():
-        placed = len(plan)
-        split = "train" if placed < bounds[0] else "val" if placed < bounds[1] else "test"
-        for image_id in by_patient[patients[i]]:
-            plan[image_id] = (split, "full")
-            if split == "train":
-                train.append(image_id)
+    for image_id, key in keys.items():
+        plan[image_id] = (placed[key], "full")
+        if placed[key] == "train":
+            train.append(image_id)
     if initial_full < 1 or initial_full + initial_weak > len(train):
         raise ValueError(f"need 1 <= initial_full and initial_full + initial_weak <= {len(train)} training images, "
                          f"got {initial_full} + {initial_weak}")

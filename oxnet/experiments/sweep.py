@@ -49,6 +49,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from oxnet.data.records import Record, Records
+from oxnet.data.splits import patient_key, split_patients
 from oxnet.training.settings import METHODS, TrainConfig
 from oxnet.files import atomic_write, write_json, write_text
 from oxnet.machine import describe
@@ -146,12 +147,13 @@ def batch_with_full(
 
 
 def split_by_patient(records: Sequence[Record], fraction: float, *, seed: int = 0) -> tuple[list[Record], list[Record]]:
-    """(rest, held_out): about ``fraction`` of the patients (all their images) are held out."""
-    patients = sorted({str(r.patient_id if r.patient_id is not None else f"image-{r.image_id}") for r in records})
-    rng = np.random.default_rng(seed)
-    held = set(rng.choice(patients, size=max(1, round(fraction * len(patients))), replace=False).tolist())
-    key = lambda r: str(r.patient_id if r.patient_id is not None else f"image-{r.image_id}")  # noqa: E731
-    return [r for r in records if key(r) not in held], [r for r in records if key(r) in held]
+    """(rest, held_out): about ``fraction`` of the patients (all their images) are held out, placed by
+    the one patient split (:mod:`oxnet.data.splits`: the store's rule, as its val split). ValueError
+    when no patient is held out (too few patients for ``fraction``)."""
+    keys = [patient_key(r.patient_id, r.image_id) for r in records]
+    placed = split_patients(keys, seed=seed, fractions=(1.0 - fraction, fraction, 0.0), require=("val",))
+    return ([r for r, k in zip(records, keys, strict=True) if placed[k] != "val"],
+            [r for r, k in zip(records, keys, strict=True) if placed[k] == "val"])
 
 
 def check_patient_disjoint(a: Sequence[Record], b: Sequence[Record], what: str) -> None:
