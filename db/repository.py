@@ -40,6 +40,7 @@ from db.models import (
     utcnow,
 )
 from oxnet.classes import PAPER_CLASSES
+from oxnet.vocabulary import MAP, MEAN_IMAGE_AUC
 
 #: Name of the project used when none is given.
 DEFAULT_PROJECT = "default"
@@ -625,7 +626,7 @@ def record_sweep_result(
     return result
 
 
-SWEEP_ROW_KEYS = ("method", "full_fraction", "seed", "n_full", "n_weak", "n_unlabeled", "mAP")
+SWEEP_ROW_KEYS = ("method", "full_fraction", "seed", "n_full", "n_weak", "n_unlabeled", MAP)
 
 
 def record_sweep_rows(
@@ -651,7 +652,7 @@ def record_sweep_rows(
     }
     added = 0
     for row in rows:
-        metrics = {k: v for k, v in row.items() if k.startswith(("mAP", "AP")) or k in ("mean_image_auc", "teacher_mAP")}
+        metrics = {k: v for k, v in row.items() if k.startswith((MAP, "AP")) or k in (MEAN_IMAGE_AUC, "teacher_mAP")}
         key = (row["method"], row["seed"], row["n_full"], row["n_weak"], row["n_unlabeled"], _canonical(metrics))
         if key in stored:
             continue

@@ -73,9 +73,10 @@ from db.repository import (
     write_suggestions,
 )
 from oxnet.active.loop import Snapshot, VersionInfo
-from oxnet.active.scoring import ADD_LABELS, ImageScore
+from oxnet.active.scoring import ImageScore
 from oxnet.experiments.simulate import Candidate, hide_labels
 from oxnet.active.strategies import CostModel, HistoryPoint
+from oxnet.vocabulary import ADD_LABELS, ATTENTION_KEY, FULL, MAP, WEAK
 
 __all__ = ["STOP_ACTION", "STOP_AFTER_ROUND_ACTION", "OracleStore", "SqlStore", "default_owner", "reopen_simulation_store",
            "request_stop", "simulation_store"]
@@ -304,11 +305,11 @@ class SqlStore:
             project_id = self._project_id(session)
             rows = session.execute(
                 select(ModelVersion.label_counts, Metric.value)
-                .join(Metric, (Metric.model_version_id == ModelVersion.id) & (Metric.split == Split.VAL) & (Metric.name == "mAP"))
+                .join(Metric, (Metric.model_version_id == ModelVersion.id) & (Metric.split == Split.VAL) & (Metric.name == MAP))
                 .where(ModelVersion.project_id == project_id, ModelVersion.status == ModelStatus.READY)
                 .order_by(ModelVersion.id)
             ).all()
-        return [HistoryPoint(weak=int((c or {}).get("weak", 0)), full=int((c or {}).get("full", 0)), mAP=float(v))
+        return [HistoryPoint(weak=int((c or {}).get(WEAK, 0)), full=int((c or {}).get(FULL, 0)), mAP=float(v))
                 for c, v in rows]
 
     def pool_hints(self, limit: int) -> tuple[list[int], list[int]]:
@@ -376,7 +377,7 @@ def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
 
 def _prediction_row(result: ImageScore, classes: Sequence[str]) -> dict[str, Any]:
     """A :class:`~db.models.Prediction` row: boxes by class name in original pixels, image-level
-    probabilities and the DAA attention maps (``image_probs["attention"][class]``, 2-D lists)."""
+    probabilities and the DAA attention maps (``image_probs[ATTENTION_KEY][class]``, 2-D lists)."""
     order = result.scores.argsort(descending=True)[:MAX_BOXES].tolist()
     boxes = [
         {"class": classes[int(result.labels[i])], "bbox": [round(float(v), 2) for v in result.boxes[i]],
@@ -384,7 +385,7 @@ def _prediction_row(result: ImageScore, classes: Sequence[str]) -> dict[str, Any
         for i in order
     ]
     probs: dict[str, Any] = {name: round(float(p), 4) for name, p in zip(classes, result.image_probs)}
-    probs["attention"] = {name: result.attention[c].round(decimals=4).tolist() for c, name in enumerate(classes)}
+    probs[ATTENTION_KEY] = {name: result.attention[c].round(decimals=4).tolist() for c, name in enumerate(classes)}
     return {"image_id": result.image_id, "boxes": boxes, "image_probs": probs}
 
 

@@ -23,6 +23,7 @@ from db.workbench import reopen_simulation_store as reopen
 from db.workbench import simulation_store
 from oxnet.active.loop import TRAINER_PRESETS
 from oxnet.experiments.simulate import ORACLE, STRATEGIES, CostModel, SimulationConfig, plan_labels, run_simulation, write_results
+from oxnet.vocabulary import FULL, UNLABELED, UNLABELED_TO_FULL, WEAK, WEAK_TO_FULL
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -95,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         plan = plan_labels(coco, seed=seed, initial_full=args.initial_full, initial_weak=args.initial_weak,
                            fractions=fractions)
         if args.ceiling:
-            plan = {i: (split, "full") for i, (split, _) in plan.items()}
+            plan = {i: (split, FULL) for i, (split, _) in plan.items()}
         return simulation_store(url, coco, images, plan, models_dir=folder / "models", costs=config.costs)
 
     def on_point(point: dict) -> None:
@@ -106,8 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.ceiling:  # what boxing every training image costs, from the label plan's start
         start = [g for split, g in plan_labels(coco, seed=0, initial_full=args.initial_full, initial_weak=args.initial_weak,
                                                 fractions=fractions).values() if split == "train"]
-        described["ceiling_units"] = (start.count("unlabeled") * config.costs.cost("unlabeled->full")
-                                      + start.count("weak") * config.costs.cost("weak->full"))
+        described["ceiling_units"] = (start.count(UNLABELED) * config.costs.cost(UNLABELED_TO_FULL)
+                                      + start.count(WEAK) * config.costs.cost(WEAK_TO_FULL))
     results = run_simulation(make_store, config, on_point=on_point, log_dir=logs,
                              on_update=lambda partial: write_results({**partial, "dataset": described}, out))
     paths = write_results({**results, "dataset": described}, out)

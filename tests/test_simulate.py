@@ -25,7 +25,7 @@ from oxnet.experiments.simulate import (
     spend,
     summarize,
 )
-from oxnet.active.strategies import ADD_LABELS, DRAW_BOXES
+from oxnet.vocabulary import ADD_LABELS, DRAW_BOXES
 
 pytestmark = pytest.mark.slow  # processes, whole training runs: deselect with -m 'not slow'
 

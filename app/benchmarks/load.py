@@ -46,6 +46,7 @@ from db.repository import (
     write_suggestions,
 )
 from oxnet.machine import describe
+from oxnet.vocabulary import DRAW_BOXES, MAP
 
 CLASSES = ("Mass", "Nodule", "Effusion")
 
@@ -105,8 +106,8 @@ def _trainer(url: str, image_ids: list[int], seconds: float, out) -> None:
             with Session.begin() as s:
                 version = create_model_version(s, config={"loadtest": True}, round=versions + 1)
                 suggestions += write_suggestions(s, version.id, [
-                    {"image_id": i, "action": "draw boxes", "score": random.random()} for i in image_ids])
-                record_metrics(s, version.id, "val", {"mAP": random.random()})
+                    {"image_id": i, "action": DRAW_BOXES, "score": random.random()} for i in image_ids])
+                record_metrics(s, version.id, "val", {MAP: random.random()})
                 finish_model_version(s, version.id)
             with Session.begin() as s:
                 trainer_heartbeat(s, "loadtest:trainer", round=versions + 1, progress=1.0)

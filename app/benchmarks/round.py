@@ -30,6 +30,7 @@ from db.workbench import SqlStore
 from oxnet.data.synthetic import write_coco
 from oxnet.active.loop import TRAINER_PRESETS, Trainer
 from oxnet.machine import describe
+from oxnet.vocabulary import FULL, WEAK
 
 
 def main(argv: list[str]) -> dict[str, Any]:
@@ -54,7 +55,7 @@ def main(argv: list[str]) -> dict[str, Any]:
         n = len(coco["images"])
         for k, image in enumerate(coco["images"]):  # a quarter val (full), a quarter train full, half train weak
             image["split"] = "val" if k < n // 4 else "train"
-            image["granularity"] = "full" if k < n // 2 else "weak"
+            image["granularity"] = FULL if k < n // 2 else WEAK
         url = f"sqlite:///{folder / 'round.db'}"
         sessions = make_sessionmaker(init_db(url))
         with sessions.begin() as session:

@@ -61,7 +61,7 @@ import torch
 
 from oxnet.training.checkpoint import file_sha256, load_checkpoint, model_from_state, non_finite_weights, save_checkpoint, verify_checkpoint
 from oxnet.data.datasets import UnreadableImage
-from oxnet.data.records import GRANULARITIES, Record, records_from_coco
+from oxnet.data.records import Record, records_from_coco
 from oxnet.training.engine import Progress, evaluate_model, fit, resolve_device
 from oxnet.active.scoring import ImageScore, ScoreConfig, score_images
 from oxnet.training.settings import TrainConfig
@@ -77,6 +77,7 @@ from oxnet.active.strategies import (
     get_strategy,
     image_states,
 )
+from oxnet.vocabulary import FULL, GRANULARITIES, MAP, WEAK
 
 __all__ = [
     "STOPPED_MESSAGE",
@@ -280,7 +281,7 @@ class LoopSettings:
     retry_delay_s: float = 30.0
     heartbeat_s: float = 5.0
     max_rounds: int | None = None
-    promote_metric: str = "mAP"
+    promote_metric: str = MAP
     promote_tolerance: float = 0.02
 
     def __post_init__(self) -> None:
@@ -373,7 +374,7 @@ def decide_promotion(
     new: Mapping[str, float] | None,
     serving: Mapping[str, float] | None,
     *,
-    metric: str = "mAP",
+    metric: str = MAP,
     tolerance: float = 0.02,
 ) -> tuple[bool, str]:
     """Whether a new model version should serve suggestions, and why.
@@ -647,7 +648,7 @@ class Trainer:
         missing = self._mark_missing(snap)
         train = records_from_coco(snap.train, classes=classes, on_error="skip")
         splits = {name: [r for r in records_from_coco(getattr(snap, name), classes=classes, on_error="skip")
-                         if r.granularity == "full"] for name in ("val", "test")}
+                         if r.granularity == FULL] for name in ("val", "test")}
         counts = {g: sum(r.granularity == g for r in train) for g in GRANULARITIES}
         result = RoundResult(round=number, status="waiting", label_counts=counts, marker=snap.marker)
         notes: dict[str, str] = {}
@@ -657,7 +658,7 @@ class Trainer:
         selection: Sequence[Record] = splits["val"]
         if not any(len(r.boxes) for r in selection):
             notes["val"] = "skipped: the val split has no fully labeled image with boxes"
-            selection = [r for r in train if r.granularity == "full"]
+            selection = [r for r in train if r.granularity == FULL]
             if not any(len(r.boxes) for r in selection):
                 result.notes = {**notes, "round": "no fully labeled image with boxes anywhere yet: nothing to train a detector on"}
                 logger.info("round %d: %s", number, result.notes["round"])
@@ -669,7 +670,7 @@ class Trainer:
 
         probe = s.train_config(out_dir=".", round=number)
         warm = self._warm_start(probe, classes, notes)
-        pretrain = s.pretrain_epochs if warm is None and counts["full"] else 0
+        pretrain = s.pretrain_epochs if warm is None and counts[FULL] else 0
         config_record = {"loop": s.to_dict(), "notes": notes, "warm_start": warm}
         version = self.store.start_version(number, counts, config_record)
         result.version_id = version.id
@@ -677,7 +678,7 @@ class Trainer:
                     ", ".join(f"{n} {g}" for g, n in counts.items()), warm or "none")
         config = s.train_config(out_dir=version.folder, round=number, init_checkpoint=warm, pretrain_epochs=pretrain)
         durations: dict[str, float] = {}
-        self._to_score = sum(r.granularity != "full" for r in train) if s.suggest else 0
+        self._to_score = sum(r.granularity != FULL for r in train) if s.suggest else 0
         unreadable: dict[int, str] = {}
 
         def leave_out(error: UnreadableImage) -> None:
@@ -757,7 +758,7 @@ class Trainer:
             self._set(error="", progress=1.0, phase="round done")
             self._beat()
             logger.info("round %d done: model version %d, val mAP %s, %d images scored; %s", number, version.id,
-                        metrics.get("val", {}).get("mAP", "-"), result.scored,
+                        metrics.get("val", {}).get(MAP, "-"), result.scored,
                         "serving" if result.serving else "candidate: " + notes["promotion"])
         result.notes = notes
         result.seconds = time.monotonic() - started
@@ -818,7 +819,7 @@ class Trainer:
         store predictions and suggestions. Returns how many images were scored."""
         s = self.settings
         strategy = get_strategy(s.strategy)
-        pending = [r for r in train if r.granularity != "full"]
+        pending = [r for r in train if r.granularity != FULL]
         clock = time.monotonic()
         results: list[ImageScore] = []
         if strategy.needs_outputs:
@@ -839,9 +840,9 @@ class Trainer:
         self._set(phase=f"ranking with {strategy.name}")
         costs = self.store.annotation_costs()
         history = list(self.store.history())
-        val_map = metrics.get("val", {}).get("mAP")
+        val_map = metrics.get("val", {}).get(MAP)
         if val_map is not None:
-            history.append(HistoryPoint(weak=counts.get("weak", 0), full=counts.get("full", 0), mAP=float(val_map)))
+            history.append(HistoryPoint(weak=counts.get(WEAK, 0), full=counts.get(FULL, 0), mAP=float(val_map)))
         context = Context(costs=costs, counts=counts, history=history, batch_units=s.batch_units, seed=s.seed + number)
         rows = describe(strategy(states, context), costs, strategy.name,
                         {r.image_id: (r.reason or {}).get("classes", []) for r in results})

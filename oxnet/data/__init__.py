@@ -7,7 +7,6 @@ Names load lazily, so ``import oxnet.data.synthetic`` (numpy and Pillow only) do
 from importlib import import_module
 
 _LAZY = {
-    "GRANULARITIES": "oxnet.data.records",
     "Record": "oxnet.data.records",
     "Records": "oxnet.data.records",
     "records_from_coco": "oxnet.data.records",

@@ -26,7 +26,8 @@ from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from torchvision.ops.misc import Conv2dNormActivation, FrozenBatchNorm2d
 
 from oxnet.modeling import losses as L
-GRANULARITIES = ("full", "weak", "unlabeled")
+from oxnet.vocabulary import FULL, GRANULARITIES, UNLABELED, WEAK
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _RESNETS = {18: resnet.resnet18, 34: resnet.resnet34, 50: resnet.resnet50, 101: resnet.resnet101}
@@ -436,14 +437,14 @@ class OXNet(nn.Module):
         out = {name: zero for name in LOSS_NAMES}
         dev = logits.device
 
-        full = [i for i, g in enumerate(gran) if g == "full"]
+        full = [i for i, g in enumerate(gran) if g == FULL]
         real_positives = logits.new_zeros((), dtype=torch.int64)
         if full:
             box_losses, real_positives = self._box_losses(logits[full], deltas[full], anchors, [targets[i] for i in full])
             out.update(box_losses)
 
         cfg = self.config
-        labelled = [i for i, g in enumerate(gran) if g in ("full", "weak")]
+        labelled = [i for i, g in enumerate(gran) if g in (FULL, WEAK)]
         if cfg.daa and labelled:
             image_logits, attention = self.image_level(dense)
             idx = torch.tensor(labelled, device=dev)
@@ -457,7 +458,7 @@ class OXNet(nn.Module):
                     feats, self.prototypes, self.prototype_initialized, y, cfg.inter_margin
                 )
 
-        soft = [i for i, g in enumerate(gran) if g in ("weak", "unlabeled") and "soft_labels" in targets[i]]
+        soft = [i for i, g in enumerate(gran) if g in (WEAK, UNLABELED) and "soft_labels" in targets[i]]
         if cfg.sfl and soft:
             out.update(self._soft_losses(logits[soft], deltas[soft], anchors, [targets[i] for i in soft], real_positives))
 
@@ -474,7 +475,7 @@ class OXNet(nn.Module):
                     f"targets[{i}][{key!r}] is on {value.device} but the images are on {anchors.device}: "
                     "move the targets to the images' device"
                 )
-        if g == "full":
+        if g == FULL:
             boxes, labels = t.get("boxes"), t.get("labels")
             if boxes is None or labels is None:
                 raise ValueError(f"targets[{i}] is full but has no 'boxes'/'labels'")
@@ -487,7 +488,7 @@ class OXNet(nn.Module):
                     raise ValueError(f"targets[{i}]['boxes'] has a box of zero or negative size: {boxes.tolist()}")
                 if labels.min() < 0 or labels.max() >= self.num_classes:
                     raise ValueError(f"targets[{i}]['labels'] must be in [0, {self.num_classes})")
-        if g in ("full", "weak"):
+        if g in (FULL, WEAK):
             y = t.get("image_labels")
             if y is None or y.shape != (self.num_classes,):
                 raise ValueError(f"targets[{i}]['image_labels'] must be Tensor[{self.num_classes}]")

@@ -50,6 +50,7 @@ from oxnet.evaluation.metrics import evaluate
 from oxnet.modeling.model import OXNet, bn_frozen
 from oxnet.training.settings import METHODS, TrainConfig
 from oxnet.modeling.teacher import MeanTeacher
+from oxnet.vocabulary import AP40, FULL, GRANULARITIES, MAP
 
 __all__ = [
     "History",
@@ -274,7 +275,7 @@ def ground_truth(records: Sequence[Record], classes: Sequence[str]) -> dict[str,
     """
     images, annotations = [], []
     for r in records:
-        if r.granularity != "full":
+        if r.granularity != FULL:
             raise ValueError(
                 f"{r.path} (image id {r.image_id}) is {r.granularity}: evaluation needs fully labeled images"
             )
@@ -470,7 +471,7 @@ class History:
         """(epoch, mAP) of the best validation mAP in ``phase``; the first epoch wins ties."""
         best: tuple[int | None, float | None] = (None, None)
         for e in self.epochs:
-            score = e["metrics"]["mAP"]
+            score = e["metrics"][MAP]
             if e["phase"] == phase and (best[1] is None or score > best[1]):
                 best = (e["epoch"], score)
         return best
@@ -516,7 +517,7 @@ def _usable_records(records: Sequence[Record], method: str, proportions: Mapping
     counts = Counter(r.granularity for r in records)
     usable = METHODS[method]["granularities"]
     used = {g for g in usable if counts[g] and proportions.get(g, 0) > 0}
-    for g in ("full", "weak", "unlabeled"):
+    for g in GRANULARITIES:
         if counts[g] and g not in usable:
             log(
                 logging.WARNING,
@@ -531,7 +532,7 @@ def _usable_records(records: Sequence[Record], method: str, proportions: Mapping
     log(
         logging.INFO,
         "method %r trains on %s",
-        method, ", ".join(f"{counts[g]} {g}" for g in ("full", "weak", "unlabeled") if g in used),
+        method, ", ".join(f"{counts[g]} {g}" for g in GRANULARITIES if g in used),
     )
     return kept
 
@@ -753,7 +754,7 @@ class _Run:
             )
             bar.close()
             metrics = self._validate(student)
-            scheduler.step(metrics["mAP"])
+            scheduler.step(metrics[MAP])
             history.epochs.append(
                 {"epoch": epoch, "phase": phase, "losses": losses, "metrics": metrics, "lr": lr,
                  "steps": len(loader), "seconds": time.perf_counter() - started}
@@ -770,7 +771,7 @@ class _Run:
                 "%s epoch %d/%d: loss %.4f (%s), val mAP %.4f AP40 %.4f (best %.4f at epoch %d), lr %.2g, %.1f s",
                 phase, epoch + 1, self.total_epochs, losses["total"],
                 ", ".join(f"{k} {v:.4f}" for k, v in losses.items() if k != "total" and v),
-                metrics["mAP"], metrics["AP40"] or 0.0, best_metric, best_epoch + 1, lr,
+                metrics[MAP], metrics[AP40] or 0.0, best_metric, best_epoch + 1, lr,
                 history.epochs[-1]["seconds"],
             )
             if env.is_main:
