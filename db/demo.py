@@ -39,7 +39,6 @@ from db.repository import (
     write_suggestions,
 )
 from oxnet.classes import NO_FINDING, PAPER_CLASSES
-from oxnet.data.synthetic import generate
 from oxnet.files import write_json
 from oxnet.vocabulary import AP40, IMAGE_AUC_PREFIX, MAP, MEAN_IMAGE_AUC
 
@@ -103,6 +102,8 @@ def write_demo_images(
     for normal films), unlabeled ones neither. The dict's ``images_root`` is ``out_dir``; the same dict
     is written to ``out_dir/demo.json``.
     """
+    from oxnet.data.synthetic import generate  # here, not at import: the store's other commands never draw
+
     out = Path(out_dir).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     plan = demo_plan(n, seed)

@@ -1,6 +1,7 @@
 """The workbench loop: one round (snapshot -> train -> evaluate -> save -> score -> suggest) and the
-background trainer that repeats it, written against a small :class:`Store` protocol (no SQL here; the
-SQLAlchemy adapter is ``db.workbench.SqlStore``).
+background trainer that repeats it, written against a small store protocol
+(:class:`oxnet.active.protocol.Store`: plain values, no SQL here; the SQLAlchemy adapter is
+``db.workbench.SqlStore``).
 
 A round::
 
@@ -36,7 +37,7 @@ Stopping: "stop now" (SIGTERM, ``trainer.stop``, a stop request in the store) en
 progress at its next step; that round's model version is marked failed with the reason, nothing of it
 is served, the labels are untouched, and the next trainer starts a new round warm-started from the
 latest ready version. "Stop after this round" (a store whose ``stop_after_round_requested()`` says
-so; optional in :class:`Store`) lets the round in progress finish and be saved, then exits.
+so; optional in :class:`~oxnet.active.protocol.Store`) lets the round in progress finish and be saved, then exits.
 
 ETA: the phase text carries the whole round's remaining time, ``round eta``: training's own estimate
 plus the previous round's measured durations of the later phases (evaluation, saving, scoring and
@@ -54,7 +55,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
@@ -63,13 +64,13 @@ from oxnet.training.checkpoint import file_sha256, load_checkpoint, model_from_s
 from oxnet.data.datasets import UnreadableImage
 from oxnet.data.records import Record, records_from_coco
 from oxnet.training.engine import Progress, evaluate_model, fit, resolve_device
+from oxnet.active.protocol import ScoredImage, Snapshot, Store
 from oxnet.active.scoring import ImageScore, ScoreConfig, score_images
 from oxnet.training.settings import TrainConfig
 from oxnet.active.strategies import (
     DEFAULT_STRATEGY,
     STRATEGIES,
     Context,
-    CostModel,
     HistoryPoint,
     ImageState,
     candidate_pool,
@@ -85,13 +86,11 @@ __all__ = [
     "AlreadyRunning",
     "LoopSettings",
     "RoundResult",
-    "Snapshot",
     "StopRequested",
-    "Store",
     "Trainer",
-    "VersionInfo",
     "decide_promotion",
     "flatten_metrics",
+    "scored_image",
     "round_eta",
 ]
 
@@ -117,103 +116,6 @@ class StopRequested(Exception):
 
 class AlreadyRunning(RuntimeError):
     """Another trainer holds the store's lock."""
-
-
-# --------------------------------------------------------------------------------------------------
-# The store protocol
-# --------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Snapshot:
-    """The label mix a round learns from.
-
-    ``train``/``val``/``test``: COCO dicts as written by ``db.export.export_training_mix`` (every image
-    with its ``granularity``; absolute ``file_name``); ``classes``: class names, category id = index + 1;
-    ``marker``: the store's label-change marker read before the export (see :meth:`Store.label_marker`).
-    """
-
-    classes: list[str]
-    train: dict[str, Any]
-    val: dict[str, Any]
-    test: dict[str, Any]
-    marker: int
-
-
-@dataclass(frozen=True)
-class VersionInfo:
-    """A model version row being trained: its id and the folder for its checkpoint."""
-
-    id: int
-    folder: Path
-
-
-class Store(Protocol):
-    """What the trainer needs from the store. Every method runs its own transaction."""
-
-    def acquire(self) -> bool:
-        """Take the single-trainer lock; False while another live trainer holds it."""
-
-    def release(self, error: str | None = None) -> None:
-        """Give the lock back, keeping ``error`` as the last error when given."""
-
-    def abandon_unfinished(self) -> int:
-        """Mark model versions left "training" by a dead trainer as failed; returns how many."""
-
-    def next_round(self) -> int:
-        """The number of the next round (one more than any model version's round)."""
-
-    def snapshot(self) -> Snapshot:
-        """The current label mix."""
-
-    def label_marker(self) -> int:
-        """A number that grows with every annotation edit (labels, boxes, completion)."""
-
-    def ready_checkpoints(self) -> list[tuple[int, str | None, str | None]]:
-        """``(version id, checkpoint path, sha256 recorded at writing)`` of the ready model versions,
-        newest first (path or sha256 None when not recorded). The trainer warm-starts from the first
-        one that verifies."""
-
-    def serving_metrics(self) -> Mapping[str, float] | None:
-        """The val metrics of the version that serves suggestions now (``{}`` when it has none), or None
-        when no version serves yet."""
-
-    def start_version(self, round: int, label_counts: Mapping[str, int], config: Mapping[str, Any]) -> VersionInfo:
-        """Create a model version with status "training" and its checkpoint folder."""
-
-    def write_results(self, version_id: int, classes: Sequence[str], results: Sequence[ImageScore],
-                      suggestions: Sequence[Mapping[str, Any]]) -> None:
-        """Store predictions and scores (``results``) and the strategy's ranked ``suggestions``
-        (:func:`oxnet.active.strategies.describe` rows: image_id, action, score, reason) of a version."""
-
-    def annotation_costs(self) -> CostModel:
-        """The cost of each upgrade (measured medians once there are enough saves, else the defaults)."""
-
-    def history(self) -> list[HistoryPoint]:
-        """Ready model versions' training label counts and val mAP, oldest first."""
-
-    def pool_hints(self, limit: int) -> tuple[list[int], list[int]]:
-        """(images whose labels changed since the newest ready version, that version's top ``limit``
-        suggested images): the fixed part of a bounded candidate pool."""
-
-    def finish_version(
-        self, version_id: int, checkpoint: str, metrics: Mapping[str, Mapping[str, float]], config: Mapping[str, Any],
-        *, serve: bool = True, reason: str | None = None,
-    ) -> None:
-        """Store metrics (per split) and config, and mark the version ready; it serves suggestions when
-        ``serve`` (else it is kept as a candidate), with ``reason`` recorded."""
-
-    def fail_version(self, version_id: int, error: str, config: Mapping[str, Any]) -> None:
-        """Mark the version failed, recording ``error``."""
-
-    def heartbeat(self, round: int, progress: float, phase: str, error: str | None = None) -> None:
-        """Record liveness and progress; raise RuntimeError when the lock is no longer ours."""
-
-    def stop_requested(self) -> bool:
-        """Whether a stop was requested through the store since this trainer started (optionally,
-        ``stop_after_round_requested() -> bool``: stop once the round in progress is finished)."""
-
-    def mark_unreadable(self, image_id: int, reason: str) -> None:
-        """Record that the image's file cannot be read (missing or corrupt, with ``reason``), so that
-        later snapshots leave it out."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -420,6 +322,17 @@ def round_eta(train_left_s: float, previous: Mapping[str, float] | None, to_scor
     return max(0.0, train_left_s) + later + per_image * to_score
 
 
+def scored_image(result: ImageScore) -> ScoredImage:
+    """``result`` in the store protocol's plain values (tensors to numpy on the CPU)."""
+    return ScoredImage(
+        image_id=result.image_id, granularity=result.granularity, boxes=result.boxes.float().cpu().numpy(),
+        scores=result.scores.float().cpu().numpy(), labels=result.labels.cpu().numpy(),
+        image_probs=result.image_probs.float().cpu().numpy(), attention=result.attention.float().cpu().numpy(),
+        value=float(result.value), disagreement=float(result.disagreement), uncertainty=float(result.uncertainty),
+        conflict=float(result.conflict),
+    )
+
+
 def flatten_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
     """:func:`oxnet.evaluation.metrics.evaluate`'s dict as named floats: nested dicts become ``name/key``
     (``per_class_AP/Nodule``); None, lists and non-finite values are left out."""
@@ -462,7 +375,7 @@ class Trainer:
     """The background trainer: rounds until stopped, with a heartbeat thread.
 
     Args:
-        store: the :class:`Store`.
+        store: the :class:`~oxnet.active.protocol.Store`.
         settings: the :class:`LoopSettings`.
         stop: set it to stop (a signal handler does); a fresh event by default.
         on_round: called with every :class:`RoundResult` (tests, the simulation).
@@ -849,7 +762,7 @@ class Trainer:
         durations["rank"] = time.monotonic() - clock
         clock = time.monotonic()
         self._set(phase="writing suggestions")
-        self.store.write_results(version_id, classes, results, rows)
+        self.store.write_results(version_id, classes, [scored_image(r) for r in results], rows)
         durations["write"] = time.monotonic() - clock
         return len(results)
 

@@ -11,7 +11,7 @@ against the units spent so far.
 The same seed gives every strategy the same starting labels, split, model initialisation and batch
 order, so the curves differ only by what was bought.
 
-The store side (import, oracle edits) is behind :class:`SimulationStore`; ``db.workbench`` implements it.
+The store side (import, oracle edits) is behind :class:`SimulationStore`; ``app.simulate.OracleStore`` implements it.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from oxnet.active.loop import LoopSettings, RoundResult, Store, Trainer
+from oxnet.active.loop import LoopSettings, RoundResult, Trainer
+from oxnet.active.protocol import Store
 from oxnet.active.strategies import STRATEGIES as _REGISTRY
 from oxnet.active.strategies import CostModel
 from oxnet.files import write_json
@@ -72,7 +73,7 @@ class Candidate:
 
 
 class SimulationStore(Store, Protocol):
-    """A :class:`~oxnet.active.loop.Store` that also lists the ranked suggestions and plays the oracle."""
+    """A :class:`~oxnet.active.protocol.Store` that also lists the ranked suggestions and plays the oracle."""
 
     def candidates(self) -> list[Candidate]:
         """The newest ready model version's suggestions of still not-full images, in the strategy's order."""

@@ -1,0 +1,61 @@
+"""The store and its command line load no torch: the store speaks the trainer's protocol
+(oxnet.active.protocol) in plain values and the demo draws its images only when seeding. (tests/test_installed.py runs ``python -m db`` where torch is absent.)"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+HEAVY = ("torch", "torchvision", "oxnet.data.synthetic")
+
+
+def _loaded_after(modules: str) -> list[str]:
+    """Which of :data:`HEAVY` a fresh interpreter holds after ``import <modules>``."""
+    code = f"import sys; import {modules}; print([m for m in {HEAVY!r} if m in sys.modules])"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    return eval(result.stdout)  # a list literal printed by the child
+
+
+def test_the_store_modules_load_no_torch():
+    assert _loaded_after("db.workbench, db.demo, db.service, db.__main__, db.costs, oxnet.active.protocol") == []
+
+
+def test_the_store_writes_plain_results(db_sessionmaker, tmp_path):
+    """SqlStore.write_results takes numpy values (the trainer converts its tensors) and keeps the boxes
+    best first, at most MAX_BOXES, and the attention maps rounded."""
+    from sqlalchemy import select
+
+    from db.models import Prediction, Score, Suggestion
+    from db.repository import create_model_version
+    from db.workbench import MAX_BOXES, SqlStore
+    from oxnet.active.protocol import ScoredImage
+    from oxnet.vocabulary import ATTENTION_KEY, DRAW_BOXES
+
+    from tests.test_db_repository import _images
+
+    ids = _images(db_sessionmaker, 1)
+    with db_sessionmaker.begin() as session:
+        version = create_model_version(session, config={}).id
+    scores = np.linspace(0.1, 0.9, MAX_BOXES + 5).astype(np.float32)
+    result = ScoredImage(
+        image_id=ids[0], granularity="weak", boxes=np.tile(np.float32([1.234, 2, 30.5, 40]), (len(scores), 1)),
+        scores=scores, labels=np.zeros(len(scores), dtype=np.int64), image_probs=np.float32([0.25, 0.123456]),
+        attention=np.full((2, 2, 3), 1 / 3, dtype=np.float32), value=0.5, disagreement=0.25, uncertainty=0.125,
+        conflict=0.0,
+    )
+    store = SqlStore(db_sessionmaker, models_dir=tmp_path)
+    store.write_results(version, ["A", "B"], [result], [{"image_id": ids[0], "action": DRAW_BOXES, "score": 1.0,
+                                                        "reason": {"text": "because"}}])
+    with db_sessionmaker.begin() as session:
+        prediction = session.scalars(select(Prediction)).one()
+        assert [b["score"] for b in prediction.boxes] == [round(float(s), 4) for s in scores[::-1][:MAX_BOXES]]
+        assert prediction.boxes[0] == {"class": "A", "bbox": [1.23, 2.0, 30.5, 40.0], "score": 0.9}
+        assert prediction.image_probs["B"] == pytest.approx(0.1235)
+        assert prediction.image_probs[ATTENTION_KEY]["A"] == [[0.3333] * 3] * 2
+        assert session.scalars(select(Score)).one().details == {"disagreement": 0.25, "uncertainty": 0.125, "conflict": 0.0}
+        assert session.scalars(select(Suggestion)).one().action.value == DRAW_BOXES
