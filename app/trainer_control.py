@@ -1,7 +1,9 @@
 """Start and stop the background trainer (``python -m app.trainer``, :mod:`app.trainer`) from the Overview page.
 
 The trainer is its own process in its own session (never inside a Streamlit script run), started as a
-module so it works from an installed package as from a checkout. Starting it records ``{"pid",
+module so it works from an installed package as from a checkout. Without a chosen preset it is started with
+``--preset auto`` and picks one itself (``paper`` on a CUDA GPU, else ``cpu``), so this module, imported by
+the Overview page, never loads torch. Starting it records ``{"pid",
 "command", "started_at"}`` in ``<data dir>/trainer.pid`` (:func:`db.demo.data_dir`); stopping sends
 SIGTERM to the trainer's process group: the pid named at the end of the store's lock owner
 (``TrainerState.lock_owner``, e.g. ``host:1234``) when that process runs the trainer, else the recorded
@@ -23,16 +25,10 @@ import psutil
 from app.jobs import absolute_url, process_alive, spawn, write_private
 from db.demo import data_dir
 from db.engine import DB_URL_ENV
+from oxnet.vocabulary import AUTO_PRESET
 
 #: How the trainer is started (its options follow); the last item is what identifies its processes.
 TRAINER_COMMAND = [sys.executable, "-m", "app.trainer"]
-
-
-def default_preset() -> str:
-    """``"paper"`` when a CUDA GPU is present, else ``"cpu"`` (imports torch: call it on a click, not per render)."""
-    import torch
-
-    return "paper" if torch.cuda.is_available() else "cpu"
 
 
 def pid_file(url: str | None = None) -> Path:
@@ -41,10 +37,10 @@ def pid_file(url: str | None = None) -> Path:
 
 def start_trainer(url: str | None = None, preset: str | None = None, weights: str | None = None) -> int:
     """Launch the trainer (``python -m app.trainer --preset <preset> [--weights <weights>]``) on the
-    store at ``url``; returns its pid. ``weights``: the first round's backbone start (random, imagenet
-    or a local state_dict file); None: the preset's."""
+    store at ``url``; returns its pid. ``preset``: None lets the trainer choose (``auto``). ``weights``:
+    the first round's backbone start (random, imagenet or a local state_dict file); None: the preset's."""
     url = absolute_url(url)
-    command = [*TRAINER_COMMAND, "--preset", preset or default_preset()]
+    command = [*TRAINER_COMMAND, "--preset", preset or AUTO_PRESET]
     if weights:
         command += ["--weights", weights]
     log = data_dir(url) / "trainer.log"

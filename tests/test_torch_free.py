@@ -1,10 +1,13 @@
-"""The store and its command line load no torch: the store speaks the trainer's protocol
-(oxnet.active.protocol) in plain values and the demo draws its images only when seeding. (tests/test_installed.py runs ``python -m db`` where torch is absent.)"""
+"""The store, its command line and the trainer control load no torch: the store speaks the trainer's
+protocol (oxnet.active.protocol) in plain values, the demo draws its images only when seeding, and the
+trainer picks its preset itself. (tests/test_installed.py runs ``python -m db`` where torch is absent.)"""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +26,33 @@ def _loaded_after(modules: str) -> list[str]:
 
 def test_the_store_modules_load_no_torch():
     assert _loaded_after("db.workbench, db.demo, db.service, db.__main__, db.costs, oxnet.active.protocol") == []
+
+
+def test_the_trainer_control_loads_no_torch(tmp_path):
+    """Importing it and starting a trainer without a preset: the trainer is asked to pick (auto)."""
+    stub = tmp_path / "trainer.py"  # a stand-in trainer that records its options
+    stub.write_text("import json, sys; open(sys.argv[0] + '.argv', 'w').write(json.dumps(sys.argv[1:]))\n")
+    code = (f"import sys, time; import app.trainer_control as control; control.TRAINER_COMMAND = [sys.executable, {str(stub)!r}]; "
+            f"control.start_trainer('sqlite:///{tmp_path / 'w.db'}'); print([m for m in {HEAVY!r} if m in sys.modules])")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert eval(result.stdout) == []
+    argv = Path(f"{stub}.argv")
+    for _ in range(600):
+        if argv.is_file() and argv.read_text():
+            break
+        time.sleep(0.1)
+    assert json.loads(argv.read_text()) == ["--preset", "auto"]
+
+
+def test_the_trainer_resolves_auto_to_a_preset():
+    import torch
+
+    from app.trainer import _parser, resolve_preset
+    from oxnet.active.loop import TRAINER_PRESETS
+
+    assert resolve_preset("auto") == ("paper" if torch.cuda.is_available() else "cpu")
+    assert resolve_preset("tiny") == "tiny" and resolve_preset(_parser().parse_args([]).preset) in TRAINER_PRESETS
+    assert _parser().parse_args(["--preset", "auto"]).preset == "auto"
 
 
 def test_the_store_writes_plain_results(db_sessionmaker, tmp_path):
