@@ -174,7 +174,7 @@ def run(url: str, *, annotators: int, seconds: float, images: int) -> dict[str, 
 
 
 def main(argv: list[str]) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(prog="bench.py load", description=__doc__,
+    parser = argparse.ArgumentParser(prog="oxnet-bench load", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--db", help="store URL (default: a new SQLite file in a temporary folder); it must be empty")
     parser.add_argument("--annotators", type=int, default=20)

@@ -86,7 +86,7 @@ def _median_ms(fn, repeats: int) -> float:
 
 
 def main(argv: list[str]) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(prog="scripts/bench.py db", description=__doc__)
+    parser = argparse.ArgumentParser(prog="oxnet-bench db", description=__doc__)
     parser.add_argument("--rows", type=int, default=NIH_ROWS, help="Data_Entry rows (default: NIH's %(default)s)")
     parser.add_argument("--unlabeled", type=int, default=20_000, help="extra unlabeled images (default: %(default)s)")
     parser.add_argument("--leased", type=int, default=200, help="top suggestions leased to other annotators")

@@ -34,7 +34,7 @@ from oxnet.vocabulary import FULL, WEAK
 
 
 def main(argv: list[str]) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(prog="scripts/bench.py round", description=__doc__)
+    parser = argparse.ArgumentParser(prog="oxnet-bench round", description=__doc__)
     parser.add_argument("--images", type=int, default=100_000, help="images in the store (default %(default)s)")
     parser.add_argument("--labeled", type=int, default=240, help="synthetic images with files (val/train full, weak)")
     parser.add_argument("--pool", type=int, default=1000, help="images scored per round (default %(default)s)")
