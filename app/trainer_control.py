@@ -25,7 +25,7 @@ import psutil
 from app.jobs import absolute_url, process_alive, spawn, write_private
 from db.demo import data_dir
 from db.engine import DB_URL_ENV
-from oxnet.vocabulary import AUTO_PRESET
+from oxnet.vocabulary import AUTO_PRESET, TRAINER_PRESET_NAMES
 
 #: How the trainer is started (its options follow); the last item is what identifies its processes.
 TRAINER_COMMAND = [sys.executable, "-m", "app.trainer"]
@@ -39,6 +39,8 @@ def start_trainer(url: str | None = None, preset: str | None = None, weights: st
     """Launch the trainer (``python -m app.trainer --preset <preset> [--weights <weights>]``) on the
     store at ``url``; returns its pid. ``preset``: None lets the trainer choose (``auto``). ``weights``:
     the first round's backbone start (random, imagenet or a local state_dict file); None: the preset's."""
+    if preset is not None and preset not in (*TRAINER_PRESET_NAMES, AUTO_PRESET):
+        raise ValueError(f"preset must be one of {[*TRAINER_PRESET_NAMES, AUTO_PRESET]}, got {preset!r}")
     url = absolute_url(url)
     command = [*TRAINER_COMMAND, "--preset", preset or AUTO_PRESET]
     if weights:

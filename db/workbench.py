@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -99,14 +100,10 @@ def _dead_local_owner(owner: str | None) -> bool:
     if host != socket.gethostname() or not pid.isdigit():
         return False
     try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
+        return psutil.Process(int(pid)).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return True
-    except PermissionError:
-        return False
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0] == "Z"
-    except OSError:
+    except psutil.Error:  # it exists but cannot be inspected (another user's): alive
         return False
 
 

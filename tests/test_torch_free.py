@@ -44,6 +44,14 @@ def test_the_trainer_control_loads_no_torch(tmp_path):
     assert json.loads(argv.read_text()) == ["--preset", "auto"]
 
 
+def test_the_trainer_control_refuses_an_unknown_preset(tmp_path):
+    from app.trainer_control import start_trainer
+
+    with pytest.raises(ValueError, match="preset must be one of .*'gpu'"):
+        start_trainer(f"sqlite:///{tmp_path / 'w.db'}", preset="gpu")
+    assert not (tmp_path / "workbench_data" / "trainer.pid").exists()  # nothing started
+
+
 def test_the_trainer_resolves_auto_to_a_preset():
     import torch
 
@@ -89,3 +97,22 @@ def test_the_store_writes_plain_results(db_sessionmaker, tmp_path):
         assert prediction.image_probs[ATTENTION_KEY]["A"] == [[0.3333] * 3] * 2
         assert session.scalars(select(Score)).one().details == {"disagreement": 0.25, "uncertainty": 0.125, "conflict": 0.0}
         assert session.scalars(select(Suggestion)).one().action.value == DRAW_BOXES
+
+
+def test_a_lock_owner_is_dead_when_its_local_process_is_gone_or_a_zombie():
+    import os
+    import socket
+
+    from db.workbench import _dead_local_owner
+
+    host = socket.gethostname()
+    assert not _dead_local_owner(f"{host}:{os.getpid()}") and not _dead_local_owner(None)
+    assert not _dead_local_owner("elsewhere:1")  # another host's process: cannot tell, so alive
+    zombie = subprocess.Popen([sys.executable, "-c", "pass"])
+    for _ in range(600):
+        if _dead_local_owner(f"{host}:{zombie.pid}"):  # exited, not yet reaped
+            break
+        time.sleep(0.05)
+    assert _dead_local_owner(f"{host}:{zombie.pid}")
+    zombie.wait()
+    assert _dead_local_owner(f"{host}:{zombie.pid}")  # reaped: no such process
