@@ -10,10 +10,12 @@ import tokenize
 from pathlib import Path
 
 from oxnet import vocabulary
+from oxnet.classes import NO_FINDING
 
 ROOT = Path(__file__).resolve().parent.parent
 #: Literals that must be spelled only in oxnet/vocabulary.py (quoted as in the source).
-SPELLED_ONCE = {f'"{word}"' for word in (*vocabulary.GRANULARITIES, *vocabulary.SUGGESTED_ACTIONS, *vocabulary.UPGRADE_NAMES)}
+SPELLED_ONCE = {f'"{word}"' for word in (*vocabulary.GRANULARITIES, *vocabulary.SUGGESTED_ACTIONS, *vocabulary.UPGRADE_NAMES,
+                                         NO_FINDING)}
 
 
 def test_vocabulary_imports_only_the_standard_library():
@@ -61,12 +63,12 @@ def test_evaluation_returns_the_vocabulary_metric_keys():
 
 
 def test_shared_words_are_not_spelled_out_elsewhere():
-    """Granularities, suggested actions and upgrade names appear as string literals only in the vocabulary
-    (docstrings and comments may say them; code uses the constants)."""
+    """Granularities, suggested actions, upgrade names and "No Finding" appear as string literals only in
+    the vocabulary and oxnet.classes (docstrings and comments may say them; code uses the constants)."""
     found = []
     for folder in ("app", "db", "oxnet", "scripts"):
         for path in sorted((ROOT / folder).rglob("*.py")):
-            if path.name == "vocabulary.py" or "migrations" in path.parts:
+            if path.name in ("vocabulary.py", "classes.py") or "migrations" in path.parts:
                 continue
             for token in tokenize.generate_tokens(io.StringIO(path.read_text(encoding="utf-8")).readline):
                 if token.type == tokenize.STRING and token.string in SPELLED_ONCE:

@@ -33,6 +33,7 @@ from oxnet.active.loop import LoopSettings, RoundResult, Trainer
 from oxnet.active.protocol import Store
 from oxnet.active.strategies import STRATEGIES as _REGISTRY
 from oxnet.active.strategies import CostModel
+from oxnet.classes import NO_FINDING
 from oxnet.files import write_json
 from oxnet.machine import describe
 from oxnet.vocabulary import (ADD_LABELS, AP40, DRAW_BOXES, FULL, GRANULARITIES, MAP, UNLABELED, UNLABELED_TO_FULL, UNLABELED_TO_WEAK,
@@ -118,7 +119,7 @@ def hide_labels(coco: Mapping[str, Any], plan: Mapping[int, tuple[str, str]]) ->
         image.update(split=split, granularity=granularity)
         own = boxes.get(image["id"], [])
         if "image_labels" not in image:
-            image["image_labels"] = sorted({names[a["category_id"]] for a in own}) or ["No Finding"]
+            image["image_labels"] = sorted({names[a["category_id"]] for a in own}) or [NO_FINDING]
         if granularity == FULL:
             annotations += own
         elif granularity == UNLABELED:
