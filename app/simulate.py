@@ -34,8 +34,9 @@ from db.models import Granularity, Image, ModelVersion, Suggestion
 from db.repository import DEFAULT_PROJECT, class_names, get_project, serving_model_version
 from db.workbench import SqlStore
 from oxnet.active.loop import TRAINER_PRESETS
-from oxnet.experiments.simulate import (ORACLE, STRATEGIES, Candidate, CostModel, SimulationConfig, hide_labels, plan_labels,
-                                        run_simulation, write_results)
+from oxnet.experiments.simulate import (
+    ORACLE, STRATEGIES, Candidate, CostModel, SimulationConfig, hide_labels, plan_labels, run_simulation, write_results,
+)
 from oxnet.vocabulary import ADD_LABELS, FULL, UNLABELED, UNLABELED_TO_FULL, WEAK, WEAK_TO_FULL
 
 __all__ = ["OracleStore", "main", "reopen_simulation_store", "simulation_store"]

@@ -38,7 +38,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--db", help="SQLAlchemy URL of the store (default: $OXNET_DB_URL, else sqlite:///workbench.db)")
     parser.add_argument("--project", default=DEFAULT_PROJECT)
     parser.add_argument("--preset", choices=[*sorted(TRAINER_PRESETS), AUTO_PRESET], default="cpu",
-                        help=f"trainer settings (default cpu; {AUTO_PRESET}: paper when a CUDA GPU is present, else cpu)")
+                        help=f"trainer settings (default cpu; {AUTO_PRESET}: paper when a CUDA GPU is present, "
+                             "else cpu)")
     parser.add_argument("--method", help="training method (default oxnet)")
     parser.add_argument("--epochs", type=int, help="epochs per round")
     parser.add_argument("--steps-per-epoch", type=int, help="batches per epoch")

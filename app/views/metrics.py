@@ -16,7 +16,9 @@ from db.service import (
     serving_summary,
     sweep_results,
 )
-from oxnet.vocabulary import FULL, IMAGE_AUC_PREFIX, LOSS_PREFIX, MAP, MEAN_IMAGE_AUC, PER_CLASS_AP_PREFIX, UNLABELED, WEAK
+from oxnet.vocabulary import (
+    FULL, IMAGE_AUC_PREFIX, LOSS_PREFIX, MAP, MEAN_IMAGE_AUC, PER_CLASS_AP_PREFIX, UNLABELED, WEAK,
+)
 
 PLOT = {"width": "stretch"}
 #: Above this many model versions the points carry no text labels (hover still names the version).

@@ -37,8 +37,10 @@ from typing import Any
 
 import numpy as np
 
-from oxnet.vocabulary import (ADD_LABELS, DRAW_BOXES, FULL, UNLABELED, UNLABELED_TO_FULL, UNLABELED_TO_WEAK, UPGRADE_NAMES,
-                              UPGRADES, WEAK, WEAK_TO_FULL)
+from oxnet.vocabulary import (
+    ADD_LABELS, DRAW_BOXES, FULL, UNLABELED, UNLABELED_TO_FULL, UNLABELED_TO_WEAK, UPGRADE_NAMES, UPGRADES, WEAK,
+    WEAK_TO_FULL,
+)
 
 __all__ = [
     "DEFAULT_STRATEGY",

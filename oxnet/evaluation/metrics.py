@@ -30,7 +30,9 @@ import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from oxnet.vocabulary import AP40, AP50, AP75, AP_L, AP_M, AP_S, IMAGE_AUC, MAP, MEAN_IMAGE_AUC, PER_CLASS_AP, SCORE_THRESHOLD
+from oxnet.vocabulary import (
+    AP40, AP50, AP75, AP_L, AP_M, AP_S, IMAGE_AUC, MAP, MEAN_IMAGE_AUC, PER_CLASS_AP, SCORE_THRESHOLD,
+)
 
 __all__ = ["DEFAULT_IOU_THRESHOLDS", "coco_results", "evaluate", "roc_auc"]
 

@@ -36,8 +36,10 @@ from oxnet.active.strategies import CostModel
 from oxnet.classes import NO_FINDING
 from oxnet.files import write_json
 from oxnet.machine import describe
-from oxnet.vocabulary import (ADD_LABELS, AP40, DRAW_BOXES, FULL, GRANULARITIES, MAP, UNLABELED, UNLABELED_TO_FULL, UNLABELED_TO_WEAK,
-                              WEAK, WEAK_TO_FULL)
+from oxnet.vocabulary import (
+    ADD_LABELS, AP40, DRAW_BOXES, FULL, GRANULARITIES, MAP, UNLABELED, UNLABELED_TO_FULL, UNLABELED_TO_WEAK, WEAK,
+    WEAK_TO_FULL,
+)
 
 __all__ = [
     "STRATEGIES",
