@@ -29,7 +29,8 @@ def test_the_store_modules_load_no_torch():
 
 
 def test_the_trainer_control_loads_no_torch(tmp_path):
-    """Importing it and starting a trainer without a preset: the trainer is asked to pick (auto)."""
+    """Importing it and starting a trainer without a preset: the preset is torch's choice (paper on a CUDA
+    GPU, else cpu), made without torch."""
     stub = tmp_path / "trainer.py"  # a stand-in trainer that records its options
     stub.write_text("import json, sys; open(sys.argv[0] + '.argv', 'w').write(json.dumps(sys.argv[1:]))\n")
     code = (f"import sys, time; import app.trainer_control as control; control.TRAINER_COMMAND = [sys.executable, {str(stub)!r}]; "
@@ -41,7 +42,9 @@ def test_the_trainer_control_loads_no_torch(tmp_path):
         if argv.is_file() and argv.read_text():
             break
         time.sleep(0.1)
-    assert json.loads(argv.read_text()) == ["--preset", "auto"]
+    import torch
+
+    assert json.loads(argv.read_text()) == ["--preset", "paper" if torch.cuda.is_available() else "cpu"]
 
 
 def test_the_trainer_control_refuses_an_unknown_preset(tmp_path):
