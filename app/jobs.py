@@ -48,6 +48,7 @@ from db.dicomweb import DEFAULT_MODALITIES, import_dicomweb
 from db.importers import SALT_ENV, ImportReport, import_coco, import_folder, import_nih, import_vindr
 from db.projects import assign_splits
 from oxnet import files
+from oxnet.vocabulary import GRANULARITIES
 
 #: The repository root (the jobs run with it as working directory, so ``app`` imports).
 ROOT = Path(__file__).resolve().parent.parent
@@ -279,7 +280,7 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--assign-splits", action="store_true", help="then put images without a split in train/val/test by patient")
     export = commands.add_parser("export", help="write a COCO JSON of the store")
     export.add_argument("out")
-    export.add_argument("--granularity", choices=["full", "weak", "unlabeled", "all"], default="all")
+    export.add_argument("--granularity", choices=[*GRANULARITIES, "all"], default="all")
     export.add_argument("--split", choices=["train", "val", "test"])
     export.add_argument("--images-root", help="write file names relative to this folder")
     export.add_argument("--include-patient-ids", action="store_true", default=INCLUDE_PATIENT_IDS,

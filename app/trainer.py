@@ -2,6 +2,7 @@
 
     OXNET_DB_URL=sqlite:///workbench.db oxnet-trainer --preset cpu       # until SIGTERM (or python -m app.trainer)
     oxnet-trainer --preset tiny --max-rounds 1                            # one round, then exit
+    oxnet-trainer --preset auto                                           # paper on a CUDA GPU, else cpu
     oxnet-trainer --preset cpu --weights /models/resnet18.pth             # backbone from a local state_dict
     oxnet-trainer --stop                                                  # ask the running one to stop now
     oxnet-trainer --stop-after-round                                      # ... once its round is saved
@@ -29,13 +30,16 @@ from db.projects import DEFAULT_PROJECT
 from db.retention import DEFAULT_KEEP_READY
 from db.workbench import SqlStore, request_stop
 from oxnet.active.loop import TRAINER_PRESETS, AlreadyRunning, Trainer
+from oxnet.vocabulary import AUTO_PRESET
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--db", help="SQLAlchemy URL of the store (default: $OXNET_DB_URL, else sqlite:///workbench.db)")
     parser.add_argument("--project", default=DEFAULT_PROJECT)
-    parser.add_argument("--preset", choices=sorted(TRAINER_PRESETS), default="cpu", help="trainer settings (default cpu)")
+    parser.add_argument("--preset", choices=[*sorted(TRAINER_PRESETS), AUTO_PRESET], default="cpu",
+                        help=f"trainer settings (default cpu; {AUTO_PRESET}: paper when a CUDA GPU is present, "
+                             "else cpu)")
     parser.add_argument("--method", help="training method (default oxnet)")
     parser.add_argument("--epochs", type=int, help="epochs per round")
     parser.add_argument("--steps-per-epoch", type=int, help="batches per epoch")
@@ -87,6 +91,15 @@ def main(argv: list[str] | None = None) -> int:
         return 4
 
 
+def resolve_preset(name: str) -> str:
+    """``name``, or for ``auto`` ``"paper"`` when a CUDA GPU is present, else ``"cpu"``."""
+    if name != AUTO_PRESET:
+        return name
+    import torch
+
+    return "paper" if torch.cuda.is_available() else "cpu"
+
+
 def _run(args: argparse.Namespace) -> int:
     if args.stop or args.stop_after_round:
         with make_sessionmaker(init_db(args.db)).begin() as session:
@@ -99,7 +112,7 @@ def _run(args: argparse.Namespace) -> int:
         "max_interval_s": args.max_interval, "max_rounds": args.max_rounds, "strategy": args.strategy,
         "pool_size": args.pool_size, "promote_tolerance": args.promote_tolerance,
     }.items() if value is not None}
-    preset = TRAINER_PRESETS[args.preset]
+    preset = TRAINER_PRESETS[resolve_preset(args.preset)]
     if args.weights is not None:
         if args.weights not in ("random", "imagenet") and not Path(args.weights).is_file():
             print(f"oxnet-trainer: error: --weights {args.weights}: no such file (or use random, imagenet)", file=sys.stderr)

@@ -1,7 +1,9 @@
 """Start and stop the background trainer (``python -m app.trainer``, :mod:`app.trainer`) from the Overview page.
 
 The trainer is its own process in its own session (never inside a Streamlit script run), started as a
-module so it works from an installed package as from a checkout. Starting it records ``{"pid",
+module so it works from an installed package as from a checkout. Without a chosen preset it gets ``paper``
+when a CUDA GPU is present, else ``cpu`` (:func:`default_preset` asks the NVIDIA driver itself), so this
+module, imported by the Overview page, never loads torch. Starting it records ``{"pid",
 "command", "started_at"}`` in ``<data dir>/trainer.pid`` (:func:`db.demo.data_dir`); stopping sends
 SIGTERM to the trainer's process group: the pid named at the end of the store's lock owner
 (``TrainerState.lock_owner``, e.g. ``host:1234``) when that process runs the trainer, else the recorded
@@ -10,6 +12,7 @@ pid. The trainer itself keeps its single-instance lock and heartbeat in the stor
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import re
@@ -23,16 +26,28 @@ import psutil
 from app.jobs import absolute_url, process_alive, spawn, write_private
 from db.demo import data_dir
 from db.engine import DB_URL_ENV
+from oxnet.vocabulary import AUTO_PRESET, TRAINER_PRESET_NAMES
 
 #: How the trainer is started (its options follow); the last item is what identifies its processes.
 TRAINER_COMMAND = [sys.executable, "-m", "app.trainer"]
 
 
-def default_preset() -> str:
-    """``"paper"`` when a CUDA GPU is present, else ``"cpu"`` (imports torch: call it on a click, not per render)."""
-    import torch
+def cuda_present() -> bool:
+    """Whether a CUDA GPU is usable, asked of the NVIDIA driver API (libcuda: ``cuInit``, ``cuDeviceGetCount``,
+    which honour ``CUDA_VISIBLE_DEVICES``) as ``torch.cuda.is_available()`` does, without importing torch."""
+    for name in ("libcuda.so.1", "libcuda.so", "nvcuda.dll"):
+        try:
+            driver = ctypes.CDLL(name)
+        except OSError:
+            continue
+        count = ctypes.c_int(0)
+        return driver.cuInit(0) == 0 and driver.cuDeviceGetCount(ctypes.byref(count)) == 0 and count.value > 0
+    return False
 
-    return "paper" if torch.cuda.is_available() else "cpu"
+
+def default_preset() -> str:
+    """``"paper"`` when a CUDA GPU is present, else ``"cpu"`` (torch-free: :func:`cuda_present`)."""
+    return "paper" if cuda_present() else "cpu"
 
 
 def pid_file(url: str | None = None) -> Path:
@@ -41,8 +56,10 @@ def pid_file(url: str | None = None) -> Path:
 
 def start_trainer(url: str | None = None, preset: str | None = None, weights: str | None = None) -> int:
     """Launch the trainer (``python -m app.trainer --preset <preset> [--weights <weights>]``) on the
-    store at ``url``; returns its pid. ``weights``: the first round's backbone start (random, imagenet
-    or a local state_dict file); None: the preset's."""
+    store at ``url``; returns its pid. ``preset``: None is :func:`default_preset`. ``weights``: the first
+    round's backbone start (random, imagenet or a local state_dict file); None: the preset's."""
+    if preset is not None and preset not in (*TRAINER_PRESET_NAMES, AUTO_PRESET):
+        raise ValueError(f"preset must be one of {[*TRAINER_PRESET_NAMES, AUTO_PRESET]}, got {preset!r}")
     url = absolute_url(url)
     command = [*TRAINER_COMMAND, "--preset", preset or default_preset()]
     if weights:

@@ -8,6 +8,7 @@ from typing import Any
 
 import streamlit as st
 from PIL import Image, ImageDraw
+from oxnet.vocabulary import MAP
 
 _MARKDOWN_SPECIAL = str.maketrans({c: "\\" + c for c in string.punctuation})
 
@@ -45,7 +46,7 @@ def page_icon() -> Image.Image:
 
 
 def _mAP(version: dict[str, Any]) -> str:
-    value = version["metrics"].get("val", {}).get("mAP")
+    value = version["metrics"].get("val", {}).get(MAP)
     return f"{value:.3f}" if value is not None else "-"
 
 

@@ -18,6 +18,7 @@ from db.importers import SALT_ENV, ImportReport, check_files, import_coco, impor
 from db.projects import DEFAULT_PROJECT, assign_splits, stats
 from db.dicomweb import DEFAULT_MODALITIES, NETRC_ENV, PASSWORD_ENV, USER_ENV, export_sr, import_dicomweb, store_sr
 from db.demo import data_dir
+from oxnet.vocabulary import GRANULARITIES
 
 DESCRIPTION = f"""\
 The OXnet workbench store: the database that remembers your images, their labels and boxes, and the
@@ -101,7 +102,7 @@ def _parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export", help="write labels out").add_subparsers(dest="kind", required=True, metavar="KIND")
     coco_out = export.add_parser("coco", help="a COCO JSON file (with image_labels and granularity per image)")
     coco_out.add_argument("out", metavar="OUT")
-    coco_out.add_argument("--granularity", choices=["full", "weak", "unlabeled", "all"], default="all")
+    coco_out.add_argument("--granularity", choices=[*GRANULARITIES, "all"], default="all")
     coco_out.add_argument("--split", choices=["train", "val", "test"])
     coco_out.add_argument("--images-root", metavar="DIR", help="with --include-patient-ids: write file names relative to this folder")
     coco_out.add_argument("--include-patient-ids", action="store_true", default=INCLUDE_PATIENT_IDS,

@@ -19,7 +19,8 @@ from sqlalchemy.orm import Session
 from db.models import AnnotationTime, Granularity, Image, SuggestedAction
 from db.people import get_annotator
 from db.projects import DEFAULT_PROJECT, get_project
-from oxnet.active.strategies import UPGRADES, CostModel
+from oxnet.active.strategies import CostModel
+from oxnet.vocabulary import EDIT, UNLABELED_TO_FULL, UNLABELED_TO_WEAK, UPGRADE_NAMES, WEAK_TO_FULL
 
 __all__ = ["MAX_ACTIVE_SECONDS", "MIN_SAVES", "annotation_costs", "cost_rows", "cost_summary", "record_save", "upgrade_of"]
 
@@ -32,7 +33,7 @@ MIN_SAVES = 5
 def upgrade_of(before: Granularity | str, after: Granularity | str) -> str:
     """"unlabeled->weak", "weak->full", "unlabeled->full", or "edit" when the granularity did not rise."""
     before, after = Granularity(before), Granularity(after)
-    return f"{before.value}->{after.value}" if after.rank > before.rank else "edit"
+    return f"{before.value}->{after.value}" if after.rank > before.rank else EDIT
 
 
 def record_save(session: Session, image_id: int, *, annotator: str, action: SuggestedAction | str,
@@ -61,7 +62,7 @@ def cost_summary(session: Session, project: str = DEFAULT_PROJECT) -> dict[str, 
         select(AnnotationTime.upgrade, AnnotationTime.seconds).where(AnnotationTime.project_id == project_id)
     ):
         seconds.setdefault(upgrade, []).append(value)
-    names = [*UPGRADES.values(), "edit"]
+    names = [*UPGRADE_NAMES, EDIT]
     return {u: {"saves": len(seconds.get(u, [])),
                 "median_seconds": statistics.median(seconds[u]) if seconds.get(u) else None} for u in names}
 
@@ -72,7 +73,7 @@ def annotation_costs(session: Session, project: str = DEFAULT_PROJECT, *, min_sa
     ``min_saves`` saves (units: the labels' median seconds), else ``default``. An upgrade without
     enough saves keeps its default ratio to labels."""
     summary = cost_summary(session, project)
-    labels = summary["unlabeled->weak"]
+    labels = summary[UNLABELED_TO_WEAK]
     if labels["saves"] < min_saves or not labels["median_seconds"]:
         return default
     unit = float(labels["median_seconds"])
@@ -81,10 +82,10 @@ def annotation_costs(session: Session, project: str = DEFAULT_PROJECT, *, min_sa
         entry = summary[upgrade]
         return entry["median_seconds"] / unit if entry["saves"] >= min_saves and entry["median_seconds"] else fallback
 
-    boxes = units("weak->full", default.boxes)
-    both = units("unlabeled->full", 1.0 + boxes)
+    boxes = units(WEAK_TO_FULL, default.boxes)
+    both = units(UNLABELED_TO_FULL, 1.0 + boxes)
     return CostModel(labels=1.0, boxes=max(boxes, 1e-3), labels_and_boxes=max(both, 1e-3), seconds_per_unit=unit,
-                     measured={u: summary[u]["saves"] for u in UPGRADES.values()})
+                     measured={u: summary[u]["saves"] for u in UPGRADE_NAMES})
 
 
 def cost_rows(session: Session, project: str = DEFAULT_PROJECT, *, min_saves: int = MIN_SAVES) -> list[dict[str, Any]]:
@@ -93,7 +94,7 @@ def cost_rows(session: Session, project: str = DEFAULT_PROJECT, *, min_saves: in
     summary = cost_summary(session, project)
     model = annotation_costs(session, project, min_saves=min_saves)
     rows = []
-    for upgrade in UPGRADES.values():
+    for upgrade in UPGRADE_NAMES:
         entry = summary[upgrade]
         measured = model.seconds_per_unit is not None and entry["saves"] >= min_saves
         rows.append({"upgrade": upgrade, "saves": entry["saves"], "median seconds": entry["median_seconds"],

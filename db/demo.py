@@ -38,8 +38,8 @@ from db.versions import (
     write_suggestions,
 )
 from oxnet.classes import NO_FINDING, PAPER_CLASSES
-from oxnet.data.synthetic import generate
 from oxnet.files import write_json
+from oxnet.vocabulary import AP40, IMAGE_AUC_PREFIX, MAP, MEAN_IMAGE_AUC
 
 #: ``progress(done, total)``.
 Progress = Callable[[int, int], None]
@@ -101,6 +101,8 @@ def write_demo_images(
     for normal films), unlabeled ones neither. The dict's ``images_root`` is ``out_dir``; the same dict
     is written to ``out_dir/demo.json``.
     """
+    from oxnet.data.synthetic import generate  # here, not at import: the store's other commands never draw
+
     out = Path(out_dir).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     plan = demo_plan(n, seed)
@@ -224,9 +226,9 @@ def fill_scale_store(
     for round_ in range(versions):
         version = create_model_version(session, project, config={"preset": "bench"}, round=round_)
         finish_model_version(session, version.id, status=ModelStatus.READY)
-        metrics = {"mAP": 5.0 + 3 * round_, "AP40": 9.0 + 3 * round_, "mean_image_auc": 0.6 + 0.05 * round_}
+        metrics = {MAP: 5.0 + 3 * round_, AP40: 9.0 + 3 * round_, MEAN_IMAGE_AUC: 0.6 + 0.05 * round_}
         metrics |= {f"per_class_AP/{c}": float(rng.uniform(0, 20)) for c in PAPER_CLASSES}
-        metrics |= {f"image_auc/{c}": float(rng.uniform(0.5, 0.9)) for c in PAPER_CLASSES}
+        metrics |= {f"{IMAGE_AUC_PREFIX}{c}": float(rng.uniform(0.5, 0.9)) for c in PAPER_CLASSES}
         record_metrics(session, version.id, Split.VAL, metrics)
         record_metrics(session, version.id, Split.TRAIN, {"loss/total": 2.0 / (round_ + 1), "loss/classification": 1.0 / (round_ + 1)})
     scores = rng.random(len(candidates))
@@ -244,7 +246,7 @@ def fill_scale_store(
         for method, gain in (("retinanet", 0.0), ("oxnet", 2.0)):
             record_sweep_result(
                 session, project, method=method, n_full=n_full, n_weak=n_weak if method == "oxnet" else 0,
-                n_unlabeled=0, metrics={"mAP": 5.0 + n_full / 20 + gain},
+                n_unlabeled=0, metrics={MAP: 5.0 + n_full / 20 + gain},
             )
     return {"images": n, "suggestions": len(suggestions), "predictions": len(top), "versions": versions}
 

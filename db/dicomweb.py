@@ -52,6 +52,7 @@ from db.imaging import DICOM_DECODERS_HINT, MAX_PIXELS, is_dicom
 from db.importers.write import ImportItem, ImportReport, Progress, each, parse_split, probed_item, report_summary, write_items
 from db.models import Annotator, Box, DicomInstance, Image, ImageLabel, LabelClass, ModelVersion, Prediction, Project
 from db.projects import DEFAULT_PROJECT, get_project
+from oxnet.classes import NO_FINDING
 from oxnet.files import atomic_write
 
 if TYPE_CHECKING:  # dicomweb-client and highdicom take seconds to import: only the commands that use them do
@@ -442,7 +443,7 @@ def _build_sr(
     evaluations = [hd.sr.QualitativeEvaluation(name=finding_code(name), value=codes.SCT.Present if present else codes.SCT.Absent)
                    for name, present in findings.items()]
     if no_finding:
-        evaluations.append(hd.sr.QualitativeEvaluation(name=codes.DCM.Finding, value=finding_code("No Finding")))
+        evaluations.append(hd.sr.QualitativeEvaluation(name=codes.DCM.Finding, value=finding_code(NO_FINDING)))
     for class_name, p in sorted(probabilities.items()):
         groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
             tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(entropy_srcs=[*uid_parts, "prob", class_name]), identifier=f"image-level {class_name}"[:64]),

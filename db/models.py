@@ -31,6 +31,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+from oxnet import vocabulary
+
 
 def utcnow() -> datetime:
     """Naive UTC now: the store keeps every timestamp as naive UTC (SQLite has no time zones)."""
@@ -40,9 +42,9 @@ def utcnow() -> datetime:
 class Granularity(enum.StrEnum):
     """How much is known about an image, from least to most."""
 
-    UNLABELED = "unlabeled"
-    WEAK = "weak"
-    FULL = "full"
+    UNLABELED = vocabulary.UNLABELED
+    WEAK = vocabulary.WEAK
+    FULL = vocabulary.FULL
 
     @property
     def rank(self) -> int:
@@ -56,8 +58,8 @@ _GRANULARITY_RANK = {Granularity.UNLABELED: 0, Granularity.WEAK: 1, Granularity.
 class SuggestedAction(enum.StrEnum):
     """The upgrade a suggestion asks an annotator for."""
 
-    ADD_LABELS = "add image-level labels"
-    DRAW_BOXES = "draw boxes"
+    ADD_LABELS = vocabulary.ADD_LABELS
+    DRAW_BOXES = vocabulary.DRAW_BOXES
 
     @property
     def target(self) -> Granularity:

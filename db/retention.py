@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 from db.models import Metric, ModelStatus, ModelVersion, Split
 from db.projects import DEFAULT_PROJECT, get_project
 from db.versions import serving_model_version
+from oxnet.vocabulary import MAP
 
 __all__ = ["DEFAULT_KEEP_READY", "Retention", "apply_retention", "folder_size", "protected_versions"]
 
@@ -41,7 +42,7 @@ def protected_versions(session: Session, project: str = DEFAULT_PROJECT) -> dict
     best = session.scalar(
         select(Metric.model_version_id).join(ModelVersion, ModelVersion.id == Metric.model_version_id)
         .where(ModelVersion.project_id == project_id, ModelVersion.status == ModelStatus.READY,
-               Metric.split == Split.VAL, Metric.name == "mAP")
+               Metric.split == Split.VAL, Metric.name == MAP)
         .order_by(Metric.value.desc(), Metric.model_version_id.desc()).limit(1)
     )
     if best is not None:

@@ -42,19 +42,12 @@ from db.models import (
 from db.projects import DEFAULT_PROJECT, class_names, get_project
 from db.versions import serving_history, serving_model_version
 from oxnet.data.annotation import BoxInput, annotation_problems
+from oxnet.vocabulary import ATTENTION_KEY, SCORE_THRESHOLD
 
-#: Metric name prefixes of the flattened per-class dicts of :func:`oxnet.evaluation.metrics.evaluate`.
-PER_CLASS_AP_PREFIX = "per_class_AP/"
-IMAGE_AUC_PREFIX = "image_auc/"
-#: Prefix of the training-loss metrics (split ``train``) of a model version.
-LOSS_PREFIX = "loss/"
-#: Key of the attention maps inside ``Prediction.image_probs``.
-ATTENTION_KEY = "attention"
 #: Smallest box side (original image pixels) a save accepts: a click on the canvas is not a box.
 MIN_BOX_PX = 4.0
-#: Val metric of a model version giving the score at which its boxes become worth showing (the
-#: Annotate page's threshold default); without it the page starts at :data:`DEFAULT_SCORE_THRESHOLD`.
-SCORE_THRESHOLD_METRIC = "score_threshold"
+#: The Annotate page's threshold default when the serving version has no val ``SCORE_THRESHOLD`` metric
+#: (the score at which its boxes become worth showing).
 DEFAULT_SCORE_THRESHOLD = 0.5
 
 
@@ -158,7 +151,7 @@ def model_output(session: Session, image_id: int, *, project: str = DEFAULT_PROJ
     ).first()
     threshold = session.execute(
         select(Metric.value).where(Metric.model_version_id == version.id, Metric.split == Split.VAL,
-                                   Metric.name == SCORE_THRESHOLD_METRIC)
+                                   Metric.name == SCORE_THRESHOLD)
     ).scalar()
     threshold = float(threshold) if threshold is not None and 0.0 <= float(threshold) <= 1.0 else None
     if prediction is None:

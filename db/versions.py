@@ -29,6 +29,7 @@ from db.models import (
 )
 from db.people import get_annotator
 from db.projects import DEFAULT_PROJECT, get_project
+from oxnet.vocabulary import MAP, MEAN_IMAGE_AUC
 
 
 def train_label_counts(session: Session, project_id: int) -> dict[str, int]:
@@ -256,7 +257,7 @@ def record_sweep_result(
     return result
 
 
-SWEEP_ROW_KEYS = ("method", "full_fraction", "seed", "n_full", "n_weak", "n_unlabeled", "mAP")
+SWEEP_ROW_KEYS = ("method", "full_fraction", "seed", "n_full", "n_weak", "n_unlabeled", MAP)
 
 
 def record_sweep_rows(
@@ -282,7 +283,7 @@ def record_sweep_rows(
     }
     added = 0
     for row in rows:
-        metrics = {k: v for k, v in row.items() if k.startswith(("mAP", "AP")) or k in ("mean_image_auc", "teacher_mAP")}
+        metrics = {k: v for k, v in row.items() if k.startswith((MAP, "AP")) or k in (MEAN_IMAGE_AUC, "teacher_mAP")}
         key = (row["method"], row["seed"], row["n_full"], row["n_weak"], row["n_unlabeled"], _canonical(metrics))
         if key in stored:
             continue

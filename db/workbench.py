@@ -1,5 +1,6 @@
-"""The store side of the workbench loop: :class:`SqlStore` implements :class:`oxnet.active.loop.Store` with
-SQLAlchemy, and :func:`request_stop` lets the UI or a shell stop the trainer through the store.
+"""The store side of the workbench loop: :class:`SqlStore` implements :class:`oxnet.active.protocol.Store` with
+SQLAlchemy, and :func:`request_stop` lets the UI or a shell stop the trainer through the store. It speaks
+plain Python and numpy values only (the trainer converts its tensors), so the store never loads torch.
 
 The trainer's lock owner is ``"<host>:<pid>"`` (``app.trainer_control`` reads the pid from it). A lock
 whose heartbeat is fresh refuses a second trainer, except when its owner is a process of this host
@@ -19,26 +20,24 @@ Model version checkpoints live in ``<data dir>/models/<project>/version-<id>/mod
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import psutil
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.demo import data_dir
 from db.engine import database_url, init_db, make_sessionmaker
 from db.export import export_training_mix
-from db.importers import import_coco
-from db.lifecycle import BoxInput, mark_boxes_complete, set_boxes, set_image_labels
 from db.costs import annotation_costs
 from db.models import (
     AuditEntry,
     FileStatus,
-    Granularity,
     Image,
     Metric,
     ModelStatus,
@@ -72,13 +71,11 @@ from db.versions import (
     write_scores,
     write_suggestions,
 )
-from oxnet.active.loop import Snapshot, VersionInfo
-from oxnet.active.scoring import ADD_LABELS, ImageScore
-from oxnet.experiments.simulate import Candidate, hide_labels
+from oxnet.active.protocol import ScoredImage, Snapshot, VersionInfo
 from oxnet.active.strategies import CostModel, HistoryPoint
+from oxnet.vocabulary import ATTENTION_KEY, FULL, MAP, WEAK
 
-__all__ = ["STOP_ACTION", "STOP_AFTER_ROUND_ACTION", "OracleStore", "SqlStore", "default_owner", "reopen_simulation_store",
-           "request_stop", "simulation_store"]
+__all__ = ["STOP_ACTION", "STOP_AFTER_ROUND_ACTION", "SqlStore", "default_owner", "request_stop"]
 
 #: Audit action of a stop request.
 STOP_ACTION = "trainer_stop"
@@ -103,14 +100,10 @@ def _dead_local_owner(owner: str | None) -> bool:
     if host != socket.gethostname() or not pid.isdigit():
         return False
     try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
+        return psutil.Process(int(pid)).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return True
-    except PermissionError:
-        return False
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0] == "Z"
-    except OSError:
+    except psutil.Error:  # it exists but cannot be inspected (another user's): alive
         return False
 
 
@@ -122,7 +115,7 @@ def request_stop(session: Session, project: str = DEFAULT_PROJECT, *, annotator:
 
 
 class SqlStore:
-    """:class:`oxnet.active.loop.Store` on a SQLAlchemy store; every method runs its own transaction.
+    """:class:`oxnet.active.protocol.Store` on a SQLAlchemy store; every method runs its own transaction.
 
     Args:
         sessions: a ``sessionmaker`` (:func:`db.engine.make_sessionmaker`).
@@ -268,7 +261,7 @@ class SqlStore:
         folder.mkdir(parents=True, exist_ok=True)
         return VersionInfo(id=version_id, folder=folder)
 
-    def write_results(self, version_id: int, classes: Sequence[str], results: Sequence[ImageScore],
+    def write_results(self, version_id: int, classes: Sequence[str], results: Sequence[ScoredImage],
                       suggestions: Sequence[Mapping[str, Any]]) -> None:
         for chunk in _chunks(results, WRITE_CHUNK):
             with self.sessions.begin() as session:
@@ -304,11 +297,11 @@ class SqlStore:
             project_id = self._project_id(session)
             rows = session.execute(
                 select(ModelVersion.label_counts, Metric.value)
-                .join(Metric, (Metric.model_version_id == ModelVersion.id) & (Metric.split == Split.VAL) & (Metric.name == "mAP"))
+                .join(Metric, (Metric.model_version_id == ModelVersion.id) & (Metric.split == Split.VAL) & (Metric.name == MAP))
                 .where(ModelVersion.project_id == project_id, ModelVersion.status == ModelStatus.READY)
                 .order_by(ModelVersion.id)
             ).all()
-        return [HistoryPoint(weak=int((c or {}).get("weak", 0)), full=int((c or {}).get("full", 0)), mAP=float(v))
+        return [HistoryPoint(weak=int((c or {}).get(WEAK, 0)), full=int((c or {}).get(FULL, 0)), mAP=float(v))
                 for c, v in rows]
 
     def pool_hints(self, limit: int) -> tuple[list[int], list[int]]:
@@ -374,138 +367,16 @@ def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
         yield items[start : start + size]
 
 
-def _prediction_row(result: ImageScore, classes: Sequence[str]) -> dict[str, Any]:
+def _prediction_row(result: ScoredImage, classes: Sequence[str]) -> dict[str, Any]:
     """A :class:`~db.models.Prediction` row: boxes by class name in original pixels, image-level
-    probabilities and the DAA attention maps (``image_probs["attention"][class]``, 2-D lists)."""
-    order = result.scores.argsort(descending=True)[:MAX_BOXES].tolist()
+    probabilities and the DAA attention maps (``image_probs[ATTENTION_KEY][class]``, 2-D lists)."""
+    order = np.argsort(-np.asarray(result.scores, dtype=np.float64), kind="stable")[:MAX_BOXES].tolist()
     boxes = [
         {"class": classes[int(result.labels[i])], "bbox": [round(float(v), 2) for v in result.boxes[i]],
          "score": round(float(result.scores[i]), 4)}
         for i in order
     ]
     probs: dict[str, Any] = {name: round(float(p), 4) for name, p in zip(classes, result.image_probs)}
-    probs["attention"] = {name: result.attention[c].round(decimals=4).tolist() for c, name in enumerate(classes)}
+    attention = np.asarray(result.attention, dtype=np.float64)
+    probs[ATTENTION_KEY] = {name: np.round(attention[c], 4).tolist() for c, name in enumerate(classes)}
     return {"image_id": result.image_id, "boxes": boxes, "image_probs": probs}
-
-
-class OracleStore(SqlStore):
-    """:class:`SqlStore` plus the simulation's oracle annotator (:class:`oxnet.experiments.simulate.SimulationStore`).
-
-    ``truth`` maps an image's stored path to its hidden annotation: (present class names, boxes as
-    ``(class, x1, y1, x2, y2)`` in original pixels). Upgrades go through :mod:`db.lifecycle`, so the
-    audit log and granularities stay right. Only the newest model version keeps its checkpoint file
-    (a simulation makes many).
-    """
-
-    def __init__(self, sessions: sessionmaker[Session], *, truth: Mapping[str, tuple[list[str], list[BoxInput]]],
-                 annotator: str = "oracle", costs: CostModel = CostModel(), **kwargs: Any) -> None:
-        super().__init__(sessions, **kwargs)
-        self.truth = dict(truth)
-        self.annotator = annotator
-        self.costs = costs
-
-    def annotation_costs(self) -> CostModel:
-        """The simulation's costs (its oracle takes no time)."""
-        return self.costs
-
-    def candidates(self) -> list[Candidate]:
-        """The serving version's ranked suggestions, as the live queue shows them."""
-        with self.sessions.begin() as session:
-            version = serving_model_version(session, self.project)
-            query = (
-                select(Image.id, Image.granularity, Suggestion.action, Suggestion.reason)
-                .join(Suggestion, Suggestion.image_id == Image.id)
-                .where(Suggestion.model_version_id == (version.id if version else -1),
-                       Image.granularity != Granularity.FULL)
-                .order_by(Suggestion.score.desc(), Suggestion.id)
-            )
-            return [Candidate(i, g.value, a.value, float((r or {}).get("cost") or self.costs.of(a.value, g.value)),
-                              (r or {}).get("gain")) for i, g, a, r in session.execute(query)]
-
-    def granularity(self, image_id: int) -> str:
-        with self.sessions.begin() as session:
-            return session.get(Image, image_id).granularity.value
-
-    def clone(self, folder: str | Path) -> OracleStore:
-        """A copy of this SQLite store and its newest checkpoint in ``folder`` (a what-if branch of the
-        simulation's hindsight oracle); the copy's model versions point at the copied checkpoint."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        target = folder / "store.db"
-        source = self.sessions.kw["bind"]
-        if source.dialect.name != "sqlite":
-            raise ValueError(f"clone needs a SQLite store, not {source.dialect.name}")
-        with source.connect() as connection:
-            connection.exec_driver_sql(f"VACUUM INTO '{target}'")
-        sessions = make_sessionmaker(init_db(f"sqlite:///{target}"))
-        models = folder / "models"
-        with sessions.begin() as session:
-            for version in session.scalars(select(ModelVersion).where(ModelVersion.checkpoint_path.is_not(None))):
-                old = Path(version.checkpoint_path)
-                if old.is_file():
-                    new = models / old.parent.name / old.name
-                    new.parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copy2(old, new)
-                    version.checkpoint_path = str(new)
-        return OracleStore(sessions, truth=self.truth, annotator=self.annotator, costs=self.costs, project=self.project,
-                           models_dir=models)
-
-    def reveal(self, image_id: int, action: str) -> None:
-        """Upgrade with the hidden labels: image-level labels, or boxes (an unlabeled image gets its
-        image-level labels first, as the Annotate page saves them together)."""
-        with self.sessions.begin() as session:
-            image = session.get(Image, image_id)
-            labels, boxes = self.truth[image.path]
-            if action == ADD_LABELS or image.granularity == Granularity.UNLABELED:
-                # the oracle assesses every class: the ones it does not name are absent, not unknown
-                every = class_names(session, get_project(session, self.project))
-                set_image_labels(session, image_id, {name: name in labels for name in every},
-                                 annotator=self.annotator, no_finding=not labels)
-            if action != ADD_LABELS:
-                if boxes:
-                    set_boxes(session, image_id, boxes, annotator=self.annotator, complete=True)
-                else:
-                    mark_boxes_complete(session, image_id, annotator=self.annotator)
-
-    def finish_version(self, version_id: int, checkpoint: str, metrics: Mapping[str, Mapping[str, float]],
-                       config: Mapping[str, Any], **kwargs: Any) -> None:
-        super().finish_version(version_id, checkpoint, metrics, config, **kwargs)
-        for old in self.models_dir.glob("version-*/model.pt"):
-            if old != Path(checkpoint):
-                old.unlink()
-
-
-def _truth(coco: Mapping[str, Any], root: Path) -> dict[str, tuple[list[str], list[BoxInput]]]:
-    names = {c["id"]: c["name"] for c in coco["categories"]}
-    boxes: dict[int, list[BoxInput]] = {}
-    for ann in coco.get("annotations", []):
-        x, y, w, h = ann["bbox"]
-        boxes.setdefault(ann["image_id"], []).append((names[ann["category_id"]], x, y, x + w, y + h))
-    truth = {}
-    for image in coco["images"]:
-        own = boxes.get(image["id"], [])
-        labels = [n for n in image.get("image_labels", []) if n in names.values()] or sorted({b[0] for b in own})
-        truth[str((root / image["file_name"]).resolve())] = (sorted(set(labels) | {b[0] for b in own}), own)
-    return truth
-
-
-def reopen_simulation_store(url: str, coco: Mapping[str, Any], images: str | Path, *, models_dir: str | Path,
-                            project: str = DEFAULT_PROJECT, costs: CostModel = CostModel()) -> OracleStore:
-    """The simulation store at ``url`` made earlier by :func:`simulation_store` (a resumed run)."""
-    truth = _truth(coco, Path(images).expanduser().resolve())
-    return OracleStore(make_sessionmaker(init_db(url)), truth=truth, project=project, models_dir=models_dir, costs=costs)
-
-
-def simulation_store(url: str, coco: Mapping[str, Any], images: str | Path, plan: Mapping[int, tuple[str, str]],
-                     *, models_dir: str | Path, project: str = DEFAULT_PROJECT, costs: CostModel = CostModel()) -> OracleStore:
-    """A new store at ``url`` holding the fully labeled ``coco`` (file names relative to ``images``)
-    with the labels hidden as ``plan`` says (:func:`oxnet.experiments.simulate.hide_labels`), and its oracle."""
-    root = Path(images).expanduser().resolve()
-    truth = _truth(coco, root)
-    engine = init_db(url)
-    sessions = make_sessionmaker(engine)
-    with sessions.begin() as session:
-        report = import_coco(session, hide_labels(coco, plan), images=root, project=project, annotator="import:simulation")
-        if report.errors:
-            raise ValueError(f"simulation import failed: {report.errors[:3]}")
-    return OracleStore(sessions, truth=truth, project=project, models_dir=models_dir, costs=costs)

@@ -27,6 +27,7 @@ from typing import Any
 
 from oxnet.modeling.config import PRESETS, ModelConfig
 from oxnet.training.settings import METHODS, TrainConfig
+from oxnet.vocabulary import FULL, GRANULARITIES, UNLABELED, WEAK
 
 logger = logging.getLogger("oxnet.cli")
 
@@ -214,7 +215,7 @@ def _train(args: argparse.Namespace) -> int:
         device=args.device, amp=args.amp, out_dir=args.out, init_checkpoint=args.init,
     )
     train, classes = _read(args.train, args.images, None, None)
-    for files, granularity in ((args.weak, "weak"), (args.unlabeled, "unlabeled")):
+    for files, granularity in ((args.weak, WEAK), (args.unlabeled, UNLABELED)):
         train += _read(files, args.images, classes, granularity)[0]
     val, _ = _read([args.val], args.images, classes, None)
     history = fit(train, val, config, classes=classes, progress=not args.no_progress)
@@ -307,13 +308,13 @@ def _demo(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="oxnet-demo-") as scratch:
         root = Path(args.out) if args.out else Path(scratch)
         size = PRESETS[args.preset].image_size
-        splits = {"full": 0.25, "weak": 0.35, "unlabeled": 0.15, "val": 0.25}
+        splits = {FULL: 0.25, WEAK: 0.35, UNLABELED: 0.15, "val": 0.25}
         files = write_coco(root / "data", args.images, size=size, seed=args.seed, splits=splits)
         images = root / "data" / "images"
         read = {g: records_from_coco(files[g], granularity=None if g == "val" else g, image_root=images)
                 for g in splits}
         classes = read["val"].classes
-        train = [r for g in ("full", "weak", "unlabeled") for r in read[g]]
+        train = [r for g in GRANULARITIES for r in read[g]]
         logger.info("synthetic data in %s: %s", root / "data", {g: len(r) for g, r in read.items()})
         # Equal compute for both: the same batches per epoch and epochs; a from-scratch demo learns in
         # minutes with Adam at 1e-3 (the default 1e-4 needs several times more steps).

@@ -1,71 +1,9 @@
-"""The granularity study (the paper's Table 2). Logic: oxnet.experiments.sweep. Run with --help.
+"""The granularity study: ``python scripts/sweep.py --help``. The code is :mod:`app.sweep` (the study
+itself: :mod:`oxnet.experiments.sweep`); also ``oxnet-sweep`` and ``python -m app.sweep`` once installed."""
 
-    python scripts/sweep.py --dataset boxes.json --test-fold 3 --full 0.25,0.5 --seeds 2 --out runs/sweep
-    python scripts/sweep.py ... --store      # also record each run in the workbench store (OXNET_DB_URL)
-    python scripts/sweep.py merge A/results.json B/results.json --out C     # parts run apart -> one study
-    python scripts/sweep.py store C/results.json    # put a finished sweep's runs in the store (Metrics page)
-"""
-
-import argparse
-import json
-import logging
 import sys
-from pathlib import Path
 
-from oxnet.experiments.sweep import SCHEMA, main
-
-
-def _sessions():
-    from db.engine import init_db, make_sessionmaker
-
-    return make_sessionmaker(init_db())
-
-
-def _store_rows():
-    """Record each finished run as a SweepResult in the workbench store, so the UI plots it."""
-    from db.versions import record_sweep_rows
-
-    sessions = _sessions()
-
-    def on_row(row: dict) -> None:
-        with sessions.begin() as session:
-            record_sweep_rows(session, [row])
-
-    return on_row
-
-
-def store(argv: list[str]) -> int:
-    """``store FILE [FILE ...]``: every run of each results.json into the store, skipping runs already there."""
-    from db.projects import DEFAULT_PROJECT
-    from db.versions import record_sweep_rows
-
-    parser = argparse.ArgumentParser(prog="python scripts/sweep.py store", description=store.__doc__)
-    parser.add_argument("results", nargs="+", help="results.json files written by a sweep or by merge")
-    parser.add_argument("--project", default=DEFAULT_PROJECT)
-    args = parser.parse_args(argv)
-    loaded = []
-    for path in args.results:
-        try:
-            results = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            parser.error(f"{path}: not a readable results.json ({exc})")
-        if results.get("schema") != SCHEMA or not isinstance(results.get("rows"), list):
-            parser.error(f"{path}: not a sweep results file (schema {results.get('schema')!r}, expected {SCHEMA!r})")
-        loaded.append((path, results["rows"]))
-    try:
-        with _sessions().begin() as session:  # all files or none
-            counts = [(path, *record_sweep_rows(session, rows, args.project, source=path)) for path, rows in loaded]
-    except ValueError as exc:
-        parser.error(str(exc))
-    for path, added, skipped in counts:
-        print(f"{path}: stored {added} runs, {skipped} already in the store")
-    return 0
-
+from app.sweep import main
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    argv = sys.argv[1:]
-    if argv[:1] == ["store"]:
-        sys.exit(store(argv[1:]))
-    live = "--store" in argv
-    main([a for a in argv if a != "--store"], on_row=_store_rows() if live else None)
+    sys.exit(main())

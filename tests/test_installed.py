@@ -20,6 +20,10 @@ from tests.test_trainer import make_store
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
+#: Every console script of pyproject.toml and the module it runs (``python -m``), with a word its --help says.
+SCRIPTS = {"oxnet": ("oxnet", "train"), "oxnet-trainer": ("app.trainer", "--preset"), "oxnet-db": ("db", "export"),
+           "oxnet-sweep": ("app.sweep", "--full"), "oxnet-simulate": ("app.simulate", "--strategy"),
+           "oxnet-bench": ("app.benchmarks", "train-step")}
 
 
 def _run(command, *, cwd, env=None, timeout=300):
@@ -42,7 +46,7 @@ def venv(tmp_path_factory):
                   "--no-index", str(ROOT)],
                  cwd=folder, timeout=600)
     assert build.returncode == 0, build.stdout + build.stderr
-    for script in ("oxnet", "oxnet-trainer", "oxnet-db"):
+    for script in SCRIPTS:
         assert (venv / "bin" / script).is_file(), f"{script} was not installed"
     # ... and this environment still imports the project (pip did not uninstall it here).
     assert _run([sys.executable, "-c", "import app, db, oxnet"], cwd=folder).returncode == 0
@@ -81,6 +85,17 @@ def test_store_and_trainer_entry_points_run_from_the_install(venv, tmp_path):
     assert "round 1 done" in trainer.stderr, trainer.stderr[-2000:]
     module = _run([str(venv / "bin" / "python"), "-m", "app.trainer", "--stop"], cwd=tmp_path, env=env)
     assert module.returncode == 0 and "stop requested" in module.stdout, module.stderr
+
+
+def test_every_console_script_and_its_module_start_from_the_install(venv, tmp_path):
+    import tomllib
+
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert set(declared) == set(SCRIPTS)
+    for script, (module, word) in SCRIPTS.items():
+        for command in ([script, "--help"], [str(venv / "bin" / "python"), "-m", module, "--help"]):
+            out = _run(command, cwd=tmp_path, env=_env(venv), timeout=120)
+            assert out.returncode == 0 and word in out.stdout, (command, out.stdout[-1000:], out.stderr[-2000:])
 
 
 def test_the_ui_starts_from_the_install(venv, tmp_path):

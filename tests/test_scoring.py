@@ -9,9 +9,8 @@ from PIL import Image
 
 from oxnet.data.records import Record
 from oxnet.modeling.config import build_model
+from oxnet.vocabulary import ADD_LABELS, DRAW_BOXES
 from oxnet.active.scoring import (
-    ADD_LABELS,
-    DRAW_BOXES,
     ScoreConfig,
     best_box_scores,
     cross_granularity_conflict,

@@ -11,7 +11,7 @@ from sqlalchemy import select
 
 from db.lifecycle import replay_audit
 from db.models import AuditEntry, Granularity, Image
-from db.workbench import simulation_store
+from app.simulate import simulation_store
 from oxnet.data.synthetic import write_coco
 from oxnet.experiments.simulate import (
     STRATEGIES,
@@ -25,7 +25,7 @@ from oxnet.experiments.simulate import (
     spend,
     summarize,
 )
-from oxnet.active.strategies import ADD_LABELS, DRAW_BOXES
+from oxnet.vocabulary import ADD_LABELS, DRAW_BOXES
 
 pytestmark = pytest.mark.slow  # processes, whole training runs: deselect with -m 'not slow'
 
@@ -99,7 +99,7 @@ def test_oracle_upgrades_through_the_lifecycle(dataset, tmp_path):
 
 
 def test_a_resumed_run_reopens_its_store_with_the_oracle(dataset, tmp_path):
-    from db.workbench import reopen_simulation_store
+    from app.simulate import reopen_simulation_store
 
     coco, images = dataset
     plan = plan_labels(coco, seed=0, initial_full=2, initial_weak=3)
@@ -143,16 +143,12 @@ def test_summary_compares_strategies_per_seed():
 def test_simulation_cli_end_to_end_writes_curves_after_every_round(dataset, tmp_path, monkeypatch):
     """Two strategies, one seed, the tiny trainer: every round is recorded, each strategy spends the
     budget through the oracle (labels 1 unit, boxes 5), and the results are rewritten after every point."""
-    import importlib.util
-
+    import app.simulate as cli
     import oxnet.experiments.simulate as simulate
 
     coco, images = dataset
     path = tmp_path / "data.json"
     path.write_text(json.dumps(coco))
-    spec = importlib.util.spec_from_file_location("simulate_cli", Path(__file__).parents[1] / "scripts" / "simulate.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
     written = []
     real_write = simulate.write_results
     monkeypatch.setattr(cli, "write_results", lambda results, out: written.append(len(

@@ -8,9 +8,8 @@ import math
 import numpy as np
 import pytest
 
+from oxnet.vocabulary import ADD_LABELS, DRAW_BOXES
 from oxnet.active.strategies import (
-    ADD_LABELS,
-    DRAW_BOXES,
     STRATEGIES,
     Context,
     CostAwareStrategy,

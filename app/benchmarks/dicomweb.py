@@ -26,7 +26,7 @@ NIH_IMAGES = Path(__file__).resolve().parents[3] / "shared" / "data" / "nih-cxr"
 
 
 def main(argv: list[str]) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(prog="scripts/bench.py dicomweb", description=__doc__)
+    parser = argparse.ArgumentParser(prog="oxnet-bench dicomweb", description=__doc__)
     parser.add_argument("--instances", type=int, default=40, help="instances in the archive (default: %(default)s)")
     parser.add_argument("--size", type=int, default=1024, help="image side in pixels (default: %(default)s)")
     parser.add_argument("--bits", type=int, choices=[8, 16], default=16, help="bits allocated (default: %(default)s)")

@@ -39,6 +39,7 @@ from db.queue import release_lease, take_lease
 from db.trainer_lock import acquire_trainer_lock, trainer_heartbeat
 from db.versions import create_model_version, finish_model_version, record_metrics, write_suggestions
 from oxnet.machine import describe
+from oxnet.vocabulary import DRAW_BOXES, MAP
 
 CLASSES = ("Mass", "Nodule", "Effusion")
 
@@ -98,8 +99,8 @@ def _trainer(url: str, image_ids: list[int], seconds: float, out) -> None:
             with Session.begin() as s:
                 version = create_model_version(s, config={"loadtest": True}, round=versions + 1)
                 suggestions += write_suggestions(s, version.id, [
-                    {"image_id": i, "action": "draw boxes", "score": random.random()} for i in image_ids])
-                record_metrics(s, version.id, "val", {"mAP": random.random()})
+                    {"image_id": i, "action": DRAW_BOXES, "score": random.random()} for i in image_ids])
+                record_metrics(s, version.id, "val", {MAP: random.random()})
                 finish_model_version(s, version.id)
             with Session.begin() as s:
                 trainer_heartbeat(s, "loadtest:trainer", round=versions + 1, progress=1.0)
@@ -166,7 +167,7 @@ def run(url: str, *, annotators: int, seconds: float, images: int) -> dict[str, 
 
 
 def main(argv: list[str]) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(prog="bench.py load", description=__doc__,
+    parser = argparse.ArgumentParser(prog="oxnet-bench load", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--db", help="store URL (default: a new SQLite file in a temporary folder); it must be empty")
     parser.add_argument("--annotators", type=int, default=20)

@@ -28,6 +28,7 @@ from db.models import Granularity, Image, SuggestedAction
 from db.projects import assign_splits, stats
 from db.queue import queue, take_lease
 from db.versions import create_model_version, finish_model_version, write_suggestions
+from oxnet.classes import NO_FINDING
 from oxnet.machine import describe
 
 NIH_ROWS = 112_120
@@ -55,14 +56,14 @@ def write_synthetic_nih(folder: Path, rows: int = NIH_ROWS, boxes: int = 984, se
                 patient, follow_up = patient + 1, 0
             name = f"{patient:08d}_{follow_up:03d}.png"
             follow_up += 1
-            findings = "No Finding" if rng.random() < 0.54 else "|".join(sorted(rng.sample(NIH_FINDINGS, rng.randint(1, 3))))
+            findings = NO_FINDING if rng.random() < 0.54 else "|".join(sorted(rng.sample(NIH_FINDINGS, rng.randint(1, 3))))
             writer.writerow([name, findings, follow_up, patient, rng.randint(1, 95), rng.choice("MF"),
                              rng.choice(("PA", "AP")), 2500, 2048, 0.143, 0.143])
             names.append((name, findings))
     with open(bbox, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["Image Index", "Finding Label", "Bbox [x", "y", "w", "h]", "", "", ""])
-        candidates = [(n, fs) for n, fs in names if fs != "No Finding"]
+        candidates = [(n, fs) for n, fs in names if fs != NO_FINDING]
         for name, findings in rng.sample(candidates, boxes):
             label = rng.choice(("Atelectasis", "Cardiomegaly", "Effusion", "Infiltrate", "Mass", "Nodule", "Pneumonia", "Pneumothorax"))
             x, y = rng.uniform(0, 700), rng.uniform(0, 700)
@@ -81,7 +82,7 @@ def _median_ms(fn, repeats: int) -> float:
 
 
 def main(argv: list[str]) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(prog="scripts/bench.py db", description=__doc__)
+    parser = argparse.ArgumentParser(prog="oxnet-bench db", description=__doc__)
     parser.add_argument("--rows", type=int, default=NIH_ROWS, help="Data_Entry rows (default: NIH's %(default)s)")
     parser.add_argument("--unlabeled", type=int, default=20_000, help="extra unlabeled images (default: %(default)s)")
     parser.add_argument("--leased", type=int, default=200, help="top suggestions leased to other annotators")

@@ -31,10 +31,11 @@ from db.workbench import SqlStore
 from oxnet.data.synthetic import write_coco
 from oxnet.active.loop import TRAINER_PRESETS, Trainer
 from oxnet.machine import describe
+from oxnet.vocabulary import FULL, WEAK
 
 
 def main(argv: list[str]) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(prog="scripts/bench.py round", description=__doc__)
+    parser = argparse.ArgumentParser(prog="oxnet-bench round", description=__doc__)
     parser.add_argument("--images", type=int, default=100_000, help="images in the store (default %(default)s)")
     parser.add_argument("--labeled", type=int, default=240, help="synthetic images with files (val/train full, weak)")
     parser.add_argument("--pool", type=int, default=1000, help="images scored per round (default %(default)s)")
@@ -55,7 +56,7 @@ def main(argv: list[str]) -> dict[str, Any]:
         n = len(coco["images"])
         for k, image in enumerate(coco["images"]):  # a quarter val (full), a quarter train full, half train weak
             image["split"] = "val" if k < n // 4 else "train"
-            image["granularity"] = "full" if k < n // 2 else "weak"
+            image["granularity"] = FULL if k < n // 2 else WEAK
         url = f"sqlite:///{folder / 'round.db'}"
         sessions = make_sessionmaker(init_db(url))
         with sessions.begin() as session:

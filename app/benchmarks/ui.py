@@ -70,7 +70,7 @@ def _run_page(page: str, image_id: int) -> float:
 
 
 def main(argv: Sequence[str] = ()) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(prog="python scripts/bench.py ui", description=__doc__,
+    parser = argparse.ArgumentParser(prog="oxnet-bench ui", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=100_000, help="image rows in the store (default: %(default)s)")
     parser.add_argument("--repeat", type=int, default=3, help="cold and warm runs per page; the median is reported")

@@ -19,6 +19,7 @@ from app.widgets import show_job
 from db.demo import data_dir
 from db.importers import SALT_ENV
 from db.service import unreadable_files
+from oxnet.vocabulary import GRANULARITIES
 
 #: More files than this go through a folder import, not the upload box.
 MAX_UPLOAD_FILES = 20
@@ -142,7 +143,7 @@ with tab_export:
                "unless you ask for them.")
     with st.form("data_export_form"):
         c1, c2 = st.columns(2)
-        granularity = c1.selectbox("Granularity", ["all", "full", "weak", "unlabeled"])
+        granularity = c1.selectbox("Granularity", ["all", *GRANULARITIES])
         export_split = c2.selectbox("Split", ["all", "train", "val", "test"])
         root = st.text_input("Write file names relative to this folder (optional)")
         with_ids = st.checkbox("Include patient ids and real file names (identifying)",

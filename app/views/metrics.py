@@ -13,13 +13,13 @@ from app.store import sessions, store_url
 from app.widgets import candidate_notices, promote_button
 from db.readers import project_agreement
 from db.service import (
-    IMAGE_AUC_PREFIX,
-    LOSS_PREFIX,
-    PER_CLASS_AP_PREFIX,
     model_versions,
     project_exists,
     serving_summary,
     sweep_results,
+)
+from oxnet.vocabulary import (
+    FULL, IMAGE_AUC_PREFIX, LOSS_PREFIX, MAP, MEAN_IMAGE_AUC, PER_CLASS_AP_PREFIX, UNLABELED, WEAK,
 )
 
 PLOT = {"width": "stretch"}
@@ -55,9 +55,9 @@ versions, sweeps = data
 
 st.subheader("mAP against annotation granularity, by model version")
 rows = [
-    {"version": v["id"], "round": v["round"], "full images": v["label_counts"].get("full", 0),
-     "weak images": v["label_counts"].get("weak", 0), "unlabeled images": v["label_counts"].get("unlabeled", 0),
-     "mAP": v["metrics"].get("val", {}).get("mAP"), "state": v["state"]}
+    {"version": v["id"], "round": v["round"], "full images": v["label_counts"].get(FULL, 0),
+     "weak images": v["label_counts"].get(WEAK, 0), "unlabeled images": v["label_counts"].get(UNLABELED, 0),
+     MAP: v["metrics"].get("val", {}).get(MAP), "state": v["state"]}
     for v in versions
 ]
 table = pd.DataFrame(rows)
@@ -88,8 +88,8 @@ else:
                 "tolerance; otherwise it stays a candidate.")
     candidate_notices(summary, key="metrics", on_done=_data.clear)
     states = pd.DataFrame([
-        {"version": v["id"], "round": v["round"], "state": v["state"], "mAP (val)": v["metrics"].get("val", {}).get("mAP"),
-         "full": v["label_counts"].get("full", 0), "weak": v["label_counts"].get("weak", 0),
+        {"version": v["id"], "round": v["round"], "state": v["state"], "mAP (val)": v["metrics"].get("val", {}).get(MAP),
+         FULL: v["label_counts"].get(FULL, 0), WEAK: v["label_counts"].get(WEAK, 0),
          "created (UTC)": v["created_at"]}
         for v in reversed(versions)
     ])
@@ -138,7 +138,7 @@ with right:
         st.info("The latest model version has no image-level AUC.")
     else:
         auc["version"] = latest["id"]
-        mean = val.get("mean_image_auc")
+        mean = val.get(MEAN_IMAGE_AUC)
         title = f"model version {latest['id']}" + (f", mean {mean:.3f}" if mean is not None else "")
         st.plotly_chart(px.bar(auc, x="class", y="value", hover_data=["version"], labels={"value": "ROC AUC (val)"},
                                range_y=[0, 1], title=title), key="metrics_auc", **PLOT)

@@ -21,8 +21,9 @@ from db.trainer_lock import TRAINER_STALE_AFTER, trainer_state
 from db.demo import data_dir
 from db.retention import DEFAULT_KEEP_READY, folder_size
 from db.service import project_exists, serving_summary
+from oxnet.vocabulary import AP40, AP75, MAP, MEAN_IMAGE_AUC
 
-HEADLINE_METRICS = ("mAP", "AP40", "AP75", "mean_image_auc")
+HEADLINE_METRICS = (MAP, AP40, AP75, MEAN_IMAGE_AUC)
 
 
 @st.cache_data(ttl=5, show_spinner=False)

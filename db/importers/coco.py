@@ -15,6 +15,7 @@ from db.projects import DEFAULT_PROJECT
 from oxnet.classes import NO_FINDING
 from oxnet.data.annotation import box_error
 from oxnet.data.imaging import MAX_PIXELS, probe_image
+from oxnet.vocabulary import FULL, GRANULARITIES, UNLABELED, WEAK
 
 
 def _resolve_under(root: Path, file_name: Any) -> Path:
@@ -178,13 +179,13 @@ def _coco_item(
         item.labels.update({name: True for name in present})  # unknown names surface as an error
     for name, *_ in item.boxes:
         item.labels[name] = True
-    default = "full" if annotations else "weak" if image_labels is not None else "unlabeled"
+    default = FULL if annotations else WEAK if image_labels is not None else UNLABELED
     granularity = image.get("granularity", default)
-    if granularity not in ("full", "weak", "unlabeled"):
+    if granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be full, weak or unlabeled, got {granularity!r}")
-    if granularity == "unlabeled" and (item.labels or item.boxes or item.no_finding):
+    if granularity == UNLABELED and (item.labels or item.boxes or item.no_finding):
         raise ValueError("granularity 'unlabeled' but the image has labels or boxes")
-    if granularity == "weak" and not (item.labels or item.no_finding):
+    if granularity == WEAK and not (item.labels or item.no_finding):
         raise ValueError("granularity 'weak' but the image has no image_labels")
-    item.boxes_complete = granularity == "full"
+    item.boxes_complete = granularity == FULL
     return item

@@ -1,6 +1,7 @@
 """The workbench loop: one round (snapshot -> train -> evaluate -> save -> score -> suggest) and the
-background trainer that repeats it, written against a small :class:`Store` protocol (no SQL here; the
-SQLAlchemy adapter is ``db.workbench.SqlStore``).
+background trainer that repeats it, written against a small store protocol
+(:class:`oxnet.active.protocol.Store`: plain values, no SQL here; the SQLAlchemy adapter is
+``db.workbench.SqlStore``).
 
 A round::
 
@@ -36,7 +37,7 @@ Stopping: "stop now" (SIGTERM, ``trainer.stop``, a stop request in the store) en
 progress at its next step; that round's model version is marked failed with the reason, nothing of it
 is served, the labels are untouched, and the next trainer starts a new round warm-started from the
 latest ready version. "Stop after this round" (a store whose ``stop_after_round_requested()`` says
-so; optional in :class:`Store`) lets the round in progress finish and be saved, then exits.
+so; optional in :class:`~oxnet.active.protocol.Store`) lets the round in progress finish and be saved, then exits.
 
 ETA: the phase text carries the whole round's remaining time, ``round eta``: training's own estimate
 plus the previous round's measured durations of the later phases (evaluation, saving, scoring and
@@ -54,24 +55,24 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
 
 from oxnet.training.checkpoint import file_sha256, load_checkpoint, model_from_state, non_finite_weights, save_checkpoint, verify_checkpoint
 from oxnet.data.datasets import UnreadableImage
-from oxnet.data.records import GRANULARITIES, Record, records_from_coco
+from oxnet.data.records import Record, records_from_coco
 from oxnet.evaluation.predict import evaluate_model
 from oxnet.training.distributed import resolve_device
 from oxnet.training.engine import Progress, fit
+from oxnet.active.protocol import ScoredImage, Snapshot, Store
 from oxnet.active.scoring import ImageScore, ScoreConfig, score_images
 from oxnet.training.settings import TrainConfig
 from oxnet.active.strategies import (
     DEFAULT_STRATEGY,
     STRATEGIES,
     Context,
-    CostModel,
     HistoryPoint,
     ImageState,
     candidate_pool,
@@ -79,6 +80,7 @@ from oxnet.active.strategies import (
     get_strategy,
     image_states,
 )
+from oxnet.vocabulary import FULL, GRANULARITIES, MAP, WEAK
 
 __all__ = [
     "STOPPED_MESSAGE",
@@ -86,13 +88,11 @@ __all__ = [
     "AlreadyRunning",
     "LoopSettings",
     "RoundResult",
-    "Snapshot",
     "StopRequested",
-    "Store",
     "Trainer",
-    "VersionInfo",
     "decide_promotion",
     "flatten_metrics",
+    "scored_image",
     "round_eta",
 ]
 
@@ -118,103 +118,6 @@ class StopRequested(Exception):
 
 class AlreadyRunning(RuntimeError):
     """Another trainer holds the store's lock."""
-
-
-# --------------------------------------------------------------------------------------------------
-# The store protocol
-# --------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Snapshot:
-    """The label mix a round learns from.
-
-    ``train``/``val``/``test``: COCO dicts as written by ``db.export.export_training_mix`` (every image
-    with its ``granularity``; absolute ``file_name``); ``classes``: class names, category id = index + 1;
-    ``marker``: the store's label-change marker read before the export (see :meth:`Store.label_marker`).
-    """
-
-    classes: list[str]
-    train: dict[str, Any]
-    val: dict[str, Any]
-    test: dict[str, Any]
-    marker: int
-
-
-@dataclass(frozen=True)
-class VersionInfo:
-    """A model version row being trained: its id and the folder for its checkpoint."""
-
-    id: int
-    folder: Path
-
-
-class Store(Protocol):
-    """What the trainer needs from the store. Every method runs its own transaction."""
-
-    def acquire(self) -> bool:
-        """Take the single-trainer lock; False while another live trainer holds it."""
-
-    def release(self, error: str | None = None) -> None:
-        """Give the lock back, keeping ``error`` as the last error when given."""
-
-    def abandon_unfinished(self) -> int:
-        """Mark model versions left "training" by a dead trainer as failed; returns how many."""
-
-    def next_round(self) -> int:
-        """The number of the next round (one more than any model version's round)."""
-
-    def snapshot(self) -> Snapshot:
-        """The current label mix."""
-
-    def label_marker(self) -> int:
-        """A number that grows with every annotation edit (labels, boxes, completion)."""
-
-    def ready_checkpoints(self) -> list[tuple[int, str | None, str | None]]:
-        """``(version id, checkpoint path, sha256 recorded at writing)`` of the ready model versions,
-        newest first (path or sha256 None when not recorded). The trainer warm-starts from the first
-        one that verifies."""
-
-    def serving_metrics(self) -> Mapping[str, float] | None:
-        """The val metrics of the version that serves suggestions now (``{}`` when it has none), or None
-        when no version serves yet."""
-
-    def start_version(self, round: int, label_counts: Mapping[str, int], config: Mapping[str, Any]) -> VersionInfo:
-        """Create a model version with status "training" and its checkpoint folder."""
-
-    def write_results(self, version_id: int, classes: Sequence[str], results: Sequence[ImageScore],
-                      suggestions: Sequence[Mapping[str, Any]]) -> None:
-        """Store predictions and scores (``results``) and the strategy's ranked ``suggestions``
-        (:func:`oxnet.active.strategies.describe` rows: image_id, action, score, reason) of a version."""
-
-    def annotation_costs(self) -> CostModel:
-        """The cost of each upgrade (measured medians once there are enough saves, else the defaults)."""
-
-    def history(self) -> list[HistoryPoint]:
-        """Ready model versions' training label counts and val mAP, oldest first."""
-
-    def pool_hints(self, limit: int) -> tuple[list[int], list[int]]:
-        """(images whose labels changed since the newest ready version, that version's top ``limit``
-        suggested images): the fixed part of a bounded candidate pool."""
-
-    def finish_version(
-        self, version_id: int, checkpoint: str, metrics: Mapping[str, Mapping[str, float]], config: Mapping[str, Any],
-        *, serve: bool = True, reason: str | None = None,
-    ) -> None:
-        """Store metrics (per split) and config, and mark the version ready; it serves suggestions when
-        ``serve`` (else it is kept as a candidate), with ``reason`` recorded."""
-
-    def fail_version(self, version_id: int, error: str, config: Mapping[str, Any]) -> None:
-        """Mark the version failed, recording ``error``."""
-
-    def heartbeat(self, round: int, progress: float, phase: str, error: str | None = None) -> None:
-        """Record liveness and progress; raise RuntimeError when the lock is no longer ours."""
-
-    def stop_requested(self) -> bool:
-        """Whether a stop was requested through the store since this trainer started (optionally,
-        ``stop_after_round_requested() -> bool``: stop once the round in progress is finished)."""
-
-    def mark_unreadable(self, image_id: int, reason: str) -> None:
-        """Record that the image's file cannot be read (missing or corrupt, with ``reason``), so that
-        later snapshots leave it out."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -282,7 +185,7 @@ class LoopSettings:
     retry_delay_s: float = 30.0
     heartbeat_s: float = 5.0
     max_rounds: int | None = None
-    promote_metric: str = "mAP"
+    promote_metric: str = MAP
     promote_tolerance: float = 0.02
 
     def __post_init__(self) -> None:
@@ -375,7 +278,7 @@ def decide_promotion(
     new: Mapping[str, float] | None,
     serving: Mapping[str, float] | None,
     *,
-    metric: str = "mAP",
+    metric: str = MAP,
     tolerance: float = 0.02,
 ) -> tuple[bool, str]:
     """Whether a new model version should serve suggestions, and why.
@@ -421,6 +324,17 @@ def round_eta(train_left_s: float, previous: Mapping[str, float] | None, to_scor
     return max(0.0, train_left_s) + later + per_image * to_score
 
 
+def scored_image(result: ImageScore) -> ScoredImage:
+    """``result`` in the store protocol's plain values (tensors to numpy on the CPU)."""
+    return ScoredImage(
+        image_id=result.image_id, granularity=result.granularity, boxes=result.boxes.float().cpu().numpy(),
+        scores=result.scores.float().cpu().numpy(), labels=result.labels.cpu().numpy(),
+        image_probs=result.image_probs.float().cpu().numpy(), attention=result.attention.float().cpu().numpy(),
+        value=float(result.value), disagreement=float(result.disagreement), uncertainty=float(result.uncertainty),
+        conflict=float(result.conflict),
+    )
+
+
 def flatten_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
     """:func:`oxnet.evaluation.metrics.evaluate`'s dict as named floats: nested dicts become ``name/key``
     (``per_class_AP/Nodule``); None, lists and non-finite values are left out."""
@@ -463,7 +377,7 @@ class Trainer:
     """The background trainer: rounds until stopped, with a heartbeat thread.
 
     Args:
-        store: the :class:`Store`.
+        store: the :class:`~oxnet.active.protocol.Store`.
         settings: the :class:`LoopSettings`.
         stop: set it to stop (a signal handler does); a fresh event by default.
         on_round: called with every :class:`RoundResult` (tests, the simulation).
@@ -649,7 +563,7 @@ class Trainer:
         missing = self._mark_missing(snap)
         train = records_from_coco(snap.train, classes=classes, on_error="skip")
         splits = {name: [r for r in records_from_coco(getattr(snap, name), classes=classes, on_error="skip")
-                         if r.granularity == "full"] for name in ("val", "test")}
+                         if r.granularity == FULL] for name in ("val", "test")}
         counts = {g: sum(r.granularity == g for r in train) for g in GRANULARITIES}
         result = RoundResult(round=number, status="waiting", label_counts=counts, marker=snap.marker)
         notes: dict[str, str] = {}
@@ -659,7 +573,7 @@ class Trainer:
         selection: Sequence[Record] = splits["val"]
         if not any(len(r.boxes) for r in selection):
             notes["val"] = "skipped: the val split has no fully labeled image with boxes"
-            selection = [r for r in train if r.granularity == "full"]
+            selection = [r for r in train if r.granularity == FULL]
             if not any(len(r.boxes) for r in selection):
                 result.notes = {**notes, "round": "no fully labeled image with boxes anywhere yet: nothing to train a detector on"}
                 logger.info("round %d: %s", number, result.notes["round"])
@@ -671,7 +585,7 @@ class Trainer:
 
         probe = s.train_config(out_dir=".", round=number)
         warm = self._warm_start(probe, classes, notes)
-        pretrain = s.pretrain_epochs if warm is None and counts["full"] else 0
+        pretrain = s.pretrain_epochs if warm is None and counts[FULL] else 0
         config_record = {"loop": s.to_dict(), "notes": notes, "warm_start": warm}
         version = self.store.start_version(number, counts, config_record)
         result.version_id = version.id
@@ -679,7 +593,7 @@ class Trainer:
                     ", ".join(f"{n} {g}" for g, n in counts.items()), warm or "none")
         config = s.train_config(out_dir=version.folder, round=number, init_checkpoint=warm, pretrain_epochs=pretrain)
         durations: dict[str, float] = {}
-        self._to_score = sum(r.granularity != "full" for r in train) if s.suggest else 0
+        self._to_score = sum(r.granularity != FULL for r in train) if s.suggest else 0
         unreadable: dict[int, str] = {}
 
         def leave_out(error: UnreadableImage) -> None:
@@ -759,7 +673,7 @@ class Trainer:
             self._set(error="", progress=1.0, phase="round done")
             self._beat()
             logger.info("round %d done: model version %d, val mAP %s, %d images scored; %s", number, version.id,
-                        metrics.get("val", {}).get("mAP", "-"), result.scored,
+                        metrics.get("val", {}).get(MAP, "-"), result.scored,
                         "serving" if result.serving else "candidate: " + notes["promotion"])
         result.notes = notes
         result.seconds = time.monotonic() - started
@@ -820,7 +734,7 @@ class Trainer:
         store predictions and suggestions. Returns how many images were scored."""
         s = self.settings
         strategy = get_strategy(s.strategy)
-        pending = [r for r in train if r.granularity != "full"]
+        pending = [r for r in train if r.granularity != FULL]
         clock = time.monotonic()
         results: list[ImageScore] = []
         if strategy.needs_outputs:
@@ -841,16 +755,16 @@ class Trainer:
         self._set(phase=f"ranking with {strategy.name}")
         costs = self.store.annotation_costs()
         history = list(self.store.history())
-        val_map = metrics.get("val", {}).get("mAP")
+        val_map = metrics.get("val", {}).get(MAP)
         if val_map is not None:
-            history.append(HistoryPoint(weak=counts.get("weak", 0), full=counts.get("full", 0), mAP=float(val_map)))
+            history.append(HistoryPoint(weak=counts.get(WEAK, 0), full=counts.get(FULL, 0), mAP=float(val_map)))
         context = Context(costs=costs, counts=counts, history=history, batch_units=s.batch_units, seed=s.seed + number)
         rows = describe(strategy(states, context), costs, strategy.name,
                         {r.image_id: (r.reason or {}).get("classes", []) for r in results})
         durations["rank"] = time.monotonic() - clock
         clock = time.monotonic()
         self._set(phase="writing suggestions")
-        self.store.write_results(version_id, classes, results, rows)
+        self.store.write_results(version_id, classes, [scored_image(r) for r in results], rows)
         durations["write"] = time.monotonic() - clock
         return len(results)
 

@@ -37,11 +37,10 @@ from oxnet.data.datasets import OmniDataset, collate
 from oxnet.data.records import Record
 from oxnet.data.transforms import TEACHER_AUGMENT, Photometric, to_original_pixels
 from oxnet.modeling.detector import OXNet
+from oxnet.vocabulary import ADD_LABELS, DRAW_BOXES, UNLABELED, WEAK
 
 __all__ = [
-    "ADD_LABELS",
     "BatchScores",
-    "DRAW_BOXES",
     "ImageScore",
     "ScoreConfig",
     "best_box_scores",
@@ -52,10 +51,6 @@ __all__ = [
     "score_batch",
     "score_images",
 ]
-
-#: The two upgrades a suggestion can ask for (the values of ``db.models.SuggestedAction``).
-ADD_LABELS = "add image-level labels"
-DRAW_BOXES = "draw boxes"
 
 
 @dataclass(frozen=True)
@@ -259,12 +254,12 @@ def explain(
     Returns:
         ``(action, reason)``; ``reason`` = ``{"text": str, "classes": [names named in the text]}``.
     """
-    if granularity not in ("unlabeled", "weak"):
+    if granularity not in (UNLABELED, WEAK):
         raise ValueError(f"only unlabeled and weak images get suggestions, got {granularity!r}")
     limit = config.max_reason_classes
     parts: list[str] = []
     named: list[str] = []
-    if granularity == "weak" and bool(conflicts.any()):
+    if granularity == WEAK and bool(conflicts.any()):
         present = image_labels.bool()
         gaps = (image_labels.float() - best_scores.float()).abs()
         missing = _names(gaps, conflicts & present, classes, limit)
@@ -279,7 +274,7 @@ def explain(
         disagree = _names(class_disagreement, class_disagreement >= config.reason_fraction * top, classes, limit)
         parts.append(f"teacher and student disagree on {', '.join(disagree)}")
         named += disagree
-    if granularity == "unlabeled":
+    if granularity == UNLABELED:
         closeness = (image_probs.float() - 0.5).abs()
         unsure = _names(-closeness, closeness < config.uncertain_band, classes, limit)
         if unsure:
@@ -287,7 +282,7 @@ def explain(
             named += unsure
     if not parts:
         parts.append("the model has no clear view of this image")
-    action = ADD_LABELS if granularity == "unlabeled" else DRAW_BOXES
+    action = ADD_LABELS if granularity == UNLABELED else DRAW_BOXES
     text = "; ".join(parts) + f" (score {value:.2f})"
     return action, {"text": text, "classes": list(dict.fromkeys(named))}
 
@@ -353,7 +348,7 @@ def score_images(
     if len(classes) != student.num_classes or teacher.num_classes != student.num_classes:
         raise ValueError(f"classes ({len(classes)}), student ({student.num_classes}) and teacher "
                          f"({teacher.num_classes}) must agree on the number of classes")
-    full = [r.image_id for r in records if r.granularity not in ("weak", "unlabeled")]
+    full = [r.image_id for r in records if r.granularity not in (WEAK, UNLABELED)]
     if full:
         raise ValueError(f"score_images takes weak and unlabeled images; {len(full)} are full (ids {full[:5]})")
     device = torch.device(device)
@@ -382,7 +377,7 @@ def score_images(
             best = best_box_scores([d["scores"] for d in detections], [d["labels"] for d in detections], len(classes))
             labels = torch.stack([t["image_labels"] for t in targets]).to(device)
             known = torch.stack([t["image_label_mask"] for t in targets]).to(device)
-            weak = torch.tensor([t["granularity"] == "weak" for t in targets], device=device)
+            weak = torch.tensor([t["granularity"] == WEAK for t in targets], device=device)
             parts = score_batch(teacher_logits.float(), logits, probs, best, labels, weak, config, known)
             for i, (det, t) in enumerate(zip(detections, targets)):
                 action, reason = explain(

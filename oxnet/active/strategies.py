@@ -37,10 +37,14 @@ from typing import Any
 
 import numpy as np
 
+from oxnet.vocabulary import (
+    ADD_LABELS, DRAW_BOXES, FULL, UNLABELED, UNLABELED_TO_FULL, UNLABELED_TO_WEAK, UPGRADE_NAMES, UPGRADES, WEAK,
+    WEAK_TO_FULL,
+)
+
 __all__ = [
     "DEFAULT_STRATEGY",
     "STRATEGIES",
-    "UPGRADES",
     "Context",
     "CostModel",
     "HistoryPoint",
@@ -57,11 +61,6 @@ __all__ = [
     "relative",
 ]
 
-ADD_LABELS = "add image-level labels"
-DRAW_BOXES = "draw boxes"
-#: (from granularity, action) -> upgrade name.
-UPGRADES = {("unlabeled", ADD_LABELS): "unlabeled->weak", ("weak", DRAW_BOXES): "weak->full",
-            ("unlabeled", DRAW_BOXES): "unlabeled->full"}
 DEFAULT_STRATEGY = "cost_aware"
 
 
@@ -89,7 +88,7 @@ class CostModel:
         if self.seconds_per_unit is not None and not self.seconds_per_unit > 0:
             raise ValueError(f"seconds_per_unit must be > 0 or None, got {self.seconds_per_unit}")
 
-    def of(self, action: str, granularity: str = "weak") -> float:
+    def of(self, action: str, granularity: str = WEAK) -> float:
         """Cost of doing ``action`` on an image at ``granularity`` ("unlabeled" or "weak")."""
         upgrade = UPGRADES.get((granularity, action))
         if upgrade is None:
@@ -97,11 +96,11 @@ class CostModel:
         return self.cost(upgrade)
 
     def cost(self, upgrade: str) -> float:
-        if upgrade == "unlabeled->weak":
+        if upgrade == UNLABELED_TO_WEAK:
             return self.labels
-        if upgrade == "weak->full":
+        if upgrade == WEAK_TO_FULL:
             return self.boxes
-        if upgrade == "unlabeled->full":
+        if upgrade == UNLABELED_TO_FULL:
             return float(self.labels_and_boxes)
         raise ValueError(f"unknown upgrade {upgrade!r}")
 
@@ -180,9 +179,9 @@ class Pick:
 
 
 def _step_action(granularity: str) -> str:
-    if granularity == "unlabeled":
+    if granularity == UNLABELED:
         return ADD_LABELS
-    if granularity == "weak":
+    if granularity == WEAK:
         return DRAW_BOXES
     raise ValueError(f"strategies rank unlabeled and weak images, got {granularity!r}")
 
@@ -281,11 +280,11 @@ class LearningCurve:
     def gain(self, upgrade: str, weak: float, full: float) -> float:
         """Marginal mAP of one upgrade at the counts (weak, full)."""
         now = self(weak, full)
-        if upgrade == "unlabeled->weak":
+        if upgrade == UNLABELED_TO_WEAK:
             return self(weak + 1, full) - now
-        if upgrade == "weak->full":
+        if upgrade == WEAK_TO_FULL:
             return self(weak - 1, full + 1) - now
-        if upgrade == "unlabeled->full":
+        if upgrade == UNLABELED_TO_FULL:
             return self(weak, full + 1) - now
         raise ValueError(f"unknown upgrade {upgrade!r}")
 
@@ -385,7 +384,7 @@ class RandomStrategy(Strategy):
     def __call__(self, images: Sequence[ImageState], context: Context) -> list[Pick]:
         rng = np.random.default_rng(context.seed)
         pool = [im for im in sorted(images, key=lambda im: im.image_id)
-                if self.kind != "labels" or im.granularity == "unlabeled"]
+                if self.kind != "labels" or im.granularity == UNLABELED]
         action = {"step": None, "labels": ADD_LABELS, "boxes": DRAW_BOXES}[self.kind]
         return [self._pick(pool[i], context, None, f"random order ({self.name})", action) for i in rng.permutation(len(pool))]
 
@@ -508,10 +507,10 @@ class CostAwareStrategy(Strategy):
         unlabeled->full) at counts (weak, full); -inf where the upgrade does not apply."""
         label_info, box_info = info
         out = np.full((len(granularity), 3), -np.inf)
-        unl, weak_images = granularity == "unlabeled", granularity == "weak"
-        out[unl, 0] = curve.gain("unlabeled->weak", weak, full) * label_info[unl]
-        out[weak_images, 1] = curve.gain("weak->full", weak, full) * box_info[weak_images]
-        out[unl, 2] = curve.gain("unlabeled->full", weak, full) * box_info[unl]
+        unl, weak_images = granularity == UNLABELED, granularity == WEAK
+        out[unl, 0] = curve.gain(UNLABELED_TO_WEAK, weak, full) * label_info[unl]
+        out[weak_images, 1] = curve.gain(WEAK_TO_FULL, weak, full) * box_info[weak_images]
+        out[unl, 2] = curve.gain(UNLABELED_TO_FULL, weak, full) * box_info[unl]
         return out
 
     def __call__(self, images: Sequence[ImageState], context: Context) -> list[Pick]:
@@ -519,9 +518,9 @@ class CostAwareStrategy(Strategy):
         if not images:
             return []
         curve = fit_learning_curve(context.history)
-        costs = np.array([context.costs.cost(u) for u in ("unlabeled->weak", "weak->full", "unlabeled->full")])
+        costs = np.array([context.costs.cost(u) for u in UPGRADE_NAMES])
         actions = (ADD_LABELS, DRAW_BOXES, DRAW_BOXES)
-        weak, full = float(context.counts.get("weak", 0)), float(context.counts.get("full", 0))
+        weak, full = float(context.counts.get(WEAK, 0)), float(context.counts.get(FULL, 0))
         x = _embeddings(images) if self.diversity else None
         granularity = np.array([im.granularity for im in images])
         info = self.informativeness(images)

@@ -7,7 +7,6 @@ Names load lazily, so ``import oxnet.data.synthetic`` (numpy and Pillow only) do
 from oxnet.lazy import lazy_getattr
 
 _LAZY = {
-    "GRANULARITIES": "oxnet.data.records",
     "Record": "oxnet.data.records",
     "Records": "oxnet.data.records",
     "records_from_coco": "oxnet.data.records",

@@ -30,6 +30,7 @@ from torch.utils.data import Dataset
 
 from oxnet.data.records import Record
 from oxnet.data.transforms import STUDENT_AUGMENT, TEACHER_AUGMENT, Photometric, load_image, resize_flip
+from oxnet.vocabulary import UNLABELED, WEAK
 
 Target = dict[str, Any]
 
@@ -109,8 +110,8 @@ class OmniDataset(Dataset[tuple[Tensor, Tensor, Target]]):
 
     def _granularity(self, record: Record) -> str:
         """A weak image with no known class (every class not assessed) is trained as unlabeled."""
-        if record.granularity == "weak" and len(record.unknown_labels) >= self.num_classes:
-            return "unlabeled"
+        if record.granularity == WEAK and len(record.unknown_labels) >= self.num_classes:
+            return UNLABELED
         return record.granularity
 
     def set_epoch(self, epoch: int) -> None:
@@ -150,7 +151,7 @@ class OmniDataset(Dataset[tuple[Tensor, Tensor, Target]]):
         image_labels = torch.zeros(self.num_classes, dtype=torch.float32)
         granularity = self._granularity(record)
         image_labels[list(record.image_labels)] = 1.0
-        if granularity == "unlabeled":
+        if granularity == UNLABELED:
             mask = torch.zeros(self.num_classes, dtype=torch.float32)
         else:
             mask = torch.ones(self.num_classes, dtype=torch.float32)

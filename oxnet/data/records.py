@@ -30,11 +30,7 @@ import numpy as np
 
 from oxnet.classes import NO_FINDING
 from oxnet.data.annotation import annotation_problems, box_problem
-
-Granularity = Literal["full", "weak", "unlabeled"]
-
-#: The annotation granularities, from most to least informative.
-GRANULARITIES: tuple[Granularity, ...] = ("full", "weak", "unlabeled")
+from oxnet.vocabulary import FULL, GRANULARITIES, UNLABELED, WEAK, Granularity
 
 
 @dataclass(frozen=True, eq=False)
@@ -79,15 +75,15 @@ class Record:
         labels = np.asarray(self.labels, dtype=np.int64).reshape(-1)
         if len(boxes) != len(labels):
             raise ValueError(f"{where}: {len(boxes)} boxes but {len(labels)} labels")
-        if len(boxes) and self.granularity != "full":
+        if len(boxes) and self.granularity != FULL:
             raise ValueError(f"{where}: a {self.granularity} image cannot have boxes")
-        if self.granularity == "unlabeled" and (self.image_labels or self.negative):
+        if self.granularity == UNLABELED and (self.image_labels or self.negative):
             raise ValueError(f"{where}: an unlabeled image cannot have image-level labels")
         image_labels = tuple(sorted(set(int(c) for c in self.image_labels) | set(labels.tolist())))
         if self.negative and image_labels:
             raise ValueError(f"{where}: {NO_FINDING!r} together with findings {list(image_labels)}")
         unknown = tuple(sorted(set(int(c) for c in self.unknown_labels)))
-        if unknown and self.granularity != "weak":
+        if unknown and self.granularity != WEAK:
             raise ValueError(f"{where}: only a weak image can have not-assessed classes ({self.granularity} images "
                              "are all known or all unknown)")
         if unknown and self.negative:
@@ -200,11 +196,11 @@ def records_from_coco(
         raise ValueError(f"classes has duplicate names: {list(classes)}")
 
     if annotations:
-        default_granularity: Granularity = "full"
+        default_granularity: Granularity = FULL
     elif any("image_labels" in image for image in images):
-        default_granularity = "weak"
+        default_granularity = WEAK
     else:
-        default_granularity = "unlabeled"
+        default_granularity = UNLABELED
     default_granularity = granularity or default_granularity
 
     skipped: list[str] = []
@@ -332,15 +328,15 @@ def _record(
 
     box_array = np.array([b for b, _ in boxes], np.float32).reshape(-1, 4)
     label_array = np.array([c for _, c in boxes], np.int64)
-    if granularity == "weak":
+    if granularity == WEAK:
         present |= set(label_array.tolist())
         absent -= present
-    if granularity != "full":
+    if granularity != FULL:
         box_array, label_array = box_array[:0], label_array[:0]
-    if granularity == "weak" and not present and not absent and not negative:
-        granularity = "unlabeled"  # nothing about it is known
-    unknown = set(class_index.values()) - present - absent if granularity == "weak" else set()
-    if granularity == "unlabeled":
+    if granularity == WEAK and not present and not absent and not negative:
+        granularity = UNLABELED  # nothing about it is known
+    unknown = set(class_index.values()) - present - absent if granularity == WEAK else set()
+    if granularity == UNLABELED:
         present, negative = set(), False
     try:
         return Record(

@@ -8,10 +8,10 @@ from collections.abc import Iterator, Mapping, Sequence
 import numpy as np
 from torch.utils.data import Sampler
 
-from oxnet.data.records import GRANULARITIES
+from oxnet.vocabulary import FULL, GRANULARITIES, UNLABELED, WEAK
 
 #: Default share of each granularity in a batch.
-DEFAULT_PROPORTIONS: Mapping[str, float] = {"full": 0.5, "weak": 0.25, "unlabeled": 0.25}
+DEFAULT_PROPORTIONS: Mapping[str, float] = {FULL: 0.5, WEAK: 0.25, UNLABELED: 0.25}
 
 
 class MixedBatchSampler(Sampler[list[int]]):

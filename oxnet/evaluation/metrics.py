@@ -30,6 +30,10 @@ import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from oxnet.vocabulary import (
+    AP40, AP50, AP75, AP_L, AP_M, AP_S, IMAGE_AUC, MAP, MEAN_IMAGE_AUC, PER_CLASS_AP, SCORE_THRESHOLD,
+)
+
 __all__ = ["DEFAULT_IOU_THRESHOLDS", "coco_results", "evaluate", "roc_auc"]
 
 #: IoU thresholds of the OXnet paper, 0.40:0.05:0.75. Rounded so that 0.5 and 0.75 compare exactly.
@@ -39,7 +43,7 @@ DEFAULT_IOU_THRESHOLDS: tuple[float, ...] = tuple(np.round(np.linspace(0.40, 0.7
 MAX_DETECTIONS = 100
 
 # COCOeval's area ranges, in the order of its precision array's A axis (pixels^2).
-_AREA_INDEX = {"AP_S": 1, "AP_M": 2, "AP_L": 3}
+_AREA_INDEX = {AP_S: 1, AP_M: 2, AP_L: 3}
 
 
 def _to_numpy(value: Any) -> np.ndarray:
@@ -347,13 +351,13 @@ def evaluate(
         return _mean_defined(precision[match[0], :, :, 0]) if match.size else None
 
     metrics: dict[str, Any] = {
-        "mAP": _mean_defined(precision[..., 0]),
-        "AP40": ap_at(0.40),
-        "AP50": ap_at(0.50),
-        "AP75": ap_at(0.75),
+        MAP: _mean_defined(precision[..., 0]),
+        AP40: ap_at(0.40),
+        AP50: ap_at(0.50),
+        AP75: ap_at(0.75),
         **{key: _mean_defined(precision[..., a]) for key, a in _AREA_INDEX.items()},
-        "per_class_AP": {c["name"]: _mean_defined(precision[:, :, k, 0]) for k, c in enumerate(categories)},
-        "score_threshold": _score_threshold(precision, coco_eval.eval["scores"][..., 0], thresholds),
+        PER_CLASS_AP: {c["name"]: _mean_defined(precision[:, :, k, 0]) for k, c in enumerate(categories)},
+        SCORE_THRESHOLD: _score_threshold(precision, coco_eval.eval["scores"][..., 0], thresholds),
     }
 
     # Image-level AUC: positive = a GT box of the class or the class named in image_labels.
@@ -370,11 +374,11 @@ def evaluate(
         c["name"]: roc_auc(probs[:, k], truth[:, k]) if with_probs else None for k, c in enumerate(categories)
     }
     defined = [auc for auc in image_auc.values() if auc is not None]
-    metrics.update(
-        image_auc=image_auc,
-        mean_image_auc=float(np.mean(defined)) if defined else None,
-        num_images=len(image_ids),
-        num_gt_boxes=len(gt_dataset["annotations"]),
-        iou_thresholds=thresholds.tolist(),
-    )
+    metrics.update({
+        IMAGE_AUC: image_auc,
+        MEAN_IMAGE_AUC: float(np.mean(defined)) if defined else None,
+        "num_images": len(image_ids),
+        "num_gt_boxes": len(gt_dataset["annotations"]),
+        "iou_thresholds": thresholds.tolist(),
+    })
     return metrics

@@ -18,6 +18,7 @@ from oxnet.data.transforms import to_original_pixels
 from oxnet.evaluation.metrics import evaluate
 from oxnet.modeling.detector import OXNet
 from oxnet.training.distributed import to_device
+from oxnet.vocabulary import FULL
 
 
 def ground_truth(records: Sequence[Record], classes: Sequence[str]) -> dict[str, Any]:
@@ -30,7 +31,7 @@ def ground_truth(records: Sequence[Record], classes: Sequence[str]) -> dict[str,
     """
     images, annotations = [], []
     for r in records:
-        if r.granularity != "full":
+        if r.granularity != FULL:
             raise ValueError(
                 f"{r.path} (image id {r.image_id}) is {r.granularity}: evaluation needs fully labeled images"
             )

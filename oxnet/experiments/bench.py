@@ -27,6 +27,7 @@ from oxnet.modeling.detector import OXNet
 from oxnet.modeling.heads import group_norm
 from oxnet.modeling.teacher import MeanTeacher
 from oxnet.machine import describe
+from oxnet.vocabulary import FULL, GRANULARITIES, WEAK
 
 
 def _sync(device: torch.device) -> None:
@@ -218,7 +219,7 @@ def main(argv: list[str] | None = None) -> dict:
     # ours, RetinaNet only
     ours_rn.train()
     full_targets = [
-        dict(t, granularity="full", image_labels=torch.zeros(args.classes, device=device).index_fill_(0, t["labels"], 1.0))
+        dict(t, granularity=FULL, image_labels=torch.zeros(args.classes, device=device).index_fill_(0, t["labels"], 1.0))
         for t in box_targets
     ]
     rn_opt = torch.optim.Adam(ours_rn.parameters(), lr=1e-5)
@@ -234,8 +235,8 @@ def main(argv: list[str] | None = None) -> dict:
         mt.teacher.cls_head.out.bias.fill_(0.5)
     mixed = []
     for i, t in enumerate(full_targets):
-        g = ("full", "weak", "unlabeled")[i % 3]
-        mixed.append(t if g == "full" else {"granularity": g, "image_labels": t["image_labels"] * (g == "weak")})
+        g = GRANULARITIES[i % 3]
+        mixed.append(t if g == FULL else {"granularity": g, "image_labels": t["image_labels"] * (g == WEAK)})
     teacher_view = (images * 0.9 + 0.05).clamp(0, 1)
     ox_opt = torch.optim.Adam(mt.student.parameters(), lr=1e-5)
     _reset_peak_memory(device)

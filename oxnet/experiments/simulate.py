@@ -11,7 +11,7 @@ against the units spent so far.
 The same seed gives every strategy the same starting labels, split, model initialisation and batch
 order, so the curves differ only by what was bought.
 
-The store side (import, oracle edits) is behind :class:`SimulationStore`; ``db.workbench`` implements it.
+The store side (import, oracle edits) is behind :class:`SimulationStore`; ``app.simulate.OracleStore`` implements it.
 """
 
 from __future__ import annotations
@@ -28,12 +28,18 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from oxnet.active.loop import LoopSettings, RoundResult, Store, Trainer
+from oxnet.active.loop import LoopSettings, RoundResult, Trainer
+from oxnet.active.protocol import Store
 from oxnet.active.strategies import STRATEGIES as _REGISTRY
 from oxnet.active.strategies import CostModel
 from oxnet.data.splits import SPLITS, patient_key, split_patients
+from oxnet.classes import NO_FINDING
 from oxnet.files import write_json
 from oxnet.machine import describe
+from oxnet.vocabulary import (
+    ADD_LABELS, AP40, DRAW_BOXES, FULL, GRANULARITIES, MAP, UNLABELED, UNLABELED_TO_FULL, UNLABELED_TO_WEAK, WEAK,
+    WEAK_TO_FULL,
+)
 
 __all__ = [
     "STRATEGIES",
@@ -70,7 +76,7 @@ class Candidate:
 
 
 class SimulationStore(Store, Protocol):
-    """A :class:`~oxnet.active.loop.Store` that also lists the ranked suggestions and plays the oracle."""
+    """A :class:`~oxnet.active.protocol.Store` that also lists the ranked suggestions and plays the oracle."""
 
     def candidates(self) -> list[Candidate]:
         """The newest ready model version's suggestions of still not-full images, in the strategy's order."""
@@ -110,15 +116,15 @@ def hide_labels(coco: Mapping[str, Any], plan: Mapping[int, tuple[str, str]]) ->
         if image["id"] not in plan:
             continue
         split, granularity = plan[image["id"]]
-        if granularity not in ("full", "weak", "unlabeled"):
+        if granularity not in GRANULARITIES:
             raise ValueError(f"image {image['id']}: granularity must be full, weak or unlabeled, got {granularity!r}")
         image.update(split=split, granularity=granularity)
         own = boxes.get(image["id"], [])
         if "image_labels" not in image:
-            image["image_labels"] = sorted({names[a["category_id"]] for a in own}) or ["No Finding"]
-        if granularity == "full":
+            image["image_labels"] = sorted({names[a["category_id"]] for a in own}) or [NO_FINDING]
+        if granularity == FULL:
             annotations += own
-        elif granularity == "unlabeled":
+        elif granularity == UNLABELED:
             image.pop("image_labels")
         images.append(image)
     out["images"], out["annotations"] = images, annotations
@@ -146,14 +152,14 @@ def plan_labels(
     plan: dict[int, tuple[str, str]] = {}
     train: list[int] = []
     for image_id, key in keys.items():
-        plan[image_id] = (placed[key], "full")
+        plan[image_id] = (placed[key], FULL)
         if placed[key] == "train":
             train.append(image_id)
     if initial_full < 1 or initial_full + initial_weak > len(train):
         raise ValueError(f"need 1 <= initial_full and initial_full + initial_weak <= {len(train)} training images, "
                          f"got {initial_full} + {initial_weak}")
     for rank, i in enumerate(np.random.default_rng(seed).permutation(len(train)).tolist()):
-        granularity = "full" if rank < initial_full else "weak" if rank < initial_full + initial_weak else "unlabeled"
+        granularity = FULL if rank < initial_full else WEAK if rank < initial_full + initial_weak else UNLABELED
         plan[train[i]] = ("train", granularity)
     return plan
 
@@ -194,7 +200,7 @@ class SimulationConfig:
 def _point(result: RoundResult, spent: float, elapsed: float) -> dict[str, Any]:
     test = result.metrics.get("test", {})
     return {"round": result.round, "spent": spent, "status": result.status, "label_counts": result.label_counts,
-            "mAP": test.get("mAP"), "AP40": test.get("AP40"), "val_mAP": result.metrics.get("val", {}).get("mAP"),
+            MAP: test.get(MAP), AP40: test.get(AP40), "val_mAP": result.metrics.get("val", {}).get(MAP),
             "seconds": round(elapsed, 1)}
 
 
@@ -239,8 +245,8 @@ def run_simulation(
             spent = points[-1]["spent"] + sum(c["cost"] for c in planned) if points else 0.0
             if planned:  # killed while revealing: finish the purchases that were planned
                 for c in planned:
-                    target = "weak" if c["action"] == "add image-level labels" else "full"
-                    if store.granularity(c["image_id"]) not in (target, "full"):
+                    target = WEAK if c["action"] == ADD_LABELS else FULL
+                    if store.granularity(c["image_id"]) not in (target, FULL):
                         store.reveal(c["image_id"], c["action"])
             started = time.monotonic() - (points[-1]["seconds"] if points else 0.0)
             while True:
@@ -273,12 +279,12 @@ def proposals(candidates: Sequence[Candidate], budget: float, costs: CostModel, 
     if k < 3:
         raise ValueError(f"the oracle needs k >= 3 proposals, got {k}")
     out = [spend([candidates[i] for i in rng.permutation(len(candidates))], budget) for _ in range(k - 2)]
-    unlabeled = [c for c in candidates if c.granularity == "unlabeled"]
-    weak = [c for c in candidates if c.granularity == "weak"]
-    out.append(spend([Candidate(c.image_id, c.granularity, "add image-level labels", costs.cost("unlabeled->weak"))
+    unlabeled = [c for c in candidates if c.granularity == UNLABELED]
+    weak = [c for c in candidates if c.granularity == WEAK]
+    out.append(spend([Candidate(c.image_id, c.granularity, ADD_LABELS, costs.cost(UNLABELED_TO_WEAK))
                       for c in (unlabeled[i] for i in rng.permutation(len(unlabeled)))], budget))
-    boxes = [Candidate(c.image_id, "weak", "draw boxes", costs.cost("weak->full")) for c in (weak[i] for i in rng.permutation(len(weak)))]
-    boxes += [Candidate(c.image_id, "unlabeled", "draw boxes", costs.cost("unlabeled->full"))
+    boxes = [Candidate(c.image_id, WEAK, DRAW_BOXES, costs.cost(WEAK_TO_FULL)) for c in (weak[i] for i in rng.permutation(len(weak)))]
+    boxes += [Candidate(c.image_id, UNLABELED, DRAW_BOXES, costs.cost(UNLABELED_TO_FULL))
               for c in (unlabeled[i] for i in rng.permutation(len(unlabeled)))]
     out.append(spend(boxes, budget))
     return [batch for batch in out if batch]
@@ -318,7 +324,7 @@ def run_oracle(store: Any, config: SimulationConfig, seed: int, *, points: list[
             for c in batch:
                 branch.reveal(c.image_id, c.action)
             outcome = Trainer(branch, settings).run()[-1]
-            value = outcome.metrics.get("val", {}).get("mAP", -1.0)
+            value = outcome.metrics.get("val", {}).get(MAP, -1.0)
             if best is None or value > best[0]:
                 if best is not None:
                     shutil.rmtree(Path(best[1].models_dir).parent, ignore_errors=True)
@@ -403,14 +409,14 @@ def summarize(runs: Sequence[Mapping[str, Any]], *, default: str = "cost_aware")
     per_seed: dict[tuple[str, int], dict[str, float]] = {}
     in_progress = []
     for run in runs:
-        points = [p for p in run["points"] if p["mAP"] is not None]
+        points = [p for p in run["points"] if p[MAP] is not None]
         if run["points"] and run["points"][-1].get("done") is False:  # still running: not in the means yet
             in_progress.append({"strategy": run["strategy"], "seed": run["seed"], "rounds": len(run["points"])})
             continue
         if not points:
             continue
         spent = np.array([p["spent"] for p in points], dtype=float)
-        maps = np.array([p["mAP"] for p in points], dtype=float)
+        maps = np.array([p[MAP] for p in points], dtype=float)
         area = float(np.trapezoid(maps, spent) / (spent[-1] - spent[0])) if len(points) > 1 and spent[-1] > spent[0] else float(maps.mean())
         per_seed[(run["strategy"], run["seed"])] = {"area": area, "final": float(maps[-1]), "spent": float(spent[-1])}
         entry = by.setdefault(run["strategy"], {"curve": {}, "areas": [], "finals": []})
@@ -476,9 +482,9 @@ def figure(results: Mapping[str, Any]):
               "cost_aware": "#2ca02c"}
     fig = go.Figure()
     for run in results["runs"]:
-        points = [p for p in run["points"] if p["mAP"] is not None]
+        points = [p for p in run["points"] if p[MAP] is not None]
         fig.add_trace(go.Scatter(
-            x=[p["spent"] for p in points], y=[100 * p["mAP"] for p in points], mode="lines+markers",
+            x=[p["spent"] for p in points], y=[100 * p[MAP] for p in points], mode="lines+markers",
             line={"width": 1, "color": colors.get(run["strategy"])}, opacity=0.35, showlegend=False,
             name=f"{run['strategy']} seed {run['seed']}",
         ))

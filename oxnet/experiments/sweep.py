@@ -53,10 +53,10 @@ from oxnet.data.splits import patient_key, split_patients
 from oxnet.training.settings import METHODS, TrainConfig
 from oxnet.files import atomic_write, write_json, write_text
 from oxnet.machine import describe
+from oxnet.vocabulary import AP40, AP75, FULL, GRANULARITIES, MAP, METRIC_KEYS, PER_CLASS_AP, UNLABELED, WEAK
 
 logger = logging.getLogger(__name__)
 SCHEMA = "oxnet.sweep/1"
-METRIC_KEYS = ("mAP", "AP40", "AP50", "AP75", "AP_S", "AP_M", "AP_L", "mean_image_auc")
 
 
 @dataclass(frozen=True)
@@ -114,7 +114,7 @@ def relabel(
     example NIH's text-mined findings, else the classes of their boxes) and drop their boxes; the rest
     drop everything. Records are new objects; the pool is unchanged.
     """
-    if any(r.granularity != "full" for r in pool):
+    if any(r.granularity != FULL for r in pool):
         raise ValueError("the pool must be fully labeled (every record 'full')")
     order = np.random.default_rng(seed).permutation(len(pool))
     n_full = max(1, round(full_fraction * len(pool)))
@@ -127,10 +127,10 @@ def relabel(
             continue
         if rank < n_full + n_weak:
             labels = tuple(weak_labels[r.image_id]) if weak_labels is not None else r.image_labels
-            out.append(Record(r.image_id, r.path, "weak", r.width, r.height, image_labels=labels,
+            out.append(Record(r.image_id, r.path, WEAK, r.width, r.height, image_labels=labels,
                               patient_id=r.patient_id, negative=not labels))
         else:
-            out.append(Record(r.image_id, r.path, "unlabeled", r.width, r.height, patient_id=r.patient_id))
+            out.append(Record(r.image_id, r.path, UNLABELED, r.width, r.height, patient_id=r.patient_id))
     return out
 
 
@@ -141,9 +141,9 @@ def batch_with_full(
     the mix offers, as :class:`oxnet.data.MixedBatchSampler` does) holds ``full_per_batch`` images."""
     used = [g for g in granularities if counts.get(g, 0) and proportions.get(g, 0) > 0]
     total = sum(proportions[g] for g in used)
-    if "full" not in used or total <= 0:
+    if FULL not in used or total <= 0:
         raise ValueError(f"the mix offers no full images to this method ({dict(counts)})")
-    return math.ceil(full_per_batch * total / proportions["full"] - 1e-9)
+    return math.ceil(full_per_batch * total / proportions[FULL] - 1e-9)
 
 
 def split_by_patient(records: Sequence[Record], fraction: float, *, seed: int = 0) -> tuple[list[Record], list[Record]]:
@@ -169,13 +169,13 @@ def summarize(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         groups.setdefault((row["method"], row["full_fraction"]), []).append(row)
     summary = []
     for (method, fraction), group in sorted(groups.items()):
-        maps = [g["mAP"] for g in group if g["mAP"] is not None]
+        maps = [g[MAP] for g in group if g[MAP] is not None]
         summary.append({
             "method": method, "full_fraction": fraction, "n_full": group[0]["n_full"], "n_weak": group[0]["n_weak"],
             "n_unlabeled": group[0]["n_unlabeled"], "seeds": len(group),
             "mAP_mean": statistics.fmean(maps) if maps else None,
             "mAP_std": statistics.stdev(maps) if len(maps) > 1 else 0.0 if maps else None,
-            "AP40_mean": _mean(g["AP40"] for g in group), "AP75_mean": _mean(g["AP75"] for g in group),
+            "AP40_mean": _mean(g[AP40] for g in group), "AP75_mean": _mean(g[AP75] for g in group),
         })
     return summary
 
@@ -272,7 +272,7 @@ def run_sweep(
         for seed in config.seeds:
             mix = relabel(pool, fraction, weak_fraction=config.weak_fraction, seed=seed, weak_labels=weak_labels)
             train = Records(mix + list(extra_weak) + list(extra_unlabeled), classes=classes)
-            counts = {g: sum(r.granularity == g for r in train) for g in ("full", "weak", "unlabeled")}
+            counts = {g: sum(r.granularity == g for r in train) for g in GRANULARITIES}
             run_dir = out_dir / f"full{fraction:g}_seed{seed}"
             template = replace(config.train, seed=seed)
             pretrain = run_dir / "pretrain.pt"
@@ -305,22 +305,22 @@ def run_sweep(
                 teacher_map = None
                 if state.get("teacher") is not None:
                     teacher = model_from_state(state, weights="teacher").to(device)
-                    teacher_map = evaluate_model(teacher, test, classes, device=device)["mAP"]
+                    teacher_map = evaluate_model(teacher, test, classes, device=device)[MAP]
                 row = {
                     "method": method, "full_fraction": fraction, "seed": seed,
-                    "n_full": counts["full"], "n_weak": counts["weak"], "n_unlabeled": counts["unlabeled"],
+                    "n_full": counts[FULL], "n_weak": counts[WEAK], "n_unlabeled": counts[UNLABELED],
                     "batch_size": run.batch_size,
                     "train_seconds": round(seconds, 1), "epochs_trained": len(history.epochs),
                     "best_epoch": history.best_epoch, "val_mAP": history.best_metric,
                     **{k: metrics.get(k) for k in METRIC_KEYS},
-                    "per_class_AP": metrics.get("per_class_AP"), "teacher_mAP": teacher_map,
+                    PER_CLASS_AP: metrics.get(PER_CLASS_AP), "teacher_mAP": teacher_map,
                 }
                 results["rows"].append(row)
                 results["summary"] = summarize(results["rows"])
                 results["updated"] = _now()
                 results["wall_seconds"] = round(base_wall + time.perf_counter() - started, 1)
                 _write(results, out_dir)
-                logger.info("%s full=%g seed=%d: test mAP %.4f (%.0f s)", method, fraction, seed, row["mAP"] or 0, seconds)
+                logger.info("%s full=%g seed=%d: test mAP %.4f (%.0f s)", method, fraction, seed, row[MAP] or 0, seconds)
                 if on_row is not None:
                     on_row(row)
     results["summary"] = summarize(results["rows"])
@@ -492,7 +492,7 @@ def load_study(
         if missing:
             raise ValueError(f"{dataset}: weak_labels='nih' but images {missing[:3]} have no 'nih_finding_labels'")
     return Study(Records(pool, classes=classes), val_records, test_records,
-                 extra(extra_weak, "weak"), extra(extra_unlabeled, "unlabeled"), nih)
+                 extra(extra_weak, WEAK), extra(extra_unlabeled, UNLABELED), nih)
 
 
 def _numbers(value: str, kind=float) -> tuple:

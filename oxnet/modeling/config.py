@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from oxnet.modeling.detector import OXNet
 
-GRANULARITIES = ("full", "weak", "unlabeled")
 #: ResNet depths the backbone can be built with (:data:`oxnet.modeling.backbone.RESNETS`).
 RESNET_DEPTHS = (18, 34, 50, 101)
 

@@ -17,7 +17,8 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image
 
 from oxnet.modeling.backbone import IMAGENET_MEAN, IMAGENET_STD, ResNetFPN, resnet_fpn_backbone
-from oxnet.modeling.config import GRANULARITIES, LOSS_NAMES, ModelConfig
+from oxnet.modeling.config import LOSS_NAMES, ModelConfig
+from oxnet.vocabulary import FULL, GRANULARITIES, UNLABELED, WEAK
 from oxnet.modeling.heads import ClassificationHead, ImageLevelHead, PrototypeHead, RegressionHead, group_norm
 
 
@@ -189,14 +190,14 @@ class OXNet(nn.Module):
         out = {name: zero for name in LOSS_NAMES}
         dev = logits.device
 
-        full = [i for i, g in enumerate(gran) if g == "full"]
+        full = [i for i, g in enumerate(gran) if g == FULL]
         real_positives = logits.new_zeros((), dtype=torch.int64)
         if full:
             box_losses, real_positives = self._box_losses(logits[full], deltas[full], anchors, [targets[i] for i in full])
             out.update(box_losses)
 
         cfg = self.config
-        labelled = [i for i, g in enumerate(gran) if g in ("full", "weak")]
+        labelled = [i for i, g in enumerate(gran) if g in (FULL, WEAK)]
         if cfg.daa and labelled:
             image_logits, attention = self.image_level(dense)
             idx = torch.tensor(labelled, device=dev)
@@ -210,7 +211,7 @@ class OXNet(nn.Module):
                     feats, self.prototypes, self.prototype_initialized, y
                 )
 
-        soft = [i for i, g in enumerate(gran) if g in ("weak", "unlabeled") and "soft_labels" in targets[i]]
+        soft = [i for i, g in enumerate(gran) if g in (WEAK, UNLABELED) and "soft_labels" in targets[i]]
         if cfg.sfl and soft:
             out.update(self._soft_losses(logits[soft], deltas[soft], anchors, [targets[i] for i in soft], real_positives))
 
@@ -227,7 +228,7 @@ class OXNet(nn.Module):
                     f"targets[{i}][{key!r}] is on {value.device} but the images are on {anchors.device}: "
                     "move the targets to the images' device"
                 )
-        if g == "full":
+        if g == FULL:
             boxes, labels = t.get("boxes"), t.get("labels")
             if boxes is None or labels is None:
                 raise ValueError(f"targets[{i}] is full but has no 'boxes'/'labels'")
@@ -240,7 +241,7 @@ class OXNet(nn.Module):
                     raise ValueError(f"targets[{i}]['boxes'] has a box of zero or negative size: {boxes.tolist()}")
                 if labels.min() < 0 or labels.max() >= self.num_classes:
                     raise ValueError(f"targets[{i}]['labels'] must be in [0, {self.num_classes})")
-        if g in ("full", "weak"):
+        if g in (FULL, WEAK):
             y = t.get("image_labels")
             if y is None or y.shape != (self.num_classes,):
                 raise ValueError(f"targets[{i}]['image_labels'] must be Tensor[{self.num_classes}]")

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from oxnet.modeling.detector import OXNet
+from oxnet.vocabulary import UNLABELED, WEAK
 
 
 class MeanTeacher(nn.Module):
@@ -53,7 +54,7 @@ class MeanTeacher(nn.Module):
     def pseudo_label(self, teacher_images: Tensor | list[Tensor], targets: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Copies of ``targets`` where weak and unlabeled images carry the teacher's soft labels
         Tensor[A, N] and filtered pseudo-boxes (x1, y1, x2, y2) with their 0-based labels."""
-        idx = [i for i, t in enumerate(targets) if t.get("granularity") in ("weak", "unlabeled")]
+        idx = [i for i, t in enumerate(targets) if t.get("granularity") in (WEAK, UNLABELED)]
         targets = [dict(t) for t in targets]
         if not idx or not self.student.config.sfl:
             return targets
@@ -73,7 +74,7 @@ class MeanTeacher(nn.Module):
         for j, i in enumerate(idx):
             det = detections[j]
             boxes, labels = det["boxes"], det["labels"]
-            if targets[i]["granularity"] == "weak":
+            if targets[i]["granularity"] == WEAK:
                 # present classes, and classes nobody assessed (unknown, so not known to be absent)
                 allowed = targets[i]["image_labels"].to(labels.device).bool()
                 mask = targets[i].get("image_label_mask")

@@ -54,6 +54,7 @@ from oxnet.modeling.detector import OXNet
 from oxnet.training.distributed import Dist, average_batchnorm_stats, current_world_size, distributed, to_device
 from oxnet.training.settings import METHODS, TrainConfig
 from oxnet.modeling.teacher import MeanTeacher
+from oxnet.vocabulary import AP40, GRANULARITIES, MAP
 
 __all__ = [
     "History",
@@ -278,7 +279,7 @@ class History:
         """(epoch, mAP) of the best validation mAP in ``phase``; the first epoch wins ties."""
         best: tuple[int | None, float | None] = (None, None)
         for e in self.epochs:
-            score = e["metrics"]["mAP"]
+            score = e["metrics"][MAP]
             if e["phase"] == phase and (best[1] is None or score > best[1]):
                 best = (e["epoch"], score)
         return best
@@ -324,7 +325,7 @@ def _usable_records(records: Sequence[Record], method: str, proportions: Mapping
     counts = Counter(r.granularity for r in records)
     usable = METHODS[method]["granularities"]
     used = {g for g in usable if counts[g] and proportions.get(g, 0) > 0}
-    for g in ("full", "weak", "unlabeled"):
+    for g in GRANULARITIES:
         if counts[g] and g not in usable:
             log(
                 logging.WARNING,
@@ -339,7 +340,7 @@ def _usable_records(records: Sequence[Record], method: str, proportions: Mapping
     log(
         logging.INFO,
         "method %r trains on %s",
-        method, ", ".join(f"{counts[g]} {g}" for g in ("full", "weak", "unlabeled") if g in used),
+        method, ", ".join(f"{counts[g]} {g}" for g in GRANULARITIES if g in used),
     )
     return kept
 
@@ -609,7 +610,7 @@ class _Run:
 
     def _schedule(self, parts: _Parts, metrics: Mapping[str, Any]) -> None:
         """``ReduceLROnPlateau`` on the validation mAP."""
-        parts.scheduler.step(metrics["mAP"])
+        parts.scheduler.step(metrics[MAP])
 
     def _record(
         self, phase: str, epoch: int, losses: dict[str, float], metrics: dict[str, Any], lr: float, steps: int,
@@ -644,7 +645,7 @@ class _Run:
             "%s epoch %d/%d: loss %.4f (%s), val mAP %.4f AP40 %.4f (best %.4f at epoch %d), lr %.2g, %.1f s",
             phase, epoch + 1, self.total_epochs, losses["total"],
             ", ".join(f"{k} {v:.4f}" for k, v in losses.items() if k != "total" and v),
-            metrics["mAP"], metrics["AP40"] or 0.0, best_metric, best_epoch + 1, lr,
+            metrics[MAP], metrics[AP40] or 0.0, best_metric, best_epoch + 1, lr,
             self.history.epochs[-1]["seconds"],
         )
 

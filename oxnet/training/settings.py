@@ -14,21 +14,22 @@ import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
-from oxnet.modeling.config import GRANULARITIES, PRESETS, ModelConfig
+from oxnet.modeling.config import PRESETS, ModelConfig
+from oxnet.vocabulary import FULL, GRANULARITIES, UNLABELED, WEAK
 
 #: Training methods: which parts of OXnet are switched on, which granularities each can learn from,
 #: and whether a mean teacher is needed (only for the soft focal loss).
 METHODS: dict[str, dict[str, Any]] = {
     # Plain RetinaNet: focal + box regression on full images only.
-    "retinanet": {"daa": False, "gpa": False, "sfl": False, "granularities": ("full",)},
+    "retinanet": {"daa": False, "gpa": False, "sfl": False, "granularities": (FULL,)},
     # RetinaNet + mean teacher with soft focal loss: full, and weak/unlabeled through the teacher.
-    "sfl": {"daa": False, "gpa": False, "sfl": True, "granularities": ("full", "weak", "unlabeled")},
+    "sfl": {"daa": False, "gpa": False, "sfl": True, "granularities": GRANULARITIES},
     # RetinaNet + image-level head with dual attention alignment: full and weak.
-    "daa": {"daa": True, "gpa": False, "sfl": False, "granularities": ("full", "weak")},
+    "daa": {"daa": True, "gpa": False, "sfl": False, "granularities": (FULL, WEAK)},
     # DAA + global prototype alignment: full and weak.
-    "daa_gpa": {"daa": True, "gpa": True, "sfl": False, "granularities": ("full", "weak")},
+    "daa_gpa": {"daa": True, "gpa": True, "sfl": False, "granularities": (FULL, WEAK)},
     # Everything (the paper's OXnet): full, weak and unlabeled.
-    "oxnet": {"daa": True, "gpa": True, "sfl": True, "granularities": ("full", "weak", "unlabeled")},
+    "oxnet": {"daa": True, "gpa": True, "sfl": True, "granularities": GRANULARITIES},
 }
 
 #: Default learning rates of Adam: from a random start and from pretrained weights (the paper's 1e-5).
@@ -37,7 +38,7 @@ LR_PRETRAINED = 1e-5
 
 
 def _default_proportions() -> dict[str, float]:
-    return {"full": 0.5, "weak": 0.25, "unlabeled": 0.25}
+    return {FULL: 0.5, WEAK: 0.25, UNLABELED: 0.25}
 
 
 @dataclass(frozen=True)
