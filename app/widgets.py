@@ -53,15 +53,14 @@ def promote_button(version_id: int, label: str, *, key: str, on_done: Callable[[
     """A button that makes ``version_id`` the serving model version (a promotion or a rollback), audited
     with this browser session's annotator; disabled until the user entered a name."""
     from app.store import annotator, sessions
-    from db.repository import promote_model_version
+    from db.service import promote
 
     who = annotator()
     if st.button(label, key=key, disabled=who is None,
                  help="Recorded in the audit log with your name." if who else "Enter your name in the sidebar first: "
                       "promotions and rollbacks are recorded with it."):
         try:
-            with sessions().begin() as session:
-                promote_model_version(session, version_id, annotator=who)
+            promote(sessions(), version_id, annotator=who)
         except ValueError as e:
             st.error(f"Version {version_id} was not promoted: {e}")
             return

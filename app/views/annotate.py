@@ -44,20 +44,26 @@ from app.browser import column_room, leave_guard
 from app.imaging import compose, render
 from app.store import CURRENT_PAGE_KEY, PREVIOUS_PAGE_KEY, annotator, sessions, store_url
 from app.widgets import plain
-from db.costs import record_save
-from db.drafts import FINDING_STATES, NOT_ASSESSED, PRESENT, delete_draft, get_draft, list_drafts, save_draft
-from db.lifecycle import ConflictError
-from db.models import SuggestedAction
-from db.repository import release_lease, take_lease
 from db.service import (
     DEFAULT_SCORE_THRESHOLD,
+    FINDING_STATES,
     MIN_BOX_PX,
+    NOT_ASSESSED,
+    PRESENT,
+    ConflictError,
     ImageDetail,
-    claim_next_image,
+    SuggestedAction,
+    discard_draft,
+    drafts_of,
     image_detail,
+    leave_image,
     model_output,
+    next_image,
     project_exists,
-    save_annotation,
+    read_draft,
+    save_from_draft,
+    take_image,
+    write_draft,
 )
 
 Box = tuple[str, float, float, float, float]
@@ -87,8 +93,7 @@ def _load(detail: ImageDetail, who: str, *, restore: bool = True) -> None:
     s = _state()
     s["annotate_load"] = s.get("annotate_load", 0) + 1
     s["annotate_loaded_id"] = detail.id
-    with sessions()() as session:
-        stored = get_draft(session, detail.id, who) if restore else None
+    stored = read_draft(sessions(), detail.id, who) if restore else None
     task = s.get(ACTION_KEY) or (stored.payload["task"] if stored else None) or default_task(detail.granularity)
     base = baseline(detail, task)
     s["annotate_baseline"] = base
@@ -156,8 +161,7 @@ def _go_to(image_id: int | None, who: str) -> None:
     s = _state()
     current = s.get(IMAGE_KEY)
     if current is not None and current != image_id:
-        with sessions().begin() as session:
-            release_lease(session, current, who)
+        leave_image(sessions(), current, who)
     s[IMAGE_KEY] = image_id
     s.pop("annotate_loaded_id", None)
     if image_id is None:
@@ -167,22 +171,19 @@ def _go_to(image_id: int | None, who: str) -> None:
 
 
 def _discard(image_id: int, who: str) -> None:
-    with sessions().begin() as session:
-        delete_draft(session, image_id, who)
+    discard_draft(sessions(), image_id, who)
     _state()["annotate_written"] = None
 
 
 def _next_image(action: str, who: str, exclude: list[int]) -> int | None:
-    with sessions().begin() as session:
-        return claim_next_image(session, action, annotator=who, exclude=exclude)
+    return next_image(sessions(), action, who, exclude)
 
 
 def _open_by_id(image_id: int, who: str) -> bool:
     """Take the image's lease (yours again after a reload) and open it; False when someone else holds it.
     An image id that does not exist is said so on the page (and the script stops)."""
     try:
-        with sessions().begin() as session:
-            taken = take_lease(session, image_id, who)
+        taken = take_image(sessions(), image_id, who)
     except ValueError as e:  # no such image
         st.error(str(e))
         st.stop()
@@ -239,8 +240,7 @@ if s.get(IMAGE_KEY) is None:
         if _open_by_id(int(wanted), who):
             st.rerun()
         right.warning(f"Image {wanted} is being annotated by someone else.")
-    with sessions()() as session:
-        drafts = list_drafts(session, who)
+    drafts = drafts_of(sessions(), who)
     if drafts:
         st.markdown("**Your unsaved drafts**")
         with st.container(horizontal=True, gap="small"):
@@ -469,8 +469,7 @@ dirty = is_dirty(draft, base_state)
 s[DIRTY_KEY] = dirty
 payload = to_payload(draft)
 if dirty and payload != s.get("annotate_written"):
-    with sessions().begin() as session:
-        save_draft(session, detail.id, who, payload, base_version=s["annotate_version"])
+    write_draft(sessions(), detail.id, who, payload, base_version=s["annotate_version"])
     s["annotate_written"] = payload
 elif not dirty and s.get("annotate_written") is not None:
     _discard(detail.id, who)
@@ -481,15 +480,11 @@ def _save() -> str | None:
     """Save the draft (and drop it from the store); the image's new granularity, or None (refused: the message stays)."""
     present, absent = split_findings(draft["findings"])
     try:
-        with sessions().begin() as session:
-            image = save_annotation(
-                session, detail.id, present=present, absent=absent, no_finding=no_finding, boxes=live, complete=complete,
-                annotator=who, expected_version=s["annotate_version"],
-            )
-            granularity = image.granularity.value
-            delete_draft(session, detail.id, who)
-            record_save(session, detail.id, annotator=who, action=queue_action(task), before=detail.granularity,
-                        seconds=time.monotonic() - s.get("annotate_opened_at", time.monotonic()))
+        granularity = save_from_draft(
+            sessions(), detail.id, present=present, absent=absent, no_finding=no_finding, boxes=live, complete=complete,
+            annotator=who, expected_version=s["annotate_version"], action=queue_action(task), before=detail.granularity,
+            seconds=time.monotonic() - s.get("annotate_opened_at", time.monotonic()),
+        )
     except (ConflictError, ValueError) as e:
         s["annotate_error"] = (f"Not saved: {e}", payload)
         return None

@@ -6,9 +6,7 @@ import streamlit as st
 
 from app.imaging import thumbnail
 from app.store import annotator, sessions, store_url
-from db.models import Split, SuggestedAction
-from db.repository import take_lease
-from db.service import project_classes, project_exists, queue
+from db.service import Split, SuggestedAction, project_classes, project_exists, queue, take_image
 
 COLUMNS = 4
 PER_PAGE = 24
@@ -45,9 +43,7 @@ def gain_text(item) -> str:
 
 def _open(image_id: int, action: str, who: str) -> None:
     """Take the image's lease and switch to Annotate (refused while someone else holds it)."""
-    with sessions().begin() as session:
-        leased = take_lease(session, image_id, who)
-    if not leased:
+    if not take_image(sessions(), image_id, who):
         st.session_state["queue_message"] = f"Image {image_id} is being annotated by someone else; pick another."
         _page.clear()
         st.rerun()
