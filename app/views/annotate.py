@@ -1,7 +1,8 @@
 """Annotate: findings as present / absent / not assessed, boxes on a canvas, the model's boxes as suggestions, save.
 
-Per-browser state lives in ``st.session_state`` under ``annotate_*`` keys; the logic (defaults, view
-maths, draft (de)serialisation, suggestion numbering) is in :mod:`app.annotate_state`. Each image load
+Per-browser state lives in ``st.session_state`` under ``annotate_*`` keys; the logic (opening an image,
+defaults, the canvas content and its undo history, view maths, draft (de)serialisation, suggestion
+numbering) is in :mod:`app.annotate_state`; this page renders and wires it. Each image load
 gets a counter (``annotate_load``) that keys the findings widgets and the canvas. The canvas is redrawn
 from ``annotate_base`` (boxes in original pixels) whenever ``annotate_rev`` grows (an accepted
 suggestion, a deleted box, undo, a new view). What the annotator has not saved (``annotate_draft``) is
@@ -13,7 +14,6 @@ so a reload comes back to the same image, with its lease, and the draft.
 
 from __future__ import annotations
 
-import copy
 import time
 from typing import Any
 
@@ -21,24 +21,28 @@ import streamlit as st
 from streamlit_drawable_canvas import CanvasResult, boxes_to_drawing, st_canvas
 
 from app.annotate_state import (
+    ACTION_KEY,
+    DIRTY_KEY,
+    IMAGE_KEY,
     STATE_HELP,
     View,
     accept,
     all_others_absent,
-    baseline,
-    canvas_to_image,
-    default_task,
-    effective_findings,
-    from_payload,
-    image_to_canvas,
+    boxes_to_canvas,
+    canvas_key,
+    canvas_to_boxes,
+    current_draft,
+    fit_view,
     is_dirty,
-    make_view,
     numbered_suggestions,
     queue_action,
+    redraw,
     same_boxes,
     split_findings,
     split_small,
+    start_editing,
     to_payload,
+    undo,
 )
 from app.browser import column_room, leave_guard
 from app.imaging import compose, render
@@ -68,17 +72,11 @@ from db.service import (
 
 Box = tuple[str, float, float, float, float]
 
-IMAGE_KEY = "annotate_image_id"
-ACTION_KEY = "annotate_action"
-DIRTY_KEY = "annotate_dirty"
 #: URL query parameter holding the open image (a reload reopens it).
 IMAGE_PARAM = "image"
 PAGE_TITLE = "Annotate"
 CANVAS_SIZES = (384, 512, 640, 768, 896, 1024, 1280)
 DEFAULT_CANVAS = 640
-#: The canvas is made no taller than the window below its top (less FOLD_MARGIN), but never under MIN_FIT px.
-FOLD_MARGIN = 24
-MIN_FIT = 320
 STROKE = "#ff3b30"
 FILL = "rgba(255, 59, 48, 0.06)"
 FONT_SIZE = 13
@@ -90,39 +88,12 @@ def _state() -> Any:
 
 def _load(detail: ImageDetail, who: str, *, restore: bool = True) -> None:
     """Start editing ``detail``: from the annotator's stored draft when there is one, else from the store."""
-    s = _state()
-    s["annotate_load"] = s.get("annotate_load", 0) + 1
-    s["annotate_loaded_id"] = detail.id
     stored = read_draft(sessions(), detail.id, who) if restore else None
-    task = s.get(ACTION_KEY) or (stored.payload["task"] if stored else None) or default_task(detail.granularity)
-    base = baseline(detail, task)
-    s["annotate_baseline"] = base
-    if stored is not None:
-        draft = from_payload(stored.payload, detail.classes)
-        draft["task"] = task
-        s["annotate_version"] = stored.base_version
-        s["annotate_restored"] = (detail.id, stored.updated_at)
-        s["annotate_written"] = to_payload(draft)
-    else:
-        draft = copy.deepcopy(base)
-        s["annotate_version"] = detail.version
-        s["annotate_written"] = None
-    s["annotate_task"] = task
-    s["annotate_draft"] = draft
-    s["annotate_base"] = [tuple(b) for b in draft["boxes"]]
-    s["annotate_history"] = []
-    s["annotate_handled"] = []
-    s["annotate_rev"] = 0
-    s["annotate_opened_at"] = time.monotonic()  # the save's active seconds (db.costs) count from here
-    s["annotate_findgen"] = 0
-    s.pop("annotate_view", None)
-    for key in ("annotate_confirm_leave", "annotate_error", "annotate_box_notice"):
-        s.pop(key, None)
-    s[DIRTY_KEY] = is_dirty(draft, base)
+    start_editing(_state(), detail, stored, opened_at=time.monotonic())
 
 
 def _canvas_key() -> str:
-    return f"annotate_canvas_{_state()['annotate_load']}_{_state()['annotate_rev']}"
+    return canvas_key(_state())
 
 
 def _canvas_boxes(view: View, width: int, height: int) -> list[Box] | None:
@@ -131,16 +102,12 @@ def _canvas_boxes(view: View, width: int, height: int) -> list[Box] | None:
     if not isinstance(value, dict) or not isinstance(value.get("drawing"), dict):
         return None
     result = CanvasResult(json_data=value["drawing"].get("raw"), image_data_url=None, return_image_data=False)
-    return [(str(b["label"]), *canvas_to_image(view, b["left"], b["top"], b["width"], b["height"], width, height))
-            for b in result.boxes]
+    return canvas_to_boxes(result.boxes, view, width, height)
 
 
 def _drawing(boxes: list[Box], view: View) -> dict[str, Any]:
     """The canvas drawing (Fabric JSON) of ``boxes`` given in original pixels, as ``view`` shows them."""
-    drawing = boxes_to_drawing(
-        [{"label": n, **image_to_canvas(view, x1, y1, x2, y2)} for n, x1, y1, x2, y2 in boxes],
-        stroke_color=STROKE, stroke_width=2, fill_color=FILL,
-    )
+    drawing = boxes_to_drawing(boxes_to_canvas(boxes, view), stroke_color=STROKE, stroke_width=2, fill_color=FILL)
     for obj in drawing["objects"]:
         obj["fontSize"] = FONT_SIZE  # as the boxes drawn by hand (boxes_to_drawing leaves Fabric's default 20)
     return drawing
@@ -148,12 +115,7 @@ def _drawing(boxes: list[Box], view: View) -> dict[str, Any]:
 
 def _redraw(boxes: list[Box], *, undoable: bool = True) -> None:
     """Make ``boxes`` the canvas content (undoable with the Undo button)."""
-    s = _state()
-    if undoable:
-        s["annotate_history"].append(list(s["annotate_base"]))
-    s["annotate_base"] = list(boxes)
-    s["annotate_draft"]["boxes"] = [list(b) for b in boxes]
-    s["annotate_rev"] += 1
+    redraw(_state(), boxes, undoable=undoable)
 
 
 def _go_to(image_id: int | None, who: str) -> None:
@@ -313,10 +275,7 @@ handled = s["annotate_handled"]
 main, side = st.columns([3, 2], gap="medium")
 with main:
     column, room = column_room("annotate_column_width")
-# The canvas fits its column, and the window's height below its top (never under MIN_FIT px: then scroll)
-fit_h = max(MIN_FIT, room - FOLD_MARGIN) if room else max_side
-view = make_view(detail.width, detail.height, min(max_side, column) if column else max_side, min(max_side, fit_h),
-                 zoom=zoom, centre=(centre_x / 100, centre_y / 100))
+view = fit_view(detail.width, detail.height, max_side, column, room, zoom=zoom, centre=(centre_x / 100, centre_y / 100))
 if s.get("annotate_view") not in (None, view):
     _redraw([tuple(b) for b in draft["boxes"]], undoable=False)
 s["annotate_view"] = view
@@ -457,13 +416,10 @@ with side:
                 _redraw(live[:k] + live[k + 1 :])
                 st.rerun()
     if s["annotate_history"] and st.button("Undo last accept/delete", key="annotate_undo"):
-        s["annotate_base"] = s["annotate_history"].pop()
-        s["annotate_draft"]["boxes"] = [list(b) for b in s["annotate_base"]]
-        s["annotate_rev"] += 1
+        undo(s)
         st.rerun()
 
-draft = {"findings": effective_findings(findings, live), "no_finding": no_finding, "complete": complete,
-         "boxes": [list(b) for b in live], "task": task}
+draft = current_draft(findings, no_finding, complete, live, task)
 s["annotate_draft"] = draft
 dirty = is_dirty(draft, base_state)
 s[DIRTY_KEY] = dirty

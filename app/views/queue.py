@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import streamlit as st
 
+from app.annotate_state import ACTION_KEY, DIRTY_KEY, IMAGE_KEY
 from app.imaging import thumbnail
 from app.store import annotator, sessions, store_url
 from db.service import Split, SuggestedAction, project_classes, project_exists, queue, take_image
 
 COLUMNS = 4
 PER_PAGE = 24
-#: Session-state keys the Annotate page reads.
-OPEN_IMAGE_KEY = "annotate_image_id"
-OPEN_ACTION_KEY = "annotate_action"
-DIRTY_KEY = "annotate_dirty"
 
 
 @st.cache_data(ttl=5, show_spinner=False)
@@ -47,8 +44,8 @@ def _open(image_id: int, action: str, who: str) -> None:
         st.session_state["queue_message"] = f"Image {image_id} is being annotated by someone else; pick another."
         _page.clear()
         st.rerun()
-    st.session_state[OPEN_IMAGE_KEY] = image_id
-    st.session_state[OPEN_ACTION_KEY] = action
+    st.session_state[IMAGE_KEY] = image_id
+    st.session_state[ACTION_KEY] = action
     st.session_state[DIRTY_KEY] = False
     st.switch_page("views/annotate.py")
 
@@ -74,8 +71,8 @@ items = _page(url, action, who, None if class_name == "any class" else class_nam
 
 if message := st.session_state.pop("queue_message", None):
     st.warning(message)
-if st.session_state.get(DIRTY_KEY) and st.session_state.get(OPEN_IMAGE_KEY) is not None:
-    st.warning(f"Image {st.session_state[OPEN_IMAGE_KEY]} has unsaved changes on **Annotate**; they stay your draft of it if you open another image.")
+if st.session_state.get(DIRTY_KEY) and st.session_state.get(IMAGE_KEY) is not None:
+    st.warning(f"Image {st.session_state[IMAGE_KEY]} has unsaved changes on **Annotate**; they stay your draft of it if you open another image.")
 if not items:
     st.info("Nothing waiting for this action and these filters." if page == 0 else "No more images: go back a page.")
     st.stop()
