@@ -271,7 +271,8 @@ def _category_ids(path: str, classes: Sequence[str]) -> list[int]:
 
 def _predict(args: argparse.Namespace) -> int:
     from oxnet.data import load_image
-    from oxnet.training.engine import draw_overlay, predict
+    from oxnet.data.overlay import draw_prediction
+    from oxnet.training.engine import predict
     from oxnet.evaluation.metrics import coco_results
 
     model, classes, records, device = _load(args)
@@ -288,7 +289,7 @@ def _predict(args: argparse.Namespace) -> int:
         folder = Path(args.overlays)
         folder.mkdir(parents=True, exist_ok=True)
         for record, prediction in zip(records, predictions):
-            picture = draw_overlay(
+            picture = draw_prediction(
                 load_image(record.path), prediction, classes, category_ids=category_ids,
                 score_threshold=args.score_threshold,
             )

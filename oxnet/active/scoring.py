@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader
 
 from oxnet.data.datasets import OmniDataset, collate
 from oxnet.data.records import Record
-from oxnet.data.transforms import TEACHER_AUGMENT, Photometric
+from oxnet.data.transforms import TEACHER_AUGMENT, Photometric, to_original_pixels
 from oxnet.modeling.model import OXNet
 
 __all__ = [
@@ -385,8 +385,6 @@ def score_images(
             weak = torch.tensor([t["granularity"] == "weak" for t in targets], device=device)
             parts = score_batch(teacher_logits.float(), logits, probs, best, labels, weak, config, known)
             for i, (det, t) in enumerate(zip(detections, targets)):
-                height, width = t["orig_size"]
-                scale = torch.tensor([width / size, height / size] * 2)
                 action, reason = explain(
                     granularity=t["granularity"], value=float(parts.value[i]),
                     class_disagreement=parts.class_disagreement[i].cpu(), image_probs=probs[i].cpu(),
@@ -395,7 +393,8 @@ def score_images(
                 )
                 results.append(ImageScore(
                     image_id=int(t["image_id"]), granularity=t["granularity"],
-                    boxes=det["boxes"].float().cpu() * scale, scores=det["scores"].float().cpu(),
+                    boxes=to_original_pixels(det["boxes"].float().cpu(), (size, size), t["orig_size"]),
+                    scores=det["scores"].float().cpu(),
                     labels=det["labels"].cpu(), image_probs=probs[i].cpu(), attention=attention[i].float().cpu(),
                     value=float(parts.value[i]), disagreement=float(parts.disagreement[i]),
                     uncertainty=float(parts.uncertainty[i]), conflict=float(parts.conflict[i]),
