@@ -180,7 +180,6 @@ def current_draft(findings: Mapping[str, str], no_finding: bool, complete: bool,
 
 # --- the view: canvas pixels <-> image pixels ----------------------------------------------------
 
-ZOOMS = (1, 2, 3, 4)
 #: The canvas is made no taller than the window below its top (less FOLD_MARGIN), but never under MIN_FIT px.
 FOLD_MARGIN = 24
 MIN_FIT = 320

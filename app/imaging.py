@@ -19,14 +19,6 @@ from oxnet.data.imaging import read_pixels, window
 from oxnet.data.overlay import draw_overlay
 
 
-def fit(width: int, height: int, max_width: int, max_height: int) -> tuple[int, int]:
-    """The largest (w, h) with the image's aspect ratio inside ``max_width`` x ``max_height`` (at least 1 px)."""
-    if width < 1 or height < 1:
-        raise ValueError(f"image size must be positive, got {width}x{height}")
-    scale = min(max_width / width, max_height / height)
-    return max(1, round(width * scale)), max(1, round(height * scale))
-
-
 @st.cache_data(ttl=600, max_entries=64, show_spinner=False)
 def render(path: str, size: tuple[int, int], level: float = 50.0, width: float = 100.0, invert: bool = False,
            crop: tuple[int, int, int, int] | None = None) -> PILImage.Image:

@@ -15,7 +15,7 @@ from db.service import annotator_name
 #: ``st.session_state`` key of the annotator's name (chosen once per browser session).
 ANNOTATOR_KEY = "main_annotator"
 #: URL query parameter that remembers the annotator's name across a browser reload. It is a
-#: convenience, not a login: anyone can type a name (accounts are issue 16).
+#: convenience, not a login: anyone can type a name (there are no accounts or passwords yet).
 ANNOTATOR_PARAM = "annotator"
 #: ``st.session_state`` keys of the page this script run shows and the one the previous run showed.
 CURRENT_PAGE_KEY = "main_page"

@@ -3,7 +3,7 @@
 Pages only render; what they read and write goes through here. Each function takes a Session and the
 caller owns the transaction. Results are plain dataclasses and dicts (safe to cache and to pickle).
 
-Contracts with the trainer (issue 5), read here and documented in the README:
+Contracts with the trainer (what it writes and these queries read), documented in the README:
 
 - metrics are :class:`~db.models.Metric` rows; :func:`oxnet.evaluation.metrics.evaluate`'s nested dicts are
   flattened as ``per_class_AP/<class>`` and ``image_auc/<class>``; training losses are ``loss/<name>``
