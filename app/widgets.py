@@ -18,6 +18,18 @@ def plain(text: object) -> str:
     return " ".join(str(text).split()).translate(_MARKDOWN_SPECIAL)
 
 
+def require_project_and_name(has_project: bool, who: str | None, *, why: str) -> str:
+    """The annotator's name; the page stops with a message while the store has no project or the user
+    entered no name yet (``why``: what the name is for, as the message says it)."""
+    if not has_project:
+        st.info("The store has no project yet: see **Overview**.")
+        st.stop()
+    if not who:
+        st.warning(f"Enter your name in the sidebar first: {why}.")
+        st.stop()
+    return who
+
+
 def show_job(job: dict[str, Any], title: str) -> None:
     """A background job's progress bar, or its result or error once it ended."""
     state, done, total = job.get("status"), int(job.get("done") or 0), int(job.get("total") or 0)

@@ -47,7 +47,7 @@ from app.annotate_state import (
 from app.browser import column_room, leave_guard
 from app.imaging import compose, render
 from app.store import CURRENT_PAGE_KEY, PREVIOUS_PAGE_KEY, annotator, sessions, store_url
-from app.widgets import plain
+from app.widgets import plain, require_project_and_name
 from db.service import (
     DEFAULT_SCORE_THRESHOLD,
     FINDING_STATES,
@@ -166,12 +166,7 @@ url = store_url()
 who = annotator()
 with sessions()() as session:
     has_project = project_exists(session)
-if not has_project:
-    st.info("The store has no project yet: see **Overview**.")
-    st.stop()
-if not who:
-    st.warning("Enter your name in the sidebar first: every label and box is saved under it.")
-    st.stop()
+who = require_project_and_name(has_project, who, why="every label and box is saved under it")
 
 s = _state()
 if s.get("annotate_who") not in (None, who):  # "Switch annotator": the open image and its draft were the other's

@@ -7,6 +7,7 @@ import streamlit as st
 from app.annotate_state import ACTION_KEY, DIRTY_KEY, IMAGE_KEY
 from app.imaging import thumbnail
 from app.store import annotator, sessions, store_url
+from app.widgets import require_project_and_name
 from db.service import Split, SuggestedAction, project_classes, project_exists, queue, take_image
 
 COLUMNS = 4
@@ -54,12 +55,7 @@ st.title("Queue")
 url = store_url()
 who = annotator()
 classes = _classes(url)
-if not classes:
-    st.info("The store has no project yet: see **Overview**.")
-    st.stop()
-if not who:
-    st.warning("Enter your name in the sidebar first: the queue hands each image to one annotator at a time.")
-    st.stop()
+who = require_project_and_name(bool(classes), who, why="the queue hands each image to one annotator at a time")
 
 left, middle, right, pager = st.columns([2, 2, 1, 1])
 action = left.selectbox("Action", [a.value for a in SuggestedAction], key="queue_action",
