@@ -1,18 +1,21 @@
 """The Annotate page's state logic, kept out of the page script so it can be tested alone.
 
 No Streamlit here: the draft (what the annotator has on screen and has not saved), the defaults that
-follow an image's granularity, the view (canvas scale, zoom crop) and the maths between canvas pixels
-and original image pixels, the minimum box size, and the one numbering of model suggestions.
+follow an image's granularity, opening an image for editing, the canvas content with its undo history
+(functions on the page's ``st.session_state``, any mutable mapping here), the view (canvas scale, zoom
+crop, fitted to the column and the window) and the maths between canvas pixels and original image
+pixels, the minimum box size, and the one numbering of model suggestions.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+import copy
+from collections.abc import Iterable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from db.drafts import ABSENT, NOT_ASSESSED, PRESENT, check_payload
+from db.drafts import ABSENT, NOT_ASSESSED, PRESENT, StoredDraft, check_payload
 from db.models import Granularity, SuggestedAction
 from db.service import ImageDetail
 
@@ -103,9 +106,83 @@ def from_payload(payload: Mapping[str, Any], classes: Sequence[str]) -> dict[str
     return {**checked, "findings": findings}
 
 
+# --- the page's state: opening an image, the canvas content and its undo history -----------------
+
+#: ``st.session_state`` keys the Queue page sets to open an image here: the image, its queue action, and
+#: whether the open image has unsaved changes.
+IMAGE_KEY = "annotate_image_id"
+ACTION_KEY = "annotate_action"
+DIRTY_KEY = "annotate_dirty"
+
+
+def start_editing(state: MutableMapping[str, Any], detail: ImageDetail, stored: StoredDraft | None, *, opened_at: float) -> None:
+    """Make ``detail`` the image being edited in ``state``: from the annotator's ``stored`` draft when
+    there is one, else from the store. Each load gets a new ``annotate_load`` (it keys the findings
+    widgets and the canvas); the undo history and the handled suggestions start empty; ``opened_at``
+    (the monotonic clock) is where the save's active seconds count from."""
+    state["annotate_load"] = state.get("annotate_load", 0) + 1
+    state["annotate_loaded_id"] = detail.id
+    task = state.get(ACTION_KEY) or (stored.payload["task"] if stored else None) or default_task(detail.granularity)
+    base = baseline(detail, task)
+    state["annotate_baseline"] = base
+    if stored is not None:
+        draft = from_payload(stored.payload, detail.classes)
+        draft["task"] = task
+        state["annotate_version"] = stored.base_version
+        state["annotate_restored"] = (detail.id, stored.updated_at)
+        state["annotate_written"] = to_payload(draft)
+    else:
+        draft = copy.deepcopy(base)
+        state["annotate_version"] = detail.version
+        state["annotate_written"] = None
+    state["annotate_task"] = task
+    state["annotate_draft"] = draft
+    state["annotate_base"] = [tuple(b) for b in draft["boxes"]]
+    state["annotate_history"] = []
+    state["annotate_handled"] = []
+    state["annotate_rev"] = 0
+    state["annotate_opened_at"] = opened_at
+    state["annotate_findgen"] = 0
+    state.pop("annotate_view", None)
+    for key in ("annotate_confirm_leave", "annotate_error", "annotate_box_notice"):
+        state.pop(key, None)
+    state[DIRTY_KEY] = is_dirty(draft, base)
+
+
+def canvas_key(state: Mapping[str, Any]) -> str:
+    """The canvas widget's key: new for each load and each redraw (``annotate_rev``), so the canvas starts
+    from ``annotate_base``."""
+    return f"annotate_canvas_{state['annotate_load']}_{state['annotate_rev']}"
+
+
+def redraw(state: MutableMapping[str, Any], boxes: Sequence[Box], *, undoable: bool = True) -> None:
+    """Make ``boxes`` (original pixels) the canvas content and the draft's boxes; ``undoable`` keeps the
+    content before in the undo history."""
+    if undoable:
+        state["annotate_history"].append(list(state["annotate_base"]))
+    state["annotate_base"] = list(boxes)
+    state["annotate_draft"]["boxes"] = [list(b) for b in boxes]
+    state["annotate_rev"] += 1
+
+
+def undo(state: MutableMapping[str, Any]) -> None:
+    """Back to the canvas content before the last undoable :func:`redraw` (an accept or a delete)."""
+    state["annotate_base"] = state["annotate_history"].pop()
+    state["annotate_draft"]["boxes"] = [list(b) for b in state["annotate_base"]]
+    state["annotate_rev"] += 1
+
+
+def current_draft(findings: Mapping[str, str], no_finding: bool, complete: bool, boxes: Sequence[Box], task: str) -> dict[str, Any]:
+    """The draft as the page shows it now (boxed classes present)."""
+    return {"findings": effective_findings(findings, boxes), "no_finding": no_finding, "complete": complete,
+            "boxes": [list(b) for b in boxes], "task": task}
+
+
 # --- the view: canvas pixels <-> image pixels ----------------------------------------------------
 
-ZOOMS = (1, 2, 3, 4)
+#: The canvas is made no taller than the window below its top (less FOLD_MARGIN), but never under MIN_FIT px.
+FOLD_MARGIN = 24
+MIN_FIT = 320
 
 
 @dataclass(frozen=True)
@@ -145,6 +222,16 @@ def make_view(image_w: int, image_h: int, max_w: int, max_h: int, zoom: int = 1,
     return View(x0=x0, y0=y0, x1=min(image_w, x0 + crop_w), y1=min(image_h, y0 + crop_h), scale=scale, width=width, height=height)
 
 
+def fit_view(image_w: int, image_h: int, max_side: int, column: int | None, room: int | None, *, zoom: int = 1,
+             centre: tuple[float, float] = (0.5, 0.5)) -> View:
+    """The view of the image on a canvas of at most ``max_side`` px a side that fits its ``column`` (px
+    wide) and the window's ``room`` below the canvas's top (less :data:`FOLD_MARGIN`, never under
+    :data:`MIN_FIT`: then the page scrolls); None for either: not measured yet."""
+    fit_h = max(MIN_FIT, room - FOLD_MARGIN) if room else max_side
+    return make_view(image_w, image_h, min(max_side, column) if column else max_side, min(max_side, fit_h),
+                     zoom=zoom, centre=centre)
+
+
 def canvas_to_image(view: View, left: float, top: float, width: float, height: float,
                     image_w: int, image_h: int) -> tuple[float, float, float, float]:
     """A canvas rectangle (px) as (x1, y1, x2, y2) in original pixels, clamped to the image, 2 decimals."""
@@ -159,6 +246,18 @@ def image_to_canvas(view: View, x1: float, y1: float, x2: float, y2: float) -> d
     """A box in original pixels as the canvas rectangle {left, top, width, height} (px)."""
     return {"left": (x1 - view.x0) * view.scale, "top": (y1 - view.y0) * view.scale,
             "width": (x2 - x1) * view.scale, "height": (y2 - y1) * view.scale}
+
+
+def canvas_to_boxes(rects: Iterable[Mapping[str, Any]], view: View, image_w: int, image_h: int) -> list[Box]:
+    """The canvas's labelled rectangles (``{label, left, top, width, height}`` in canvas px, as the canvas
+    component reports them) as boxes (class, x1, y1, x2, y2) in original pixels, clamped to the image."""
+    return [(str(r["label"]), *canvas_to_image(view, r["left"], r["top"], r["width"], r["height"], image_w, image_h))
+            for r in rects]
+
+
+def boxes_to_canvas(boxes: Iterable[Sequence[Any]], view: View) -> list[dict[str, Any]]:
+    """Boxes (class, x1, y1, x2, y2) in original pixels as the canvas's ``{label, left, top, width, height}``."""
+    return [{"label": name, **image_to_canvas(view, x1, y1, x2, y2)} for name, x1, y1, x2, y2 in boxes]
 
 
 def split_small(boxes: Sequence[Box], min_box: float) -> tuple[list[Box], list[Box]]:

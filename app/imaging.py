@@ -17,9 +17,8 @@ from PIL import Image as PILImage
 from PIL import ImageDraw, ImageFont
 
 from oxnet.data.imaging import read_pixels, window
+from oxnet.data.overlay import draw_overlay
 
-#: Colour of the model's suggested boxes drawn into the background image.
-SUGGESTION_COLOUR = (255, 196, 0)
 #: Colour of annotated boxes (a reader's or the training label's) drawn by :func:`outline`.
 ANNOTATION_COLOUR = (255, 59, 48)
 
@@ -72,19 +71,6 @@ def thumbnail(path: str, side: int = 192) -> bytes | None:
     return buffer.getvalue()
 
 
-def heatmap(values: Sequence[Sequence[float]], size: tuple[int, int]) -> PILImage.Image:
-    """An RGBA overlay of a 2-D attention map stretched to ``size``: red, opaque where the map peaks."""
-    grid = np.asarray(values, dtype=np.float32)
-    if grid.ndim != 2 or grid.size == 0 or not np.isfinite(grid).all():
-        raise ValueError(f"an attention map must be a finite 2-D grid, got shape {grid.shape}")
-    grid = grid - grid.min()
-    grid = grid / grid.max() if grid.max() > 0 else grid
-    alpha = PILImage.fromarray(np.rint(grid * 150).astype(np.uint8), mode="L").resize(size, PILImage.Resampling.BILINEAR)
-    overlay = PILImage.new("RGBA", size, (255, 40, 0, 0))
-    overlay.putalpha(alpha)
-    return overlay
-
-
 def compose(
     base: PILImage.Image,
     scale: float,
@@ -94,38 +80,17 @@ def compose(
     origin: tuple[float, float] = (0.0, 0.0),
     image_size: tuple[int, int] | None = None,
 ) -> PILImage.Image:
-    """``base`` as RGB with the model's boxes and an attention overlay.
+    """``base`` as RGB with the model's boxes and an attention overlay (:func:`oxnet.data.overlay.draw_overlay`).
 
     ``base`` shows the image region starting at ``origin`` (original pixels) ``scale`` times larger;
     boxes are in original pixels and labelled ``S<number>`` (their ``number``, else their place in
     ``suggestions``). ``image_size`` (w, h): the whole image's size, needed to place the attention map
     when ``base`` is a crop.
     """
-    image = base.convert("RGBA")
-    ox, oy = origin
-    if attention is not None:
-        if image_size is None:
-            overlay = heatmap(attention, image.size)
-        else:
-            full = heatmap(attention, (max(1, round(image_size[0] * scale)), max(1, round(image_size[1] * scale))))
-            left, top = round(ox * scale), round(oy * scale)
-            overlay = full.crop((left, top, left + image.width, top + image.height))
-        image = PILImage.alpha_composite(image, overlay)
-    draw = ImageDraw.Draw(image)
-    font = ImageFont.load_default(size=13)
-    for k, box in enumerate(suggestions, 1):
-        number = int(box.get("number", k))
-        bx1, by1, bx2, by2 = (float(v) for v in box["bbox"])
-        x1, y1, x2, y2 = (bx1 - ox) * scale, (by1 - oy) * scale, (bx2 - ox) * scale, (by2 - oy) * scale
-        for start in range(int(x1), int(x2), 8):  # dashed outline: suggestions, not annotations
-            draw.line([(start, y1), (min(start + 4, x2), y1)], fill=SUGGESTION_COLOUR, width=2)
-            draw.line([(start, y2), (min(start + 4, x2), y2)], fill=SUGGESTION_COLOUR, width=2)
-        for start in range(int(y1), int(y2), 8):
-            draw.line([(x1, start), (x1, min(start + 4, y2))], fill=SUGGESTION_COLOUR, width=2)
-            draw.line([(x2, start), (x2, min(start + 4, y2))], fill=SUGGESTION_COLOUR, width=2)
-        label = f"S{number} {box.get('class', '?')} {float(box.get('score', 0)):.2f}"
-        draw.text((x1 + 3, max(0.0, y1 - 16)), label, fill=SUGGESTION_COLOUR, font=font)
-    return image.convert("RGB")
+    labels = [f"S{int(box.get('number', k))} {box.get('class', '?')} {float(box.get('score', 0)):.2f}"
+              for k, box in enumerate(suggestions, 1)]
+    return draw_overlay(base, [box["bbox"] for box in suggestions], labels, attention, scale=scale, origin=origin,
+                        image_size=image_size)
 
 
 def outline(base: PILImage.Image, scale: float, boxes: Sequence[Sequence[Any]], colour: tuple[int, int, int] = ANNOTATION_COLOUR) -> PILImage.Image:

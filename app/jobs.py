@@ -101,12 +101,6 @@ def _poll_children() -> int:
     return len(_children)
 
 
-def reap() -> int:
-    """Reap the processes started by :func:`spawn` that ended; returns how many still run."""
-    with _children_lock:
-        return _poll_children()
-
-
 def _reap_until_none_left() -> None:
     global _reaper
     while True:

@@ -24,13 +24,14 @@ from app.store import (
     PREVIOUS_PAGE_KEY,
     annotator,
     forget_annotator,
+    read_only,
     sessions,
     set_annotator,
     shown_store_url,
+    store_error,
     store_url,
 )
 from app.widgets import page_icon, plain
-from db.engine import is_read_only, store_error_message
 from db.service import project_exists
 
 st.set_page_config(page_title="OXnet workbench", page_icon=page_icon(), layout="wide")
@@ -92,7 +93,7 @@ with st.sidebar:
 try:
     with sessions()() as session:
         fresh = not project_exists(session)
-    if fresh and os.environ.get(AUTO_DEMO_ENV, "1") != "0" and not is_read_only(sessions().kw["bind"]):
+    if fresh and os.environ.get(AUTO_DEMO_ENV, "1") != "0" and not read_only():
         start_demo_job(store_url())  # no-op when it ran or runs already
     st.session_state[PREVIOUS_PAGE_KEY] = st.session_state.get(CURRENT_PAGE_KEY)
     st.session_state[CURRENT_PAGE_KEY] = page.title
@@ -100,7 +101,7 @@ try:
 except ArgumentError:  # its message repeats the URL, password included
     st.error(f"Cannot parse the store URL `{shown_store_url()}`: set OXNET_DB_URL to an SQLAlchemy URL and restart.")
 except Exception as e:  # noqa: BLE001 - a locked, read-only or full store is one sentence, not a traceback
-    message = store_error_message(e, store_url())
+    message = store_error(e)
     if message is None:
         raise
     st.error(message)

@@ -9,13 +9,13 @@ from __future__ import annotations
 import streamlit as st
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.engine import database_url, display_url, init_db, make_sessionmaker
-from db.people import annotator_name
+from db.engine import database_url, display_url, init_db, is_read_only, make_sessionmaker, store_error_message
+from db.service import annotator_name
 
 #: ``st.session_state`` key of the annotator's name (chosen once per browser session).
 ANNOTATOR_KEY = "main_annotator"
 #: URL query parameter that remembers the annotator's name across a browser reload. It is a
-#: convenience, not a login: anyone can type a name (accounts are issue 16).
+#: convenience, not a login: anyone can type a name (there are no accounts or passwords yet).
 ANNOTATOR_PARAM = "annotator"
 #: ``st.session_state`` keys of the page this script run shows and the one the previous run showed.
 CURRENT_PAGE_KEY = "main_page"
@@ -35,6 +35,17 @@ def _sessionmaker(url: str) -> sessionmaker[Session]:
 def sessions() -> sessionmaker[Session]:
     """The sessionmaker of the store at :func:`store_url` (schema created or upgraded once per server)."""
     return _sessionmaker(store_url())
+
+
+def read_only() -> bool:
+    """Whether the store was opened read-only (a SQLite ``mode=ro`` URL): nothing is written, not even the demo."""
+    return is_read_only(sessions().kw["bind"])
+
+
+def store_error(error: BaseException) -> str | None:
+    """One sentence for a locked, read-only, full or unopenable store (:func:`db.engine.store_error_message`);
+    None for any other error (a bug: let it show)."""
+    return store_error_message(error, store_url())
 
 
 def annotator() -> str | None:
@@ -61,7 +72,7 @@ def shown_store_url() -> str:
 
 
 def set_annotator(name: str) -> None:
-    """Remember ``name`` as this browser session's annotator, normalised by :func:`db.people.annotator_name`,
+    """Remember ``name`` as this browser session's annotator, normalised by :func:`db.service.annotator_name`,
     in the session and in the page's URL (a reload keeps it).
 
     Raises:

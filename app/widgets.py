@@ -19,6 +19,18 @@ def plain(text: object) -> str:
     return " ".join(str(text).split()).translate(_MARKDOWN_SPECIAL)
 
 
+def require_project_and_name(has_project: bool, who: str | None, *, why: str) -> str:
+    """The annotator's name; the page stops with a message while the store has no project or the user
+    entered no name yet (``why``: what the name is for, as the message says it)."""
+    if not has_project:
+        st.info("The store has no project yet: see **Overview**.")
+        st.stop()
+    if not who:
+        st.warning(f"Enter your name in the sidebar first: {why}.")
+        st.stop()
+    return who
+
+
 def show_job(job: dict[str, Any], title: str) -> None:
     """A background job's progress bar, or its result or error once it ended."""
     state, done, total = job.get("status"), int(job.get("done") or 0), int(job.get("total") or 0)
@@ -54,15 +66,14 @@ def promote_button(version_id: int, label: str, *, key: str, on_done: Callable[[
     """A button that makes ``version_id`` the serving model version (a promotion or a rollback), audited
     with this browser session's annotator; disabled until the user entered a name."""
     from app.store import annotator, sessions
-    from db.versions import promote_model_version
+    from db.service import promote
 
     who = annotator()
     if st.button(label, key=key, disabled=who is None,
                  help="Recorded in the audit log with your name." if who else "Enter your name in the sidebar first: "
                       "promotions and rollbacks are recorded with it."):
         try:
-            with sessions().begin() as session:
-                promote_model_version(session, version_id, annotator=who)
+            promote(sessions(), version_id, annotator=who)
         except ValueError as e:
             st.error(f"Version {version_id} was not promoted: {e}")
             return

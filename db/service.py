@@ -1,11 +1,13 @@
 """Queries and the one annotation save behind the Streamlit pages (``app/views``).
 
-Pages only render; what they read and write goes through here, or through the store module the
-function lives in (pages import it from there: the queue and its leases from :mod:`db.queue`, counts
-from :mod:`db.projects`, the trainer's state from :mod:`db.trainer_lock`). Each function takes a Session
-and the caller owns the transaction. Results are plain dataclasses and dicts (safe to cache and to pickle).
+Pages only render; every store query and command they run goes through this module (the door),
+which calls the store module the logic lives in (the queue and its leases: :mod:`db.queue`; several
+readers: :mod:`db.readers`; counts: :mod:`db.projects`; the trainer's state: :mod:`db.trainer_lock`).
+The queries take a Session and the caller owns the transaction; the page commands at the end take the
+page's sessionmaker and own one transaction per UI event. Results are plain dataclasses and dicts
+(safe to cache and to pickle).
 
-Contracts with the trainer (what it writes and these queries read; documented in the README):
+Contracts with the trainer (what it writes and these queries read), documented in the README:
 
 - metrics are :class:`~db.models.Metric` rows; :func:`oxnet.evaluation.metrics.evaluate`'s nested dicts are
   flattened as ``per_class_AP/<class>`` and ``image_auc/<class>``; training losses are ``loss/<name>``
@@ -18,12 +20,23 @@ from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session, selectinload
+from sqlalchemy.orm import Session, selectinload, sessionmaker
 
+from db.costs import MIN_SAVES as MIN_SAVES
+from db.costs import cost_rows, record_save
+from db.demo import data_dir as data_dir
+from db.drafts import FINDING_STATES as FINDING_STATES
+from db.drafts import NOT_ASSESSED as NOT_ASSESSED
+from db.drafts import PRESENT as PRESENT
+from db.drafts import StoredDraft, delete_draft, get_draft, list_drafts, save_draft
+from db.importers import SALT_ENV as SALT_ENV
 from db.lifecycle import ConflictError, downgrade, mark_boxes_complete, set_boxes, set_image_labels
+from db.people import annotator_name as annotator_name
 from db.models import (
     Annotator,
     FileStatus,
@@ -36,11 +49,18 @@ from db.models import (
     Prediction,
     Project,
     Split,
+    SuggestedAction,
     SweepResult,
     utcnow,
 )
-from db.projects import DEFAULT_PROJECT, class_names, get_project
-from db.versions import serving_history, serving_model_version
+from db.projects import DEFAULT_PROJECT, class_names, get_project, stats
+from db.queue import claim_next
+from db.queue import queue as queue
+from db.retention import DEFAULT_KEEP_READY as DEFAULT_KEEP_READY
+from db.retention import folder_size
+from db.trainer_lock import TRAINER_STALE_AFTER as TRAINER_STALE_AFTER
+from db.trainer_lock import trainer_state
+from db.versions import promote_model_version, serving_history, serving_model_version
 from oxnet.data.annotation import BoxInput, annotation_problems
 from oxnet.vocabulary import ATTENTION_KEY, SCORE_THRESHOLD
 
@@ -305,3 +325,158 @@ def sweep_results(session: Session, project: str = DEFAULT_PROJECT) -> list[dict
         for r in rows
     ]
 
+
+
+# =================================================================================================
+# The pages' door: the store queries and commands the pages (app/views, app/main.py, app/widgets.py)
+# run besides the ones above. Each function opens its own session (a read) or transaction (a write)
+# from the page's sessionmaker: one UI event, one transaction. The re-exported names (``X as X``) are
+# the store's vocabulary, limits, errors and folders the pages use, so a page imports db.service only.
+# =================================================================================================
+
+Sessions = sessionmaker[Session]
+
+
+def take_image(sessions: Sessions, image_id: int, annotator: str, *, review: bool = False) -> bool:
+    """Lease the image to ``annotator`` (their own lease again: extended; a reader's lease when several
+    read each image, unless ``review``: a reviewer's edit, :func:`db.readers.take_image`); False while
+    someone else holds it. Raises ValueError when there is no image with that id."""
+    from db.readers import take_image as take  # db.readers builds on this module
+
+    with sessions.begin() as session:
+        return take(session, image_id, annotator, review=review)
+
+
+def leave_image(sessions: Sessions, image_id: int, annotator: str) -> None:
+    """Give back whichever lease the annotator holds on the image (nothing when they hold none)."""
+    from db.readers import release_image
+
+    with sessions.begin() as session:
+        release_image(session, image_id, annotator)
+
+
+def next_image(sessions: Sessions, action: SuggestedAction | str, annotator: str, exclude: Collection[int] = ()) -> int | None:
+    """Lease the top of the ``action`` queue to ``annotator`` (:func:`db.queue.claim_next`); None when it is empty."""
+    with sessions.begin() as session:
+        item = claim_next(session, action, annotator=annotator, exclude=exclude)
+        return item.image_id if item is not None else None
+
+
+def annotation_view(sessions: Sessions, image_id: int, annotator: str, *, review: bool = False) -> ImageDetail:
+    """What the Annotate page edits (:func:`db.readers.annotation_detail`): the image's label, or with
+    several readers the annotator's own read. Raises ValueError when there is no image with that id."""
+    from db.readers import annotation_detail
+
+    with sessions() as session:
+        return annotation_detail(session, image_id, annotator=annotator, review=review)
+
+
+def read_draft(sessions: Sessions, image_id: int, annotator: str) -> StoredDraft | None:
+    """The annotator's unsaved draft of the image (:mod:`db.drafts`), or None."""
+    with sessions() as session:
+        return get_draft(session, image_id, annotator)
+
+
+def write_draft(sessions: Sessions, image_id: int, annotator: str, payload: Mapping[str, Any], *, base_version: int) -> None:
+    """Store the annotator's draft of the image (replacing theirs), started from image ``base_version``."""
+    with sessions.begin() as session:
+        save_draft(session, image_id, annotator, payload, base_version=base_version)
+
+
+def discard_draft(sessions: Sessions, image_id: int, annotator: str) -> None:
+    """Delete the annotator's draft of the image (nothing when there is none)."""
+    with sessions.begin() as session:
+        delete_draft(session, image_id, annotator)
+
+
+def drafts_of(sessions: Sessions, annotator: str) -> list[tuple[int, datetime]]:
+    """(image id, last change) of the annotator's drafts, newest first."""
+    with sessions() as session:
+        return list_drafts(session, annotator)
+
+
+def save_from_draft(
+    sessions: Sessions,
+    image_id: int,
+    *,
+    present: Collection[str],
+    absent: Collection[str],
+    no_finding: bool,
+    boxes: Sequence[BoxInput],
+    complete: bool,
+    annotator: str,
+    expected_version: int,
+    action: SuggestedAction | str,
+    before: Granularity | str,
+    seconds: float,
+    review: bool = False,
+) -> str:
+    """The Annotate page's Save, in one transaction: :func:`save_annotation`, the annotator's draft
+    deleted and the save's ``seconds`` recorded; with several readers the save is the annotator's own
+    read and with ``review`` a reviewer's edit of the image's label (:func:`db.readers.save_for`), (:func:`db.costs.record_save`, the upgrade from
+    ``before``). Returns the image's new granularity. Raises what :func:`save_annotation` raises
+    (ValueError, :class:`~db.lifecycle.ConflictError`), and then nothing of it is stored."""
+    from db.readers import save_for  # several readers: the annotator's own read; a review: the image's label
+
+    with sessions.begin() as session:
+        granularity = save_for(session, image_id, present=present, absent=absent, no_finding=no_finding, boxes=boxes,
+                               complete=complete, annotator=annotator, expected_version=expected_version, review=review)
+        delete_draft(session, image_id, annotator)
+        record_save(session, image_id, annotator=annotator, action=action, before=before, seconds=seconds)
+    return granularity
+
+
+def promote(sessions: Sessions, model_version_id: int, *, annotator: str) -> None:
+    """Make the ready version serve (a promotion, or a rollback to an older one), audited with ``annotator``.
+    Raises ValueError for a version that is not ready, not the project's or already serving."""
+    with sessions.begin() as session:
+        promote_model_version(session, model_version_id, annotator=annotator)
+
+
+def stop_trainer_after_round(sessions: Sessions, *, annotator: str = "ui") -> None:
+    """Ask the trainer to stop once the round in progress is saved (an audit entry it polls)."""
+    from db.workbench import request_stop  # imports torch (oxnet.active.loop): only when asked
+
+    with sessions.begin() as session:
+        request_stop(session, after_round=True, annotator=annotator)
+
+
+def image_counts(sessions: Sessions, project: str = DEFAULT_PROJECT) -> dict[str, Any] | None:
+    """The project's image counts by granularity and split (:func:`db.projects.stats`); None before the project exists."""
+    with sessions() as session:
+        return stats(session, project) if project_exists(session, project) else None
+
+
+def trainer_status(sessions: Sessions, project: str = DEFAULT_PROJECT, *, now: datetime | None = None) -> dict[str, Any] | None:
+    """The trainer's row as the Overview shows it, or None before a trainer ever ran: ``{"owner",
+    "heartbeat_at", "round", "progress", "phase", "last_error", "alive", "seconds_ago"}``; ``alive``: a
+    lock owner whose last heartbeat is younger than :data:`TRAINER_STALE_AFTER`; ``seconds_ago``: the
+    heartbeat's age (None without one)."""
+    now = now or utcnow()
+    with sessions() as session:
+        row = trainer_state(session, project)
+        if row is None:
+            return None
+        age = now - row.heartbeat_at if row.heartbeat_at else None
+        return {"owner": row.lock_owner, "heartbeat_at": row.heartbeat_at, "round": row.round, "progress": row.progress,
+                "phase": row.phase, "last_error": row.last_error,
+                "alive": bool(row.lock_owner and age is not None and age < TRAINER_STALE_AFTER),
+                "seconds_ago": age.total_seconds() if age is not None else None}
+
+
+def annotation_cost_rows(sessions: Sessions, project: str = DEFAULT_PROJECT) -> list[dict[str, Any]]:
+    """Per upgrade its saves, median seconds and units (:func:`db.costs.cost_rows`)."""
+    with sessions() as session:
+        return cost_rows(session, project)
+
+
+def model_files(url: str) -> tuple[Path, int]:
+    """The folder of the store's model checkpoints and the bytes its files use (0 before any)."""
+    folder = data_dir(url) / "models"
+    return folder, folder_size(folder)
+
+
+def unreadable(sessions: Sessions, project: str = DEFAULT_PROJECT) -> list[dict[str, Any]]:
+    """:func:`unreadable_files` of the project in a session of its own."""
+    with sessions() as session:
+        return unreadable_files(session, project)

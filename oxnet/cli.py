@@ -272,8 +272,8 @@ def _category_ids(path: str, classes: Sequence[str]) -> list[int]:
 
 def _predict(args: argparse.Namespace) -> int:
     from oxnet.data import load_image
+    from oxnet.data.overlay import draw_prediction
     from oxnet.evaluation.predict import predict
-    from oxnet.training.engine import draw_overlay
     from oxnet.evaluation.metrics import coco_results
 
     model, classes, records, device = _load(args)
@@ -290,7 +290,7 @@ def _predict(args: argparse.Namespace) -> int:
         folder = Path(args.overlays)
         folder.mkdir(parents=True, exist_ok=True)
         for record, prediction in zip(records, predictions):
-            picture = draw_overlay(
+            picture = draw_prediction(
                 load_image(record.path), prediction, classes, category_ids=category_ids,
                 score_threshold=args.score_threshold,
             )

@@ -427,7 +427,7 @@ def test_annotate_findings_save_and_next_loads_the_next_image(demo):
         assert image.granularity is Granularity.WEAK
         assert {lb.label_class.name: lb.present for lb in image.labels} == {"Pleural effusion": True}  # the rest: not assessed
         assert session.get(Lease, first) is None and session.get(Lease, second) is not None
-        (timed,) = session.scalars(select(AnnotationTime)).all()  # the save's active seconds (issue 14)
+        (timed,) = session.scalars(select(AnnotationTime)).all()  # the save's active seconds (db.costs)
         assert (timed.image_id, timed.upgrade, timed.annotator_id) == (first, "unlabeled->weak", image.labels[0].annotator_id)
         assert 0 <= timed.seconds < 120
 
@@ -786,7 +786,7 @@ def test_jobs_and_trainer_get_an_absolute_store_path(tmp_path, monkeypatch):
 
 
 def test_annotate_opening_an_image_id_that_does_not_exist_says_so(demo):
-    """Issue 12.5: a non-existent id gave an IntegrityError traceback (the lease's foreign key)."""
+    """A non-existent id once gave an IntegrityError traceback (the lease's foreign key)."""
     at = _app("views/annotate.py")
     at.number_input(key="annotate_pick_id").set_value(99_999).run()
     at.button(key="annotate_open_id").click().run()
@@ -798,7 +798,7 @@ def test_annotate_opening_an_image_id_that_does_not_exist_says_so(demo):
 
 
 def test_data_page_lists_unreadable_files_with_their_reason(demo):
-    """Issue 12.3: a file the trainer found corrupt is shown with the reason on the Data page."""
+    """A file the trainer found corrupt is shown with the reason on the Data page."""
     from db.models import FileStatus
 
     image_id = _unlabeled_ids(demo)[0]
@@ -813,7 +813,7 @@ def test_data_page_lists_unreadable_files_with_their_reason(demo):
 
 
 def test_a_read_only_store_renders_and_a_save_says_so_in_one_sentence(demo, monkeypatch):
-    """Issue 12.11/12.12: the UI reads a read-only store; a write shows one sentence, not SQL."""
+    """The UI reads a read-only store; a write shows one sentence, not SQL."""
     path = demo.removeprefix("sqlite:///")
     monkeypatch.setenv("OXNET_DB_URL", f"sqlite:///file:{path}?mode=ro&uri=true")
     for page in PAGES:
@@ -827,7 +827,7 @@ def test_a_read_only_store_renders_and_a_save_says_so_in_one_sentence(demo, monk
 
 
 def test_overview_shows_the_disk_use_of_the_models_folder(demo):
-    """Issue 12.13: the disk use of the model checkpoints is on the Overview page."""
+    """The disk use of the model checkpoints is on the Overview page."""
     from db.demo import data_dir
 
     folder = data_dir(demo) / "models" / "default" / "version-00001"

@@ -1,10 +1,11 @@
 """A real browser against ``streamlit run app/main.py``: the Annotate page as a radiologist uses it.
 
-One streamlit server per module (port 8630-8639) on a seeded demo store; each test takes its own
-images and its own annotator in a fresh browser context. Covers issue 13's Annotate defects: a refused
-save's message (1), unsaved boxes across a page switch (2), the whole image at 1366x768 (3), a click
-is not a box (4), one suggestion numbering (5), defaults by granularity (6), unmarked findings not
-stored as absent (7), reload and leave-page prompt (8), threshold and untruncated buttons (12).
+One streamlit server per module (a free port of 8630-8639, or of the ten from ``$OXNET_TEST_PORT``) on
+a seeded demo store; each test takes its own images and its own annotator in a fresh browser context.
+Covers what once went wrong on the Annotate page: a refused save's message, unsaved boxes across a page
+switch, the whole image at 1366x768, a click is not a box, one suggestion numbering, defaults by
+granularity, unmarked findings not stored as absent, reload and the leave-page prompt, the threshold and
+untruncated buttons.
 
 Needs Debian's Chromium (``apt-get install -y chromium``) and the ``playwright`` package (never
 ``playwright install``); skipped when either is missing. Screenshots go to ``artifacts/browser/``.
@@ -32,7 +33,9 @@ from db.people import get_annotator
 from db.versions import create_model_version, finish_model_version, write_predictions, write_suggestions
 from tests.streamlit_server import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, ROOT, streamlit_server
 
-PORTS = range(8630, 8640)
+#: Ports to try (the first free one serves): ten from ``$OXNET_TEST_PORT`` (default 8630).
+FIRST_PORT = int(os.environ.get("OXNET_TEST_PORT", "8630"))
+PORTS = range(FIRST_PORT, FIRST_PORT + 10)
 SIZE = 256  # demo image side (px)
 #: The model's boxes on every queued image: three above the default threshold 0.5, one below.
 SUGGESTED = [

@@ -1,7 +1,8 @@
 """Annotate: findings as present / absent / not assessed, boxes on a canvas, the model's boxes as suggestions, save.
 
-Per-browser state lives in ``st.session_state`` under ``annotate_*`` keys; the logic (defaults, view
-maths, draft (de)serialisation, suggestion numbering) is in :mod:`app.annotate_state`. Each image load
+Per-browser state lives in ``st.session_state`` under ``annotate_*`` keys; the logic (opening an image,
+defaults, the canvas content and its undo history, view maths, draft (de)serialisation, suggestion
+numbering) is in :mod:`app.annotate_state`; this page renders and wires it. Each image load
 gets a counter (``annotate_load``) that keys the findings widgets and the canvas. The canvas is redrawn
 from ``annotate_base`` (boxes in original pixels) whenever ``annotate_rev`` grows (an accepted
 suggestion, a deleted box, undo, a new view). What the annotator has not saved (``annotate_draft``) is
@@ -15,7 +16,6 @@ so a reload comes back to the same image, with its lease, and the draft. With se
 
 from __future__ import annotations
 
-import copy
 import time
 from typing import Any
 
@@ -23,58 +23,64 @@ import streamlit as st
 from streamlit_drawable_canvas import CanvasResult, boxes_to_drawing, st_canvas
 
 from app.annotate_state import (
+    ACTION_KEY,
+    DIRTY_KEY,
+    IMAGE_KEY,
     STATE_HELP,
     View,
     accept,
     all_others_absent,
-    baseline,
-    canvas_to_image,
-    default_task,
-    effective_findings,
-    from_payload,
-    image_to_canvas,
+    boxes_to_canvas,
+    canvas_key,
+    canvas_to_boxes,
+    current_draft,
+    fit_view,
     is_dirty,
-    make_view,
     numbered_suggestions,
     queue_action,
+    redraw,
     same_boxes,
     split_findings,
     split_small,
+    start_editing,
     to_payload,
+    undo,
 )
 from app.browser import column_room, leave_guard
 from app.imaging import compose, render
 from app.store import CURRENT_PAGE_KEY, PREVIOUS_PAGE_KEY, annotator, sessions, store_url
-from app.widgets import plain
-from db.costs import record_save
-from db.drafts import FINDING_STATES, NOT_ASSESSED, PRESENT, delete_draft, get_draft, list_drafts, save_draft
-from db.lifecycle import ConflictError
-from db.models import SuggestedAction
-from db.queue import claim_next
-from db.readers import annotation_detail, release_image, save_for, take_image
+from app.widgets import plain, require_project_and_name
 from db.service import (
     DEFAULT_SCORE_THRESHOLD,
+    FINDING_STATES,
     MIN_BOX_PX,
+    NOT_ASSESSED,
+    PRESENT,
+    ConflictError,
     ImageDetail,
+    SuggestedAction,
+    annotation_view,
+    discard_draft,
+    drafts_of,
+    leave_image,
     model_output,
+    next_image,
     project_exists,
+    read_draft,
+    save_from_draft,
+    take_image,
+    write_draft,
 )
 
 Box = tuple[str, float, float, float, float]
 
-IMAGE_KEY = "annotate_image_id"
 #: Image id a reviewer opened from Review to edit its label (not their own read).
 REVIEW_KEY = "annotate_review"
-ACTION_KEY = "annotate_action"
-DIRTY_KEY = "annotate_dirty"
 #: URL query parameter holding the open image (a reload reopens it).
 IMAGE_PARAM = "image"
 PAGE_TITLE = "Annotate"
 CANVAS_SIZES = (384, 512, 640, 768, 896, 1024, 1280)
 DEFAULT_CANVAS = 640
-#: The canvas is made no taller than the window below its top (less FOLD_MARGIN), but never under MIN_FIT px.
-FOLD_MARGIN = 24
-MIN_FIT = 320
 STROKE = "#ff3b30"
 FILL = "rgba(255, 59, 48, 0.06)"
 FONT_SIZE = 13
@@ -91,40 +97,12 @@ def _reviewing(image_id: int | None) -> bool:
 
 def _load(detail: ImageDetail, who: str, *, restore: bool = True) -> None:
     """Start editing ``detail``: from the annotator's stored draft when there is one, else from the store."""
-    s = _state()
-    s["annotate_load"] = s.get("annotate_load", 0) + 1
-    s["annotate_loaded_id"] = detail.id
-    with sessions()() as session:
-        stored = get_draft(session, detail.id, who) if restore else None
-    task = s.get(ACTION_KEY) or (stored.payload["task"] if stored else None) or default_task(detail.granularity)
-    base = baseline(detail, task)
-    s["annotate_baseline"] = base
-    if stored is not None:
-        draft = from_payload(stored.payload, detail.classes)
-        draft["task"] = task
-        s["annotate_version"] = stored.base_version
-        s["annotate_restored"] = (detail.id, stored.updated_at)
-        s["annotate_written"] = to_payload(draft)
-    else:
-        draft = copy.deepcopy(base)
-        s["annotate_version"] = detail.version
-        s["annotate_written"] = None
-    s["annotate_task"] = task
-    s["annotate_draft"] = draft
-    s["annotate_base"] = [tuple(b) for b in draft["boxes"]]
-    s["annotate_history"] = []
-    s["annotate_handled"] = []
-    s["annotate_rev"] = 0
-    s["annotate_opened_at"] = time.monotonic()  # the save's active seconds (db.costs) count from here
-    s["annotate_findgen"] = 0
-    s.pop("annotate_view", None)
-    for key in ("annotate_confirm_leave", "annotate_error", "annotate_box_notice"):
-        s.pop(key, None)
-    s[DIRTY_KEY] = is_dirty(draft, base)
+    stored = read_draft(sessions(), detail.id, who) if restore else None
+    start_editing(_state(), detail, stored, opened_at=time.monotonic())
 
 
 def _canvas_key() -> str:
-    return f"annotate_canvas_{_state()['annotate_load']}_{_state()['annotate_rev']}"
+    return canvas_key(_state())
 
 
 def _canvas_boxes(view: View, width: int, height: int) -> list[Box] | None:
@@ -133,16 +111,12 @@ def _canvas_boxes(view: View, width: int, height: int) -> list[Box] | None:
     if not isinstance(value, dict) or not isinstance(value.get("drawing"), dict):
         return None
     result = CanvasResult(json_data=value["drawing"].get("raw"), image_data_url=None, return_image_data=False)
-    return [(str(b["label"]), *canvas_to_image(view, b["left"], b["top"], b["width"], b["height"], width, height))
-            for b in result.boxes]
+    return canvas_to_boxes(result.boxes, view, width, height)
 
 
 def _drawing(boxes: list[Box], view: View) -> dict[str, Any]:
     """The canvas drawing (Fabric JSON) of ``boxes`` given in original pixels, as ``view`` shows them."""
-    drawing = boxes_to_drawing(
-        [{"label": n, **image_to_canvas(view, x1, y1, x2, y2)} for n, x1, y1, x2, y2 in boxes],
-        stroke_color=STROKE, stroke_width=2, fill_color=FILL,
-    )
+    drawing = boxes_to_drawing(boxes_to_canvas(boxes, view), stroke_color=STROKE, stroke_width=2, fill_color=FILL)
     for obj in drawing["objects"]:
         obj["fontSize"] = FONT_SIZE  # as the boxes drawn by hand (boxes_to_drawing leaves Fabric's default 20)
     return drawing
@@ -150,12 +124,7 @@ def _drawing(boxes: list[Box], view: View) -> dict[str, Any]:
 
 def _redraw(boxes: list[Box], *, undoable: bool = True) -> None:
     """Make ``boxes`` the canvas content (undoable with the Undo button)."""
-    s = _state()
-    if undoable:
-        s["annotate_history"].append(list(s["annotate_base"]))
-    s["annotate_base"] = list(boxes)
-    s["annotate_draft"]["boxes"] = [list(b) for b in boxes]
-    s["annotate_rev"] += 1
+    redraw(_state(), boxes, undoable=undoable)
 
 
 def _go_to(image_id: int | None, who: str) -> None:
@@ -163,8 +132,7 @@ def _go_to(image_id: int | None, who: str) -> None:
     s = _state()
     current = s.get(IMAGE_KEY)
     if current is not None and current != image_id:
-        with sessions().begin() as session:
-            release_image(session, current, who)
+        leave_image(sessions(), current, who)
     if s.get(REVIEW_KEY) != image_id:
         s.pop(REVIEW_KEY, None)
     s[IMAGE_KEY] = image_id
@@ -176,23 +144,19 @@ def _go_to(image_id: int | None, who: str) -> None:
 
 
 def _discard(image_id: int, who: str) -> None:
-    with sessions().begin() as session:
-        delete_draft(session, image_id, who)
+    discard_draft(sessions(), image_id, who)
     _state()["annotate_written"] = None
 
 
 def _next_image(action: str, who: str, exclude: list[int]) -> int | None:
-    with sessions().begin() as session:
-        item = claim_next(session, action, annotator=who, exclude=exclude)
-        return item.image_id if item is not None else None
+    return next_image(sessions(), action, who, exclude)
 
 
 def _open_by_id(image_id: int, who: str) -> bool:
     """Take the image's lease (yours again after a reload) and open it; False when someone else holds it.
     An image id that does not exist is said so on the page (and the script stops)."""
     try:
-        with sessions().begin() as session:
-            taken = take_image(session, image_id, who, review=_reviewing(image_id))
+        taken = take_image(sessions(), image_id, who, review=_reviewing(image_id))
     except ValueError as e:  # no such image
         st.error(str(e))
         st.stop()
@@ -213,12 +177,7 @@ url = store_url()
 who = annotator()
 with sessions()() as session:
     has_project = project_exists(session)
-if not has_project:
-    st.info("The store has no project yet: see **Overview**.")
-    st.stop()
-if not who:
-    st.warning("Enter your name in the sidebar first: every label and box is saved under it.")
-    st.stop()
+who = require_project_and_name(has_project, who, why="every label and box is saved under it")
 
 s = _state()
 if s.get("annotate_who") not in (None, who):  # "Switch annotator": the open image and its draft were the other's
@@ -249,8 +208,7 @@ if s.get(IMAGE_KEY) is None:
         if _open_by_id(int(wanted), who):
             st.rerun()
         right.warning(f"Image {wanted} is being annotated by someone else.")
-    with sessions()() as session:
-        drafts = list_drafts(session, who)
+    drafts = drafts_of(sessions(), who)
     if drafts:
         st.markdown("**Your unsaved drafts**")
         with st.container(horizontal=True, gap="small"):
@@ -262,8 +220,7 @@ if s.get(IMAGE_KEY) is None:
     st.stop()
 
 try:
-    with sessions()() as session:
-        detail = annotation_detail(session, s[IMAGE_KEY], annotator=who, review=_reviewing(s[IMAGE_KEY]))
+    detail = annotation_view(sessions(), s[IMAGE_KEY], who, review=_reviewing(s[IMAGE_KEY]))
 except ValueError as e:
     st.error(str(e))
     _go_to(None, who)
@@ -325,10 +282,7 @@ handled = s["annotate_handled"]
 main, side = st.columns([3, 2], gap="medium")
 with main:
     column, room = column_room("annotate_column_width")
-# The canvas fits its column, and the window's height below its top (never under MIN_FIT px: then scroll)
-fit_h = max(MIN_FIT, room - FOLD_MARGIN) if room else max_side
-view = make_view(detail.width, detail.height, min(max_side, column) if column else max_side, min(max_side, fit_h),
-                 zoom=zoom, centre=(centre_x / 100, centre_y / 100))
+view = fit_view(detail.width, detail.height, max_side, column, room, zoom=zoom, centre=(centre_x / 100, centre_y / 100))
 if s.get("annotate_view") not in (None, view):
     _redraw([tuple(b) for b in draft["boxes"]], undoable=False)
 s["annotate_view"] = view
@@ -469,20 +423,16 @@ with side:
                 _redraw(live[:k] + live[k + 1 :])
                 st.rerun()
     if s["annotate_history"] and st.button("Undo last accept/delete", key="annotate_undo"):
-        s["annotate_base"] = s["annotate_history"].pop()
-        s["annotate_draft"]["boxes"] = [list(b) for b in s["annotate_base"]]
-        s["annotate_rev"] += 1
+        undo(s)
         st.rerun()
 
-draft = {"findings": effective_findings(findings, live), "no_finding": no_finding, "complete": complete,
-         "boxes": [list(b) for b in live], "task": task}
+draft = current_draft(findings, no_finding, complete, live, task)
 s["annotate_draft"] = draft
 dirty = is_dirty(draft, base_state)
 s[DIRTY_KEY] = dirty
 payload = to_payload(draft)
 if dirty and payload != s.get("annotate_written"):
-    with sessions().begin() as session:
-        save_draft(session, detail.id, who, payload, base_version=s["annotate_version"])
+    write_draft(sessions(), detail.id, who, payload, base_version=s["annotate_version"])
     s["annotate_written"] = payload
 elif not dirty and s.get("annotate_written") is not None:
     _discard(detail.id, who)
@@ -493,14 +443,11 @@ def _save() -> str | None:
     """Save the draft (and drop it from the store); the image's new granularity, or None (refused: the message stays)."""
     present, absent = split_findings(draft["findings"])
     try:
-        with sessions().begin() as session:
-            granularity = save_for(
-                session, detail.id, present=present, absent=absent, no_finding=no_finding, boxes=live, complete=complete,
-                annotator=who, expected_version=s["annotate_version"], review=_reviewing(detail.id),
-            )
-            delete_draft(session, detail.id, who)
-            record_save(session, detail.id, annotator=who, action=queue_action(task), before=detail.granularity,
-                        seconds=time.monotonic() - s.get("annotate_opened_at", time.monotonic()))
+        granularity = save_from_draft(
+            sessions(), detail.id, present=present, absent=absent, no_finding=no_finding, boxes=live, complete=complete,
+            annotator=who, expected_version=s["annotate_version"], action=queue_action(task), before=detail.granularity,
+            seconds=time.monotonic() - s.get("annotate_opened_at", time.monotonic()), review=_reviewing(detail.id),
+        )
     except (ConflictError, ValueError) as e:
         s["annotate_error"] = (f"Not saved: {e}", payload)
         return None

@@ -16,9 +16,7 @@ import streamlit as st
 from app.jobs import list_jobs, start_job
 from app.store import sessions, store_url
 from app.widgets import show_job
-from db.demo import data_dir
-from db.importers import SALT_ENV
-from db.service import unreadable_files
+from db.service import SALT_ENV, data_dir, unreadable
 from oxnet.vocabulary import GRANULARITIES
 
 #: More files than this go through a folder import, not the upload box.
@@ -201,8 +199,7 @@ for job in finished:
                                on_click="ignore", key=f"data_download_{field}_{job['id']}")
 
 
-with sessions()() as _session:
-    _bad = unreadable_files(_session)
+_bad = unreadable(sessions())
 if _bad:
     st.subheader("Files that cannot be read")
     st.caption("Left out of training and exports until fixed; `python -m db check --recheck` reads them again.")

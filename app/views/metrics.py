@@ -121,27 +121,29 @@ else:
 
 latest = versions[-1] if versions else None
 val = latest["metrics"].get("val", {}) if latest else {}
+
+
+def _class_bars(prefix: str, what: str, axis: str, *, key: str, note: str = "", **options) -> None:
+    """A bar per class of the latest version's ``prefix`` metrics (``what``: their name in the message
+    shown when it has none; ``axis``: the value axis)."""
+    frame = _per_class(val, prefix)
+    if frame.empty:
+        st.info(f"The latest model version has no {what}.")
+        return
+    frame["version"] = latest["id"]
+    st.plotly_chart(px.bar(frame, x="class", y="value", hover_data=["version"], labels={"value": axis},
+                           title=f"model version {latest['id']}{note}", **options), key=key, **PLOT)
+
+
 left, right = st.columns(2)
 with left:
     st.subheader("Per-class AP")
-    per_class = _per_class(val, PER_CLASS_AP_PREFIX)
-    if per_class.empty:
-        st.info("The latest model version has no per-class AP.")
-    else:
-        per_class["version"] = latest["id"]
-        st.plotly_chart(px.bar(per_class, x="class", y="value", hover_data=["version"], labels={"value": "AP (val)"},
-                               title=f"model version {latest['id']}"), key="metrics_ap", **PLOT)
+    _class_bars(PER_CLASS_AP_PREFIX, "per-class AP", "AP (val)", key="metrics_ap")
 with right:
     st.subheader("Image-level AUC")
-    auc = _per_class(val, IMAGE_AUC_PREFIX)
-    if auc.empty:
-        st.info("The latest model version has no image-level AUC.")
-    else:
-        auc["version"] = latest["id"]
-        mean = val.get(MEAN_IMAGE_AUC)
-        title = f"model version {latest['id']}" + (f", mean {mean:.3f}" if mean is not None else "")
-        st.plotly_chart(px.bar(auc, x="class", y="value", hover_data=["version"], labels={"value": "ROC AUC (val)"},
-                               range_y=[0, 1], title=title), key="metrics_auc", **PLOT)
+    mean = val.get(MEAN_IMAGE_AUC)
+    _class_bars(IMAGE_AUC_PREFIX, "image-level AUC", "ROC AUC (val)", key="metrics_auc", range_y=[0, 1],
+                note=f", mean {mean:.3f}" if mean is not None else "")
 
 st.subheader("Training losses")
 losses = pd.DataFrame([

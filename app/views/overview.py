@@ -14,13 +14,18 @@ from app.jobs import AUTO_DEMO_ENV, list_jobs, start_demo_job
 from app.store import sessions, store_url
 from app.trainer_control import start_trainer, stop_trainer, trainer_pid
 from app.widgets import candidate_notices, show_job
-from db.costs import MIN_SAVES, cost_rows
-from db.models import Granularity, utcnow
-from db.projects import stats
-from db.trainer_lock import TRAINER_STALE_AFTER, trainer_state
-from db.demo import data_dir
-from db.retention import DEFAULT_KEEP_READY, folder_size
-from db.service import project_exists, serving_summary
+from db.service import (
+    DEFAULT_KEEP_READY,
+    MIN_SAVES,
+    TRAINER_STALE_AFTER,
+    Granularity,
+    annotation_cost_rows,
+    image_counts,
+    model_files,
+    serving_summary,
+    stop_trainer_after_round,
+    trainer_status,
+)
 from oxnet.vocabulary import AP40, AP75, MAP, MEAN_IMAGE_AUC
 
 HEADLINE_METRICS = (MAP, AP40, AP75, MEAN_IMAGE_AUC)
@@ -28,14 +33,12 @@ HEADLINE_METRICS = (MAP, AP40, AP75, MEAN_IMAGE_AUC)
 
 @st.cache_data(ttl=5, show_spinner=False)
 def _counts(url: str) -> dict | None:
-    with sessions()() as session:
-        return stats(session) if project_exists(session) else None
+    return image_counts(sessions())
 
 
 @st.cache_data(ttl=30, show_spinner=False)
 def _costs(url: str) -> list[dict]:
-    with sessions()() as session:
-        return cost_rows(session)
+    return annotation_cost_rows(sessions())
 
 
 def _serving(url: str) -> dict | None:
@@ -45,12 +48,7 @@ def _serving(url: str) -> dict | None:
 
 
 def _trainer_row(url: str) -> dict | None:
-    with sessions()() as session:
-        row = trainer_state(session)
-        if row is None:
-            return None
-        return {"owner": row.lock_owner, "heartbeat_at": row.heartbeat_at, "round": row.round, "progress": row.progress,
-                "phase": row.phase, "last_error": row.last_error}
+    return trainer_status(sessions())
 
 
 st.title("Overview")
@@ -93,13 +91,12 @@ st.subheader("Trainer")
 @st.fragment(run_every=timedelta(seconds=3))
 def _trainer_panel() -> None:
     row = _trainer_row(url)
-    now = utcnow()
-    alive = bool(row and row["owner"] and row["heartbeat_at"] and now - row["heartbeat_at"] < TRAINER_STALE_AFTER)
+    alive = bool(row and row["alive"])
     if row is None or not row["owner"]:
         st.markdown("Not running.")
     elif alive:
         st.markdown(f"**Running** (`{row['owner']}`), round {row['round']}, {row['phase'] or 'starting'}; "
-                    f"last heartbeat {int((now - row['heartbeat_at']).total_seconds())} s ago.")
+                    f"last heartbeat {int(row['seconds_ago'])} s ago.")
         st.progress(min(1.0, max(0.0, float(row["progress"] or 0.0))), text=f"round {row['round']}: {row['phase'] or ''}")
     else:
         st.warning(f"**Stale**: `{row['owner']}` holds the lock but its last heartbeat was at {row['heartbeat_at']} UTC "
@@ -125,10 +122,7 @@ def _trainer_panel() -> None:
     owner = row["owner"] if row else None
     if after.button("Stop after this round", disabled=not alive, key="overview_stop_after_round",
                     help="the round in progress finishes and its model version is saved; then the trainer exits"):
-        from db.workbench import request_stop  # imports torch (oxnet.active.loop): only on this click
-
-        with sessions().begin() as session:
-            request_stop(session, after_round=True, annotator="ui")
+        stop_trainer_after_round(sessions(), annotator="ui")  # imports torch (oxnet.active.loop): only on this click
         st.toast("The trainer stops once the round in progress is saved.")
     if now_.button("Stop now", disabled=trainer_pid(owner, url) is None, key="overview_stop",
                    help="the round in progress is abandoned: its version is marked failed and never served; "
@@ -172,8 +166,8 @@ _serving_panel()
 
 @st.cache_data(ttl=30, show_spinner=False)
 def _models_disk_use(url: str) -> tuple[str, int]:
-    folder = data_dir(url) / "models"
-    return str(folder), folder_size(folder)
+    folder, used = model_files(url)
+    return str(folder), used
 
 
 _folder, _used = _models_disk_use(url)

@@ -4,19 +4,14 @@ from __future__ import annotations
 
 import streamlit as st
 
+from app.annotate_state import ACTION_KEY, DIRTY_KEY, IMAGE_KEY
 from app.imaging import thumbnail
 from app.store import annotator, sessions, store_url
-from db.models import Split, SuggestedAction
-from db.queue import queue
-from db.readers import take_image
-from db.service import project_classes, project_exists
+from app.widgets import require_project_and_name
+from db.service import Split, SuggestedAction, project_classes, project_exists, queue, take_image
 
 COLUMNS = 4
 PER_PAGE = 24
-#: Session-state keys the Annotate page reads.
-OPEN_IMAGE_KEY = "annotate_image_id"
-OPEN_ACTION_KEY = "annotate_action"
-DIRTY_KEY = "annotate_dirty"
 
 
 @st.cache_data(ttl=5, show_spinner=False)
@@ -46,14 +41,12 @@ def gain_text(item) -> str:
 
 def _open(image_id: int, action: str, who: str) -> None:
     """Take the image's lease and switch to Annotate (refused while someone else holds it)."""
-    with sessions().begin() as session:
-        leased = take_image(session, image_id, who)  # a reader's lease when several read each image
-    if not leased:
+    if not take_image(sessions(), image_id, who):
         st.session_state["queue_message"] = f"Image {image_id} is being annotated by someone else; pick another."
         _page.clear()
         st.rerun()
-    st.session_state[OPEN_IMAGE_KEY] = image_id
-    st.session_state[OPEN_ACTION_KEY] = action
+    st.session_state[IMAGE_KEY] = image_id
+    st.session_state[ACTION_KEY] = action
     st.session_state[DIRTY_KEY] = False
     st.switch_page("views/annotate.py")
 
@@ -62,12 +55,7 @@ st.title("Queue")
 url = store_url()
 who = annotator()
 classes = _classes(url)
-if not classes:
-    st.info("The store has no project yet: see **Overview**.")
-    st.stop()
-if not who:
-    st.warning("Enter your name in the sidebar first: the queue hands each image to one annotator at a time.")
-    st.stop()
+who = require_project_and_name(bool(classes), who, why="the queue hands each image to one annotator at a time")
 
 left, middle, right, pager = st.columns([2, 2, 1, 1])
 action = left.selectbox("Action", [a.value for a in SuggestedAction], key="queue_action",
@@ -79,8 +67,8 @@ items = _page(url, action, who, None if class_name == "any class" else class_nam
 
 if message := st.session_state.pop("queue_message", None):
     st.warning(message)
-if st.session_state.get(DIRTY_KEY) and st.session_state.get(OPEN_IMAGE_KEY) is not None:
-    st.warning(f"Image {st.session_state[OPEN_IMAGE_KEY]} has unsaved changes on **Annotate**; they stay your draft of it if you open another image.")
+if st.session_state.get(DIRTY_KEY) and st.session_state.get(IMAGE_KEY) is not None:
+    st.warning(f"Image {st.session_state[IMAGE_KEY]} has unsaved changes on **Annotate**; they stay your draft of it if you open another image.")
 if not items:
     st.info("Nothing waiting for this action and these filters." if page == 0 else "No more images: go back a page.")
     st.stop()

@@ -388,7 +388,8 @@ def score_images(
                 )
                 results.append(ImageScore(
                     image_id=int(t["image_id"]), granularity=t["granularity"],
-                    boxes=to_original_pixels(det["boxes"], (size, size), t["orig_size"]), scores=det["scores"].float().cpu(),
+                    boxes=to_original_pixels(det["boxes"].float().cpu(), (size, size), t["orig_size"]),
+                    scores=det["scores"].float().cpu(),
                     labels=det["labels"].cpu(), image_probs=probs[i].cpu(), attention=attention[i].float().cpu(),
                     value=float(parts.value[i]), disagreement=float(parts.disagreement[i]),
                     uncertainty=float(parts.uncertainty[i]), conflict=float(parts.conflict[i]),

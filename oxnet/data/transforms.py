@@ -67,11 +67,18 @@ def resize_flip(
 
 
 def to_original_pixels(boxes: Tensor, size: tuple[int, int], orig_size: tuple[int, int]) -> Tensor:
-    """Boxes Tensor[K, 4] (x1, y1, x2, y2) in the pixels of the resized image (``size`` = (height,
-    width)) back in the pixels of the original image (``orig_size`` = (height, width)): float32, CPU.
-    The inverse of :func:`resize_flip`'s resize, for predictions."""
-    (height, width), (orig_h, orig_w) = size, orig_size
-    return boxes.float().cpu() * torch.tensor([orig_w / width, orig_h / height] * 2)
+    """Boxes found on the network input back in the original image's pixels: the inverse of the resize
+    of :func:`resize_flip` (which resizes without keeping the aspect ratio; the flip is not undone).
+
+    Args:
+        boxes: Tensor[N, 4] in (x1, y1, x2, y2), pixels of the network input.
+        size: (height, width) of the network input.
+        orig_size: (height, width) of the original image (a sample's ``orig_size``).
+
+    Returns:
+        Tensor[N, 4] in (x1, y1, x2, y2), original pixels, same dtype and device; not clamped.
+    """
+    return F.resize_bounding_boxes(boxes, canvas_size=(int(size[0]), int(size[1])), size=[int(orig_size[0]), int(orig_size[1])])[0]
 
 
 def _uniform(generator: torch.Generator, low: float, high: float) -> float:

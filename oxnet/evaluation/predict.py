@@ -105,7 +105,7 @@ def predict(
                 results.append(
                     {
                         "image_id": int(t["image_id"]),
-                        "boxes": to_original_pixels(det["boxes"], size, t["orig_size"]),
+                        "boxes": to_original_pixels(det["boxes"].float().cpu(), size, t["orig_size"]),
                         "scores": det["scores"].float().cpu(),
                         "labels": ids[det["labels"].cpu()],
                         "image_probs": det["image_probs"].float().cpu(),

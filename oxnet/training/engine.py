@@ -35,8 +35,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from PIL import Image, ImageDraw
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
@@ -59,7 +57,6 @@ from oxnet.vocabulary import AP40, GRANULARITIES, MAP
 __all__ = [
     "History",
     "Progress",
-    "draw_overlay",
     "fit",
     "train_one_round",
 ]
@@ -186,43 +183,6 @@ def train_one_round(
 # --------------------------------------------------------------------------------------------------
 # Drawing
 # --------------------------------------------------------------------------------------------------
-def draw_overlay(
-    image: Tensor,
-    prediction: Mapping[str, Any],
-    classes: Sequence[str],
-    *,
-    category_ids: Sequence[int] | None = None,
-    score_threshold: float = 0.3,
-    alpha: float = 0.5,
-) -> Image.Image:
-    """An RGB picture of a prediction: the DAA attention map of the most probable class blended in
-    orange, and the boxes with ``score >= score_threshold`` with class name and score.
-
-    Args:
-        image: Tensor[1, H, W] in [0, 1], the original image (``oxnet.data.load_image``).
-        prediction: one item of :func:`oxnet.evaluation.predict.predict` (boxes in the pixels of ``image``).
-        classes: class names in class index order.
-        category_ids: the category ids ``predict`` used; default ``1..C``.
-    """
-    gray = image[0].clamp(0, 1)
-    height, width = gray.shape
-    probs = prediction["image_probs"]
-    top = int(probs.argmax())
-    attention = F.interpolate(prediction["attention"][top][None, None].float(), size=(height, width), mode="bilinear")[0, 0]
-    attention = (attention - attention.min()) / (attention.max() - attention.min()).clamp_min(1e-12)
-    weight = (alpha * attention)[..., None]
-    color = torch.tensor([1.0, 0.45, 0.0])
-    rgb = gray[..., None] * (1 - weight) + color * weight
-    picture = Image.fromarray((rgb * 255).round().byte().numpy(), mode="RGB")
-    draw = ImageDraw.Draw(picture)
-    name_of = dict(zip(category_ids or range(1, len(classes) + 1), classes))
-    line = max(1, round(max(height, width) / 256))
-    for box, score, label in zip(prediction["boxes"].tolist(), prediction["scores"].tolist(), prediction["labels"].tolist()):
-        if score >= score_threshold:
-            draw.rectangle(box, outline=(0, 255, 0), width=line)
-            draw.text((box[0] + 2, box[1] + 1), f"{name_of.get(label, label)} {score:.2f}", fill=(0, 255, 0))
-    draw.text((4, 4), f"attention: {classes[top]} (p={float(probs[top]):.2f})", fill=(255, 160, 0))
-    return picture
 
 
 # --------------------------------------------------------------------------------------------------
