@@ -26,6 +26,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from torchvision.ops.misc import Conv2dNormActivation, FrozenBatchNorm2d
 
 from oxnet.modeling import losses as L
+from oxnet.modeling import weights_file
 GRANULARITIES = ("full", "weak", "unlabeled")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -180,7 +181,8 @@ def resnet_fpn_backbone(
     weights unavailable (URLError)"``.
     """
     state, start = _backbone_state(depth, weights)
-    frozen = state is not None if freeze_bn is None else freeze_bn
+    # None: frozen when pretrained weights loaded, unless their description says otherwise (oxnet pretrain)
+    frozen = (state is not None and weights_file.freeze_bn_default(weights)) if freeze_bn is None else freeze_bn
     body = _RESNETS[depth](weights=None, norm_layer=FrozenBatchNorm2d if frozen else nn.BatchNorm2d)
     if state is not None:
         missing, unexpected = body.load_state_dict(state, strict=False)
@@ -221,7 +223,7 @@ def _backbone_state(depth: int, weights: str) -> tuple[dict[str, Tensor] | None,
         raise ValueError(f"backbone weights file {path} cannot be read as a state_dict: {exc}") from exc
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise ValueError(f"backbone weights file {path} is not a state_dict of tensors")
-    return {k: v for k, v in state.items() if not k.startswith("fc.")}, f"weights file {path.name}"
+    return {k: v for k, v in state.items() if not k.startswith("fc.")}, weights_file.describe(path)
 
 
 def bn_frozen(state_dict: Mapping[str, Any]) -> bool:
