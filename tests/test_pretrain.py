@@ -304,3 +304,17 @@ def test_trainer_settings_refuse_ssl_on_top_of_a_weights_file(tmp_path, capsys):
     torch.save(resnet18().state_dict(), weights)
     assert trainer_main(["--db", f"sqlite:///{tmp_path / 's.db'}", "--weights", str(weights), "--ssl-epochs", "1"]) == 2
     assert "ssl_epochs pretrains the backbone itself" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_pretraining_on_cuda_uses_amp_and_writes_cpu_weights(data, tmp_path):
+    records = records_from_coco(data["coco"], image_root=data["folder"])
+    result = pretrain(images_from_records(records), tmp_path,
+                      PretrainConfig(epochs=1, label_epochs=1, **{**TINY, "device": "cuda"}),
+                      labelled=images_from_records(records, len(records.classes)), classes=records.classes, progress=False)
+    state = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert state["scaler"]["scale"] > 0  # AMP was on, by default on CUDA
+    weights = torch.load(result.weights, weights_only=True)
+    assert all(v.device.type == "cpu" for v in weights.values())
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in result.history)

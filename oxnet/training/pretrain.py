@@ -494,7 +494,8 @@ def pretrain(
         model.load_state_dict(state["model"])
         if classifier is not None and state.get("classifier") is not None:
             classifier.classifier.load_state_dict(state["classifier"])
-        scaler.load_state_dict(state["scaler"])
+        if state.get("scaler"):  # empty when written without AMP (CPU)
+            scaler.load_state_dict(state["scaler"])
         logger.info("resuming pretraining in %s: stage %s after epoch %d", out_dir, stage, done)
 
     # -- stage 1: SimSiam ---------------------------------------------------------------------------
