@@ -498,109 +498,137 @@ def pretrain(
             scaler.load_state_dict(state["scaler"])
         logger.info("resuming pretraining in %s: stage %s after epoch %d", out_dir, stage, done)
 
+    def stopped() -> bool:
+        return stop_after_epochs is not None and epochs_this_call >= stop_after_epochs
+
+    def result() -> PretrainResult:
+        return PretrainResult(weights, description, len(images), len(labelled), history, time.perf_counter() - started)
+
+    augment = xray_augmentation(config.image_size, crop_scale=config.crop_scale, max_rotation=config.max_rotation)
+    run = dict(scaler=scaler, device=device, callback=callback, progress=progress)
     # -- stage 1: SimSiam ---------------------------------------------------------------------------
     if stage == "ssl":
-        dataset = _Views(images, xray_augmentation(config.image_size, crop_scale=config.crop_scale,
-                                                   max_rotation=config.max_rotation), views=2, seed=config.seed)
-        steps = min(len(dataset) // min(config.batch_size, len(dataset)), config.steps_per_epoch or 10**9)
+        dataset = _Views(images, augment, views=2, seed=config.seed)
+        steps = _steps(len(dataset), config)
         total = max(1, steps * config.epochs)
-        lr = config.learning_rate()
         optimizer = torch.optim.SGD([
             {"params": list(model.backbone.parameters()) + list(model.projection_head.parameters())},
             {"params": model.prediction_head.parameters()},  # SimSiam: the predictor's lr is not decayed
-        ], lr=lr, momentum=0.9, weight_decay=1e-4)
+        ], lr=config.learning_rate(), momentum=0.9, weight_decay=1e-4)
         cosine = lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))  # noqa: E731
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [cosine, lambda step: 1.0])
         if state and state.get("optimizer") is not None and state["stage"] == "ssl":
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
+
+        def ssl_loss(x0: Tensor, x1: Tensor) -> tuple[Tensor, dict[str, float]]:
+            if device.type == "cuda":
+                x0, x1 = x0.contiguous(memory_format=torch.channels_last), x1.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, enabled=amp):
+                z0, p0 = model(x0)
+                z1, p1 = model(x1)
+            loss = 0.5 * (criterion(z0.float(), p1.float()) + criterion(z1.float(), p0.float()))
+            return loss, {"z_std": F.normalize(z0.float(), dim=1).std(0).mean().item()}
+
         for epoch in range(done, config.epochs):
-            if stop_after_epochs is not None and epochs_this_call >= stop_after_epochs:
-                return PretrainResult(weights, description, len(images), len(labelled), history, time.perf_counter() - started)
+            if stopped():
+                return result()
             clock = time.perf_counter()
             model.train()
-            losses, stds = [], []
-            loader = _loader(dataset, config, epoch)
-            bar = tqdm(loader, total=steps, desc=f"ssl epoch {epoch + 1}/{config.epochs}", disable=not progress, leave=False)
-            for step, (x0, x1) in enumerate(bar):
-                if step >= steps:
-                    break
-                x0, x1 = x0.to(device, non_blocking=True), x1.to(device, non_blocking=True)
-                if device.type == "cuda":
-                    x0, x1 = x0.contiguous(memory_format=torch.channels_last), x1.contiguous(memory_format=torch.channels_last)
-                with torch.autocast(device.type, enabled=amp):
-                    z0, p0 = model(x0)
-                    z1, p1 = model(x1)
-                    loss = 0.5 * (criterion(z0.float(), p1.float()) + criterion(z1.float(), p0.float()))
-                if not torch.isfinite(loss):
-                    raise ValueError(f"pretraining: non-finite SimSiam loss {loss.item()} at epoch {epoch + 1} step {step + 1}")
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
-                losses.append(loss.item())
-                stds.append(F.normalize(z0.float(), dim=1).std(0).mean().item())
-                bar.set_postfix(loss=f"{losses[-1]:.3f}")
-                if callback is not None:
-                    callback({"stage": "ssl", "epoch": epoch, "epochs": config.epochs, "step": step + 1,
-                              "steps": steps, "loss": losses[-1]})
-            history.append({"stage": "ssl", "epoch": epoch + 1, "loss": float(np.mean(losses)),
-                            "z_std": float(np.mean(stds)), "lr": optimizer.param_groups[0]["lr"],
+            means = train_one_epoch(ssl_loss, optimizer, _loader(dataset, config, epoch), steps=steps, scheduler=scheduler,
+                                    stage="ssl", epoch=epoch, epochs=config.epochs, **run)
+            history.append({"stage": "ssl", "epoch": epoch + 1, **means, "lr": optimizer.param_groups[0]["lr"],
                             "seconds": round(time.perf_counter() - clock, 2)})
             logger.info("ssl epoch %d/%d: loss %.4f, z_std %.4f (collapse: 0; healthy: about %.3f)", epoch + 1, config.epochs,
-                        history[-1]["loss"], history[-1]["z_std"], 1 / math.sqrt(model.projection_head.layers[-2].out_features))
+                        means["loss"], means["z_std"], 1 / math.sqrt(model.projection_head.layers[-2].out_features))
             epochs_this_call += 1
-            last = epoch + 1 == config.epochs
-            if last and config.label_epochs:
-                save("labels", 0, None, None)
+            if epoch + 1 < config.epochs:
+                save("ssl", epoch + 1, optimizer, scheduler)
             else:
-                save("done" if last else "ssl", epoch + 1 if not last else 0, optimizer, scheduler)
+                save("labels" if config.label_epochs else "done", 0, None, None)
         stage, done = ("labels" if config.label_epochs else "done"), 0
 
     # -- stage 2: image-level labels ----------------------------------------------------------------
     if stage == "labels":
-        dataset = _Views(labelled, xray_augmentation(config.image_size, crop_scale=config.crop_scale,
-                                                     max_rotation=config.max_rotation), views=1, seed=config.seed + 1)
-        steps = min(len(dataset) // min(config.batch_size, len(dataset)), config.steps_per_epoch or 10**9)
+        dataset = _Views(labelled, augment, views=1, seed=config.seed + 1)
+        steps = _steps(len(dataset), config)
         classifier.to(device)
         optimizer = torch.optim.Adam(classifier.parameters(), lr=config.label_lr)
         if state and state.get("optimizer") is not None and state["stage"] == "labels":
             optimizer.load_state_dict(state["optimizer"])
+
+        def label_loss(x: Tensor, y: Tensor, mask: Tensor) -> tuple[Tensor, dict[str, float]]:
+            with torch.autocast(device.type, enabled=amp):
+                logits = classifier(x)
+            return masked_bce(logits, y, mask), {}
+
         for epoch in range(done, config.label_epochs):
-            if stop_after_epochs is not None and epochs_this_call >= stop_after_epochs:
-                return PretrainResult(weights, description, len(images), len(labelled), history, time.perf_counter() - started)
+            if stopped():
+                return result()
             clock = time.perf_counter()
             classifier.train()
-            losses = []
-            loader = _loader(dataset, config, 10_000 + epoch)
-            bar = tqdm(loader, total=steps, desc=f"labels epoch {epoch + 1}/{config.label_epochs}", disable=not progress, leave=False)
-            for step, (x, y, mask) in enumerate(bar):
-                if step >= steps:
-                    break
-                x, y, mask = x.to(device), y.to(device), mask.to(device)
-                with torch.autocast(device.type, enabled=amp):
-                    loss = masked_bce(classifier(x), y, mask)
-                if not torch.isfinite(loss):
-                    raise ValueError(f"pretraining: non-finite image-level loss {loss.item()} at epoch {epoch + 1} step {step + 1}")
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                losses.append(loss.item())
-                bar.set_postfix(loss=f"{losses[-1]:.3f}")
-                if callback is not None:
-                    callback({"stage": "labels", "epoch": epoch, "epochs": config.label_epochs, "step": step + 1,
-                              "steps": steps, "loss": losses[-1]})
-            history.append({"stage": "labels", "epoch": epoch + 1, "loss": float(np.mean(losses)),
-                            "seconds": round(time.perf_counter() - clock, 2)})
-            logger.info("labels epoch %d/%d: BCE %.4f", epoch + 1, config.label_epochs, history[-1]["loss"])
+            means = train_one_epoch(label_loss, optimizer, _loader(dataset, config, 10_000 + epoch), steps=steps,
+                                    stage="labels", epoch=epoch, epochs=config.label_epochs, **run)
+            history.append({"stage": "labels", "epoch": epoch + 1, **means, "seconds": round(time.perf_counter() - clock, 2)})
+            logger.info("labels epoch %d/%d: BCE %.4f", epoch + 1, config.label_epochs, means["loss"])
             epochs_this_call += 1
             last = epoch + 1 == config.label_epochs
             save("done" if last else "labels", 0 if last else epoch + 1, optimizer, None)
 
     _write_weights(model.backbone, weights, config, description, len(images), len(labelled), classes, history)
-    return PretrainResult(weights, description, len(images), len(labelled), history, time.perf_counter() - started)
+    return result()
+
+
+def _steps(images: int, config: PretrainConfig) -> int:
+    """Batches per epoch: every image once (the last partial batch dropped), at most ``steps_per_epoch``."""
+    return min(images // min(config.batch_size, images), config.steps_per_epoch or images)
+
+
+def train_one_epoch(
+    loss_of: Callable[..., tuple[Tensor, dict[str, float]]],
+    optimizer: torch.optim.Optimizer,
+    loader: DataLoader,
+    *,
+    steps: int,
+    scaler: torch.amp.GradScaler,
+    device: torch.device,
+    stage: str,
+    epoch: int,
+    epochs: int,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    callback: Callable[[dict[str, Any]], None] | None = None,
+    progress: bool = True,
+) -> dict[str, float]:
+    """The plain loop: batch -> ``loss_of(*batch)`` (the loss and monitored values) -> finite check ->
+    backward -> optimizer step -> scheduler step, for ``steps`` batches. Returns the means over the epoch
+    of ``loss`` and of every monitored value.
+
+    Raises:
+        ValueError: a non-finite loss, naming the stage, epoch and step (nothing of that step is applied).
+    """
+    sums: dict[str, float] = {}
+    done = 0
+    bar = tqdm(loader, total=steps, desc=f"{stage} epoch {epoch + 1}/{epochs}", disable=not progress, leave=False)
+    for step, batch in enumerate(bar):
+        if step >= steps:
+            break
+        loss, monitored = loss_of(*(b.to(device, non_blocking=True) for b in batch))
+        if not torch.isfinite(loss):
+            raise ValueError(f"pretraining ({stage}): non-finite loss {loss.item()} at epoch {epoch + 1} step {step + 1}")
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        if scheduler is not None:
+            scheduler.step()
+        values = {"loss": loss.item(), **monitored}
+        for key, value in values.items():
+            sums[key] = sums.get(key, 0.0) + value
+        done += 1
+        bar.set_postfix(loss=f"{values['loss']:.3f}")
+        if callback is not None:
+            callback({"stage": stage, "epoch": epoch, "epochs": epochs, "step": step + 1, "steps": steps, "loss": values["loss"]})
+    return {key: value / max(1, done) for key, value in sums.items()}
 
 
 def _count(n: int, noun: str) -> str:
