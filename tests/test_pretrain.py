@@ -241,18 +241,21 @@ def test_bad_input_is_refused_clearly(tmp_path):
 @pytest.mark.slow
 def test_command_line_pretrains_and_train_starts_from_it(data, tmp_path, capsys):
     out = tmp_path / "pre"
-    assert oxnet_main(["pretrain", "--images", str(data["folder"]), "--preset", "tiny", "--image-size", "32",
-                       "--epochs", "1", "--batch-size", "2", "--out", str(out), "--device", "cpu", "--no-progress"]) == 0
+    assert oxnet_main(["pretrain", "--images", str(data["folder"]), "--labels", str(data["coco"]), "--label-epochs", "1",
+                       "--preset", "tiny", "--image-size", "32", "--epochs", "1", "--batch-size", "2", "--out", str(out),
+                       "--device", "cpu", "--no-progress"]) == 0
     report = json.loads(capsys.readouterr().out)
     weights = Path(report["weights"])
     assert weights == out / "resnet18_simsiam.pth" and weights.is_file() and report["images"] == 4
-    assert report["description"] == "self-supervised: simsiam, 4 images, 1 epoch"
+    assert [h["stage"] for h in report["history"]] == ["ssl", "labels"]
+    description = "self-supervised: simsiam, 4 images, 1 epoch; image-level labels: 4 images, 9 classes, 1 epoch"
+    assert report["description"] == description
     assert oxnet_main(["train", "--train", str(data["coco"]), "--val", str(data["coco"]), "--images", str(data["folder"]),
                        "--method", "retinanet", "--preset", "tiny", "--image-size", "64", "--epochs", "1",
                        "--steps-per-epoch", "1", "--batch-size", "2", "--weights", str(weights), "--out",
                        str(tmp_path / "det"), "--device", "cpu", "--no-progress"]) == 0
     last = torch.load(tmp_path / "det" / "last.pt", weights_only=True)
-    assert last["backbone_start"] == "weights file resnet18_simsiam.pth (self-supervised: simsiam, 4 images, 1 epoch)"
+    assert last["backbone_start"] == f"weights file resnet18_simsiam.pth ({description})"
     assert last["train_config"]["model"]["weights"] == str(weights)
 
 
