@@ -321,3 +321,13 @@ def test_pretraining_on_cuda_uses_amp_and_writes_cpu_weights(data, tmp_path):
     weights = torch.load(result.weights, weights_only=True)
     assert all(v.device.type == "cpu" for v in weights.values())
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in result.history)
+
+
+def test_the_granularity_sweep_takes_the_weights_for_every_run(trained):
+    from oxnet.experiments.sweep import build_parser, config_from_args
+
+    args = build_parser().parse_args(["--dataset", "d.json", "--weights", str(trained)])
+    config = config_from_args(args)
+    assert config.train.model == {"weights": str(trained)}
+    assert config.train.model_config(3).weights == str(trained)
+    assert config_from_args(build_parser().parse_args(["--dataset", "d.json"])).train.model == {}
