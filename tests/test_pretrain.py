@@ -331,3 +331,22 @@ def test_the_granularity_sweep_takes_the_weights_for_every_run(trained):
     assert config.train.model == {"weights": str(trained)}
     assert config.train.model_config(3).weights == str(trained)
     assert config_from_args(build_parser().parse_args(["--dataset", "d.json"])).train.model == {}
+
+
+def test_a_run_stopped_in_the_label_stage_resumes_there(data, tmp_path):
+    records = records_from_coco(data["coco"], image_root=data["folder"])
+    images, labelled = images_from_records(records), images_from_records(records, len(records.classes))
+    config = PretrainConfig(epochs=1, label_epochs=2, **TINY)
+    kwargs = dict(labelled=labelled, classes=records.classes, progress=False)
+    whole = pretrain(images, tmp_path / "whole", config, **kwargs)
+    pretrain(images, tmp_path / "part", config, stop_after_epochs=2, **kwargs)
+    state = torch.load(tmp_path / "part" / "last.pt", weights_only=True)
+    assert (state["stage"], state["epoch"]) == ("labels", 1) and state["optimizer"]["state"]  # Adam moments kept
+    steps = []
+    resumed = pretrain(images, tmp_path / "part", config, callback=steps.append, **kwargs)
+    assert {(s["stage"], s["epoch"]) for s in steps} == {("labels", 1)}
+    assert [(h["stage"], h["epoch"]) for h in resumed.history] == [("ssl", 1), ("labels", 1), ("labels", 2)]
+    assert resumed.history[-1]["loss"] == pytest.approx(whole.history[-1]["loss"], rel=1e-4)
+    a, b = torch.load(whole.weights, weights_only=True), torch.load(resumed.weights, weights_only=True)
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5, msg=name)

@@ -452,13 +452,13 @@ def pretrain(
     device = _device(config.device)
     amp = (device.type == "cuda") if config.amp is None else bool(config.amp and device.type == "cuda")
 
+    features = 512 if config.depth in (18, 34) else 2048
     with torch.random.fork_rng(devices=[]):  # the same initial weights for the same seed (and a resume)
         torch.manual_seed(config.seed)
         model = SimSiam(config.depth, config.proj_dim)
+        classifier = ImageLevelClassifier(model.backbone, features, len(classes)) if config.label_epochs else None
     _, _, criterion_cls = _lightly()
     criterion = criterion_cls()
-    features = 512 if config.depth in (18, 34) else 2048
-    classifier = ImageLevelClassifier(model.backbone, features, len(classes)) if config.label_epochs else None
     state: dict[str, Any] | None = None
     if state_path.is_file():
         state = _load_state(state_path)
