@@ -4,6 +4,7 @@
     oxnet-trainer --preset tiny --max-rounds 1                            # one round, then exit
     oxnet-trainer --preset auto                                           # paper on a CUDA GPU, else cpu
     oxnet-trainer --preset cpu --weights /models/resnet18.pth             # backbone from a local state_dict
+    oxnet-trainer --preset cpu --ssl-epochs 10                            # backbone pretrained on the project's images
     oxnet-trainer --stop                                                  # ask the running one to stop now
     oxnet-trainer --stop-after-round                                      # ... once its round is saved
 
@@ -47,6 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
     parser.add_argument("--weights", help="backbone start of a first round: random, imagenet (tried; random init with a "
                         "warning when unavailable) or a local torchvision ResNet state_dict file (default: the preset's)")
+    parser.add_argument("--ssl-epochs", type=int, help="before the first round, pretrain the backbone self-supervised "
+                        "(SimSiam) on the project's training images for this many epochs, once (cached beside the models)")
+    parser.add_argument("--ssl-label-epochs", type=int, help="then this many epochs of image-level BCE on the weak and full images")
     parser.add_argument("--min-interval", type=float, help="seconds between rounds at least")
     parser.add_argument("--max-interval", type=float, help="start a round after this many seconds even without new labels")
     parser.add_argument("--max-rounds", type=int, help="exit after this many rounds")
@@ -111,6 +115,7 @@ def _run(args: argparse.Namespace) -> int:
         "batch_size": args.batch_size, "device": args.device, "min_interval_s": args.min_interval,
         "max_interval_s": args.max_interval, "max_rounds": args.max_rounds, "strategy": args.strategy,
         "pool_size": args.pool_size, "promote_tolerance": args.promote_tolerance,
+        "ssl_epochs": args.ssl_epochs, "ssl_label_epochs": args.ssl_label_epochs,
     }.items() if value is not None}
     preset = TRAINER_PRESETS[resolve_preset(args.preset)]
     if args.weights is not None:

@@ -1,4 +1,4 @@
-"""The ``oxnet`` command line: train, eval, predict and demo.
+"""The ``oxnet`` command line: train, eval, predict, demo and pretrain (:mod:`oxnet.cli_pretrain`).
 
     oxnet train --train boxes.json --weak weak.json --unlabeled unlabeled.json --val val.json \\
         --images DIR --method oxnet --preset cpu --epochs 10 --out runs/oxnet
@@ -25,6 +25,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from oxnet.cli_pretrain import add_parser as add_pretrain_parser
 from oxnet.modeling.config import PRESETS, ModelConfig
 from oxnet.training.settings import METHODS, TrainConfig
 from oxnet.vocabulary import FULL, GRANULARITIES, UNLABELED, WEAK
@@ -97,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     method.add_argument("--model-option", type=_key_values, action="append", default=[], metavar="KEY=VALUE",
                         help="any ModelConfig field, e.g. levels=(2,3,4,5,6,7) or weights=/path/resnet50.pth")
     method.add_argument("--init", metavar="CKPT", help="warm start from a checkpoint's student weights")
+    method.add_argument("--weights", metavar="FILE|random|imagenet",
+                        help="backbone start: a torchvision ResNet state_dict (e.g. from oxnet pretrain), random or imagenet")
     schedule = train.add_argument_group("schedule")
     defaults = TrainConfig()
     schedule.add_argument("--epochs", type=int, default=defaults.epochs)
@@ -157,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     _add_runtime(demo)
     demo.set_defaults(func=_demo)
+    add_pretrain_parser(commands)
     return parser
 
 
@@ -206,6 +210,8 @@ def _train(args: argparse.Namespace) -> int:
         model_options["image_size"] = args.image_size
     if args.depth is not None:
         model_options["depth"] = args.depth
+    if args.weights is not None:
+        model_options["weights"] = args.weights
     config = TrainConfig(
         preset=args.preset, model=model_options, method=args.method, epochs=args.epochs,
         pretrain_epochs=args.pretrain_epochs, batch_size=args.batch_size, proportions=args.proportions,

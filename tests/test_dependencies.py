@@ -46,7 +46,7 @@ def _undeclared(folders, declared):
 
 
 def test_the_packages_import_only_declared_dependencies():
-    assert _undeclared(["app", "db", "oxnet"], _declared("dicom")) == {}
+    assert _undeclared(["app", "db", "oxnet"], _declared("dicom", "ssl")) == {}
 
 
 def test_the_tests_and_scripts_import_only_declared_dependencies():

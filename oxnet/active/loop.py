@@ -68,6 +68,7 @@ from oxnet.training.distributed import resolve_device
 from oxnet.training.engine import Progress, fit
 from oxnet.active.protocol import ScoredImage, Snapshot, Store
 from oxnet.active.scoring import ImageScore, ScoreConfig, score_images
+from oxnet.active import ssl_start
 from oxnet.training.settings import TrainConfig
 from oxnet.active.strategies import (
     DEFAULT_STRATEGY,
@@ -132,6 +133,10 @@ class LoopSettings:
         epochs, steps_per_epoch: the training budget of every round.
         pretrain_epochs: plain RetinaNet epochs on the full images before the first round's method
             (only when there is no checkpoint to warm-start from).
+        ssl_epochs, ssl_label_epochs, ssl_batch_size: in-domain backbone pretraining (SimSiam on every
+            training image, then image-level BCE on the weak and full ones) before the first round, once,
+            cached in the store's models folder; every round starts from it (:mod:`oxnet.active.ssl_start`).
+            0: off.
         batch_size: images per training batch (halved on CUDA out-of-memory).
         lr: Adam learning rate (the models start from random weights: 1e-4).
         seed: base seed; round ``r`` trains with ``seed + r``.
@@ -166,6 +171,9 @@ class LoopSettings:
     epochs: int = 2
     steps_per_epoch: int | None = 25
     pretrain_epochs: int = 2
+    ssl_epochs: int = 0
+    ssl_label_epochs: int = 0
+    ssl_batch_size: int = 32
     batch_size: int = 4
     lr: float | None = 1e-4
     seed: int = 0
@@ -213,6 +221,10 @@ class LoopSettings:
         if not (self.promote_tolerance >= 0 and math.isfinite(self.promote_tolerance)):
             raise ValueError(f"promote_tolerance must be a finite number >= 0, got {self.promote_tolerance}")
         self.train_config(out_dir=".", round=0)  # validates preset, method, model, batch ...
+        if self.ssl_epochs or self.ssl_label_epochs:
+            if self.model.get("weights", "random") not in ("random", "imagenet"):
+                raise ValueError(f"ssl_epochs pretrains the backbone itself; it cannot start from weights={self.model['weights']!r}")
+            ssl_start.ssl_config(self)  # validates epochs and batch
 
     def train_config(
         self,
@@ -446,6 +458,10 @@ class Trainer:
                   phase=f"{p.phase} {p.epoch + 1}/{p.epochs} step {p.step}/{p.steps_per_epoch} "
                         f"loss {p.losses.get('total', float('nan')):.3f} {eta_text}")
 
+    def _on_ssl_progress(self, p: Mapping[str, Any]) -> None:
+        self._check_stop()
+        self._set(phase=f"{p['stage']} pretrain {p['epoch'] + 1}/{p['epochs']} step {p['step']}/{p['steps']} loss {p['loss']:.3f}")
+
     # -- the loop ------------------------------------------------------------------------------------
     def run(self) -> list[RoundResult]:
         """Take the lock, mark abandoned versions failed, then run rounds until stopped (or
@@ -583,7 +599,8 @@ class Trainer:
             if name != "val" and not any(len(r.boxes) for r in splits[name]):
                 notes[name] = f"skipped: the {name} split has no fully labeled image with boxes"
 
-        probe = s.train_config(out_dir=".", round=number)
+        ssl_file = ssl_start.ssl_weights(s, getattr(self.store, "models_dir", None))
+        probe = ssl_start.starting_from(s.train_config(out_dir=".", round=number), ssl_file)
         warm = self._warm_start(probe, classes, notes)
         pretrain = s.pretrain_epochs if warm is None and counts[FULL] else 0
         config_record = {"loop": s.to_dict(), "notes": notes, "warm_start": warm}
@@ -592,6 +609,7 @@ class Trainer:
         logger.info("round %d (model version %d): %s; warm start %s", number, version.id,
                     ", ".join(f"{n} {g}" for g, n in counts.items()), warm or "none")
         config = s.train_config(out_dir=version.folder, round=number, init_checkpoint=warm, pretrain_epochs=pretrain)
+        config = ssl_start.starting_from(config, ssl_file)  # every round's model starts from the in-domain weights
         durations: dict[str, float] = {}
         self._to_score = sum(r.granularity != FULL for r in train) if s.suggest else 0
         unreadable: dict[int, str] = {}
@@ -620,6 +638,12 @@ class Trainer:
                     leave_out(e)
 
         try:
+            while ssl_file is not None and warm is None and not ssl_file.is_file():  # once: the cached file is reused
+                try:
+                    self._set(phase="ssl pretraining")
+                    ssl_start.pretrain_for_round(s, train, classes, self.store.models_dir, callback=self._on_ssl_progress)
+                except UnreadableImage as e:
+                    leave_out(e)
             clock = time.monotonic()
             history, batch = _halving(train_round, config.batch_size, "training")
             result.batch_size = batch

@@ -534,6 +534,8 @@ def build_parser():
     s.add_argument("--seeds", type=_seeds, default=(0, 1, 2), help="a count (3) or a list (0,1,2)")
     t = p.add_argument_group("training budget (every run)")
     t.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
+    t.add_argument("--weights", help="backbone start of every run: a torchvision ResNet state_dict (e.g. from oxnet "
+                   "pretrain), random or imagenet (default: the preset's)")
     t.add_argument("--epochs", type=int, default=6, help="epochs of each method after the shared pre-training")
     t.add_argument("--pretrain-epochs", type=int, default=4, help="RetinaNet epochs on the full images that start every method")
     t.add_argument("--batch-size", type=int, default=8)
@@ -553,6 +555,7 @@ def config_from_args(args) -> SweepConfig:
         preset=args.preset, epochs=args.epochs, pretrain_epochs=args.pretrain_epochs, batch_size=args.batch_size,
         steps_per_epoch=args.steps_per_epoch, lr=args.lr, early_stop_patience=args.early_stop_patience,
         num_workers=args.num_workers, device=args.device, plateau_patience=2,
+        model={"weights": args.weights} if args.weights else {},
     )
     return SweepConfig(full_fractions=args.full, weak_fraction=args.weak_fraction, methods=args.methods,
                        seeds=args.seeds, train=train, out_dir=args.out)

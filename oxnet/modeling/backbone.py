@@ -16,6 +16,8 @@ from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from oxnet.modeling import weights_file
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 RESNETS = {18: resnet.resnet18, 34: resnet.resnet34, 50: resnet.resnet50, 101: resnet.resnet101}
@@ -69,7 +71,8 @@ def resnet_fpn_backbone(
     weights unavailable (URLError)"``.
     """
     state, start = _backbone_state(depth, weights)
-    frozen = state is not None if freeze_bn is None else freeze_bn
+    # None: frozen when pretrained weights loaded, unless their description says otherwise (oxnet pretrain)
+    frozen = (state is not None and weights_file.freeze_bn_default(weights)) if freeze_bn is None else freeze_bn
     body = RESNETS[depth](weights=None, norm_layer=FrozenBatchNorm2d if frozen else nn.BatchNorm2d)
     if state is not None:
         missing, unexpected = body.load_state_dict(state, strict=False)
@@ -110,7 +113,7 @@ def _backbone_state(depth: int, weights: str) -> tuple[dict[str, Tensor] | None,
         raise ValueError(f"backbone weights file {path} cannot be read as a state_dict: {exc}") from exc
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise ValueError(f"backbone weights file {path} is not a state_dict of tensors")
-    return {k: v for k, v in state.items() if not k.startswith("fc.")}, f"weights file {path.name}"
+    return {k: v for k, v in state.items() if not k.startswith("fc.")}, weights_file.describe(path)
 
 
 def bn_frozen(state_dict: Mapping[str, Any]) -> bool:

@@ -14,6 +14,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
+from oxnet.modeling import weights_file
 from oxnet.modeling.config import PRESETS, ModelConfig
 from oxnet.vocabulary import FULL, GRANULARITIES, UNLABELED, WEAK
 
@@ -146,7 +147,8 @@ class TrainConfig:
         if self.lr is not None:
             return self.lr
         weights = self.model.get("weights", PRESETS[self.preset].weights)
-        pretrained = self.init_checkpoint is not None or weights != "random"
+        # a self-supervised file from `oxnet pretrain` trains its BatchNorm and random heads: the scratch rate
+        pretrained = self.init_checkpoint is not None or (weights != "random" and not weights_file.self_supervised(weights))
         return LR_PRETRAINED if pretrained else LR_FROM_SCRATCH
 
     def to_dict(self) -> dict[str, Any]:
