@@ -22,7 +22,11 @@ def test_vocabulary_imports_only_the_standard_library():
     code = ("import sys; before = set(sys.modules); import oxnet.vocabulary; "
             "print(sorted(m for m in set(sys.modules) - before if m.split('.')[0] not in sys.stdlib_module_names))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT).stdout
-    assert out.strip() == "['oxnet', 'oxnet.vocabulary']"
+    # the package's __init__ (and its stdlib-only lazy loader) and the vocabulary: nothing else outside the stdlib
+    assert out.strip() == "['oxnet', 'oxnet.lazy', 'oxnet.vocabulary']"
+    lazy = (ROOT / "oxnet" / "lazy.py").read_text()
+    assert all(line.split()[1].split(".")[0] in sys.stdlib_module_names
+               for line in lazy.splitlines() if line.startswith(("import ", "from ")))
 
 
 def test_the_store_enums_are_built_from_the_vocabulary():
