@@ -64,7 +64,9 @@ class OracleStore(SqlStore):
         return self.costs
 
     def candidates(self) -> list[Candidate]:
-        """The serving version's ranked suggestions, as the live queue shows them."""
+        """The serving version's ranked suggestions, as the live queue shows them: an image already at or
+        past the suggestion's target (labelled since that version ranked it, e.g. when newer versions
+        stayed candidates) is not offered, so no unit is spent on an upgrade that changes nothing."""
         with self.sessions.begin() as session:
             version = serving_model_version(session, self.project)
             query = (
@@ -75,7 +77,7 @@ class OracleStore(SqlStore):
                 .order_by(Suggestion.score.desc(), Suggestion.id)
             )
             return [Candidate(i, g.value, a.value, float((r or {}).get("cost") or self.costs.of(a.value, g.value)),
-                              (r or {}).get("gain")) for i, g, a, r in session.execute(query)]
+                              (r or {}).get("gain")) for i, g, a, r in session.execute(query) if g.rank < a.target.rank]
 
     def granularity(self, image_id: int) -> str:
         with self.sessions.begin() as session:

@@ -11,6 +11,7 @@ from sqlalchemy import select
 
 from db.lifecycle import replay_audit
 from db.models import AuditEntry, Granularity, Image
+from db.versions import create_model_version, finish_model_version, write_suggestions
 from app.simulate import simulation_store
 from oxnet.data.synthetic import write_coco
 from oxnet.experiments.simulate import (
@@ -96,6 +97,26 @@ def test_oracle_upgrades_through_the_lifecycle(dataset, tmp_path):
         actions = session.scalars(select(AuditEntry.action).where(AuditEntry.image_id == image.id)).all()
         assert actions[-2:] in (["set_labels", "set_boxes"], ["set_labels", "mark_complete"])
         assert replay_audit(session, image.id)["boxes_complete"]
+
+
+def test_the_oracle_never_buys_an_upgrade_that_changes_nothing(dataset, tmp_path):
+    """Suggestions of a serving version that is older than the labels (newer versions kept as candidates)
+    name images labelled since: the annotator must not be offered labels for an image that has them."""
+    coco, images = dataset
+    plan = plan_labels(coco, seed=0, initial_full=2, initial_weak=3)
+    store = simulation_store(f"sqlite:///{tmp_path / 's.db'}", coco, images, plan, models_dir=tmp_path / "models")
+    with store.sessions.begin() as session:
+        unlabeled = session.scalars(select(Image.id).where(Image.granularity == Granularity.UNLABELED)).all()[:2]
+        version = create_model_version(session, config={}, round=1)
+        finish_model_version(session, version.id, status="ready")
+        write_suggestions(session, version.id, [
+            {"image_id": i, "action": action, "score": 1.0 - k / 10, "reason": {}}
+            for k, (i, action) in enumerate([(unlabeled[0], ADD_LABELS), (unlabeled[0], DRAW_BOXES), (unlabeled[1], ADD_LABELS)])])
+    assert [(c.image_id, c.action) for c in store.candidates()] == [
+        (unlabeled[0], ADD_LABELS), (unlabeled[0], DRAW_BOXES), (unlabeled[1], ADD_LABELS)]
+    store.reveal(unlabeled[0], ADD_LABELS)  # labelled after the version ranked it
+    assert [(c.image_id, c.action) for c in store.candidates()] == [(unlabeled[0], DRAW_BOXES), (unlabeled[1], ADD_LABELS)]
+    assert spend(store.candidates(), 1.0) == [c for c in store.candidates() if c.image_id == unlabeled[1]]
 
 
 def test_a_resumed_run_reopens_its_store_with_the_oracle(dataset, tmp_path):
