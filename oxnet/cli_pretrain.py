@@ -17,6 +17,7 @@ import sys
 from typing import Any
 
 from oxnet.modeling.config import PRESETS
+from oxnet.vocabulary import UNLABELED
 
 logger = logging.getLogger("oxnet.cli")
 
@@ -80,7 +81,7 @@ def run_command(args: argparse.Namespace) -> int:
     if args.data:
         images = []
         for file in args.data:
-            images += images_from_records(records_from_coco(file, granularity="unlabeled", image_root=args.images))
+            images += images_from_records(records_from_coco(file, granularity=UNLABELED, image_root=args.images))
     elif args.images:
         images = images_from_folder(args.images)
     elif not args.labels:

@@ -34,6 +34,7 @@ from oxnet.evaluation.predict import evaluate_model
 from oxnet.training.engine import fit
 from oxnet.training.pretrain import PretrainConfig, images_from_records, pretrain
 from oxnet.training.settings import TrainConfig
+from oxnet.vocabulary import UNLABELED
 
 logger = logging.getLogger(__name__)
 
@@ -59,10 +60,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results.update(config=vars(args), machine=describe(), python=platform.python_version(),
                    label="scaled-down synthetic control (not the issue's 20,000-image protocol)")
 
-    unl_dir = out / "unlabeled"
-    if not (unl_dir / "annotations" / "unlabeled.json").is_file():
-        write_coco(unl_dir, args.unlabeled, size=128, seed=777, splits={"unlabeled": 1.0})
-    unlabeled = records_from_coco(unl_dir / "annotations" / "unlabeled.json", granularity="unlabeled",
+    unl_dir = out / UNLABELED
+    if not (unl_dir / "annotations" / f"{UNLABELED}.json").is_file():
+        write_coco(unl_dir, args.unlabeled, size=128, seed=777, splits={UNLABELED: 1.0})
+    unlabeled = records_from_coco(unl_dir / "annotations" / f"{UNLABELED}.json", granularity=UNLABELED,
                                   image_root=unl_dir / "images")
     clock = time.perf_counter()
     ssl = pretrain(images_from_records(unlabeled), out / "pretrain",

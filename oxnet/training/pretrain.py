@@ -73,6 +73,7 @@ from oxnet.modeling.backbone import IMAGENET_MEAN, IMAGENET_STD
 from oxnet.modeling.weights_file import FORMAT as INFO_FORMAT
 from oxnet.modeling.weights_file import info_path
 from oxnet.training.checkpoint import save_checkpoint
+from oxnet.vocabulary import FULL, WEAK
 
 logger = logging.getLogger(__name__)
 
@@ -220,7 +221,7 @@ def images_from_records(records: Sequence[Record], num_classes: int | None = Non
         return [PretrainImage(str(r.path), r.image_id) for r in records]
     out = []
     for r in records:
-        if r.granularity not in ("weak", "full") or len(r.unknown_labels) >= num_classes:
+        if r.granularity not in (WEAK, FULL) or len(r.unknown_labels) >= num_classes:
             continue
         labels = np.zeros(num_classes, dtype=np.float32)
         labels[list(r.image_labels)] = 1.0
