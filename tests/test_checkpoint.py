@@ -136,7 +136,7 @@ def _free(monkeypatch, free_bytes: int) -> None:
 
 
 def test_free_space_is_checked_before_writing(tmp_path, monkeypatch):
-    """Issue 12.12: a full disk is named before torch writes a byte; the old checkpoint stays intact."""
+    """a full disk is named before torch writes a byte; the old checkpoint stays intact."""
     from oxnet.training.checkpoint import NoSpaceLeft
 
     target = save_checkpoint({"student": {"w": torch.ones(3)}, "classes": ["a"], "model_config": {}}, tmp_path / "m.pt")

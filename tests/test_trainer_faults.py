@@ -57,7 +57,7 @@ def dicom_store(folder: Path) -> str:
 
 
 def test_a_dicom_folder_and_a_vindr_import_train_validate_and_score(tmp_path):
-    """Issue 12.1: a store of DICOM files only (VinDr boxes + an unlabeled DICOM folder) goes through a
+    """a store of DICOM files only (VinDr boxes + an unlabeled DICOM folder) goes through a
     whole round: it trains, is validated on its val DICOMs and scores the unlabeled ones."""
     url = dicom_store(tmp_path)
     store = SqlStore.open(url)
@@ -77,7 +77,7 @@ def test_a_dicom_folder_and_a_vindr_import_train_validate_and_score(tmp_path):
 
 
 def test_an_unreadable_file_is_marked_corrupt_and_the_round_goes_on(tmp_path):
-    """Issue 12.3: one train file gone, one garbage val file and one unlabeled file of another size no
+    """one train file gone, one garbage val file and one unlabeled file of another size no
     longer fail every round: each is marked in the store with its reason, left out, and the round is ready."""
     url = dicom_store(tmp_path)
     sessions = make_sessionmaker(init_db(url))
@@ -112,7 +112,7 @@ def _version_rows(url):
 
 @pytest.mark.slow
 def test_checkpoints_are_checksummed_and_a_bad_one_falls_back_with_a_warning(tmp_path):
-    """Issue 12.4: NaN weights in an intact file, a changed file and a deleted file are each passed over
+    """NaN weights in an intact file, a changed file and a deleted file are each passed over
     with a warning in the round's notes; the round warm-starts from the newest good version, else from scratch."""
     import torch
 
@@ -175,7 +175,7 @@ def test_a_round_whose_weights_turn_nan_is_not_made_ready(tmp_path, monkeypatch)
 
 
 def test_a_full_disk_fails_the_round_with_no_space_left_on_the_folder(tmp_path, monkeypatch):
-    """Issue 12.12: the trainer records "no space left on <folder>", not torch's inline_container.cc."""
+    """the trainer records "no space left on <folder>", not torch's inline_container.cc."""
     import shutil
 
     import oxnet.training.checkpoint as checkpoint
