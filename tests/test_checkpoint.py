@@ -118,7 +118,7 @@ def test_truncated_or_foreign_files_give_clear_errors(tmp_path):
 
 
 def test_pickled_code_is_refused(tmp_path):
-    """weights_only=True: a checkpoint holding a pickled module is not executed but rejected."""
+    """Weights_only=True: a checkpoint holding a pickled module is not executed but rejected."""
     path = tmp_path / "module.pt"
     torch.save({"format": "oxnet-checkpoint", "model": torch.nn.Linear(2, 2)}, path)
     with pytest.raises(ValueError, match="module.pt cannot be read"):
@@ -136,7 +136,7 @@ def _free(monkeypatch, free_bytes: int) -> None:
 
 
 def test_free_space_is_checked_before_writing(tmp_path, monkeypatch):
-    """a full disk is named before torch writes a byte; the old checkpoint stays intact."""
+    """A full disk is named before torch writes a byte; the old checkpoint stays intact."""
     from oxnet.training.checkpoint import NoSpaceLeft
 
     target = save_checkpoint({"student": {"w": torch.ones(3)}, "classes": ["a"], "model_config": {}}, tmp_path / "m.pt")
@@ -148,7 +148,7 @@ def test_free_space_is_checked_before_writing(tmp_path, monkeypatch):
 
 
 def test_a_failed_write_on_a_full_disk_says_no_space_left(tmp_path, monkeypatch):
-    """torch's own message for a full disk is inline_container.cc's; the caller gets one clear sentence."""
+    """Torch's own message for a full disk is inline_container.cc's; the caller gets one clear sentence."""
     import oxnet.training.checkpoint as checkpoint
     from oxnet.training.checkpoint import NoSpaceLeft
 

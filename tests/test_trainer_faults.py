@@ -57,7 +57,7 @@ def dicom_store(folder: Path) -> str:
 
 
 def test_a_dicom_folder_and_a_vindr_import_train_validate_and_score(tmp_path):
-    """a store of DICOM files only (VinDr boxes + an unlabeled DICOM folder) goes through a
+    """A store of DICOM files only (VinDr boxes + an unlabeled DICOM folder) goes through a
     whole round: it trains, is validated on its val DICOMs and scores the unlabeled ones."""
     url = dicom_store(tmp_path)
     store = SqlStore.open(url)
@@ -77,7 +77,7 @@ def test_a_dicom_folder_and_a_vindr_import_train_validate_and_score(tmp_path):
 
 
 def test_an_unreadable_file_is_marked_corrupt_and_the_round_goes_on(tmp_path):
-    """one train file gone, one garbage val file and one unlabeled file of another size no
+    """One train file gone, one garbage val file and one unlabeled file of another size no
     longer fail every round: each is marked in the store with its reason, left out, and the round is ready."""
     url = dicom_store(tmp_path)
     sessions = make_sessionmaker(init_db(url))
@@ -175,7 +175,7 @@ def test_a_round_whose_weights_turn_nan_is_not_made_ready(tmp_path, monkeypatch)
 
 
 def test_a_full_disk_fails_the_round_with_no_space_left_on_the_folder(tmp_path, monkeypatch):
-    """the trainer records "no space left on <folder>", not torch's inline_container.cc."""
+    """The trainer records "no space left on <folder>", not torch's inline_container.cc."""
     import shutil
 
     import oxnet.training.checkpoint as checkpoint
