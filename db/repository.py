@@ -30,6 +30,7 @@ from db.models import (
     ModelVersion,
     Prediction,
     Project,
+    Role,
     Score,
     ServingModel,
     Split,
@@ -39,6 +40,7 @@ from db.models import (
     TrainerState,
     utcnow,
 )
+from db.roles import check_actor
 from oxnet.classes import PAPER_CLASSES
 
 #: Name of the project used when none is given.
@@ -324,9 +326,13 @@ def set_serving_version(
     note: str | None = None,
     kind: str = "human",
     details: Mapping[str, Any] | None = None,
+    actor: str | None = None,
 ) -> ModelVersion:
     """Make a ready version of ``project`` the serving one and audit it (``action``, who, when, from which
-    version). Raises ValueError naming the version when it is not a ready version of the project."""
+    version). Raises ValueError naming the version when it is not a ready version of the project, and
+    :class:`~db.roles.PermissionDenied` when ``actor`` (a logged-in user; None: the trainer or the
+    command line) is not an admin acting under their own name."""
+    check_actor(session, actor, Role.ADMIN, action="change the serving model version", annotator=annotator)
     project_row = get_project(session, project)
     version = session.get(ModelVersion, model_version_id)
     if version is None or version.project_id != project_row.id:
@@ -350,16 +356,20 @@ def set_serving_version(
 
 
 def promote_model_version(
-    session: Session, model_version_id: int, *, annotator: str, project: str = DEFAULT_PROJECT, note: str | None = None
+    session: Session, model_version_id: int, *, annotator: str, project: str = DEFAULT_PROJECT, note: str | None = None,
+    actor: str | None = None,
 ) -> ModelVersion:
     """A user makes a ready version serve: a promotion when it is newer than the serving one, a rollback
     when it is older; audited with ``annotator`` and the time. Raises ValueError for a version that is
-    not ready, not in the project, or already serving."""
+    not ready, not in the project, or already serving; :class:`~db.roles.PermissionDenied` when
+    ``actor`` (the logged-in user; None: the command line) is not an admin."""
+    check_actor(session, actor, Role.ADMIN, action="promote or roll back a model version", annotator=annotator)
     serving = serving_model_version(session, project)
     if serving is not None and serving.id == model_version_id:
         raise ValueError(f"model version {model_version_id} already serves")
     action = ROLLBACK_ACTION if serving is not None and model_version_id < serving.id else PROMOTE_ACTION
-    return set_serving_version(session, model_version_id, annotator=annotator, action=action, project=project, note=note)
+    return set_serving_version(session, model_version_id, annotator=annotator, action=action, project=project, note=note,
+                               actor=actor)
 
 
 def serving_history(session: Session, project: str = DEFAULT_PROJECT, *, limit: int = 20) -> list[dict[str, Any]]:
@@ -426,7 +436,8 @@ def write_suggestions(session: Session, model_version_id: int, rows: Iterable[Ma
 
 
 def take_lease(
-    session: Session, image_id: int, annotator: str, *, ttl: timedelta = DEFAULT_LEASE, now: datetime | None = None
+    session: Session, image_id: int, annotator: str, *, ttl: timedelta = DEFAULT_LEASE, now: datetime | None = None,
+    actor: str | None = None,
 ) -> bool:
     """Hand the image to ``annotator`` until now + ``ttl``. False when someone else holds an unexpired lease.
 
@@ -434,7 +445,10 @@ def take_lease(
 
     Raises:
         ValueError: there is no image with id ``image_id``.
+        PermissionDenied: ``actor`` (the logged-in user; None: a system actor) may not annotate, or is
+            not ``annotator`` (:func:`db.roles.check_actor`).
     """
+    check_actor(session, actor, Role.ANNOTATOR, action="take an image", annotator=annotator)
     if session.get(Image, image_id) is None:
         raise ValueError(f"no image with id {image_id}")
     now = now or utcnow()
@@ -456,8 +470,9 @@ def take_lease(
     return holder == who
 
 
-def release_lease(session: Session, image_id: int, annotator: str) -> bool:
+def release_lease(session: Session, image_id: int, annotator: str, *, actor: str | None = None) -> bool:
     """Give the image back (only its holder can). True when a lease was released."""
+    check_actor(session, actor, Role.ANNOTATOR, action="give an image back", annotator=annotator)
     who = get_annotator(session, annotator).id
     result = session.execute(delete(Lease).where(Lease.image_id == image_id, Lease.annotator_id == who))
     return bool(result.rowcount)
@@ -514,10 +529,12 @@ def claim_next(
     project: str = DEFAULT_PROJECT,
     ttl: timedelta = DEFAULT_LEASE,
     now: datetime | None = None,
+    actor: str | None = None,
 ) -> Suggestion | None:
     """Lease the best available suggestion for ``action`` to ``annotator`` and return it (None if none)."""
+    check_actor(session, actor, Role.ANNOTATOR, action="take an image", annotator=annotator)
     for suggestion in next_suggestions(session, action, annotator=annotator, project=project, now=now):
-        if take_lease(session, suggestion.image_id, annotator, ttl=ttl, now=now):
+        if take_lease(session, suggestion.image_id, annotator, ttl=ttl, now=now, actor=actor):
             return suggestion
     return None
 

@@ -35,6 +35,7 @@ from db.models import (
     ModelVersion,
     Prediction,
     Project,
+    Role,
     Split,
     SuggestedAction,
     Suggestion,
@@ -50,6 +51,7 @@ from db.repository import (
     serving_model_version,
     take_lease,
 )
+from db.roles import check_actor
 
 #: Metric name prefixes of the flattened per-class dicts of :func:`oxnet.evaluation.evaluate`.
 PER_CLASS_AP_PREFIX = "per_class_AP/"
@@ -231,11 +233,14 @@ def claim_next_image(
     exclude: Collection[int] = (),
     class_name: str | None = None,
     split: Split | str | None = None,
+    actor: str | None = None,
 ) -> int | None:
-    """Lease the top of the queue (:func:`queue`) to ``annotator`` and return its image id (None: empty)."""
+    """Lease the top of the queue (:func:`queue`) to ``annotator`` and return its image id (None: empty).
+    ``actor``: the logged-in user (None: a system actor), checked as :func:`db.repository.take_lease` does."""
+    check_actor(session, actor, Role.ANNOTATOR, action="take an image", annotator=annotator)
     for item in queue(session, action, annotator=annotator, project=project, class_name=class_name, split=split,
                       limit=20, exclude=exclude):
-        if take_lease(session, item.image_id, annotator):
+        if take_lease(session, item.image_id, annotator, actor=actor):
             return item.image_id
     return None
 
@@ -369,6 +374,7 @@ def save_annotation(
     annotator: str,
     expected_version: int,
     absent: Collection[str] = (),
+    actor: str | None = None,
 ) -> Image:
     """Save what the annotator sees as the image's whole annotation, or nothing.
 
@@ -378,8 +384,10 @@ def save_annotation(
     Runs the :mod:`db.lifecycle` edits that change something, in an order that never passes through a
     contradiction, each audited. Raises ValueError (see :func:`validate_annotation`) or
     :class:`~db.lifecycle.ConflictError` when the image changed since ``expected_version``; the caller's
-    transaction then rolls back and nothing is saved.
+    transaction then rolls back and nothing is saved. ``actor`` is the logged-in user (None: a system
+    actor); :class:`~db.roles.PermissionDenied` when they may not annotate or are not ``annotator``.
     """
+    check_actor(session, actor, Role.ANNOTATOR, action="save annotations", annotator=annotator)
     detail = image_detail(session, image_id)
     if detail.version != expected_version:
         raise ConflictError(image_id, expected_version, detail.version)
