@@ -51,18 +51,19 @@ def _mAP(version: dict[str, Any]) -> str:
 
 def promote_button(version_id: int, label: str, *, key: str, on_done: Callable[[], None] | None = None) -> None:
     """A button that makes ``version_id`` the serving model version (a promotion or a rollback), audited
-    with this browser session's annotator; disabled until the user entered a name."""
-    from app.store import annotator, sessions
+    with the logged-in user; only an admin sees it (the promotion checks the role again)."""
+    from app.store import annotator, may, sessions
     from db.repository import promote_model_version
 
     who = annotator()
-    if st.button(label, key=key, disabled=who is None,
-                 help="Recorded in the audit log with your name." if who else "Enter your name in the sidebar first: "
-                      "promotions and rollbacks are recorded with it."):
+    if not may("admin"):
+        st.caption("An admin can promote this version.")
+        return
+    if st.button(label, key=key, help="Recorded in the audit log with your name."):
         try:
             with sessions().begin() as session:
-                promote_model_version(session, version_id, annotator=who)
-        except ValueError as e:
+                promote_model_version(session, version_id, annotator=who, actor=who)
+        except (ValueError, PermissionError) as e:
             st.error(f"Version {version_id} was not promoted: {e}")
             return
         if on_done is not None:

@@ -41,6 +41,7 @@ from db.models import (
     SuggestedAction,
     utcnow,
 )
+from tests.logins import PASSWORD, TOKEN_KEY, session_token
 from db.repository import (
     acquire_trainer_lock,
     create_model_version,
@@ -80,8 +81,8 @@ def _sessions(url):
 
 def _app(page: str | None = None, annotator: str | None = "dr.test") -> AppTest:
     at = AppTest.from_file(MAIN, default_timeout=60)
-    if annotator:
-        at.session_state["main_annotator"] = annotator
+    if annotator:  # logged in as this (created) user, an admin: every page and button is there
+        at.session_state[TOKEN_KEY] = session_token(annotator)
     at.run()
     if page:
         at.switch_page(page)
@@ -218,8 +219,9 @@ def test_trainer_pid_ignores_a_lock_owner_that_is_not_a_trainer(demo):
 
 
 def test_queue_before_any_model_and_without_a_name(demo):
-    at = _app("views/queue.py", annotator=None)
-    assert "Enter your name" in _texts(at)
+    at = _app("views/queue.py", annotator=None)  # nobody logged in: the login form instead of the page
+    assert "Log in with the name and password" in _texts(at) and not at.title[0].value == "Queue"
+    assert not any(b.label.startswith("Open #") for b in at.button)
     at = _app("views/queue.py")
     assert "No model has ranked the images yet" in _texts(at)
     assert any(b.label.startswith("Open #") for b in at.button)
@@ -287,7 +289,7 @@ def test_queue_refuses_an_image_leased_to_someone_else(demo):
 
 def _open(image_id: int, action: str = SuggestedAction.ADD_LABELS.value) -> AppTest:
     at = AppTest.from_file(MAIN, default_timeout=60)
-    at.session_state["main_annotator"] = "dr.test"
+    at.session_state[TOKEN_KEY] = session_token("dr.test")
     at.session_state["annotate_image_id"] = image_id
     at.session_state["annotate_action"] = action
     at.run()
@@ -384,7 +386,8 @@ def test_annotate_switching_annotator_leaves_the_image_and_keeps_the_draft(demo)
     image_id = _unlabeled_ids(demo)[0]
     at = _open(image_id)
     _draw(at, ("Nodule", 100, 150, 200, 120))
-    at.session_state["main_annotator"] = "dr.other"
+    at.button(key="main_logout").click().run()  # another person logs in at this browser
+    at.session_state[TOKEN_KEY] = session_token("dr.other")
     at.run()
     assert not at.exception, at.exception
     assert "Take the best image of the queue" in _texts(at)
@@ -474,7 +477,7 @@ def test_annotate_task_and_complete_follow_the_granularity(demo, granularity):
         if granularity == "full":
             set_boxes(session, image_id, [("Nodule", 1, 1, 20, 20)], annotator="dr.other", complete=True)
     at = AppTest.from_file(MAIN, default_timeout=60)
-    at.session_state["main_annotator"] = "dr.test"
+    at.session_state[TOKEN_KEY] = session_token("dr.test")
     at.run()
     at.switch_page("views/annotate.py").run()
     at.number_input(key="annotate_pick_id").set_value(image_id).run()
@@ -534,12 +537,14 @@ def test_annotate_draft_survives_a_page_switch_and_a_reload(demo):
     assert "Boxes** (1)" in _texts(at) and "Unsaved changes" in _texts(at)
 
     reloaded = AppTest.from_file(MAIN, default_timeout=60)  # a browser reload: a new session, the same URL
-    reloaded.query_params["annotator"] = "dr.test"
     reloaded.query_params["image"] = str(image_id)
-    reloaded.run()
+    reloaded.run()  # asks to log in again (the login lives in the session only)
+    reloaded.text_input[0].input("dr.test")
+    reloaded.text_input[1].input(PASSWORD)
+    reloaded.button[0].click().run()
     reloaded.switch_page("views/annotate.py").run()
     assert not reloaded.exception, reloaded.exception
-    assert reloaded.session_state["main_annotator"] == "dr.test"
+    assert reloaded.session_state["main_user"].name == "dr.test"
     assert f"Image **#{image_id}**" in _texts(reloaded) and "Restored your unsaved draft" in _texts(reloaded)
     assert "Boxes** (1)" in _texts(reloaded)
     load = reloaded.session_state["annotate_load"]
@@ -817,6 +822,8 @@ def test_data_page_lists_unreadable_files_with_their_reason(demo):
 def test_a_read_only_store_renders_and_a_save_says_so_in_one_sentence(demo, monkeypatch):
     """Issue 12.11/12.12: the UI reads a read-only store; a write shows one sentence, not SQL."""
     path = demo.removeprefix("sqlite:///")
+    token = session_token("dr.test")  # logged in while the store was writable (a read-only one records no login)
+    monkeypatch.setattr(sys.modules[__name__], "session_token", lambda *args, **kwargs: token)
     monkeypatch.setenv("OXNET_DB_URL", f"sqlite:///file:{path}?mode=ro&uri=true")
     for page in PAGES:
         at = _app(page)  # asserts no exception

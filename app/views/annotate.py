@@ -7,8 +7,8 @@ from ``annotate_base`` (boxes in original pixels) whenever ``annotate_rev`` grow
 suggestion, a deleted box, undo, a new view). What the annotator has not saved (``annotate_draft``) is
 written to the store's ``draft`` table on every change (:mod:`db.drafts`) and restored when the same
 annotator opens the image again, after a page change, a reload or a restart; saving or discarding
-deletes it. The open image id and the annotator's name ride in the URL (``?image=..&annotator=..``)
-so a reload comes back to the same image, with its lease, and the draft.
+deletes it. The open image id rides in the URL (``?image=..``; the logged-in user never does) so a
+reload comes back to the same image after the login, with its lease, and the draft.
 """
 
 from __future__ import annotations
@@ -157,7 +157,7 @@ def _go_to(image_id: int | None, who: str) -> None:
     current = s.get(IMAGE_KEY)
     if current is not None and current != image_id:
         with sessions().begin() as session:
-            release_lease(session, current, who)
+            release_lease(session, current, who, actor=who)
     s[IMAGE_KEY] = image_id
     s.pop("annotate_loaded_id", None)
     if image_id is None:
@@ -168,13 +168,13 @@ def _go_to(image_id: int | None, who: str) -> None:
 
 def _discard(image_id: int, who: str) -> None:
     with sessions().begin() as session:
-        delete_draft(session, image_id, who)
+        delete_draft(session, image_id, who, actor=who)
     _state()["annotate_written"] = None
 
 
 def _next_image(action: str, who: str, exclude: list[int]) -> int | None:
     with sessions().begin() as session:
-        return claim_next_image(session, action, annotator=who, exclude=exclude)
+        return claim_next_image(session, action, annotator=who, exclude=exclude, actor=who)
 
 
 def _open_by_id(image_id: int, who: str) -> bool:
@@ -182,7 +182,7 @@ def _open_by_id(image_id: int, who: str) -> bool:
     An image id that does not exist is said so on the page (and the script stops)."""
     try:
         with sessions().begin() as session:
-            taken = take_lease(session, image_id, who)
+            taken = take_lease(session, image_id, who, actor=who)
     except ValueError as e:  # no such image
         st.error(str(e))
         st.stop()
@@ -207,7 +207,7 @@ if not has_project:
     st.info("The store has no project yet: see **Overview**.")
     st.stop()
 if not who:
-    st.warning("Enter your name in the sidebar first: every label and box is saved under it.")
+    st.warning("Log in first: every label and box is saved under your name.")
     st.stop()
 
 s = _state()
@@ -470,7 +470,7 @@ s[DIRTY_KEY] = dirty
 payload = to_payload(draft)
 if dirty and payload != s.get("annotate_written"):
     with sessions().begin() as session:
-        save_draft(session, detail.id, who, payload, base_version=s["annotate_version"])
+        save_draft(session, detail.id, who, payload, base_version=s["annotate_version"], actor=who)
     s["annotate_written"] = payload
 elif not dirty and s.get("annotate_written") is not None:
     _discard(detail.id, who)
@@ -484,10 +484,10 @@ def _save() -> str | None:
         with sessions().begin() as session:
             image = save_annotation(
                 session, detail.id, present=present, absent=absent, no_finding=no_finding, boxes=live, complete=complete,
-                annotator=who, expected_version=s["annotate_version"],
+                annotator=who, expected_version=s["annotate_version"], actor=who,
             )
             granularity = image.granularity.value
-            delete_draft(session, detail.id, who)
+            delete_draft(session, detail.id, who, actor=who)
             record_save(session, detail.id, annotator=who, action=queue_action(task), before=detail.granularity,
                         seconds=time.monotonic() - s.get("annotate_opened_at", time.monotonic()))
     except (ConflictError, ValueError) as e:

@@ -46,7 +46,7 @@ def gain_text(item) -> str:
 def _open(image_id: int, action: str, who: str) -> None:
     """Take the image's lease and switch to Annotate (refused while someone else holds it)."""
     with sessions().begin() as session:
-        leased = take_lease(session, image_id, who)
+        leased = take_lease(session, image_id, who, actor=who)
     if not leased:
         st.session_state["queue_message"] = f"Image {image_id} is being annotated by someone else; pick another."
         _page.clear()
@@ -65,7 +65,7 @@ if not classes:
     st.info("The store has no project yet: see **Overview**.")
     st.stop()
 if not who:
-    st.warning("Enter your name in the sidebar first: the queue hands each image to one annotator at a time.")
+    st.warning("Log in first: the queue hands each image to one annotator at a time.")
     st.stop()
 
 left, middle, right, pager = st.columns([2, 2, 1, 1])
