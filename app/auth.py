@@ -17,15 +17,14 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 
 import streamlit as st
 
 from app.store import USER_KEY, sessions, store_url
+from app.serve import first_admin
 from db.accounts import (
     LoginResult,
     SessionUser,
-    ensure_first_admin,
     log_in,
     open_session,
     revoke_session,
@@ -47,20 +46,11 @@ FORWARDED_ENV = "OXNET_FORWARDED_FOR"
 @st.cache_resource(show_spinner=False)
 def _first_admin(url: str) -> bool:
     """Once per server and store: a store without users gets the ``admin`` account, whose one-time
-    password goes to the server's stderr only (not a log file, not a page)."""
+    password goes to the server's stderr only (not a log file, not a page; :func:`app.serve.first_admin`)."""
     if is_read_only(sessions().kw["bind"]):
         return False
-    with sessions().begin() as session:
-        created = ensure_first_admin(session)
-    if created is not None:
-        name, password = created
-        if password is None:
-            print(f"OXnet workbench: created the user {name!r} with the password of $OXNET_ADMIN_PASSWORD; "
-                  "change it at the first login.", file=sys.stderr, flush=True)
-        else:
-            print(f"OXnet workbench: first start: created the user {name!r} with the one-time password {password} "
-                  "(shown only here, once; it must be changed at the first login).", file=sys.stderr, flush=True)
-    return created is not None
+    first_admin(url)
+    return True
 
 
 def ensure_first_admin_once() -> None:
