@@ -469,3 +469,35 @@ def authorize(
             log_event(session, actor, event, dict(details or {}))
     finally:
         engine.dispose()
+
+
+#: The actions of ``python -m db users`` (:func:`users_command`).
+USER_ACTIONS = ("list", "add", "reset-password", "set-role", "deactivate", "activate")
+
+
+def users_command(session: Session, action: str, name: str | None = None, *, role: str = "annotator", out=None) -> int:
+    """``python -m db users ACTION [NAME] [--role ROLE]``: user management from the command line, as a
+    trusted system actor (e.g. when the last admin's password is lost). A new one-time password is
+    printed once, on stderr. Returns the exit status; AccountError/ValueError for bad input."""
+    import json
+    import sys
+
+    out = out or sys.stdout
+    if action == "list":
+        print(json.dumps(list_users(session), default=str, indent=2), file=out)
+        return 0
+    if not name:
+        raise AccountError(f"'users {action}' needs a user name")
+    if action == "add":
+        password = create_user(session, name, role)
+    elif action == "reset-password":
+        password = reset_password(session, name)
+    else:
+        password = None
+        {"set-role": lambda: set_role(session, name, role), "deactivate": lambda: deactivate(session, name),
+         "activate": lambda: activate(session, name)}[action]()
+    if password is not None:
+        print(f"one-time password of {name!r} (shown only now; to be changed at the first login): {password}",
+              file=sys.stderr, flush=True)
+    print(f"users {action} {name}: done", file=out)
+    return 0

@@ -540,3 +540,26 @@ def test_the_schema_has_the_account_tables(db_url):
     tables = set(inspect(engine).get_table_names())
     engine.dispose()
     assert {"user_account", "user_session", "login_attempt"} <= tables
+
+
+def test_the_command_line_manages_users_as_a_trusted_actor(db_url, capsys):
+    """``python -m db users``: e.g. the way back in when the last admin lost the password."""
+    import db.__main__ as db_cli
+
+    assert db_cli.main(["--db", db_url, "users", "add", "dr.cli", "--role", "admin"]) == 0
+    captured = capsys.readouterr()
+    password = captured.err.rsplit(": ", 1)[1].strip()
+    assert password not in captured.out and "done" in captured.out
+    Session = make_sessionmaker(init_db(db_url))
+    with Session.begin() as s:
+        assert log_in(s, "dr.cli", password).user.must_change_password
+    assert db_cli.main(["--db", db_url, "users", "reset-password", "dr.cli"]) == 0
+    new = capsys.readouterr().err.rsplit(": ", 1)[1].strip()
+    with Session.begin() as s:
+        assert log_in(s, "dr.cli", password).message == WRONG_LOGIN and log_in(s, "dr.cli", new).user
+    assert db_cli.main(["--db", db_url, "users", "set-role", "dr.cli", "--role", "reviewer"]) == 2  # the last admin
+    assert "last active admin" in capsys.readouterr().err
+    assert db_cli.main(["--db", db_url, "users", "list"]) == 0
+    assert '"name": "dr.cli"' in capsys.readouterr().out
+    assert db_cli.main(["--db", db_url, "users", "deactivate", "nobody"]) == 2
+    Session.kw["bind"].dispose()
