@@ -25,9 +25,11 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+
 from db.accounts import ensure_first_admin
 from db.demo import data_dir
-from db.engine import database_url, init_db, make_sessionmaker
+from db.engine import database_url, display_url, init_db, make_sessionmaker, store_error_message
 
 #: Environment variable with the cookie secret (else the file :data:`COOKIE_FILE` in the data folder).
 COOKIE_SECRET_ENV = "OXNET_COOKIE_SECRET"
@@ -79,8 +81,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Set the cookie secret, make the first admin, then ``streamlit run app/main.py *argv``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     url = database_url()
-    os.environ[STREAMLIT_COOKIE_ENV] = cookie_secret(url)
-    first_admin(url)
+    try:
+        os.environ[STREAMLIT_COOKIE_ENV] = cookie_secret(url)
+        first_admin(url)
+    except (OSError, ValueError, SQLAlchemyError) as e:  # one sentence, not a traceback (and never the URL's password)
+        message = None if isinstance(e, ArgumentError) else store_error_message(e, url)
+        if message is None:
+            message = f"cannot open the store {display_url(url)} ({type(e).__name__})" if isinstance(e, SQLAlchemyError) else str(e)
+        print(f"oxnet-ui: error: {message}", file=sys.stderr)
+        return 3
     from streamlit.web import cli
 
     sys.argv = ["streamlit", "run", str(MAIN), *argv]

@@ -207,3 +207,20 @@ def test_single_sign_on_maps_to_a_store_user_and_refuses_an_unknown_one(store):
     stranger.user = {"is_logged_in": True, "email": "eve@elsewhere.example"}
     stranger.run()
     assert "no active user of that name" in _texts(stranger) and TOKEN_KEY not in stranger.session_state
+
+
+def test_a_user_added_for_single_sign_on_gets_no_password_and_goes_straight_in(store):
+    at = AppTest.from_file(MAIN, default_timeout=60)
+    at.session_state[TOKEN_KEY] = session_token("dr.boss", "admin")
+    at.run()
+    at.switch_page("views/admin.py").run()
+    at.text_input[0].input("kim@hospital.example")
+    at.checkbox[0].check()
+    at.button[0].click().run()
+    assert not at.exception, at.exception
+    assert not at.code and "for single sign-on" in _texts(at)
+    sso = AppTest.from_file(MAIN, default_timeout=60)
+    sso.user = {"is_logged_in": True, "email": "kim@hospital.example"}
+    sso.run()
+    assert "Signed in as **kim\\@hospital\\.example** (annotator)" in [m.value for m in sso.sidebar.markdown]
+    assert sso.title[0].value == "Overview"  # no password change asked

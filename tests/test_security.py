@@ -129,3 +129,13 @@ def test_serve_starts_streamlit_with_the_secret_in_its_environment_only(tmp_path
     finally:
         os.killpg(process.pid, 15)
         process.wait(timeout=20)
+
+
+def test_serve_says_in_one_line_when_the_store_cannot_be_opened(monkeypatch, capsys):
+    import app.serve as serve
+
+    monkeypatch.setenv("OXNET_DB_URL", "postgresql+psycopg://oxnet:s3cr3t-pw@127.0.0.1:1/oxnet")
+    monkeypatch.setenv("OXNET_COOKIE_SECRET", "x" * 40)
+    assert serve.main([]) == 3
+    err = capsys.readouterr().err
+    assert err.startswith("oxnet-ui: error:") and "s3cr3t-pw" not in err and "Traceback" not in err

@@ -44,10 +44,18 @@ with st.form("admin_add_form", clear_on_submit=True):
     name = left.text_input("Name", max_chars=64, help="as it will appear on every label, box and audit entry; "
                            "for single sign-on: the e-mail address the identity provider reports")
     new_role = right.selectbox("Role", ROLES)
+    sso_only = st.checkbox("Logs in with single sign-on only (no password is shown; nobody knows it)",
+                           help="for users of the hospital's identity provider: their name must be the e-mail "
+                                "address it reports")
     if st.form_submit_button("Add user", type="primary"):
-        password = _do(create_user, name, new_role)
-        if password:
-            _one_time(" ".join(name.split()), password)
+        if sso_only:
+            if _do(lambda session, *args, actor: create_user(session, *args, actor=actor, must_change_password=False),
+                   name, new_role):
+                st.success(f"Added **{plain(' '.join(name.split()))}** for single sign-on.")
+        else:
+            password = _do(create_user, name, new_role)
+            if password:
+                _one_time(" ".join(name.split()), password)
 
 with sessions()() as _session:
     users = list_users(_session)
