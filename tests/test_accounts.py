@@ -20,7 +20,6 @@ from db.accounts import (
     WRONG_LOGIN,
     AccountError,
     activate,
-    authenticate,
     change_password,
     create_user,
     deactivate,
@@ -33,7 +32,7 @@ from db.accounts import (
     session_user,
     set_role,
 )
-from db.drafts import delete_draft, get_draft, save_draft
+from db.drafts import delete_draft, save_draft
 from db.engine import init_db, make_sessionmaker
 from db.models import (
     Annotator,
