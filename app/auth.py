@@ -85,8 +85,8 @@ def current_user() -> SessionUser | None:
     token = st.session_state.get(TOKEN_KEY)
     with sessions()() as session:
         user = session_user(session, token)
-    if user is None and token is not None:
-        st.session_state.pop(TOKEN_KEY, None)
+    if user is None and token is not None:  # expired, revoked or deactivated: nothing of that login stays here
+        st.session_state.clear()
     if user is None and (identity := _sso_identity()) is not None and st.session_state.get(SSO_REFUSED_KEY) != identity:
         try:
             with sessions().begin() as session:

@@ -109,10 +109,12 @@ def test_a_deactivated_users_session_stops_at_the_next_script_run(store):
     at.session_state[TOKEN_KEY] = session_token("dr.lee", "annotator")
     at.run()
     assert "Signed in as **dr\\.lee** (annotator)" in [m.value for m in at.sidebar.markdown]
+    at.session_state["annotate_draft"] = {"boxes": [["Nodule", 1, 2, 3, 4]]}  # the user's unsaved work in memory
     with _sessions(store).begin() as session:
         deactivate(session, "dr.lee")
     at.run()
     assert [t.label for t in at.text_input] == ["Name", "Password"] and TOKEN_KEY not in at.session_state
+    assert "annotate_draft" not in at.session_state  # the next person at this browser sees none of it
     _login(at, "dr.lee", PASSWORD)
     assert at.error[0].value == WRONG_LOGIN
 

@@ -211,8 +211,8 @@ if not who:
     st.stop()
 
 s = _state()
-if s.get("annotate_who") not in (None, who):  # "Switch annotator": the open image and its draft were the other's
-    _go_to(None, s["annotate_who"])
+if s.get("annotate_who") not in (None, who):  # another user at this browser: the open image and its draft were the other's
+    _go_to(None, who)  # (their lease stays theirs until it expires: nobody gives it back in their name)
 s["annotate_who"] = who
 if s.get(IMAGE_KEY) is None and (wanted_param := st.query_params.get(IMAGE_PARAM)):
     st.query_params.pop(IMAGE_PARAM, None)
@@ -490,7 +490,7 @@ def _save() -> str | None:
             delete_draft(session, detail.id, who, actor=who)
             record_save(session, detail.id, annotator=who, action=queue_action(task), before=detail.granularity,
                         seconds=time.monotonic() - s.get("annotate_opened_at", time.monotonic()))
-    except (ConflictError, ValueError) as e:
+    except (ConflictError, ValueError, PermissionError) as e:  # PermissionError: the role changed (db.roles)
         s["annotate_error"] = (f"Not saved: {e}", payload)
         return None
     s["annotate_written"] = None
