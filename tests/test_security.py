@@ -20,7 +20,9 @@ from app.serve import COOKIE_FILE, STREAMLIT_COOKIE_ENV, cookie_secret
 from db.demo import data_dir
 
 ROOT = Path(__file__).resolve().parent.parent
-PORTS = range(8640, 8650)
+#: Ports to try (the first free one serves): ten from ``$OXNET_TEST_PORT`` (default 8640).
+FIRST_PORT = int(os.environ.get("OXNET_TEST_PORT", "8640"))
+PORTS = range(FIRST_PORT, FIRST_PORT + 10)
 
 
 def test_the_server_config_keeps_xsrf_protection_and_loopback_and_no_secret():
