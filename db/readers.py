@@ -31,8 +31,8 @@ With N = 1 nothing here is used: the queue, leases and saves are the single-read
   label, audited with the reviewer's name and the source reads, and the image is "reviewed".
 - Once an image has its N reads, reads can no longer change; only a reviewer changes its label.
 
-Reviewer rights go through :func:`require_reviewer` and the setting through :func:`require_admin`, the
-hooks the accounts of issue 16 plug into.
+Reviewer rights go through :func:`require_reviewer` and the setting through :func:`require_admin`: the
+accounts' role check (:func:`db.roles.check_actor`) of the logged-in user passed as ``actor``.
 """
 
 from __future__ import annotations
