@@ -69,7 +69,7 @@ SETTING_ACTION, CONSENSUS_ACTION = "set_readers_per_image", "consensus"
 ACCEPT_ACTION, MERGE_ACTION, EDIT_ACTION = "review_accept", "review_merge", "review_edit"
 
 
-# --- the role hook -------------------------------------------------------------------------------
+# --- the role check ------------------------------------------------------------------------------
 
 
 def _require_role(session: Session, name: str, role: Role | str, *, actor: str | None, action: str) -> str:
