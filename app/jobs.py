@@ -41,11 +41,13 @@ from typing import Any
 
 from sqlalchemy.engine import make_url
 
+from db.accounts import authorize
 from db.demo import data_dir, seed_demo
 from db.engine import DB_URL_ENV, database_url, init_db, make_sessionmaker
 from db.export import INCLUDE_PATIENT_IDS, export_coco, file_mapping, write_file_map, write_json
 from db.dicomweb import DEFAULT_MODALITIES, import_dicomweb
 from db.importers import SALT_ENV, ImportReport, import_coco, import_folder, import_nih, import_vindr
+from db.models import Role
 from db.projects import assign_splits
 from oxnet import files
 from oxnet.vocabulary import GRANULARITIES
@@ -60,9 +62,10 @@ AUTO_DEMO_ENV = "OXNET_DEMO"
 DEMO_IMAGES_ENV = "OXNET_DEMO_IMAGES"
 
 
-def start_demo_job(url: str | None = None) -> Path | None:
-    """Seed the demo project of the store in the background, once (None: it ran or runs already)."""
-    return start_job("seed", ["--n", os.environ.get(DEMO_IMAGES_ENV, "300")], url=url, name=DEMO_JOB)
+def start_demo_job(url: str | None = None, *, actor: str | None = None) -> Path | None:
+    """Seed the demo project of the store in the background, once (None: it ran or runs already).
+    ``actor``: as :func:`start_job`."""
+    return start_job("seed", ["--n", os.environ.get(DEMO_IMAGES_ENV, "300")], url=url, name=DEMO_JOB, actor=actor)
 #: Seconds between two writes of a running job's status file.
 WRITE_EVERY_S = 0.5
 #: Seconds between two polls of the reaper thread.
@@ -143,16 +146,19 @@ def _write_status(path: Path, status: dict[str, Any]) -> None:
 
 def start_job(
     command: str, args: Sequence[str] = (), *, url: str | None = None, name: str | None = None,
-    secrets: Mapping[str, str] | None = None,
+    secrets: Mapping[str, str] | None = None, actor: str | None = None,
 ) -> Path | None:
     """Launch ``python -m app.jobs command *args`` for the store at ``url``; returns its status file.
 
     ``name`` fixes the status file's name and makes the job exclusive: when a status file of that name
     exists already (the job ran or runs), nothing is launched and None is returned. ``secrets`` are
     environment variables for the job only (e.g. ``{SALT_ENV: salt}``): never in its command line or
-    its status file.
+    its status file. ``actor``: the logged-in user starting it, who must be an admin (imports, exports
+    and the demo project manage the store's data; :class:`db.roles.PermissionDenied` otherwise; the
+    start is audited with their name); None: a system actor (the server's own first-run demo, the CLI).
     """
     url = absolute_url(url)
+    authorize(url, actor, Role.ADMIN, action=f"start {command} jobs", event="job_start", details={"command": command})
     folder = jobs_dir(url)
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     job_id = name or f"{time.strftime('%Y%m%d-%H%M%S')}-{command}-{uuid.uuid4().hex[:6]}"

@@ -24,9 +24,11 @@ from pathlib import Path
 import psutil
 
 from app.jobs import absolute_url, process_alive, spawn, write_private
+from db.accounts import authorize
 from db.demo import data_dir
 from db.engine import DB_URL_ENV
 from oxnet.vocabulary import AUTO_PRESET, TRAINER_PRESET_NAMES
+from db.models import Role
 
 #: How the trainer is started (its options follow); the last item is what identifies its processes.
 TRAINER_COMMAND = [sys.executable, "-m", "app.trainer"]
@@ -54,13 +56,18 @@ def pid_file(url: str | None = None) -> Path:
     return data_dir(url) / "trainer.pid"
 
 
-def start_trainer(url: str | None = None, preset: str | None = None, weights: str | None = None) -> int:
+def start_trainer(
+    url: str | None = None, preset: str | None = None, weights: str | None = None, *, actor: str | None = None
+) -> int:
     """Launch the trainer (``python -m app.trainer --preset <preset> [--weights <weights>]``) on the
     store at ``url``; returns its pid. ``preset``: None is :func:`default_preset`. ``weights``: the first
-    round's backbone start (random, imagenet or a local state_dict file); None: the preset's."""
+    round's backbone start (random, imagenet or a local state_dict file); None: the preset's. ``actor``:
+    the logged-in user, who must be an admin (:class:`db.roles.PermissionDenied` otherwise; audited);
+    None: a system actor."""
     if preset is not None and preset not in (*TRAINER_PRESET_NAMES, AUTO_PRESET):
         raise ValueError(f"preset must be one of {[*TRAINER_PRESET_NAMES, AUTO_PRESET]}, got {preset!r}")
     url = absolute_url(url)
+    authorize(url, actor, Role.ADMIN, action="start the trainer", event="trainer_start", details={"preset": preset})
     command = [*TRAINER_COMMAND, "--preset", preset or default_preset()]
     if weights:
         command += ["--weights", weights]
@@ -98,8 +105,10 @@ def trainer_pid(lock_owner: str | None, url: str | None = None) -> int | None:
     return next((pid for pid in candidates if _is_trainer(pid)), None)
 
 
-def stop_trainer(lock_owner: str | None, url: str | None = None) -> int | None:
-    """SIGTERM the running trainer's process group; returns its pid, or None when no trainer runs here."""
+def stop_trainer(lock_owner: str | None, url: str | None = None, *, actor: str | None = None) -> int | None:
+    """SIGTERM the running trainer's process group; returns its pid, or None when no trainer runs here.
+    ``actor``: as :func:`start_trainer` (checked and audited before anything is signalled)."""
+    authorize(url, actor, Role.ADMIN, action="stop the trainer", event="trainer_kill", details={})
     pid = trainer_pid(lock_owner, url)
     if pid is None:
         return None

@@ -21,12 +21,12 @@ def plain(text: object) -> str:
 
 def require_project_and_name(has_project: bool, who: str | None, *, why: str) -> str:
     """The annotator's name; the page stops with a message while the store has no project or the user
-    entered no name yet (``why``: what the name is for, as the message says it)."""
+    is not logged in (``why``: what the login is for, as the message says it)."""
     if not has_project:
         st.info("The store has no project yet: see **Overview**.")
         st.stop()
     if not who:
-        st.warning(f"Enter your name in the sidebar first: {why}.")
+        st.warning(f"Log in first: {why}.")
         st.stop()
     return who
 
@@ -64,17 +64,18 @@ def _mAP(version: dict[str, Any]) -> str:
 
 def promote_button(version_id: int, label: str, *, key: str, on_done: Callable[[], None] | None = None) -> None:
     """A button that makes ``version_id`` the serving model version (a promotion or a rollback), audited
-    with this browser session's annotator; disabled until the user entered a name."""
-    from app.store import annotator, sessions
+    with the logged-in user; only an admin sees it (the promotion checks the role again)."""
+    from app.store import annotator, may, sessions
     from db.service import promote
 
     who = annotator()
-    if st.button(label, key=key, disabled=who is None,
-                 help="Recorded in the audit log with your name." if who else "Enter your name in the sidebar first: "
-                      "promotions and rollbacks are recorded with it."):
+    if not may("admin"):
+        st.caption("An admin can promote this version.")
+        return
+    if st.button(label, key=key, help="Recorded in the audit log with your name."):
         try:
-            promote(sessions(), version_id, annotator=who)
-        except ValueError as e:
+            promote(sessions(), version_id, annotator=who, actor=who)
+        except (ValueError, PermissionError) as e:
             st.error(f"Version {version_id} was not promoted: {e}")
             return
         if on_done is not None:

@@ -12,6 +12,7 @@ from pathlib import Path
 from sqlalchemy.exc import ArgumentError
 from tqdm import tqdm
 
+from db.accounts import USER_ACTIONS, users_command
 from db.engine import DB_URL_ENV, DEFAULT_DB_URL, database_url, display_url, init_db, make_sessionmaker, store_error_message
 from db.export import INCLUDE_PATIENT_IDS, export_coco, export_training_mix, file_mapping, write_file_map, write_json
 from db.importers import SALT_ENV, ImportReport, check_files, import_coco, import_folder, import_nih, import_vindr
@@ -19,6 +20,7 @@ from db.projects import DEFAULT_PROJECT, assign_splits, stats
 from db.dicomweb import DEFAULT_MODALITIES, NETRC_ENV, PASSWORD_ENV, USER_ENV, export_sr, import_dicomweb, store_sr
 from db.demo import data_dir
 from oxnet.vocabulary import GRANULARITIES
+from db.models import Role
 
 DESCRIPTION = f"""\
 The OXnet workbench store: the database that remembers your images, their labels and boxes, and the
@@ -33,6 +35,7 @@ Examples:
   python -m db import vindr train.csv --images /data/vindr/train
   python -m db split                                      train/val/test by patient
   python -m db stats                                      counts per granularity and split
+  python -m db users add dr.lee --role reviewer           a UI account (one-time password on stderr)
   python -m db export coco out.json --granularity full    boxes of the fully labelled images
   python -m db import dicomweb http://pacs:8042/dicom-web --modality CR,DX --since 2026-01-01
   python -m db export sr OUTDIR [--model-version N] [--stow URL]   boxes and findings as DICOM SR
@@ -121,6 +124,10 @@ def _parser() -> argparse.ArgumentParser:
     sr.add_argument("--report", metavar="FILE", help="also write the full report as JSON")
 
     commands.add_parser("stats", help="image counts per granularity and split (JSON)")
+    users = commands.add_parser("users", help="accounts of the UI (the command line is trusted: no login needed)")
+    users.add_argument("action", choices=USER_ACTIONS)
+    users.add_argument("name", nargs="?", help="the user (not for 'list'); a new one-time password goes to stderr")
+    users.add_argument("--role", choices=[r.value for r in Role], default="annotator", help="for add and set-role")
 
     split = commands.add_parser("split", help="assign train/val/test to images without a split, by patient")
     split.add_argument("--fractions", nargs=3, type=float, default=(0.8, 0.1, 0.1), metavar=("TRAIN", "VAL", "TEST"))
@@ -217,6 +224,8 @@ def _run(args: argparse.Namespace, url: str) -> int:
                         write_json(data, Path(args.out) / f"{name}.json")
                         print(f"{name}: {len(data['images'])} images -> {Path(args.out) / f'{name}.json'}")
                 return 0
+            if args.command == "users":
+                return users_command(session, args.action, args.name, role=args.role)
             if args.command == "split":
                 counts = assign_splits(session, args.project, fractions=tuple(args.fractions), seed=args.seed, reassign=args.reassign)
                 print(json.dumps({"assigned": counts}))

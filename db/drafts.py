@@ -16,8 +16,9 @@ from typing import Any
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
-from db.models import Annotator, Draft, Image, utcnow
+from db.models import Annotator, Draft, Image, Role, utcnow
 from db.people import get_annotator
+from db.roles import check_actor
 
 #: The states of one image-level finding in a draft (and on the page).
 PRESENT, ABSENT, NOT_ASSESSED = "present", "absent", "not assessed"
@@ -66,8 +67,13 @@ def _annotator_id(session: Session, annotator: str) -> int | None:
     return session.execute(select(Annotator.id).where(Annotator.name == annotator)).scalar()
 
 
-def save_draft(session: Session, image_id: int, annotator: str, payload: Mapping[str, Any], *, base_version: int) -> None:
-    """Write (insert or replace) ``annotator``'s draft of the image. ValueError for a bad payload or image."""
+def save_draft(
+    session: Session, image_id: int, annotator: str, payload: Mapping[str, Any], *, base_version: int, actor: str | None = None
+) -> None:
+    """Write (insert or replace) ``annotator``'s draft of the image. ValueError for a bad payload or image;
+    :class:`~db.roles.PermissionDenied` when ``actor`` (the logged-in user; None: a system actor) may not
+    annotate or is not ``annotator``."""
+    check_actor(session, actor, Role.ANNOTATOR, action="keep drafts", annotator=annotator)
     checked = check_payload(payload)
     if session.get(Image, image_id) is None:
         raise ValueError(f"no image with id {image_id}")
@@ -95,8 +101,9 @@ def get_draft(session: Session, image_id: int, annotator: str) -> StoredDraft | 
     return StoredDraft(image_id=image_id, payload=payload, base_version=draft.base_version, updated_at=draft.updated_at)
 
 
-def delete_draft(session: Session, image_id: int, annotator: str) -> bool:
-    """Drop ``annotator``'s draft of the image; True when there was one."""
+def delete_draft(session: Session, image_id: int, annotator: str, *, actor: str | None = None) -> bool:
+    """Drop ``annotator``'s draft of the image; True when there was one (``actor`` as :func:`save_draft`)."""
+    check_actor(session, actor, Role.ANNOTATOR, action="discard drafts", annotator=annotator)
     who = _annotator_id(session, annotator)
     if who is None:
         return False

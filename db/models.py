@@ -157,6 +157,70 @@ class Annotator(Base):
     kind: Mapped[str] = mapped_column(String(16), default="human")
 
 
+class Role(enum.StrEnum):
+    """What an account may do; each role may do everything the roles before it may (:attr:`rank`)."""
+
+    ANNOTATOR = "annotator"
+    REVIEWER = "reviewer"
+    ADMIN = "admin"
+
+    @property
+    def rank(self) -> int:
+        """0 annotator, 1 reviewer, 2 admin."""
+        return list(Role).index(self)
+
+
+class UserAccount(Base):
+    """A person who logs in (:mod:`db.accounts`): name, role, argon2 password hash, active flag.
+
+    ``annotator_id`` links the account to the :class:`Annotator` row of the same name, so every label,
+    box, lease, draft and audit entry the person makes carries it. The password is only ever stored as
+    its argon2 hash (``$argon2id$...``); ``must_change_password`` holds a one-time password until the
+    person replaces it.
+    """
+
+    __tablename__ = "user_account"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    role: Mapped[Role] = mapped_column(_str_enum(Role, "role"))
+    password_hash: Mapped[str] = mapped_column(String(255))
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    must_change_password: Mapped[bool] = mapped_column(Boolean, default=False)
+    annotator_id: Mapped[int] = mapped_column(ForeignKey("annotator.id"), unique=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    last_login_at: Mapped[Optional[datetime]] = mapped_column(DateTime)
+
+    annotator: Mapped[Annotator] = relationship(lazy="joined")
+
+
+class UserSession(Base):
+    """A logged-in browser session: the SHA-256 of its random token (never the token), whose it is and
+    until when it holds. A revoked (logout, deactivation, password reset) or expired session logs nobody in."""
+
+    __tablename__ = "user_session"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    token_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("user_account.id", ondelete="CASCADE"), index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(DateTime)
+    revoked: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class LoginAttempt(Base):
+    """One login attempt, for throttling: ``key`` is the SHA-256 of the tried name or of the client
+    address (never the name or address in clear, never the password)."""
+
+    __tablename__ = "login_attempt"
+    __table_args__ = (Index(None, "key", "at"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    key: Mapped[str] = mapped_column(String(64))
+    at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, index=True)
+    success: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
 class Image(Base):
     """One image file, referenced in place, with its derived granularity.
 

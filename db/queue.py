@@ -16,9 +16,21 @@ from sqlalchemy import String, cast, delete, exists, or_, select, update
 from sqlalchemy.orm import Session
 
 from db.engine import insert_ignore
-from db.models import Granularity, Image, ImageLabel, LabelClass, Lease, Split, SuggestedAction, Suggestion, utcnow
+from db.models import (
+    Granularity,
+    Image,
+    ImageLabel,
+    LabelClass,
+    Lease,
+    Role,
+    Split,
+    SuggestedAction,
+    Suggestion,
+    utcnow,
+)
 from db.people import get_annotator
 from db.projects import DEFAULT_PROJECT, get_project
+from db.roles import check_actor
 from db.versions import serving_model_version
 
 
@@ -27,7 +39,8 @@ DEFAULT_LEASE = timedelta(minutes=30)
 
 
 def take_lease(
-    session: Session, image_id: int, annotator: str, *, ttl: timedelta = DEFAULT_LEASE, now: datetime | None = None
+    session: Session, image_id: int, annotator: str, *, ttl: timedelta = DEFAULT_LEASE, now: datetime | None = None,
+    actor: str | None = None,
 ) -> bool:
     """Hand the image to ``annotator`` until now + ``ttl``. False when someone else holds an unexpired lease.
 
@@ -35,7 +48,10 @@ def take_lease(
 
     Raises:
         ValueError: there is no image with id ``image_id``.
+        PermissionDenied: ``actor`` (the logged-in user; None: a system actor) may not annotate, or is
+            not ``annotator`` (:func:`db.roles.check_actor`).
     """
+    check_actor(session, actor, Role.ANNOTATOR, action="take an image", annotator=annotator)
     if session.get(Image, image_id) is None:
         raise ValueError(f"no image with id {image_id}")
     now = now or utcnow()
@@ -57,8 +73,9 @@ def take_lease(
     return holder == who
 
 
-def release_lease(session: Session, image_id: int, annotator: str) -> bool:
+def release_lease(session: Session, image_id: int, annotator: str, *, actor: str | None = None) -> bool:
     """Give the image back (only its holder can). True when a lease was released."""
+    check_actor(session, actor, Role.ANNOTATOR, action="give an image back", annotator=annotator)
     who = get_annotator(session, annotator).id
     result = session.execute(delete(Lease).where(Lease.image_id == image_id, Lease.annotator_id == who))
     return bool(result.rowcount)
@@ -187,9 +204,12 @@ def claim_next(
     split: Split | str | None = None,
     ttl: timedelta = DEFAULT_LEASE,
     now: datetime | None = None,
+    actor: str | None = None,
 ) -> QueueItem | None:
     """Lease the top of the queue (:func:`queue`) to ``annotator`` for ``ttl`` and return it (None: empty).
-    With several readers per image the lease is a reader's (:func:`db.readers.take_reader_lease`)."""
+    With several readers per image the lease is a reader's (:func:`db.readers.take_reader_lease`).
+    Raises :class:`~db.roles.PermissionDenied` when ``actor`` (None: a system actor) may not annotate."""
+    check_actor(session, actor, Role.ANNOTATOR, action="take an image", annotator=annotator)
     take = take_lease
     if get_project(session, project).readers_per_image > 1:
         from db.readers import take_reader_lease as take  # here: db.readers builds on this module

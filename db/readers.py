@@ -31,8 +31,8 @@ With N = 1 nothing here is used: the queue, leases and saves are the single-read
   label, audited with the reviewer's name and the source reads, and the image is "reviewed".
 - Once an image has its N reads, reads can no longer change; only a reviewer changes its label.
 
-Reviewer rights go through :func:`require_reviewer` and the setting through :func:`require_admin`, the
-hooks the accounts of issue 16 plug into.
+Reviewer rights go through :func:`require_reviewer` and the setting through :func:`require_admin`: the
+accounts' role check (:func:`db.roles.check_actor`) of the logged-in user passed as ``actor``.
 """
 
 from __future__ import annotations
@@ -50,11 +50,12 @@ from sqlalchemy.orm import Session
 
 from db.agreement import BOX_IOU, box_matches, cohen_kappa, fleiss_kappa, iou_matrix, mean_pairwise_box_f1
 from db.lifecycle import BoxInput, ConflictError, derive_granularity, image_state
-from db.models import Annotator, AuditEntry, Image, ImageReview, LabelClass, Project, ReaderLease, Reading, utcnow
+from db.models import Annotator, AuditEntry, Image, ImageReview, LabelClass, Project, ReaderLease, Reading, Role, utcnow
 from db.engine import insert_ignore
 from db.people import annotator_name, get_annotator, log_event
 from db.projects import DEFAULT_PROJECT, get_project
 from db.queue import DEFAULT_LEASE, release_lease, take_lease
+from db.roles import check_actor
 from db.service import MIN_BOX_PX, ImageDetail, image_detail, save_annotation, validate_annotation
 
 #: Who the consensus label is attributed to (a system writer: names with ":" are not a person's).
@@ -68,32 +69,28 @@ SETTING_ACTION, CONSENSUS_ACTION = "set_readers_per_image", "consensus"
 ACCEPT_ACTION, MERGE_ACTION, EDIT_ACTION = "review_accept", "review_merge", "review_edit"
 
 
-# --- the role hook -------------------------------------------------------------------------------
+# --- the role check ------------------------------------------------------------------------------
 
 
-def _require_role(session: Session, name: str, role: str) -> str:
-    """HOOK (issue 16 accounts): ``name`` when it may act as ``role``; the accounts' error otherwise.
-
-    When ``db.accounts`` exists this is ``db.accounts.require_role(session, name, role)``; until the
-    accounts land (the lead wires them at merge) any valid person's name passes (as any name may
-    annotate today), and a reserved or malformed one raises ValueError.
-    """
-    try:
-        from db.accounts import require_role  # optional until the accounts are merged
-    except ImportError:
-        return annotator_name(name)
-    require_role(session, name, role)
+def _require_role(session: Session, name: str, role: Role | str, *, actor: str | None, action: str) -> str:
+    """``name`` (a valid person's name; a reserved or malformed one raises ValueError) when it may act
+    as ``role``: a system actor (``actor`` None: the command line, scripts) is trusted as every write
+    function trusts it; a logged-in user (``actor``) must hold ``role``
+    (:func:`db.accounts.require_role`) and act under their own name, else
+    :class:`~db.roles.PermissionDenied` (:func:`db.roles.check_actor`)."""
+    name = annotator_name(name)
+    check_actor(session, actor, role, action=action, annotator=name)
     return name
 
 
-def require_reviewer(session: Session, name: str) -> str:
+def require_reviewer(session: Session, name: str, *, actor: str | None = None) -> str:
     """The reviewer's name when ``name`` may adjudicate reads (every review write calls this first)."""
-    return _require_role(session, name, "reviewer")
+    return _require_role(session, name, Role.REVIEWER, actor=actor, action="review reads")
 
 
-def require_admin(session: Session, name: str) -> str:
+def require_admin(session: Session, name: str, *, actor: str | None = None) -> str:
     """The admin's name when ``name`` may change the project's readers-per-image setting."""
-    return _require_role(session, name, "admin")
+    return _require_role(session, name, Role.ADMIN, actor=actor, action="change the readers per image")
 
 
 # --- the setting ---------------------------------------------------------------------------------
@@ -113,7 +110,8 @@ def _image_readers(session: Session, image_id: int) -> int:
     return int(n or 1)
 
 
-def set_readers_per_image(session: Session, n: int, *, annotator: str, project: str = DEFAULT_PROJECT) -> int:
+def set_readers_per_image(session: Session, n: int, *, annotator: str, project: str = DEFAULT_PROJECT,
+                          actor: str | None = None) -> int:
     """Set how many readers read each image (1 to :data:`MAX_READERS`), audited.
 
     Images that already have ``n`` reads or more and no consensus yet (the setting was lowered) get
@@ -121,7 +119,7 @@ def set_readers_per_image(session: Session, n: int, *, annotator: str, project: 
     """
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_READERS:
         raise ValueError(f"readers per image must be a whole number from 1 to {MAX_READERS}, got {n!r}")
-    annotator = require_admin(session, annotator)
+    annotator = require_admin(session, annotator, actor=actor)
     row = get_project(session, project)
     before = row.readers_per_image
     row.readers_per_image = n
@@ -192,7 +190,8 @@ def open_to_reader(who: int, n: int, now: datetime):
 
 
 def take_reader_lease(
-    session: Session, image_id: int, annotator: str, *, ttl: timedelta = DEFAULT_LEASE, now: datetime | None = None
+    session: Session, image_id: int, annotator: str, *, ttl: timedelta = DEFAULT_LEASE, now: datetime | None = None,
+    actor: str | None = None,
 ) -> bool:
     """Hand the image to ``annotator`` as one of its readers until now + ``ttl``; True when they may read it.
 
@@ -201,6 +200,7 @@ def take_reader_lease(
     locked (``FOR UPDATE`` on PostgreSQL; SQLite has one writer at a time) so two annotators cannot
     both take the last place.
     """
+    check_actor(session, actor, Role.ANNOTATOR, action="take an image", annotator=annotator)
     if session.execute(select(Image.id).where(Image.id == image_id).with_for_update()).first() is None:
         raise ValueError(f"no image with id {image_id}")
     now = now or utcnow()
@@ -223,8 +223,9 @@ def take_reader_lease(
     return True
 
 
-def release_reader_lease(session: Session, image_id: int, annotator: str) -> bool:
+def release_reader_lease(session: Session, image_id: int, annotator: str, *, actor: str | None = None) -> bool:
     """Give back ``annotator``'s reader lease of the image; True when there was one."""
+    check_actor(session, actor, Role.ANNOTATOR, action="give an image back", annotator=annotator)
     who = get_annotator(session, annotator).id
     return bool(session.execute(delete(ReaderLease).where(ReaderLease.image_id == image_id,
                                                           ReaderLease.annotator_id == who)).rowcount)
@@ -233,17 +234,21 @@ def release_reader_lease(session: Session, image_id: int, annotator: str) -> boo
 # --- what the Annotate page calls ----------------------------------------------------------------
 
 
-def take_image(session: Session, image_id: int, annotator: str, *, review: bool = False) -> bool:
+def take_image(session: Session, image_id: int, annotator: str, *, review: bool = False,
+               actor: str | None = None) -> bool:
     """The lease the Annotate page takes: a reader lease with several readers, else (and for a
-    reviewer's edit) the single :func:`db.queue.take_lease`."""
+    reviewer's edit, which needs the reviewer role) the single :func:`db.queue.take_lease`."""
+    if review:
+        require_reviewer(session, annotator, actor=actor)
     if not review and _image_readers(session, image_id) > 1:
-        return take_reader_lease(session, image_id, annotator)
-    return take_lease(session, image_id, annotator)
+        return take_reader_lease(session, image_id, annotator, actor=actor)
+    return take_lease(session, image_id, annotator, actor=actor)
 
 
-def release_image(session: Session, image_id: int, annotator: str) -> bool:
+def release_image(session: Session, image_id: int, annotator: str, *, actor: str | None = None) -> bool:
     """Give back whichever lease ``annotator`` holds on the image."""
-    return release_lease(session, image_id, annotator) | release_reader_lease(session, image_id, annotator)
+    return (release_lease(session, image_id, annotator, actor=actor)
+            | release_reader_lease(session, image_id, annotator, actor=actor))
 
 
 def annotation_detail(session: Session, image_id: int, *, annotator: str, review: bool = False) -> ImageDetail:
@@ -280,6 +285,7 @@ def save_for(
     expected_version: int,
     absent: Collection[str] = (),
     review: bool = False,
+    actor: str | None = None,
 ) -> str:
     """The Annotate page's save; returns the granularity to report.
 
@@ -289,10 +295,12 @@ def save_for(
     """
     annotation = {"present": present, "no_finding": no_finding, "boxes": boxes, "complete": complete, "absent": absent}
     if review:
-        return review_edit(session, image_id, reviewer=annotator, expected_version=expected_version, **annotation).granularity.value
+        return review_edit(session, image_id, reviewer=annotator, expected_version=expected_version, actor=actor,
+                           **annotation).granularity.value
     if _image_readers(session, image_id) == 1:
-        return save_annotation(session, image_id, annotator=annotator, expected_version=expected_version, **annotation).granularity.value
-    save_read(session, image_id, annotator=annotator, expected_revision=expected_version, **annotation)
+        return save_annotation(session, image_id, annotator=annotator, expected_version=expected_version, actor=actor,
+                               **annotation).granularity.value
+    save_read(session, image_id, annotator=annotator, expected_revision=expected_version, actor=actor, **annotation)
     return annotation_detail(session, image_id, annotator=annotator).granularity
 
 
@@ -307,6 +315,7 @@ def save_read(
     complete: bool,
     expected_revision: int,
     absent: Collection[str] = (),
+    actor: str | None = None,
 ) -> Reading:
     """Save ``annotator``'s own read of the image (checked as an annotation is), or nothing.
 
@@ -315,6 +324,7 @@ def save_read(
     image whose N reads are in (reads no longer change), or one whose places are taken by others. The
     N-th read writes the consensus (:func:`write_consensus`) in the same transaction.
     """
+    check_actor(session, actor, Role.ANNOTATOR, action="save annotations", annotator=annotator)
     n = _image_readers(session, image_id)
     if n == 1:
         raise ValueError(f"image {image_id}'s project has one reader per image: save the annotation itself")
@@ -594,9 +604,10 @@ def _reviewable(session: Session, image_id: int, expected_version: int) -> tuple
     return detail, reads(session, image_id)
 
 
-def accept_read(session: Session, image_id: int, *, read_id: int, reviewer: str, expected_version: int) -> Image:
+def accept_read(session: Session, image_id: int, *, read_id: int, reviewer: str, expected_version: int,
+                actor: str | None = None) -> Image:
     """A reviewer makes one reader's read the image's label (audited ``review_accept`` with the read)."""
-    reviewer = require_reviewer(session, reviewer)
+    reviewer = require_reviewer(session, reviewer, actor=actor)
     _, image_reads = _reviewable(session, image_id, expected_version)
     chosen = next((r for r in image_reads if r.id == read_id), None)
     if chosen is None:
@@ -612,11 +623,11 @@ def accept_read(session: Session, image_id: int, *, read_id: int, reviewer: str,
 
 
 def merge_reads(session: Session, image_id: int, *, reviewer: str, expected_version: int,
-                read_ids: Collection[int] | None = None) -> Image:
+                read_ids: Collection[int] | None = None, actor: str | None = None) -> Image:
     """A reviewer merges reads (all by default): their boxes fused by weighted box fusion (every box,
     IoU 0.4), findings by the consensus' majority rule, "all lesions boxed" when every merged reader
     said so. Audited ``review_merge`` with the reads."""
-    reviewer = require_reviewer(session, reviewer)
+    reviewer = require_reviewer(session, reviewer, actor=actor)
     detail, image_reads = _reviewable(session, image_id, expected_version)
     chosen = [r for r in image_reads if read_ids is None or r.id in read_ids]
     if not chosen or (read_ids is not None and len(chosen) != len(set(read_ids))):
@@ -636,10 +647,11 @@ def merge_reads(session: Session, image_id: int, *, reviewer: str, expected_vers
     return image
 
 
-def review_edit(session: Session, image_id: int, *, reviewer: str, expected_version: int, **annotation: Any) -> Image:
+def review_edit(session: Session, image_id: int, *, reviewer: str, expected_version: int, actor: str | None = None,
+                **annotation: Any) -> Image:
     """A reviewer's own edit of the image's label (Annotate opened from Review), audited ``review_edit``
     with every read as source. ``annotation``: :func:`db.service.save_annotation`'s fields."""
-    reviewer = require_reviewer(session, reviewer)
+    reviewer = require_reviewer(session, reviewer, actor=actor)
     _, image_reads = _reviewable(session, image_id, expected_version)
     image = save_annotation(session, image_id, annotator=reviewer, expected_version=expected_version, **annotation)
     _mark(session, image, who=get_annotator(session, reviewer), action=EDIT_ACTION, status=REVIEWED,

@@ -48,6 +48,7 @@ from db.models import (
     ModelVersion,
     Prediction,
     Project,
+    Role,
     Split,
     SuggestedAction,
     SweepResult,
@@ -58,6 +59,7 @@ from db.queue import claim_next
 from db.queue import queue as queue
 from db.retention import DEFAULT_KEEP_READY as DEFAULT_KEEP_READY
 from db.retention import folder_size
+from db.roles import check_actor
 from db.trainer_lock import TRAINER_STALE_AFTER as TRAINER_STALE_AFTER
 from db.trainer_lock import trainer_state
 from db.versions import promote_model_version, serving_history, serving_model_version
@@ -223,6 +225,7 @@ def save_annotation(
     annotator: str,
     expected_version: int,
     absent: Collection[str] = (),
+    actor: str | None = None,
 ) -> Image:
     """Save what the annotator sees as the image's whole annotation, or nothing.
 
@@ -232,8 +235,10 @@ def save_annotation(
     Runs the :mod:`db.lifecycle` edits that change something, in an order that never passes through a
     contradiction, each audited. Raises ValueError (see :func:`validate_annotation`) or
     :class:`~db.lifecycle.ConflictError` when the image changed since ``expected_version``; the caller's
-    transaction then rolls back and nothing is saved.
+    transaction then rolls back and nothing is saved. ``actor`` is the logged-in user (None: a system
+    actor); :class:`~db.roles.PermissionDenied` when they may not annotate or are not ``annotator``.
     """
+    check_actor(session, actor, Role.ANNOTATOR, action="save annotations", annotator=annotator)
     detail = image_detail(session, image_id)
     if detail.version != expected_version:
         raise ConflictError(image_id, expected_version, detail.version)
@@ -337,28 +342,31 @@ def sweep_results(session: Session, project: str = DEFAULT_PROJECT) -> list[dict
 Sessions = sessionmaker[Session]
 
 
-def take_image(sessions: Sessions, image_id: int, annotator: str, *, review: bool = False) -> bool:
+def take_image(sessions: Sessions, image_id: int, annotator: str, *, review: bool = False, actor: str | None = None) -> bool:
     """Lease the image to ``annotator`` (their own lease again: extended; a reader's lease when several
     read each image, unless ``review``: a reviewer's edit, :func:`db.readers.take_image`); False while
-    someone else holds it. Raises ValueError when there is no image with that id."""
+    someone else holds it. Raises ValueError when there is no image with that id, and
+    :class:`~db.roles.PermissionDenied` when ``actor`` (the logged-in user; None: a system actor) may not
+    (every command of this door takes ``actor`` so and passes it to the checked write)."""
     from db.readers import take_image as take  # db.readers builds on this module
 
     with sessions.begin() as session:
-        return take(session, image_id, annotator, review=review)
+        return take(session, image_id, annotator, review=review, actor=actor)
 
 
-def leave_image(sessions: Sessions, image_id: int, annotator: str) -> None:
+def leave_image(sessions: Sessions, image_id: int, annotator: str, *, actor: str | None = None) -> None:
     """Give back whichever lease the annotator holds on the image (nothing when they hold none)."""
     from db.readers import release_image
 
     with sessions.begin() as session:
-        release_image(session, image_id, annotator)
+        release_image(session, image_id, annotator, actor=actor)
 
 
-def next_image(sessions: Sessions, action: SuggestedAction | str, annotator: str, exclude: Collection[int] = ()) -> int | None:
+def next_image(sessions: Sessions, action: SuggestedAction | str, annotator: str, exclude: Collection[int] = (), *,
+               actor: str | None = None) -> int | None:
     """Lease the top of the ``action`` queue to ``annotator`` (:func:`db.queue.claim_next`); None when it is empty."""
     with sessions.begin() as session:
-        item = claim_next(session, action, annotator=annotator, exclude=exclude)
+        item = claim_next(session, action, annotator=annotator, exclude=exclude, actor=actor)
         return item.image_id if item is not None else None
 
 
@@ -377,16 +385,17 @@ def read_draft(sessions: Sessions, image_id: int, annotator: str) -> StoredDraft
         return get_draft(session, image_id, annotator)
 
 
-def write_draft(sessions: Sessions, image_id: int, annotator: str, payload: Mapping[str, Any], *, base_version: int) -> None:
+def write_draft(sessions: Sessions, image_id: int, annotator: str, payload: Mapping[str, Any], *, base_version: int,
+                actor: str | None = None) -> None:
     """Store the annotator's draft of the image (replacing theirs), started from image ``base_version``."""
     with sessions.begin() as session:
-        save_draft(session, image_id, annotator, payload, base_version=base_version)
+        save_draft(session, image_id, annotator, payload, base_version=base_version, actor=actor)
 
 
-def discard_draft(sessions: Sessions, image_id: int, annotator: str) -> None:
+def discard_draft(sessions: Sessions, image_id: int, annotator: str, *, actor: str | None = None) -> None:
     """Delete the annotator's draft of the image (nothing when there is none)."""
     with sessions.begin() as session:
-        delete_draft(session, image_id, annotator)
+        delete_draft(session, image_id, annotator, actor=actor)
 
 
 def drafts_of(sessions: Sessions, annotator: str) -> list[tuple[int, datetime]]:
@@ -410,6 +419,7 @@ def save_from_draft(
     before: Granularity | str,
     seconds: float,
     review: bool = False,
+    actor: str | None = None,
 ) -> str:
     """The Annotate page's Save, in one transaction: :func:`save_annotation`, the annotator's draft
     deleted and the save's ``seconds`` recorded; with several readers the save is the annotator's own
@@ -420,25 +430,26 @@ def save_from_draft(
 
     with sessions.begin() as session:
         granularity = save_for(session, image_id, present=present, absent=absent, no_finding=no_finding, boxes=boxes,
-                               complete=complete, annotator=annotator, expected_version=expected_version, review=review)
-        delete_draft(session, image_id, annotator)
+                               complete=complete, annotator=annotator, expected_version=expected_version, review=review,
+                               actor=actor)
+        delete_draft(session, image_id, annotator, actor=actor)
         record_save(session, image_id, annotator=annotator, action=action, before=before, seconds=seconds)
     return granularity
 
 
-def promote(sessions: Sessions, model_version_id: int, *, annotator: str) -> None:
+def promote(sessions: Sessions, model_version_id: int, *, annotator: str, actor: str | None = None) -> None:
     """Make the ready version serve (a promotion, or a rollback to an older one), audited with ``annotator``.
     Raises ValueError for a version that is not ready, not the project's or already serving."""
     with sessions.begin() as session:
-        promote_model_version(session, model_version_id, annotator=annotator)
+        promote_model_version(session, model_version_id, annotator=annotator, actor=actor)
 
 
-def stop_trainer_after_round(sessions: Sessions, *, annotator: str = "ui") -> None:
+def stop_trainer_after_round(sessions: Sessions, *, annotator: str = "ui", actor: str | None = None) -> None:
     """Ask the trainer to stop once the round in progress is saved (an audit entry it polls)."""
     from db.workbench import request_stop  # imports torch (oxnet.active.loop): only when asked
 
     with sessions.begin() as session:
-        request_stop(session, after_round=True, annotator=annotator)
+        request_stop(session, after_round=True, annotator=annotator, actor=actor)
 
 
 def image_counts(sessions: Sessions, project: str = DEFAULT_PROJECT) -> dict[str, Any] | None:

@@ -19,6 +19,7 @@ from db.models import (
     ModelStatus,
     ModelVersion,
     Prediction,
+    Role,
     Score,
     ServingModel,
     Split,
@@ -28,6 +29,7 @@ from db.models import (
     utcnow,
 )
 from db.people import get_annotator
+from db.roles import check_actor
 from db.projects import DEFAULT_PROJECT, get_project
 from oxnet.vocabulary import MAP, MEAN_IMAGE_AUC
 
@@ -137,9 +139,13 @@ def set_serving_version(
     note: str | None = None,
     kind: str = "human",
     details: Mapping[str, Any] | None = None,
+    actor: str | None = None,
 ) -> ModelVersion:
     """Make a ready version of ``project`` the serving one and audit it (``action``, who, when, from which
-    version). Raises ValueError naming the version when it is not a ready version of the project."""
+    version). Raises ValueError naming the version when it is not a ready version of the project, and
+    :class:`~db.roles.PermissionDenied` when ``actor`` (a logged-in user; None: the trainer or the
+    command line) is not an admin acting under their own name."""
+    check_actor(session, actor, Role.ADMIN, action="change the serving model version", annotator=annotator)
     project_row = get_project(session, project)
     version = session.get(ModelVersion, model_version_id)
     if version is None or version.project_id != project_row.id:
@@ -163,16 +169,20 @@ def set_serving_version(
 
 
 def promote_model_version(
-    session: Session, model_version_id: int, *, annotator: str, project: str = DEFAULT_PROJECT, note: str | None = None
+    session: Session, model_version_id: int, *, annotator: str, project: str = DEFAULT_PROJECT, note: str | None = None,
+    actor: str | None = None,
 ) -> ModelVersion:
     """A user makes a ready version serve: a promotion when it is newer than the serving one, a rollback
     when it is older; audited with ``annotator`` and the time. Raises ValueError for a version that is
-    not ready, not in the project, or already serving."""
+    not ready, not in the project, or already serving; :class:`~db.roles.PermissionDenied` when
+    ``actor`` (the logged-in user; None: the command line) is not an admin."""
+    check_actor(session, actor, Role.ADMIN, action="promote or roll back a model version", annotator=annotator)
     serving = serving_model_version(session, project)
     if serving is not None and serving.id == model_version_id:
         raise ValueError(f"model version {model_version_id} already serves")
     action = ROLLBACK_ACTION if serving is not None and model_version_id < serving.id else PROMOTE_ACTION
-    return set_serving_version(session, model_version_id, annotator=annotator, action=action, project=project, note=note)
+    return set_serving_version(session, model_version_id, annotator=annotator, action=action, project=project, note=note,
+                               actor=actor)
 
 
 def serving_history(session: Session, project: str = DEFAULT_PROJECT, *, limit: int = 20) -> list[dict[str, Any]]:

@@ -50,6 +50,7 @@ from db.models import (
 )
 from db.retention import DEFAULT_KEEP_READY, Retention, apply_retention
 from db.people import log_event
+from db.roles import check_actor
 from db.projects import DEFAULT_PROJECT, class_names, get_project
 from db.trainer_lock import (
     TRAINER_STALE_AFTER,
@@ -107,9 +108,14 @@ def _dead_local_owner(owner: str | None) -> bool:
         return False
 
 
-def request_stop(session: Session, project: str = DEFAULT_PROJECT, *, annotator: str = "ui", after_round: bool = False) -> None:
+def request_stop(
+    session: Session, project: str = DEFAULT_PROJECT, *, annotator: str = "ui", after_round: bool = False,
+    actor: str | None = None,
+) -> None:
     """Ask the project's trainer to stop (an audit entry it polls): after its current step, abandoning the
-    round in progress, or with ``after_round`` once that round is finished and saved."""
+    round in progress, or with ``after_round`` once that round is finished and saved. ``actor``: the
+    logged-in user (None: the command line), who must be an admin (:func:`db.roles.check_actor`)."""
+    check_actor(session, actor, "admin", action="stop the trainer", annotator=annotator if actor is not None else None)
     get_project(session, project)
     log_event(session, annotator, STOP_AFTER_ROUND_ACTION if after_round else STOP_ACTION, {"project": project})
 

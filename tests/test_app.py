@@ -44,6 +44,7 @@ from db.models import (
 from db.people import get_annotator
 from db.queue import take_lease
 from db.trainer_lock import acquire_trainer_lock, release_trainer_lock, trainer_heartbeat
+from tests.logins import PASSWORD, TOKEN_KEY, session_token
 from db.versions import (
     create_model_version,
     finish_model_version,
@@ -76,10 +77,10 @@ def _sessions(url):
     return make_sessionmaker(init_db(url))
 
 
-def _app(page: str | None = None, annotator: str | None = "dr.test") -> AppTest:
+def _app(page: str | None = None, annotator: str | None = "dr.test", role: str = "admin") -> AppTest:
     at = AppTest.from_file(MAIN, default_timeout=60)
-    if annotator:
-        at.session_state["main_annotator"] = annotator
+    if annotator:  # logged in as this (created) user, by default an admin: every page and button is there
+        at.session_state[TOKEN_KEY] = session_token(annotator, role)
     at.run()
     if page:
         at.switch_page(page)
@@ -216,8 +217,9 @@ def test_trainer_pid_ignores_a_lock_owner_that_is_not_a_trainer(demo):
 
 
 def test_queue_before_any_model_and_without_a_name(demo):
-    at = _app("views/queue.py", annotator=None)
-    assert "Enter your name" in _texts(at)
+    at = _app("views/queue.py", annotator=None)  # nobody logged in: the login form instead of the page
+    assert "Log in with the name and password" in _texts(at) and not at.title[0].value == "Queue"
+    assert not any(b.label.startswith("Open #") for b in at.button)
     at = _app("views/queue.py")
     assert "No model has ranked the images yet" in _texts(at)
     assert any(b.label.startswith("Open #") for b in at.button)
@@ -285,7 +287,7 @@ def test_queue_refuses_an_image_leased_to_someone_else(demo):
 
 def _open(image_id: int, action: str = SuggestedAction.ADD_LABELS.value) -> AppTest:
     at = AppTest.from_file(MAIN, default_timeout=60)
-    at.session_state["main_annotator"] = "dr.test"
+    at.session_state[TOKEN_KEY] = session_token("dr.test")
     at.session_state["annotate_image_id"] = image_id
     at.session_state["annotate_action"] = action
     at.run()
@@ -382,7 +384,8 @@ def test_annotate_switching_annotator_leaves_the_image_and_keeps_the_draft(demo)
     image_id = _unlabeled_ids(demo)[0]
     at = _open(image_id)
     _draw(at, ("Nodule", 100, 150, 200, 120))
-    at.session_state["main_annotator"] = "dr.other"
+    at.button(key="main_logout").click().run()  # another person logs in at this browser
+    at.session_state[TOKEN_KEY] = session_token("dr.other")
     at.run()
     assert not at.exception, at.exception
     assert "Take the best image of the queue" in _texts(at)
@@ -472,7 +475,7 @@ def test_annotate_task_and_complete_follow_the_granularity(demo, granularity):
         if granularity == "full":
             set_boxes(session, image_id, [("Nodule", 1, 1, 20, 20)], annotator="dr.other", complete=True)
     at = AppTest.from_file(MAIN, default_timeout=60)
-    at.session_state["main_annotator"] = "dr.test"
+    at.session_state[TOKEN_KEY] = session_token("dr.test")
     at.run()
     at.switch_page("views/annotate.py").run()
     at.number_input(key="annotate_pick_id").set_value(image_id).run()
@@ -532,12 +535,14 @@ def test_annotate_draft_survives_a_page_switch_and_a_reload(demo):
     assert "Boxes** (1)" in _texts(at) and "Unsaved changes" in _texts(at)
 
     reloaded = AppTest.from_file(MAIN, default_timeout=60)  # a browser reload: a new session, the same URL
-    reloaded.query_params["annotator"] = "dr.test"
     reloaded.query_params["image"] = str(image_id)
-    reloaded.run()
+    reloaded.run()  # asks to log in again (the login lives in the session only)
+    reloaded.text_input[0].input("dr.test")
+    reloaded.text_input[1].input(PASSWORD)
+    reloaded.button[0].click().run()
     reloaded.switch_page("views/annotate.py").run()
     assert not reloaded.exception, reloaded.exception
-    assert reloaded.session_state["main_annotator"] == "dr.test"
+    assert reloaded.session_state["main_user"].name == "dr.test"
     assert f"Image **#{image_id}**" in _texts(reloaded) and "Restored your unsaved draft" in _texts(reloaded)
     assert "Boxes** (1)" in _texts(reloaded)
     load = reloaded.session_state["annotate_load"]
@@ -815,6 +820,8 @@ def test_data_page_lists_unreadable_files_with_their_reason(demo):
 def test_a_read_only_store_renders_and_a_save_says_so_in_one_sentence(demo, monkeypatch):
     """The UI reads a read-only store; a write shows one sentence, not SQL."""
     path = demo.removeprefix("sqlite:///")
+    token = session_token("dr.test")  # logged in while the store was writable (a read-only one records no login)
+    monkeypatch.setattr(sys.modules[__name__], "session_token", lambda *args, **kwargs: token)
     monkeypatch.setenv("OXNET_DB_URL", f"sqlite:///file:{path}?mode=ro&uri=true")
     for page in PAGES:
         at = _app(page)  # asserts no exception

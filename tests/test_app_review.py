@@ -50,7 +50,7 @@ def test_review_page_lists_disagreements_first_and_accepts_a_read(demo):
     _read(demo, agreed, "dr.b", [NODULE_B])
     _read(demo, disputed, "dr.a", [NODULE])
     read_b = _read(demo, disputed, "dr.b", [MASS])
-    at = _app("views/review.py", annotator="dr.rev")
+    at = _app("views/review.py", annotator="dr.rev", role="reviewer")
     table = _table(at, "reason")
     assert list(table["image"]) == [disputed, agreed] and "disagree" in table["reason"][0]
     assert at.selectbox(key="review_image_id").value == disputed
@@ -76,7 +76,7 @@ def test_review_merge_and_edit_in_annotate(demo):
     image = _unlabeled_ids(demo)[0]
     _read(demo, image, "dr.a", [NODULE])
     _read(demo, image, "dr.b", [MASS])
-    at = _app("views/review.py", annotator="dr.rev")
+    at = _app("views/review.py", annotator="dr.rev", role="reviewer")
     at.button(key="review_merge").click().run()
     assert not at.exception, at.exception
     with _sessions(demo)() as s:
@@ -137,3 +137,42 @@ def test_annotate_take_next_hands_an_image_to_two_readers_then_moves_on(demo):
         taken.append(at.session_state["annotate_image_id"])
     first, second = _unlabeled_ids(demo)[:2]
     assert taken == [first, first, second]  # two readers of the first image, then the next one
+
+
+def test_review_buttons_are_a_reviewers_and_a_refused_review_is_a_message(demo, monkeypatch):
+    """An annotator sees the reads but no review buttons and no readers setting (a reviewer no setting
+    either); when the page does offer a button to a user the store refuses (the role check runs in the
+    write's transaction: a role changed meanwhile), the refusal is the role check's sentence, nothing
+    is saved, and no traceback shows."""
+    import app.store
+
+    _readers(demo)
+    image = _unlabeled_ids(demo)[0]
+    _read(demo, image, "dr.a", [NODULE])
+    read_b = _read(demo, image, "dr.b", [MASS])
+    at = _app("views/review.py", annotator="dr.ann", role="annotator")
+    assert "A reviewer can accept, merge or edit these reads." in _texts(at)
+    assert "An admin can change it." in _texts(at)
+    keys = {b.key for b in at.button}
+    assert not keys & {f"review_accept_{read_b}", "review_merge", "review_edit", "review_set_readers"}
+    at = _app("views/review.py", annotator="dr.rev", role="reviewer")
+    assert f"review_accept_{read_b}" in {b.key for b in at.button}
+    assert "review_set_readers" not in {b.key for b in at.button}  # the setting is an admin's
+    with _sessions(demo)() as s:
+        before = image_detail(s, image).version
+    monkeypatch.setattr(app.store, "may", lambda role: True)  # the page offers everything; the store decides
+    at = _app("views/review.py", annotator="dr.ann", role="annotator")
+    at.button(key=f"review_accept_{read_b}").click().run()
+    assert not at.exception, at.exception
+    assert "Not saved: dr.ann (annotator) may not review reads: that needs the reviewer role" in _texts(at)
+    at.button(key="review_edit").click().run()
+    assert not at.exception, at.exception
+    assert "Not opened: dr.ann (annotator) may not review reads: that needs the reviewer role" in _texts(at)
+    at.number_input(key="review_readers").set_value(3).run()
+    at.button(key="review_set_readers").click().run()
+    assert not at.exception, at.exception
+    assert "dr.ann (annotator) may not change the readers per image: that needs the admin role" in _texts(at)
+    with _sessions(demo)() as s:
+        assert image_detail(s, image).version == before and s.get(ImageReview, image).status == "consensus"
+        assert s.scalars(select(AuditEntry).where(AuditEntry.action.in_(["review_accept", "set_readers_per_image"]))
+                         .where(AuditEntry.annotator.has(name="dr.ann"))).all() == []

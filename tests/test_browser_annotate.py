@@ -31,6 +31,7 @@ from db.engine import init_db, make_sessionmaker
 from db.models import AuditEntry, Box, Granularity, Image, Lease, ModelStatus, Split, SuggestedAction
 from db.people import get_annotator
 from db.versions import create_model_version, finish_model_version, write_predictions, write_suggestions
+from tests.logins import PASSWORD, ensure_user
 from tests.streamlit_server import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, ROOT, streamlit_server
 
 #: Ports to try (the first free one serves): ten from ``$OXNET_TEST_PORT`` (default 8630).
@@ -81,6 +82,10 @@ def _seed(url: str) -> list[int]:
     return queued
 
 
+#: The store behind each server address (``_sign_in`` creates its users there).
+_STORES: dict[str, str] = {}
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """(address, store URL, an iterator handing each test fresh queued image ids)."""
@@ -90,6 +95,7 @@ def server(tmp_path_factory):
     port = _free_port()
     env = {**os.environ, "OXNET_DB_URL": url, "OXNET_DEMO": "0"}
     with streamlit_server("app/main.py", port=port, cwd=ROOT, env=env, log=tmp_path / "streamlit.log"):
+        _STORES[f"http://127.0.0.1:{port}"] = url
         yield f"http://127.0.0.1:{port}", url, iter(queued)
 
 
@@ -148,11 +154,19 @@ def _button(page, key: str):
     return page.locator(f".st-key-{key} button").first
 
 
-def _sign_in(page, address: str, who: str) -> None:
+def _log_in(page, who: str, password: str = PASSWORD) -> None:
+    """Fill the login form (shown in place of any page while nobody is logged in) and submit it."""
+    page.get_by_role("textbox", name="Name").fill(who)
+    page.get_by_role("textbox", name="Password").fill(password)
+    page.get_by_role("button", name="Log in").click()
+
+
+def _sign_in(page, address: str, who: str, role: str = "admin") -> None:
+    """Log in through the real login page as ``who`` (created with ``role`` in the server's store)."""
+    ensure_user(who, role, _STORES[address])
     page.goto(address)
-    page.get_by_role("textbox", name="Your name").fill(who)
-    page.get_by_role("button", name="Start annotating").click()
-    page.get_by_text("Annotating as").wait_for()
+    _log_in(page, who)
+    page.get_by_text("Signed in as").wait_for()
 
 
 def _open_by_id(page, image_id: int) -> None:
@@ -397,13 +411,14 @@ def test_reload_keeps_annotator_image_draft_and_lease_and_asks_before_leaving(se
         _drag(page, _canvas(page), (30, 30), (90, 80))
         page.get_by_text("Boxes (1)").wait_for()
         _settled(page)
-        assert f"image={image_id}" in page.url and "annotator=dr.reload" in page.url
+        assert f"image={image_id}" in page.url and "annotator=" not in page.url  # no identity in the URL
 
         dialogs = []
         page.on("dialog", lambda dialog: (dialogs.append(dialog.type), dialog.accept()))  # "leave page?" - yes
         page.reload()
         assert dialogs == ["beforeunload"]  # the browser asked before dropping the unsaved work
-        page.get_by_text("Annotating as").wait_for()
+        _log_in(page, "dr.reload")  # the login lives in the browser session: a reload asks again
+        page.get_by_text("Signed in as").wait_for()
         _canvas_ready(page, image_id)
         assert page.get_by_text("dr.reload").first.is_visible()
         assert page.get_by_text("Restored your unsaved draft").is_visible()

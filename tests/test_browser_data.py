@@ -18,6 +18,7 @@ from sqlalchemy import select
 from db.demo import seed_demo
 from db.engine import init_db, make_sessionmaker
 from db.models import Image
+from tests.logins import PASSWORD, ensure_user
 from tests.streamlit_server import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, ROOT, streamlit_server
 
 PORT = 8623  # this test's port (8620-8629 are the Data page tests')
@@ -45,7 +46,11 @@ def test_export_download_works_on_every_click_and_an_upload_is_imported_by_a_job
         try:
             page = browser.new_page(viewport={"width": 1366, "height": 768}, accept_downloads=True)
             page.set_default_timeout(60_000)
+            ensure_user("dr.data", "admin", url)  # imports and exports are an admin's
             page.goto(address)
+            page.get_by_role("textbox", name="Name").fill("dr.data")
+            page.get_by_role("textbox", name="Password").fill(PASSWORD)
+            page.get_by_role("button", name="Log in").click()
             page.get_by_role("link", name="Data").click()
             page.get_by_role("tab", name="Export").click()
             page.get_by_role("button", name="Export", exact=True).click()

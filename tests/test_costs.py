@@ -14,6 +14,7 @@ from db.engine import init_db, make_sessionmaker
 from db.lifecycle import set_image_labels
 from db.models import AnnotationTime, Granularity, Image
 from oxnet.active.strategies import CostModel
+from tests.logins import TOKEN_KEY, session_token
 
 
 @pytest.fixture
@@ -88,7 +89,7 @@ def test_overview_shows_the_cost_table(tmp_path, monkeypatch):
         set_image_labels(session, image_id, {"Nodule": True}, annotator="dr.a")
         record_save(session, image_id, annotator="dr.a", action="add image-level labels", before="unlabeled", seconds=7)
     at = AppTest.from_file(str(Path(__file__).parents[1] / "app" / "main.py"), default_timeout=60)
-    at.session_state["main_annotator"] = "dr.a"
+    at.session_state[TOKEN_KEY] = session_token("dr.a")
     at.run()
     at.switch_page("views/overview.py").run()
     assert not at.exception, at.exception

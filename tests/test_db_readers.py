@@ -103,30 +103,35 @@ def test_readers_per_image_must_be_a_small_whole_number(db_sessionmaker, bad):
         assert readers_per_image(s) == 1
 
 
-def test_the_role_hooks_use_the_accounts_once_they_exist(db_sessionmaker, monkeypatch):
-    """Until db.accounts exists any person's name passes; with it, its require_role decides."""
-    import sys
-    import types
+def test_the_role_hooks_check_the_logged_in_users_account(db_sessionmaker):
+    """The review writes need a reviewer (db.accounts' roles), the setting an admin, each acting under
+    their own name; a system actor (``actor=None``: the command line) is trusted, as by every write."""
+    from db.accounts import create_user
+    from db.roles import PermissionDenied
 
     S = db_sessionmaker
     (image,) = _images(S, 1)
     read_a, _ = _two_reads(S, image, agree=True)
-    calls = []
-
-    def require_role(session, name, role):
-        calls.append((name, role))
-        if name != "dr.boss":
-            raise PermissionError(f"{name} lacks the {role} role")
-
-    monkeypatch.setitem(sys.modules, "db.accounts", types.SimpleNamespace(require_role=require_role))
-    with pytest.raises(PermissionError, match="lacks the reviewer role"), S.begin() as s:
-        accept_read(s, image, read_id=read_a, reviewer="dr.a", expected_version=image_detail(s, image).version)
-    with pytest.raises(PermissionError, match="lacks the admin role"), S.begin() as s:
-        set_readers_per_image(s, 3, annotator="dr.a")
     with S.begin() as s:
-        accept_read(s, image, read_id=read_a, reviewer="dr.boss", expected_version=image_detail(s, image).version)
-        assert readers_per_image(s) == 2
-    assert calls == [("dr.a", "reviewer"), ("dr.a", "admin"), ("dr.boss", "reviewer")]
+        for name, role in (("dr.a", "annotator"), ("dr.rev", "reviewer"), ("dr.boss", "admin")):
+            create_user(s, name, role, password="correct horse battery")
+    with pytest.raises(PermissionDenied, match="dr.a .annotator. may not review reads: that needs the reviewer role"), \
+            S.begin() as s:
+        accept_read(s, image, read_id=read_a, reviewer="dr.a", expected_version=image_detail(s, image).version,
+                    actor="dr.a")
+    with pytest.raises(PermissionDenied, match="needs the admin role"), S.begin() as s:
+        set_readers_per_image(s, 3, annotator="dr.rev", actor="dr.rev")
+    with pytest.raises(PermissionDenied, match="own name"), S.begin() as s:
+        accept_read(s, image, read_id=read_a, reviewer="dr.boss", expected_version=image_detail(s, image).version,
+                    actor="dr.rev")
+    with S() as s:
+        assert readers_per_image(s) == 2 and review_detail(s, image)["status"] == CONSENSUS
+    with S.begin() as s:
+        accept_read(s, image, read_id=read_a, reviewer="dr.rev", expected_version=image_detail(s, image).version,
+                    actor="dr.rev")
+        set_readers_per_image(s, 3, annotator="dr.boss", actor="dr.boss")
+    with S() as s:
+        assert readers_per_image(s) == 3 and review_detail(s, image)["status"] == REVIEWED
 
 
 def test_two_readers_queue_hands_an_image_to_two_annotators_never_twice_to_one(db_sessionmaker):

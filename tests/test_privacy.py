@@ -23,9 +23,10 @@ import db.__main__ as db_cli
 from db.engine import display_url, init_db, make_sessionmaker
 from db.export import export_coco, export_training_mix, file_mapping
 from db.importers import SALT_ENV, import_coco, pseudonymize
-from db.models import Image
+from db.models import Image, UserAccount
 from db.people import annotator_name
 from db.queue import take_lease
+from tests.logins import TOKEN_KEY, session_token
 from tests.streamlit_server import streamlit_server
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -234,15 +235,21 @@ def test_annotator_names_are_normalised_in_one_place():
     assert annotator_name("import:nih", person=False) == "import:nih"
 
 
-def test_sidebar_refuses_reserved_names_and_stores_the_normal_form(nih_store):
+def test_the_users_page_refuses_reserved_names_and_stores_the_normal_form(nih_store):
+    """Names are no longer typed in the sidebar (accounts, issue 16): an admin adds them, by the same rules."""
     at = AppTest.from_file(MAIN, default_timeout=60)
+    at.session_state[TOKEN_KEY] = session_token("dr.admin")
     at.run()
-    at.sidebar.text_input[0].input("trainer")
-    at.sidebar.button[0].click().run()
-    assert "reserved" in at.sidebar.error[0].value and "main_annotator" not in at.session_state
-    at.sidebar.text_input[0].input("  Jose\u0301  ")
-    at.sidebar.button[0].click().run()
-    assert at.session_state["main_annotator"] == "Jos\u00e9"
+    assert not at.sidebar.text_input  # no typed identity
+    at.switch_page("views/admin.py").run()
+    at.text_input[0].input("trainer")
+    at.button[0].click().run()
+    assert "reserved" in at.error[0].value
+    at.text_input[0].input("  Jose\u0301  ")
+    at.button[0].click().run()
+    assert not at.exception, at.exception
+    with make_sessionmaker(init_db(nih_store))() as session:
+        assert session.scalars(select(UserAccount.name).order_by(UserAccount.name)).all() == ["Jos\u00e9", "dr.admin"]
 
 
 def test_another_annotators_name_is_shown_as_text_not_markdown(nih_store):
@@ -250,7 +257,7 @@ def test_another_annotators_name_is_shown_as_text_not_markdown(nih_store):
     with make_sessionmaker(init_db(nih_store)).begin() as session:
         assert take_lease(session, 2, evil)
     at = AppTest.from_file(MAIN, default_timeout=60)
-    at.session_state["main_annotator"] = "dr.test"
+    at.session_state[TOKEN_KEY] = session_token("dr.test")
     at.run()
     at.switch_page("views/annotate.py")
     at.session_state["annotate_image_id"] = 2

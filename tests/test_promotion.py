@@ -34,6 +34,7 @@ from db.service import model_output, model_versions, serving_summary
 from db.workbench import SqlStore
 from oxnet.data.records import records_from_coco
 from oxnet.active.loop import Trainer, decide_promotion
+from tests.logins import TOKEN_KEY, session_token
 
 ROOT = Path(__file__).resolve().parent.parent
 MAIN = str(ROOT / "app" / "main.py")
@@ -233,10 +234,10 @@ def two_versions(db_url, db_sessionmaker, monkeypatch, tmp_path):
     return db_sessionmaker, v1, v2
 
 
-def _app(page, annotator="dr.test"):
+def _app(page, annotator="dr.test", role="admin"):
     at = AppTest.from_file(MAIN, default_timeout=60)
-    if annotator:
-        at.session_state["main_annotator"] = annotator
+    if annotator:  # logged in as this (created) admin: promotions are an admin's
+        at.session_state[TOKEN_KEY] = session_token(annotator, role)
     at.run()
     at.switch_page(page)
     at.run()
@@ -263,10 +264,12 @@ def test_overview_shows_the_candidate_with_both_numbers_and_promotes_it(two_vers
     assert f"Version **{v2}**" in _texts(at) and not any("candidate" in w.value for w in at.warning)
 
 
-def test_overview_promote_needs_a_name(two_versions):
+def test_overview_promote_needs_an_admin(two_versions):
+    """Promotion is an admin's (the function checks it too: tests/test_accounts.py); others see no button."""
     _, _, v2 = two_versions
-    at = _app("views/overview.py", annotator=None)
-    assert at.button(key=f"overview_promote_{v2}").disabled
+    at = _app("views/overview.py", annotator="dr.reader", role="reviewer")
+    assert f"overview_promote_{v2}" not in {b.key for b in at.button}
+    assert "An admin can promote this version" in "\n".join(c.value for c in at.caption)
 
 
 def test_metrics_rolls_back_and_promotes_any_ready_version(two_versions):

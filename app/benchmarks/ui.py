@@ -23,6 +23,8 @@ import streamlit as st
 from PIL import Image as PILImage
 from streamlit.testing.v1 import AppTest
 
+from app.auth import TOKEN_KEY
+from db.accounts import create_user, new_password, open_session
 from db.demo import fill_scale_store
 from db.engine import DB_URL_ENV, init_db, make_sessionmaker
 from db.models import SuggestedAction
@@ -52,12 +54,14 @@ def _build(folder: Path, n: int) -> str:
     url = f"sqlite:///{folder / 'bench.db'}"
     with make_sessionmaker(init_db(url)).begin() as session:
         fill_scale_store(session, n, paths)
+        create_user(session, ANNOTATOR, "annotator", password=new_password(), must_change_password=False)
     return url
 
 
 def _run_page(page: str, image_id: int) -> float:
     at = AppTest.from_file(str(MAIN), default_timeout=120)
-    at.session_state["main_annotator"] = ANNOTATOR
+    with make_sessionmaker(init_db()).begin() as session:  # logged in, as after the login form
+        at.session_state[TOKEN_KEY], _ = open_session(session, ANNOTATOR)
     at.session_state["annotate_image_id"] = image_id
     at.session_state["annotate_action"] = SuggestedAction.DRAW_BOXES.value
     at.switch_page(f"views/{page}.py")

@@ -8,10 +8,10 @@ from ``annotate_base`` (boxes in original pixels) whenever ``annotate_rev`` grow
 suggestion, a deleted box, undo, a new view). What the annotator has not saved (``annotate_draft``) is
 written to the store's ``draft`` table on every change (:mod:`db.drafts`) and restored when the same
 annotator opens the image again, after a page change, a reload or a restart; saving or discarding
-deletes it. The open image id and the annotator's name ride in the URL (``?image=..&annotator=..``)
-so a reload comes back to the same image, with its lease, and the draft. With several readers per image
-(:mod:`db.readers`) the page shows and saves the annotator's own read; opened from Review
-(``annotate_review`` holds the image id) a reviewer edits the image's label itself.
+deletes it. The open image id rides in the URL (``?image=..``; the logged-in user never does) so a
+reload comes back to the same image after the login, with its lease, and the draft. With several
+readers per image (:mod:`db.readers`) the page shows and saves the annotator's own read; opened from
+Review (``annotate_review`` holds the image id) a reviewer edits the image's label itself.
 """
 
 from __future__ import annotations
@@ -132,7 +132,7 @@ def _go_to(image_id: int | None, who: str) -> None:
     s = _state()
     current = s.get(IMAGE_KEY)
     if current is not None and current != image_id:
-        leave_image(sessions(), current, who)
+        leave_image(sessions(), current, who, actor=who)
     if s.get(REVIEW_KEY) != image_id:
         s.pop(REVIEW_KEY, None)
     s[IMAGE_KEY] = image_id
@@ -144,19 +144,19 @@ def _go_to(image_id: int | None, who: str) -> None:
 
 
 def _discard(image_id: int, who: str) -> None:
-    discard_draft(sessions(), image_id, who)
+    discard_draft(sessions(), image_id, who, actor=who)
     _state()["annotate_written"] = None
 
 
 def _next_image(action: str, who: str, exclude: list[int]) -> int | None:
-    return next_image(sessions(), action, who, exclude)
+    return next_image(sessions(), action, who, exclude, actor=who)
 
 
 def _open_by_id(image_id: int, who: str) -> bool:
     """Take the image's lease (yours again after a reload) and open it; False when someone else holds it.
     An image id that does not exist is said so on the page (and the script stops)."""
     try:
-        taken = take_image(sessions(), image_id, who, review=_reviewing(image_id))
+        taken = take_image(sessions(), image_id, who, review=_reviewing(image_id), actor=who)
     except ValueError as e:  # no such image
         st.error(str(e))
         st.stop()
@@ -177,11 +177,11 @@ url = store_url()
 who = annotator()
 with sessions()() as session:
     has_project = project_exists(session)
-who = require_project_and_name(has_project, who, why="every label and box is saved under it")
+who = require_project_and_name(has_project, who, why="every label and box is saved under your name")
 
 s = _state()
-if s.get("annotate_who") not in (None, who):  # "Switch annotator": the open image and its draft were the other's
-    _go_to(None, s["annotate_who"])
+if s.get("annotate_who") not in (None, who):  # another user at this browser: the open image and its draft were the other's
+    _go_to(None, who)  # (their lease stays theirs until it expires: nobody gives it back in their name)
 s["annotate_who"] = who
 if s.get(IMAGE_KEY) is None and (wanted_param := st.query_params.get(IMAGE_PARAM)):
     st.query_params.pop(IMAGE_PARAM, None)
@@ -432,7 +432,7 @@ dirty = is_dirty(draft, base_state)
 s[DIRTY_KEY] = dirty
 payload = to_payload(draft)
 if dirty and payload != s.get("annotate_written"):
-    write_draft(sessions(), detail.id, who, payload, base_version=s["annotate_version"])
+    write_draft(sessions(), detail.id, who, payload, base_version=s["annotate_version"], actor=who)
     s["annotate_written"] = payload
 elif not dirty and s.get("annotate_written") is not None:
     _discard(detail.id, who)
@@ -447,8 +447,9 @@ def _save() -> str | None:
             sessions(), detail.id, present=present, absent=absent, no_finding=no_finding, boxes=live, complete=complete,
             annotator=who, expected_version=s["annotate_version"], action=queue_action(task), before=detail.granularity,
             seconds=time.monotonic() - s.get("annotate_opened_at", time.monotonic()), review=_reviewing(detail.id),
+            actor=who,
         )
-    except (ConflictError, ValueError) as e:
+    except (ConflictError, ValueError, PermissionError) as e:  # PermissionError: the role changed (db.roles)
         s["annotate_error"] = (f"Not saved: {e}", payload)
         return None
     s["annotate_written"] = None

@@ -14,7 +14,7 @@ from pathlib import Path
 import streamlit as st
 
 from app.jobs import list_jobs, start_job
-from app.store import sessions, store_url
+from app.store import annotator, may, sessions, store_url
 from app.widgets import show_job
 from db.service import SALT_ENV, data_dir, unreadable
 from oxnet.vocabulary import GRANULARITIES
@@ -37,7 +37,7 @@ def _launch(command: str, args: list[str], paths: list[str], secrets: dict[str, 
     if missing:
         st.error("Not found on the server: " + ", ".join(f"`{p or '(empty)'}`" for p in missing))
         return
-    start_job(command, args, url=url, secrets=secrets)
+    start_job(command, args, url=url, secrets=secrets, actor=annotator())
     st.toast("Started; progress below.")
 
 
@@ -68,6 +68,9 @@ def _secrets() -> dict[str, str] | None:
 
 st.title("Data")
 url = store_url()
+if not may("admin"):  # app/main.py lists this page for admins only; start_job checks the role again
+    st.error("Only an admin imports and exports data.")
+    st.stop()
 tab_import, tab_upload, tab_export = st.tabs(["Import", "Upload images", "Export"])
 
 with tab_import:

@@ -11,7 +11,7 @@ import pandas as pd
 import streamlit as st
 
 from app.jobs import AUTO_DEMO_ENV, list_jobs, start_demo_job
-from app.store import sessions, store_url
+from app.store import annotator, may, sessions, store_url
 from app.trainer_control import start_trainer, stop_trainer, trainer_pid
 from app.widgets import candidate_notices, show_job
 from db.service import (
@@ -53,6 +53,8 @@ def _trainer_row(url: str) -> dict | None:
 
 st.title("Overview")
 url = store_url()
+who = annotator()
+admin = may("admin")  # the trainer, the demo project: the functions check the role again
 counts = _counts(url)
 
 if counts is None:
@@ -63,8 +65,9 @@ if counts is None:
     def _seeding() -> None:
         jobs = list_jobs(url, "seed", limit=1)
         if not jobs:
-            if os.environ.get(AUTO_DEMO_ENV, "1") == "0" and st.button("Create the demo project", key="overview_seed", type="primary"):
-                start_demo_job(url)
+            if os.environ.get(AUTO_DEMO_ENV, "1") == "0" and admin and st.button(
+                    "Create the demo project", key="overview_seed", type="primary"):
+                start_demo_job(url, actor=who)
                 st.rerun()
             return
         show_job(jobs[0], "Demo project")
@@ -103,6 +106,9 @@ def _trainer_panel() -> None:
                    f"(more than {int(TRAINER_STALE_AFTER.total_seconds() // 60)} min ago). It probably died; start a new one.")
     if row and row["last_error"]:
         st.error(f"Last error: {row['last_error']}")
+    if not admin:
+        st.caption("An admin starts and stops the trainer.")
+        return
     weights = st.text_input(
         "Backbone start of the first round", key="overview_weights", placeholder="the preset's",
         help="Empty: the preset's (random init on cpu; the paper preset tries ImageNet weights and says so when "
@@ -116,18 +122,18 @@ def _trainer_panel() -> None:
             st.error(f"Backbone weights file {weights} does not exist on this server; the trainer was not started.")
         else:
             try:
-                st.toast(f"Trainer started (pid {start_trainer(url, weights=weights or None)}).")
-            except OSError as e:
+                st.toast(f"Trainer started (pid {start_trainer(url, weights=weights or None, actor=who)}).")
+            except (OSError, PermissionError) as e:
                 st.error(f"Could not start the trainer: {e}")
     owner = row["owner"] if row else None
     if after.button("Stop after this round", disabled=not alive, key="overview_stop_after_round",
                     help="the round in progress finishes and its model version is saved; then the trainer exits"):
-        stop_trainer_after_round(sessions(), annotator="ui")  # imports torch (oxnet.active.loop): only on this click
+        stop_trainer_after_round(sessions(), annotator=who, actor=who)
         st.toast("The trainer stops once the round in progress is saved.")
     if now_.button("Stop now", disabled=trainer_pid(owner, url) is None, key="overview_stop",
                    help="the round in progress is abandoned: its version is marked failed and never served; "
                         "labels are kept; the next start trains a new round from the latest ready model"):
-        pid = stop_trainer(owner, url)
+        pid = stop_trainer(owner, url, actor=who)
         st.toast(f"Stopping the trainer (pid {pid}) now: the round in progress is discarded (its version is marked "
                  "failed); your labels are kept, and the next start begins a new round from the latest ready model."
                  if pid else "No trainer process found on this machine.")

@@ -41,7 +41,7 @@ def gain_text(item) -> str:
 
 def _open(image_id: int, action: str, who: str) -> None:
     """Take the image's lease and switch to Annotate (refused while someone else holds it)."""
-    if not take_image(sessions(), image_id, who):
+    if not take_image(sessions(), image_id, who, actor=who):
         st.session_state["queue_message"] = f"Image {image_id} is being annotated by someone else; pick another."
         _page.clear()
         st.rerun()

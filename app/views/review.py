@@ -8,7 +8,7 @@ import pandas as pd
 import streamlit as st
 
 from app.imaging import fit, outline, render
-from app.store import annotator, sessions
+from app.store import annotator, may, sessions
 from app.widgets import plain
 from db.lifecycle import ConflictError
 from db.readers import (
@@ -55,23 +55,30 @@ def _findings(labels: dict[str, bool], no_finding: bool, complete: bool, boxes) 
     return " · ".join(parts)
 
 
-def _act(action, **kwargs) -> None:
-    """Run one review write; its refusal (stale version, no reviewer right, bad input) becomes a message."""
+def _act(image_id: int, write) -> None:
+    """Run one review write (``write(session)``, passing the logged-in user as ``actor``) in its own
+    transaction; its refusal (stale version, no reviewer right: a :class:`~db.roles.PermissionDenied`,
+    bad input) becomes a message."""
     try:
         with sessions().begin() as session:
-            action(session, **kwargs)
-        st.session_state[MESSAGE_KEY] = ("success", f"Image {kwargs['image_id']}: saved as its training label.")
+            write(session)
+        st.session_state[MESSAGE_KEY] = ("success", f"Image {image_id}: saved as its training label.")
     except (ConflictError, ValueError, PermissionError) as e:
         st.session_state[MESSAGE_KEY] = ("error", f"Not saved: {e}")
 
 
 def _edit(image_id: int, who: str) -> None:
-    """Open the image in Annotate as the reviewer's edit of its label."""
-    with sessions().begin() as session:
-        current = st.session_state.get(OPEN_IMAGE_KEY)
-        if current is not None and current != image_id:
-            release_image(session, current, who)
-        taken = take_image(session, image_id, who, review=True)
+    """Open the image in Annotate as the reviewer's edit of its label (refused with a message for a
+    user who is no reviewer)."""
+    try:
+        with sessions().begin() as session:
+            current = st.session_state.get(OPEN_IMAGE_KEY)
+            if current is not None and current != image_id:
+                release_image(session, current, who, actor=who)
+            taken = take_image(session, image_id, who, review=True, actor=who)
+    except PermissionError as e:
+        st.session_state[MESSAGE_KEY] = ("error", f"Not opened: {e}")
+        return
     if not taken:
         st.session_state[MESSAGE_KEY] = ("error", f"Image {image_id} is being edited by someone else.")
         return
@@ -97,10 +104,12 @@ with st.expander(f"Readers per image: **{n}**", expanded=n == 1):
     st.caption("With more than one, the queue hands each image to that many different annotators, each reading "
                "blind; their consensus trains until a reviewer resolves the image here.")
     wanted = st.number_input("Readers per image", min_value=1, max_value=MAX_READERS, value=n, step=1, key="review_readers")
-    if st.button("Set", key="review_set_readers", disabled=not who or wanted == n):
+    if not may("admin"):
+        st.caption("An admin can change it.")
+    elif st.button("Set", key="review_set_readers", disabled=not who or wanted == n):
         try:
             with sessions().begin() as session:
-                settled = set_readers_per_image(session, int(wanted), annotator=who)
+                settled = set_readers_per_image(session, int(wanted), annotator=who, actor=who)
             st.session_state[MESSAGE_KEY] = ("success", f"Readers per image: {int(wanted)}"
                                              + (f"; {settled} image(s) got their consensus." if settled else "."))
         except (ValueError, PermissionError) as e:
@@ -138,8 +147,11 @@ if st.session_state.get(SELECTED_KEY) not in ids:
 image_id = st.selectbox("Image", ids, key=SELECTED_KEY,
                         format_func=lambda i: f"#{i} · " + next(r["reason"] for r in rows if r["image_id"] == i))
 if not who:
-    st.warning("Enter your name in the sidebar first: a review is saved under it.")
+    st.warning("Log in first: a review is saved under your name.")
     st.stop()
+reviewer = may("reviewer")  # the buttons are a reviewer's; the writes check the role again
+if not reviewer:
+    st.caption("A reviewer can accept, merge or edit these reads.")
 
 with sessions()() as session:
     detail = review_detail(session, image_id)
@@ -155,17 +167,19 @@ for column, read in zip(columns, image_reads):
         _picture(image.path, image.width, image.height, read.boxes)
         st.markdown(_findings(read.labels, read.no_finding, read.complete, read.boxes))
         st.caption(f"read {read.id}, saved {read.saved_at:%Y-%m-%d %H:%M} UTC")
-        if st.button("Accept this read", key=f"review_accept_{read.id}"):
-            _act(accept_read, image_id=image.id, read_id=read.id, reviewer=who, expected_version=image.version)
+        if reviewer and st.button("Accept this read", key=f"review_accept_{read.id}"):
+            _act(image.id, lambda session, read_id=read.id: accept_read(
+                session, image.id, read_id=read_id, reviewer=who, expected_version=image.version, actor=who))
             st.rerun()
 with columns[-1]:
     st.markdown(f"**Training label ({status})**")
     _picture(image.path, image.width, image.height, image.boxes)
     st.markdown(_findings(image.labels, image.no_finding, image.boxes_complete, image.boxes))
-    if st.button("Merge boxes (weighted box fusion)", key="review_merge",
+    if reviewer and st.button("Merge boxes (weighted box fusion)", key="review_merge",
                  help="every reader's boxes fused at IoU 0.4; findings by majority (ties present)"):
-        _act(merge_reads, image_id=image.id, reviewer=who, expected_version=image.version)
+        _act(image.id, lambda session: merge_reads(session, image.id, reviewer=who, expected_version=image.version,
+                                                   actor=who))
         st.rerun()
-    if st.button("Edit in Annotate", key="review_edit", help="open the image in Annotate; your save becomes its label"):
+    if reviewer and st.button("Edit in Annotate", key="review_edit", help="open the image in Annotate; your save becomes its label"):
         _edit(image.id, who)
         st.rerun()
