@@ -419,7 +419,7 @@ def test_annotate_refused_save_keeps_its_message_until_the_user_acts(demo):
 def test_annotate_findings_save_and_next_loads_the_next_image(demo):
     first, second = _unlabeled_ids(demo)[:2]
     at = _open(first)
-    load = at.session_state["annotate_load"]
+    assert "annotate_load" in at.session_state
     _finding(at, 5).set_value("present").run()  # Pleural effusion
     at.button(key="annotate_save_next").click().run()
     assert not at.exception, at.exception
@@ -438,7 +438,7 @@ def test_annotate_findings_save_and_next_loads_the_next_image(demo):
 def test_annotate_findings_are_present_absent_or_not_assessed(demo):
     image_id = _unlabeled_ids(demo)[0]
     at = _open(image_id)
-    load = at.session_state["annotate_load"]
+    assert "annotate_load" in at.session_state
     assert {_finding(at, k).value for k in range(9)} == {"not assessed"}
     assert "training ignores the class" in _texts(at)  # the page says what the states mean
     _finding(at, 2).set_value("absent").run()  # Fracture
@@ -489,7 +489,7 @@ def test_annotate_task_and_complete_follow_the_granularity(demo, granularity):
 def test_annotate_conflict_with_another_annotator(demo):
     image_id = _unlabeled_ids(demo)[0]
     at = _open(image_id)
-    load = at.session_state["annotate_load"]
+    assert "annotate_load" in at.session_state
     _finding(at, 3).set_value("present").run()  # Mass, not saved yet
     with _sessions(demo).begin() as session:
         set_image_labels(session, image_id, {"Nodule": True}, annotator="dr.other")
@@ -506,7 +506,7 @@ def test_annotate_conflict_with_another_annotator(demo):
 def test_annotate_unsaved_changes_warn_before_leaving(demo):
     image_id = _unlabeled_ids(demo)[0]
     at = _open(image_id)
-    load = at.session_state["annotate_load"]
+    assert "annotate_load" in at.session_state
     _finding(at, 3).set_value("present").run()
     at.button(key="annotate_skip").click().run()
     assert "unsaved changes. Leave it anyway?" in _texts(at)
@@ -545,7 +545,7 @@ def test_annotate_draft_survives_a_page_switch_and_a_reload(demo):
     assert reloaded.session_state["main_user"].name == "dr.test"
     assert f"Image **#{image_id}**" in _texts(reloaded) and "Restored your unsaved draft" in _texts(reloaded)
     assert "Boxes** (1)" in _texts(reloaded)
-    load = reloaded.session_state["annotate_load"]
+    assert "annotate_load" in reloaded.session_state
     assert _finding(reloaded, 3).value == "absent"
     with _sessions(demo)() as session:
         lease = session.get(Lease, image_id)

@@ -17,7 +17,6 @@ import base64
 import io
 import os
 import re
-import socket
 import time
 
 import numpy as np
@@ -32,7 +31,7 @@ from db.models import AuditEntry, Box, Granularity, Image, Lease, ModelStatus, S
 from db.people import get_annotator
 from db.versions import create_model_version, finish_model_version, write_predictions, write_suggestions
 from tests.logins import PASSWORD, ensure_user
-from tests.streamlit_server import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, ROOT, streamlit_server
+from tests.streamlit_server import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, ROOT, free_port, streamlit_server
 
 #: Ports to try (the first free one serves): ten from ``$OXNET_TEST_PORT`` (default 8630).
 FIRST_PORT = int(os.environ.get("OXNET_TEST_PORT", "8630"))
@@ -53,15 +52,6 @@ pytestmark = [
 sync_api = pytest.importorskip("playwright.sync_api", reason="needs the playwright package")
 
 
-def _free_port() -> int:
-    for port in PORTS:
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError(f"no free port in {PORTS.start}-{PORTS.stop - 1}")
 
 
 def _seed(url: str) -> list[int]:
@@ -92,7 +82,7 @@ def server(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("browser")
     url = f"sqlite:///{tmp_path / 'workbench.db'}"
     queued = _seed(url)
-    port = _free_port()
+    port = free_port(PORTS)
     env = {**os.environ, "OXNET_DB_URL": url, "OXNET_DEMO": "0"}
     with streamlit_server("app/main.py", port=port, cwd=ROOT, env=env, log=tmp_path / "streamlit.log"):
         _STORES[f"http://127.0.0.1:{port}"] = url

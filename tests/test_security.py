@@ -18,6 +18,7 @@ import pytest
 
 from app.serve import COOKIE_FILE, STREAMLIT_COOKIE_ENV, cookie_secret
 from db.demo import data_dir
+from tests.streamlit_server import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 #: Ports to try (the first free one serves): ten from ``$OXNET_TEST_PORT`` (default 8640).
@@ -87,21 +88,12 @@ def test_serve_hands_the_cookie_secret_to_streamlits_config_and_runs_main(tmp_pa
     config.get_config_options(force_reparse=True)
 
 
-def _free_port() -> int:
-    for port in PORTS:
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port")
 
 
 @pytest.mark.slow
 def test_serve_starts_streamlit_with_the_secret_in_its_environment_only(tmp_path):
     url = f"sqlite:///{tmp_path / 'workbench.db'}"
-    port = _free_port()
+    port = free_port(PORTS)
     log = tmp_path / "serve.log"
     env = {**os.environ, "OXNET_DB_URL": url, "OXNET_DEMO": "0"}
     env.pop("OXNET_COOKIE_SECRET", None)
