@@ -520,7 +520,7 @@ def test_annotate_unsaved_changes_warn_before_leaving(demo):
 def test_annotate_draft_survives_a_page_switch_and_a_reload(demo):
     image_id = _unlabeled_ids(demo)[0]
     at = _open(image_id)
-    load = at.session_state["annotate_load"]
+    assert "annotate_load" in at.session_state
     _finding(at, 3).set_value("absent").run()  # Mass
     _draw(at, ("Nodule", 100, 150, 200, 120))  # only boxes and one finding, nothing saved
     assert "Unsaved changes" in _texts(at)
