@@ -54,7 +54,7 @@ def cookie_secret(url: str | None = None, environ: Mapping[str, str] | None = No
             os.chmod(path, 0o600)
         secret = path.read_text(encoding="utf-8").strip()
         if len(secret) < 32:
-            raise ValueError(f"{path} holds no usable cookie secret (under 32 characters): delete it to make a new one")
+            raise ValueError(f"{path} holds no usable cookie secret (under 32 characters): delete it to make a new one") from None
         return secret
     secret = secrets.token_urlsafe(32)
     with os.fdopen(fd, "w", encoding="utf-8") as f:

@@ -13,6 +13,8 @@ import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
+from db.engine import init_db, make_sessionmaker
+
 
 
 @pytest.fixture(autouse=True)
@@ -26,7 +28,6 @@ def _loopback_server_address():
     yield
     config.set_option("server.address", before)
 
-from db.engine import init_db, make_sessionmaker
 
 POSTGRES_ENV = "OXNET_TEST_POSTGRES"
 

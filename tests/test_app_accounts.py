@@ -75,7 +75,7 @@ def test_login_wrong_password_and_unknown_name_say_the_same_then_login_and_logou
 def test_first_start_prints_a_one_time_password_to_stderr_only_and_asks_to_change_it(store, capfd):
     at = _fresh()
     err = capfd.readouterr().err
-    line = next(l for l in err.splitlines() if "one-time password" in l)
+    line = next(text for text in err.splitlines() if "one-time password" in text)
     password = line.split("one-time password ")[1].split()[0]
     assert len(password) >= 20 and password not in _texts(at)
     with _sessions(store)() as session:
@@ -191,7 +191,7 @@ def test_the_users_page_adds_a_user_with_a_one_time_password_and_manages_them(st
         assert (user.role.value, user.active) == ("annotator", False)
         actions = session.scalars(select(AuditEntry.action).where(AuditEntry.annotator.has(name="dr.boss"))).all()
     assert {"user_create", "user_role", "user_password_reset", "user_deactivate"} <= set(actions)
-    _login(_fresh(), user.name, new_password).error[0].value == WRONG_LOGIN
+    assert _login(_fresh(), user.name, new_password).error[0].value == WRONG_LOGIN
     at.selectbox(key="admin_user").select("dr.boss").run()
     at.button(key="admin_deactivate").click().run()
     assert "cannot deactivate yourself" in at.error[0].value

@@ -135,8 +135,8 @@ def _slow_score_threshold(gt: dict, predictions: list[dict], min_precision: floa
             if a["category_id"] == category:
                 x, y, w, h = a["bbox"]
                 gts.setdefault(a["image_id"], []).append([x, y, x + w, y + h])
-        dets = sorted(((s, p["image_id"], b) for p in predictions for b, s, l in zip(p["boxes"], p["scores"], p["labels"])
-                       if l == category), key=lambda d: -d[0])
+        dets = sorted(((s, p["image_id"], b) for p in predictions for b, s, label in zip(p["boxes"], p["scores"], p["labels"])
+                       if label == category), key=lambda d: -d[0])
         used, hits, points = set(), 0, []
         for n, (score, image, b) in enumerate(dets, 1):
             candidates = gts.get(image, [])
@@ -179,7 +179,7 @@ def test_score_threshold_matches_the_loop_oracle(seed):
         truth = [a for a in annotations if a["image_id"] == i]
         boxes = [[a["bbox"][0] + rng.uniform(-4, 4), a["bbox"][1], a["bbox"][0] + 40, a["bbox"][1] + 40] for a in truth]
         boxes += [[x, x, x + 30, x + 30] for x in rng.uniform(150, 300, 2)]
-        labels = [a["category_id"] for a in truth] + [int(l) for l in rng.integers(1, 3, 2)]
+        labels = [a["category_id"] for a in truth] + [int(c) for c in rng.integers(1, 3, 2)]
         predictions.append(pred(i, boxes, [float(s) for s in rng.uniform(0.05, 1, len(boxes))], labels))
     assert evaluate(gt, predictions)["score_threshold"] == pytest.approx(_slow_score_threshold(gt, predictions), abs=1e-9)
 

@@ -211,7 +211,7 @@ def test_eq5_prototype_update_matches_loop_over_two_steps():
     B, N, D = 5, 4, 7
     P, init = torch.zeros(N, D), torch.zeros(N, dtype=torch.bool)
     P_ref, init_ref = P.clone(), init.clone()
-    for step in range(2):
+    for _ in range(2):
         feats, probs = torch.randn(B, N, D, generator=g), torch.rand(B, N, generator=g)
         labels = (torch.rand(B, N, generator=g) > 0.5).double()
         labels[:, -1] = 0  # a class never present keeps its zero, uninitialised prototype
@@ -235,8 +235,8 @@ def test_eq6_prototype_losses_match_loop():
     torch.testing.assert_close(vo, ro)
     assert vo > 0  # the margin is active for these random features
     for which in (0, 1):
-        _, (gv,) = grads(lambda f: L.prototype_losses(f, P, init, labels)[which], feats)
-        _, (gr,) = grads(lambda f: prototype_loss_oracle(f, P, init, labels)[which], feats)
+        _, (gv,) = grads(lambda f, which=which: L.prototype_losses(f, P, init, labels)[which], feats)
+        _, (gr,) = grads(lambda f, which=which: prototype_loss_oracle(f, P, init, labels)[which], feats)
         torch.testing.assert_close(gv, gr)
 
 

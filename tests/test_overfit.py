@@ -31,8 +31,8 @@ def test_tiny_model_overfits_a_handful_of_images():
     data = [scene(i) for i in range(4)]
     x = torch.stack([d[0] for d in data])
     targets = [
-        {"granularity": "full", "boxes": b, "labels": l, "image_labels": torch.zeros(N).index_fill_(0, l, 1.0)}
-        for _, b, l in data
+        {"granularity": "full", "boxes": b, "labels": c, "image_labels": torch.zeros(N).index_fill_(0, c, 1.0)}
+        for _, b, c in data
     ]
     gt = {
         "images": [{"id": i, "width": SIZE, "height": SIZE} for i in range(len(data))],
