@@ -97,7 +97,7 @@ with st.expander(f"Readers per image: **{n}**", expanded=n == 1):
     st.caption("With more than one, the queue hands each image to that many different annotators, each reading "
                "blind; their consensus trains until a reviewer resolves the image here.")
     wanted = st.number_input("Readers per image", min_value=1, max_value=MAX_READERS, value=n, step=1, key="review_readers")
-    if st.button("Set", key="review_set_readers", disabled=not who or wanted == n):
+    if st.button("Set", key="review_set_readers", disabled=not who or wanted == n) and who:  # who: disabled without one
         try:
             with sessions().begin() as session:
                 settled = set_readers_per_image(session, int(wanted), annotator=who)
