@@ -79,8 +79,10 @@ def same_boxes(a: Sequence[Sequence[Any]], b: Sequence[Sequence[Any]], tolerance
     """Whether two box lists are the same up to ``tolerance`` pixels (order does not matter)."""
     if len(a) != len(b):
         return False
-    key = lambda box: (str(box[0]), *(float(v) for v in box[1:]))  # noqa: E731
-    return all(p[0] == q[0] and all(abs(u - v) <= tolerance for u, v in zip(p[1:], q[1:], strict=True))
+    def key(box: Sequence[Any]) -> tuple[str, tuple[float, ...]]:
+        return str(box[0]), tuple(float(v) for v in box[1:])
+
+    return all(p[0] == q[0] and all(abs(u - v) <= tolerance for u, v in zip(p[1], q[1], strict=True))
                for p, q in zip(sorted(map(key, a)), sorted(map(key, b)), strict=True))
 
 
@@ -262,7 +264,8 @@ def boxes_to_canvas(boxes: Iterable[Sequence[Any]], view: View) -> list[dict[str
 
 def split_small(boxes: Sequence[Box], min_box: float) -> tuple[list[Box], list[Box]]:
     """(kept, too small): boxes with a side under ``min_box`` original pixels are a click, not a box."""
-    kept, small = [], []
+    kept: list[Box] = []
+    small: list[Box] = []
     for box in boxes:
         (small if min(box[3] - box[1], box[4] - box[2]) < min_box else kept).append(box)
     return kept, small

@@ -93,7 +93,9 @@ def compose(
                         image_size=image_size)
 
 
-def outline(base: PILImage.Image, scale: float, boxes: Sequence[Sequence[Any]], colour: tuple[int, int, int] = ANNOTATION_COLOUR) -> PILImage.Image:
+def outline(
+    base: PILImage.Image, scale: float, boxes: Sequence[Sequence[Any]], colour: tuple[int, int, int] = ANNOTATION_COLOUR,
+) -> PILImage.Image:
     """``base`` as RGB with annotated ``boxes`` ((class, x1, y1, x2, y2) in original pixels, shown ``scale``
     times larger) drawn as solid outlines numbered in order with their class."""
     image = base.convert("RGB")

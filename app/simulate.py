@@ -43,6 +43,9 @@ from oxnet.vocabulary import ADD_LABELS, FULL, UNLABELED, UNLABELED_TO_FULL, WEA
 __all__ = ["OracleStore", "main", "reopen_simulation_store", "simulation_store"]
 
 
+DEFAULT_COSTS = CostModel()  # frozen: one shared default is safe
+
+
 class OracleStore(SqlStore):
     """:class:`SqlStore` plus the simulation's oracle annotator (:class:`oxnet.experiments.simulate.SimulationStore`).
 
@@ -53,7 +56,7 @@ class OracleStore(SqlStore):
     """
 
     def __init__(self, sessions: sessionmaker[Session], *, truth: Mapping[str, tuple[list[str], list[BoxInput]]],
-                 annotator: str = "oracle", costs: CostModel = CostModel(), **kwargs: Any) -> None:
+                 annotator: str = "oracle", costs: CostModel = DEFAULT_COSTS, **kwargs: Any) -> None:
         super().__init__(sessions, **kwargs)
         self.truth = dict(truth)
         self.annotator = annotator
@@ -81,7 +84,10 @@ class OracleStore(SqlStore):
 
     def granularity(self, image_id: int) -> str:
         with self.sessions.begin() as session:
-            return session.get(Image, image_id).granularity.value
+            image = session.get(Image, image_id)
+            if image is None:
+                raise ValueError(f"no image with id {image_id}")
+            return image.granularity.value
 
     def clone(self, folder: str | Path) -> OracleStore:
         """A copy of this SQLite store and its newest checkpoint in ``folder`` (a what-if branch of the
@@ -98,6 +104,7 @@ class OracleStore(SqlStore):
         models = folder / "models"
         with sessions.begin() as session:
             for version in session.scalars(select(ModelVersion).where(ModelVersion.checkpoint_path.is_not(None))):
+                assert version.checkpoint_path is not None  # the query keeps only versions with a checkpoint
                 old = Path(version.checkpoint_path)
                 if old.is_file():
                     new = models / old.parent.name / old.name
@@ -112,6 +119,8 @@ class OracleStore(SqlStore):
         image-level labels first, as the Annotate page saves them together)."""
         with self.sessions.begin() as session:
             image = session.get(Image, image_id)
+            if image is None:
+                raise ValueError(f"no image with id {image_id}")
             labels, boxes = self.truth[image.path]
             if action == ADD_LABELS or image.granularity == Granularity.UNLABELED:
                 # the oracle assesses every class: the ones it does not name are absent, not unknown
@@ -147,14 +156,14 @@ def _truth(coco: Mapping[str, Any], root: Path) -> dict[str, tuple[list[str], li
 
 
 def reopen_simulation_store(url: str, coco: Mapping[str, Any], images: str | Path, *, models_dir: str | Path,
-                            project: str = DEFAULT_PROJECT, costs: CostModel = CostModel()) -> OracleStore:
+                            project: str = DEFAULT_PROJECT, costs: CostModel = DEFAULT_COSTS) -> OracleStore:
     """The simulation store at ``url`` made earlier by :func:`simulation_store` (a resumed run)."""
     truth = _truth(coco, Path(images).expanduser().resolve())
     return OracleStore(make_sessionmaker(init_db(url)), truth=truth, project=project, models_dir=models_dir, costs=costs)
 
 
 def simulation_store(url: str, coco: Mapping[str, Any], images: str | Path, plan: Mapping[int, tuple[str, str]],
-                     *, models_dir: str | Path, project: str = DEFAULT_PROJECT, costs: CostModel = CostModel()) -> OracleStore:
+                     *, models_dir: str | Path, project: str = DEFAULT_PROJECT, costs: CostModel = DEFAULT_COSTS) -> OracleStore:
     """A new store at ``url`` holding the fully labeled ``coco`` (file names relative to ``images``)
     with the labels hidden as ``plan`` says (:func:`oxnet.experiments.simulate.hide_labels`), and its oracle."""
     root = Path(images).expanduser().resolve()
@@ -172,7 +181,9 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", required=True, help="a fully labeled COCO JSON (boxes; image_labels optional)")
     parser.add_argument("--images", help="folder of the file names (default: the JSON's folder)")
-    parser.add_argument("--strategy", default="random,cost_aware", help=f"comma-separated, among {', '.join(STRATEGIES)}, or {ORACLE} (best of 4 batches in hindsight; 4x the training)")
+    parser.add_argument("--strategy", default="random,cost_aware",
+                        help=f"comma-separated, among {', '.join(STRATEGIES)}, "
+                             f"or {ORACLE} (best of 4 batches in hindsight; 4x the training)")
     parser.add_argument("--budget", type=float, default=40.0, help="annotation units per run")
     parser.add_argument("--per-round", type=float, default=10.0, help="units spent between two rounds")
     parser.add_argument("--seeds", default="0", help="comma-separated seeds")
@@ -207,7 +218,10 @@ def main(argv: list[str] | None = None) -> int:
         kept = {image["id"] for image in coco["images"]}
         coco["annotations"] = [a for a in coco.get("annotations", []) if a["image_id"] in kept]
     images = Path(args.images) if args.images else dataset.parent
-    fractions = tuple(float(f) for f in args.fractions.split(","))
+    shares = [float(f) for f in args.fractions.split(",")]
+    if len(shares) != 3:
+        raise ValueError(f"--fractions needs three shares (train,val,test), got {args.fractions!r}")
+    fractions = (shares[0], shares[1], shares[2])
     settings = TRAINER_PRESETS[args.preset]
     overrides = {k: v for k, v in {"epochs": args.epochs, "steps_per_epoch": args.steps_per_epoch,
                                    "pretrain_epochs": args.pretrain_epochs, "batch_size": args.batch_size,
@@ -251,8 +265,10 @@ def main(argv: list[str] | None = None) -> int:
                                                 fractions=fractions).values() if split == "train"]
         described["ceiling_units"] = (start.count(UNLABELED) * config.costs.cost(UNLABELED_TO_FULL)
                                       + start.count(WEAK) * config.costs.cost(WEAK_TO_FULL))
-    results = run_simulation(make_store, config, on_point=on_point, log_dir=logs,
-                             on_update=lambda partial: write_results({**partial, "dataset": described}, out))
+    def on_update(partial: dict[str, Any]) -> None:
+        write_results({**partial, "dataset": described}, out)
+
+    results = run_simulation(make_store, config, on_point=on_point, log_dir=logs, on_update=on_update)
     paths = write_results({**results, "dataset": described}, out)
     print(json.dumps({"summary": results["summary"], **{k: str(v) for k, v in paths.items()}}, indent=1))
     return 0

@@ -28,6 +28,7 @@ __all__ = ["MAX_ACTIVE_SECONDS", "MIN_SAVES", "annotation_costs", "cost_rows", "
 MAX_ACTIVE_SECONDS = 900.0
 #: Saves of an upgrade needed before its median replaces the default.
 MIN_SAVES = 5
+DEFAULT_COSTS = CostModel()  # frozen: one shared default is safe
 
 
 def upgrade_of(before: Granularity | str, after: Granularity | str) -> str:
@@ -68,7 +69,7 @@ def cost_summary(session: Session, project: str = DEFAULT_PROJECT) -> dict[str, 
 
 
 def annotation_costs(session: Session, project: str = DEFAULT_PROJECT, *, min_saves: int = MIN_SAVES,
-                     default: CostModel = CostModel()) -> CostModel:
+                     default: CostModel = DEFAULT_COSTS) -> CostModel:
     """The cost model: measured medians once image-level labels and another upgrade each have
     ``min_saves`` saves (units: the labels' median seconds), else ``default``. An upgrade without
     enough saves keeps its default ratio to labels."""

@@ -17,11 +17,11 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from PIL import Image as PILImage
-from sqlalchemy import insert, select
+from sqlalchemy import Table, insert, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
@@ -174,7 +174,7 @@ def _seed(
     session: Session, out_dir: str | Path | None, n: int, seed: int, size: int, project: str, progress: Progress | None
 ) -> ImportReport:
     if out_dir is None:
-        out_dir = data_dir(session.get_bind().url.render_as_string(hide_password=False)) / "demo"
+        out_dir = data_dir(session.get_bind().engine.url.render_as_string(hide_password=False)) / "demo"
     draw = None if progress is None else (lambda done, total: progress(done, 2 * n))
     coco = write_demo_images(out_dir, n, seed=seed, size=size, progress=draw)
     ensure_project(session, project, PAPER_CLASSES)
@@ -218,7 +218,7 @@ def fill_scale_store(
         }
         for path, (split, granularity) in zip(image_paths, plan, strict=True)
     ]
-    table = Image.__table__
+    table = cast(Table, Image.__table__)
     for start in range(0, n, 20_000):
         session.execute(insert(table), rows[start : start + 20_000])
     ids = session.execute(select(Image.id, Image.split, Image.granularity).where(Image.project_id == project_row.id)).all()

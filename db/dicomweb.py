@@ -30,11 +30,12 @@ import os
 import stat
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from functools import partial
 from dataclasses import dataclass, field
 from datetime import date
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
@@ -45,7 +46,7 @@ from pydicom.dataset import Dataset
 from pydicom.pixels import get_decoder
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
-from sqlalchemy import select
+from sqlalchemy import Table, select
 from sqlalchemy.orm import Session
 
 from db.imaging import DICOM_DECODERS_HINT, MAX_PIXELS, is_dicom
@@ -175,7 +176,8 @@ def _find(client: DICOMwebClient, url: str, studies: Sequence[str], modalities: 
     if studies:
         study_uids = list(dict.fromkeys(studies))
         for uid in study_uids:
-            found = _archive_call(url, f"searching study {uid}", lambda uid=uid: client.search_for_studies(search_filters={"StudyInstanceUID": uid}))
+            found = _archive_call(url, f"searching study {uid}",
+                                  partial(client.search_for_studies, search_filters={"StudyInstanceUID": uid}))
             if not found:
                 raise ValueError(f"study {uid}: not in the archive at {safe_url(url)}")
     else:
@@ -184,7 +186,8 @@ def _find(client: DICOMwebClient, url: str, studies: Sequence[str], modalities: 
         study_uids = [_value(s, "0020000D") for s in found]
     instances: list[_Found] = []
     for study in study_uids:
-        series = _archive_call(url, f"searching the series of study {study}", lambda study=study: client.search_for_series(study, get_remaining=True))
+        series = _archive_call(url, f"searching the series of study {study}",
+                               partial(client.search_for_series, study, get_remaining=True))
         kept = [(_value(s, "0020000E"), str(_value(s, "00080060") or "").upper()) for s in series]
         images = [(uid, modality) for uid, modality in kept if modality in wanted]
         if not images:
@@ -196,7 +199,7 @@ def _find(client: DICOMwebClient, url: str, studies: Sequence[str], modalities: 
             continue
         for series_uid, modality in images:
             found = _archive_call(url, f"searching the instances of series {series_uid}",
-                                  lambda s=series_uid, study=study: client.search_for_instances(study, s, get_remaining=True))
+                                  partial(client.search_for_instances, study, series_uid, get_remaining=True))
             instances += [_Found(study, series_uid, _value(i, "00080018"), modality) for i in found]
     return instances
 
@@ -296,8 +299,8 @@ def import_dicomweb(
         path = cache / instance.study / f"{instance.sop}.dcm"
         try:
             if not path.is_file():
-                ds = _archive_call(url, f"retrieving {name}", lambda i=instance: client.retrieve_instance(
-                    i.study, i.series, i.sop, media_types=(("application/dicom", "*"),)))
+                ds = _archive_call(url, f"retrieving {name}", partial(
+                    client.retrieve_instance, instance.study, instance.series, instance.sop, media_types=(("application/dicom", "*"),)))
                 _save(ds, path)
             try:
                 header = pydicom.dcmread(path, stop_before_pixels=True)
@@ -334,7 +337,7 @@ def import_dicomweb(
         have = set(session.scalars(select(DicomInstance.image_id).where(DicomInstance.image_id.in_([r[0] for r in rows]))))
         new = [{"image_id": image_id, **meta[path]} for image_id, path in rows if image_id not in have]
         if new:
-            session.execute(DicomInstance.__table__.insert(), new)
+            session.execute(cast(Table, DicomInstance.__table__).insert(), new)
     return report
 
 
@@ -446,14 +449,16 @@ def _build_sr(
         evaluations.append(hd.sr.QualitativeEvaluation(name=codes.DCM.Finding, value=finding_code(NO_FINDING)))
     for class_name, p in sorted(probabilities.items()):
         groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
-            tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(entropy_srcs=[*uid_parts, "prob", class_name]), identifier=f"image-level {class_name}"[:64]),
+            tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(entropy_srcs=[*uid_parts, "prob", class_name]),
+                                                         identifier=f"image-level {class_name}"[:64]),
             finding_type=finding_code(class_name), algorithm_id=algorithm,
             measurements=[hd.sr.Measurement(name=probability_name, value=float(p), unit=ucum_one, algorithm_id=algorithm)],
             source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(source)],
         ))
     if evaluations:
         groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
-            tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(entropy_srcs=[*uid_parts, "findings"]), identifier="image-level findings"),
+            tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(entropy_srcs=[*uid_parts, "findings"]),
+                                                         identifier="image-level findings"),
             finding_type=codes.DCM.Finding, algorithm_id=algorithm, qualitative_evaluations=evaluations,
             source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(source)],
         ))
@@ -516,10 +521,12 @@ def export_sr(
     observers: dict[int, set[str]] = defaultdict(set)
     predictions: dict[int, Prediction] = {}
     if model is None:
-        for box, who in session.execute(select(Box, Annotator.name).join(Annotator, Annotator.id == Box.annotator_id).where(Box.image_id.in_(ids)).order_by(Box.id)):
+        for box, who in session.execute(select(Box, Annotator.name).join(Annotator, Annotator.id == Box.annotator_id)
+                                        .where(Box.image_id.in_(ids)).order_by(Box.id)):
             boxes[box.image_id].append((class_names[box.class_id], box.x1, box.y1, box.x2, box.y2, None))
             observers[box.image_id].add(who)
-        for label, who in session.execute(select(ImageLabel, Annotator.name).join(Annotator, Annotator.id == ImageLabel.annotator_id).where(ImageLabel.image_id.in_(ids))):
+        for label, who in session.execute(select(ImageLabel, Annotator.name).join(Annotator, Annotator.id == ImageLabel.annotator_id)
+                                          .where(ImageLabel.image_id.in_(ids))):
             labels[label.image_id][class_names[label.class_id]] = label.present
             observers[label.image_id].add(who)
     else:
@@ -550,9 +557,9 @@ def export_sr(
             report.errors.append((name, f"{image.path}: cannot read the source DICOM file ({e})"))
             continue
         if model is None:
-            who = sorted(observers[image.id])
-            kwargs = {"boxes": boxes[image.id], "findings": labels[image.id], "no_finding": image.no_finding,
-                      "observer": who[0] if len(who) == 1 else ("Multiple readers" if who else None),
+            readers = sorted(observers[image.id])
+            kwargs: dict[str, Any] = {"boxes": boxes[image.id], "findings": labels[image.id], "no_finding": image.no_finding,
+                      "observer": readers[0] if len(readers) == 1 else ("Multiple readers" if readers else None),
                       "probabilities": {}, "uid_parts": [str(source.SOPInstanceUID), "annotations", str(image.version)]}
             file_name = f"{image.id}-annotations.dcm"
         else:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -231,7 +231,9 @@ def store_error_message(error: BaseException, url: str | None = None) -> str | N
     return None
 
 
-_UPSERT_INSERT = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}
+_UPSERT_INSERT: dict[str, Callable[[Any], sqlite.Insert | postgresql.Insert]] = {
+    "sqlite": sqlite.insert, "postgresql": postgresql.insert,
+}
 
 
 def insert_ignore(session: Session, table, values: Mapping[str, Any], key: Sequence[str]) -> None:

@@ -289,6 +289,8 @@ def replay_audit(session: Session, image_id: int) -> dict[str, Any]:
     for entry in entries:
         if entry.before != state:
             raise AuditError(f"image {image_id}: audit entry {entry.id} ({entry.action}) does not follow the previous one")
+        if entry.after is None:
+            raise AuditError(f"image {image_id}: audit entry {entry.id} ({entry.action}) records no resulting state")
         state = entry.after
     return state
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import enum
 from datetime import UTC, datetime
-from typing import Any, Optional
+from typing import Any
 
 from sqlalchemy import (
     JSON,
@@ -240,17 +240,17 @@ class Image(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     project_id: Mapped[int] = mapped_column(ForeignKey("project.id", ondelete="CASCADE"))
     path: Mapped[str] = mapped_column(String(1024))
-    sha256: Mapped[Optional[str]] = mapped_column(String(64))
+    sha256: Mapped[str | None] = mapped_column(String(64))
     width: Mapped[int] = mapped_column(Integer)
     height: Mapped[int] = mapped_column(Integer)
-    bit_depth: Mapped[Optional[int]] = mapped_column(Integer)
-    photometric: Mapped[Optional[str]] = mapped_column(String(16))
-    patient_id: Mapped[Optional[str]] = mapped_column(String(64))
-    view: Mapped[Optional[str]] = mapped_column(String(16))
-    split: Mapped[Optional[Split]] = mapped_column(_str_enum(Split, "split"))
+    bit_depth: Mapped[int | None] = mapped_column(Integer)
+    photometric: Mapped[str | None] = mapped_column(String(16))
+    patient_id: Mapped[str | None] = mapped_column(String(64))
+    view: Mapped[str | None] = mapped_column(String(16))
+    split: Mapped[Split | None] = mapped_column(_str_enum(Split, "split"))
     source: Mapped[str] = mapped_column(String(64))
     file_status: Mapped[FileStatus] = mapped_column(_str_enum(FileStatus, "file_status"), default=FileStatus.OK)
-    file_error: Mapped[Optional[str]] = mapped_column(Text)
+    file_error: Mapped[str | None] = mapped_column(Text)
     no_finding: Mapped[bool] = mapped_column(Boolean, default=False)
     boxes_complete: Mapped[bool] = mapped_column(Boolean, default=False)
     granularity: Mapped[Granularity] = mapped_column(
@@ -314,11 +314,11 @@ class DicomInstance(Base):
     series_uid: Mapped[str] = mapped_column(String(64))
     sop_uid: Mapped[str] = mapped_column(String(64), index=True)
     sop_class_uid: Mapped[str] = mapped_column(String(64))
-    modality: Mapped[Optional[str]] = mapped_column(String(16))
-    transfer_syntax: Mapped[Optional[str]] = mapped_column(String(64))
-    window_center: Mapped[Optional[float]] = mapped_column(Float)
-    window_width: Mapped[Optional[float]] = mapped_column(Float)
-    archive: Mapped[Optional[str]] = mapped_column(String(1024))
+    modality: Mapped[str | None] = mapped_column(String(16))
+    transfer_syntax: Mapped[str | None] = mapped_column(String(64))
+    window_center: Mapped[float | None] = mapped_column(Float)
+    window_width: Mapped[float | None] = mapped_column(Float)
+    archive: Mapped[str | None] = mapped_column(String(1024))
 
 
 class AuditEntry(Base):
@@ -333,11 +333,11 @@ class AuditEntry(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     annotator_id: Mapped[int] = mapped_column(ForeignKey("annotator.id"))
-    image_id: Mapped[Optional[int]] = mapped_column(ForeignKey("image.id"), index=True)
+    image_id: Mapped[int | None] = mapped_column(ForeignKey("image.id"), index=True)
     action: Mapped[str] = mapped_column(String(32))
-    note: Mapped[Optional[str]] = mapped_column(Text)
-    before: Mapped[Optional[dict[str, Any]]] = mapped_column(JSON)
-    after: Mapped[Optional[dict[str, Any]]] = mapped_column(JSON)
+    note: Mapped[str | None] = mapped_column(Text)
+    before: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    after: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
     annotator: Mapped[Annotator] = relationship(lazy="joined")
 
@@ -419,7 +419,7 @@ class ImageReview(Base):
     image_id: Mapped[int] = mapped_column(ForeignKey("image.id", ondelete="CASCADE"), primary_key=True)
     status: Mapped[str] = mapped_column(String(16))
     disagree: Mapped[bool] = mapped_column(Boolean, default=False)
-    reviewer_id: Mapped[Optional[int]] = mapped_column(ForeignKey("annotator.id"))
+    reviewer_id: Mapped[int | None] = mapped_column(ForeignKey("annotator.id"))
     sources: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
 
@@ -437,7 +437,7 @@ class ModelVersion(Base):
     config: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     #: Training images per granularity when the round started, e.g. {"full": 120, "weak": 900, "unlabeled": 40}.
     label_counts: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
-    checkpoint_path: Mapped[Optional[str]] = mapped_column(String(1024))
+    checkpoint_path: Mapped[str | None] = mapped_column(String(1024))
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
 
 
@@ -559,10 +559,10 @@ class TrainerState(Base):
     __tablename__ = "trainer_state"
 
     project_id: Mapped[int] = mapped_column(ForeignKey("project.id", ondelete="CASCADE"), primary_key=True)
-    lock_owner: Mapped[Optional[str]] = mapped_column(String(128))
-    heartbeat_at: Mapped[Optional[datetime]] = mapped_column(DateTime)
+    lock_owner: Mapped[str | None] = mapped_column(String(128))
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime)
     round: Mapped[int] = mapped_column(Integer, default=0)
     progress: Mapped[float] = mapped_column(Float, default=0.0)
-    phase: Mapped[Optional[str]] = mapped_column(String(64))
-    last_error: Mapped[Optional[str]] = mapped_column(Text)
+    phase: Mapped[str | None] = mapped_column(String(64))
+    last_error: Mapped[str | None] = mapped_column(Text)
     updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)

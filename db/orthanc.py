@@ -25,7 +25,7 @@ import pydicom
 import requests
 from PIL import Image as PILImage
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
 ORTHANC = "/usr/sbin/Orthanc"
 PLUGINS = "/usr/share/orthanc/plugins"
@@ -167,7 +167,7 @@ def make_cxr(
     stored_bits = 8 if bits == 8 else 12
     values = np.rint(pixels * (2**stored_bits - 1)).astype(np.uint8 if bits == 8 else np.uint16)
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CR_STORAGE if modality == "CR" else DX_STORAGE
+    meta.MediaStorageSOPClassUID = UID(CR_STORAGE if modality == "CR" else DX_STORAGE)
     meta.MediaStorageSOPInstanceUID = generate_uid()
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = Dataset()

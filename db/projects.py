@@ -8,9 +8,9 @@ exports in :mod:`db.export`; model versions in :mod:`db.versions`; the queue in 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import bindparam, func, select, update
+from sqlalchemy import Table, bindparam, func, select, update
 from sqlalchemy.orm import Session
 
 from db.models import Granularity, Image, LabelClass, Project, Split
@@ -114,7 +114,7 @@ def assign_splits(
         updates.append({"b_id": image_id, "b_split": chosen.value})
         counts[chosen.value] += 1
     if updates:
-        table = Image.__table__
+        table = cast(Table, Image.__table__)
         session.execute(update(table).where(table.c.id == bindparam("b_id")).values(split=bindparam("b_split")), updates)
         log_event(session, annotator, "assign_splits", {"counts": counts, "seed": seed, "fractions": list(fractions)})
     return counts

@@ -42,10 +42,11 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from itertools import combinations
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from sqlalchemy import and_, delete, exists, func, select, update
+from sqlalchemy.engine import CursorResult
 from sqlalchemy.orm import Session
 
 from db.agreement import BOX_IOU, box_matches, cohen_kappa, fleiss_kappa, iou_matrix, mean_pairwise_box_f1
@@ -208,15 +209,15 @@ def take_reader_lease(
     who = get_annotator(session, annotator).id  # on SQLite its INSERT takes the write lock before the counts below
     if _own_reading(session, image_id, who) is not None:
         return True
-    done = session.scalar(select(func.count()).where(Reading.image_id == image_id))
-    held = session.scalar(select(func.count()).where(ReaderLease.image_id == image_id, ReaderLease.annotator_id != who,
-                                                     ReaderLease.expires_at > now))
+    done = session.scalars(select(func.count()).where(Reading.image_id == image_id)).one()
+    held = session.scalars(select(func.count()).where(ReaderLease.image_id == image_id, ReaderLease.annotator_id != who,
+                                                      ReaderLease.expires_at > now)).one()
     if done + held >= n:
         return False
-    extended = session.execute(
+    extended = cast(CursorResult[Any], session.execute(
         update(ReaderLease).where(ReaderLease.image_id == image_id, ReaderLease.annotator_id == who)
         .values(taken_at=now, expires_at=now + ttl).execution_options(synchronize_session=False)
-    )
+    ))
     if not extended.rowcount:
         insert_ignore(session, ReaderLease.__table__, {"image_id": image_id, "annotator_id": who, "taken_at": now,
                                                          "expires_at": now + ttl}, key=["image_id", "annotator_id"])
@@ -227,8 +228,9 @@ def release_reader_lease(session: Session, image_id: int, annotator: str, *, act
     """Give back ``annotator``'s reader lease of the image; True when there was one."""
     check_actor(session, actor, Role.ANNOTATOR, action="give an image back", annotator=annotator)
     who = get_annotator(session, annotator).id
-    return bool(session.execute(delete(ReaderLease).where(ReaderLease.image_id == image_id,
-                                                          ReaderLease.annotator_id == who)).rowcount)
+    deleted = cast(CursorResult[Any], session.execute(
+        delete(ReaderLease).where(ReaderLease.image_id == image_id, ReaderLease.annotator_id == who)))
+    return bool(deleted.rowcount)
 
 
 # --- what the Annotate page calls ----------------------------------------------------------------
@@ -293,7 +295,7 @@ def save_for(
     (:func:`save_read`; the granularity of their read). ``review=True``: a reviewer's edit of the
     image's label (:func:`review_edit`).
     """
-    annotation = {"present": present, "no_finding": no_finding, "boxes": boxes, "complete": complete, "absent": absent}
+    annotation: dict[str, Any] = {"present": present, "no_finding": no_finding, "boxes": boxes, "complete": complete, "absent": absent}
     if review:
         return review_edit(session, image_id, reviewer=annotator, expected_version=expected_version, actor=actor,
                            **annotation).granularity.value
@@ -336,14 +338,14 @@ def save_read(
     session.execute(select(Image.id).where(Image.id == image_id).with_for_update())
     who = get_annotator(session, annotator)
     own = _own_reading(session, image_id, who.id)
-    done = session.scalar(select(func.count()).where(Reading.image_id == image_id))
+    done = session.scalars(select(func.count()).where(Reading.image_id == image_id)).one()
     if done >= n:
         raise ValueError(f"image {image_id} has all its {n} reads: they no longer change; a reviewer resolves it")
     if (own.revision if own else 0) != expected_revision:
         raise ConflictError(image_id, expected_revision, own.revision if own else 0)
     if own is None:
-        held = session.scalar(select(func.count()).where(ReaderLease.image_id == image_id, ReaderLease.annotator_id != who.id,
-                                                         ReaderLease.expires_at > utcnow()))
+        held = session.scalars(select(func.count()).where(ReaderLease.image_id == image_id, ReaderLease.annotator_id != who.id,
+                                                          ReaderLease.expires_at > utcnow())).one()
         if done + held >= n:
             raise ValueError(f"image {image_id} already has its {n} readers; take another image from the queue")
     new_boxes = sorted([str(c), float(a), float(b), float(d), float(e)] for c, a, b, d, e in boxes)
@@ -430,7 +432,8 @@ def consensus(image_reads: Sequence[Read], classes: Sequence[str], width: int, h
     if not image_reads:
         raise ValueError("a consensus needs at least one read")
     boxes = fuse_boxes([r.boxes for r in image_reads], width, height, min_readers=2)
-    present, absent = [], []
+    present: list[str] = []
+    absent: list[str] = []
     for name in classes:
         says_present = sum(1 for r in image_reads if name in r.present())
         says_absent = sum(1 for r in image_reads if name not in r.present() and (r.no_finding or r.labels.get(name) is False))
@@ -504,7 +507,7 @@ def image_agreement(image_reads: Sequence[Read], classes: Sequence[str]) -> dict
     ratings = _ratings(image_reads, classes)
     same = [len({"n" if np.isnan(v) else v for v in ratings[:, c]}) == 1 for c in range(len(classes))]
     presents = [r.present() for r in image_reads]
-    differ = sorted(set().union(*presents) - set.intersection(*presents)) if presents else []
+    differ = sorted(set().union(*presents) - presents[0].intersection(*presents[1:])) if presents else []
     f1 = mean_pairwise_box_f1([r.boxes for r in image_reads])
     return {"label_agreement": float(np.mean(same)) if classes else 1.0, "box_f1": f1,
             "disagree": bool(differ) or f1 < 1.0, "classes": differ}

@@ -77,7 +77,8 @@ def apply_retention(session: Session, models_dir: str | Path, project: str = DEF
     """Delete checkpoint files that are no longer needed, in the project's folder ``models_dir``.
 
     Kept: the :func:`protected_versions` and the ``keep_ready`` newest other ready versions (less any
-    temp files of an interrupted write, ``.*.tmp``), and the folder of a version still training. Removed: every file of failed (and abandoned) versions, of ready versions
+    temp files of an interrupted write, ``.*.tmp``), and the folder of a version still training.
+    Removed: every file of failed (and abandoned) versions, of ready versions
     beyond those (their row, metrics and predictions stay; ``checkpoint_path`` becomes None and the
     config says why), and folders without a version row. The caller owns the transaction.
     """

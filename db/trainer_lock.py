@@ -4,9 +4,10 @@ trainer whose heartbeat is older than :data:`TRAINER_STALE_AFTER` has died and a
 from __future__ import annotations
 
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import or_, update
+from sqlalchemy.engine import CursorResult
 from sqlalchemy.orm import Session
 
 from db.engine import insert_ignore
@@ -33,7 +34,7 @@ def acquire_trainer_lock(
         session, TrainerState.__table__,
         {"project_id": project_id, "round": 0, "progress": 0.0, "updated_at": now}, ["project_id"],
     )
-    taken = session.execute(
+    taken = cast(CursorResult[Any], session.execute(
         update(TrainerState)
         .where(
             TrainerState.project_id == project_id,
@@ -45,7 +46,7 @@ def acquire_trainer_lock(
         )
         .values(lock_owner=owner, heartbeat_at=now, updated_at=now)
         .execution_options(synchronize_session=False)
-    )
+    ))
     return bool(taken.rowcount)
 
 
@@ -67,12 +68,12 @@ def trainer_heartbeat(
         if value is not None:
             values[key] = value
     project_id = get_project(session, project).id
-    result = session.execute(
+    result = cast(CursorResult[Any], session.execute(
         update(TrainerState)
         .where(TrainerState.project_id == project_id, TrainerState.lock_owner == owner)
         .values(**values)
         .execution_options(synchronize_session=False)
-    )
+    ))
     if not result.rowcount:
         raise RuntimeError(f"trainer {owner!r} does not hold the lock of project {project!r}")
 

@@ -24,7 +24,7 @@ import socket
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import psutil
@@ -168,12 +168,11 @@ class SqlStore:
             taken = acquire_trainer_lock(session, self.owner, project=self.project, stale_after=self.stale_after)
             if not taken:
                 state = trainer_state(session, self.project)
-                previous = state.lock_owner if state is not None else None
-                if _dead_local_owner(previous):
+                if state is not None and _dead_local_owner(state.lock_owner):
                     now = utcnow()
                     state.lock_owner, state.heartbeat_at, state.updated_at = self.owner, now, now
                     taken = True
-            self._stop_marker = session.scalar(select(func.coalesce(func.max(AuditEntry.id), 0)))
+            self._stop_marker = session.scalars(select(func.coalesce(func.max(AuditEntry.id), 0))).one()
         return taken
 
     def release(self, error: str | None = None) -> None:
@@ -236,11 +235,11 @@ class SqlStore:
             return self._label_marker(session)
 
     def _label_marker(self, session: Session) -> int:
-        return session.scalar(
+        return session.scalars(
             select(func.coalesce(func.max(AuditEntry.id), 0))
             .join(Image, Image.id == AuditEntry.image_id)
             .where(Image.project_id == self._project_id(session))
-        )
+        ).one()
 
     def snapshot(self) -> Snapshot:
         with self.sessions.begin() as session:
@@ -315,11 +314,11 @@ class SqlStore:
             version = latest_model_version(session, self.project)
             if version is None:
                 return [], []
-            changed = session.scalars(
+            changed = cast(Sequence[int], session.scalars(
                 select(AuditEntry.image_id).join(Image, Image.id == AuditEntry.image_id)
                 .where(Image.project_id == self._project_id(session), AuditEntry.at >= version.created_at)
                 .distinct().limit(limit)
-            ).all()
+            ).all())  # the join on Image keeps only entries with an image
             top = session.scalars(
                 select(Suggestion.image_id).where(Suggestion.model_version_id == version.id)
                 .order_by(Suggestion.score.desc(), Suggestion.id).limit(limit)

@@ -61,6 +61,7 @@ def _annotator(url: str, name: str, image_ids: list[int], seconds: float, seed: 
             while True:  # the UI's save: the version the annotator loaded; reload on conflict
                 with Session() as s:
                     image = s.get(Image, image_id)
+                    assert image is not None  # the benchmark imported every image it loads
                     version, width, height = image.version, image.width, image.height
                     boxed = {box.label_class.name for box in image.boxes}
                     absent = {label.label_class.name for label in image.labels if not label.present}
@@ -129,7 +130,8 @@ def run(url: str, *, annotators: int, seconds: float, images: int) -> dict[str, 
     started = time.monotonic()
     for p in processes:
         p.start()
-    results, errors = {}, []
+    results: dict[str, Any] = {}
+    errors: list[str] = []
     while len(results) < len(processes):
         try:
             kind, name, value = out.get(timeout=5)

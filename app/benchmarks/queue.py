@@ -64,7 +64,7 @@ def write_synthetic_nih(folder: Path, rows: int = NIH_ROWS, boxes: int = 984, se
         writer = csv.writer(f)
         writer.writerow(["Image Index", "Finding Label", "Bbox [x", "y", "w", "h]", "", "", ""])
         candidates = [(n, fs) for n, fs in names if fs != NO_FINDING]
-        for name, findings in rng.sample(candidates, boxes):
+        for name, _findings in rng.sample(candidates, boxes):
             label = rng.choice(("Atelectasis", "Cardiomegaly", "Effusion", "Infiltrate", "Mass", "Nodule", "Pneumonia", "Pneumothorax"))
             x, y = rng.uniform(0, 700), rng.uniform(0, 700)
             writer.writerow([name, label, x, y, rng.uniform(20, 300), rng.uniform(20, 300), "", "", ""])
@@ -107,7 +107,7 @@ def main(argv: list[str]) -> dict[str, Any]:
             assign_splits(session)
             version = create_model_version(session, config={"bench": True})
             rows = session.execute(select(Image.id, Image.granularity)).all()
-            suggestions = [
+            suggestions: list[dict[str, Any]] = [
                 {"image_id": image_id, "score": rng.random(), "reason": {"text": "bench", "classes": []},
                  "action": SuggestedAction.ADD_LABELS if g is Granularity.UNLABELED else SuggestedAction.DRAW_BOXES}
                 for image_id, g in rows if g is not Granularity.FULL

@@ -130,7 +130,7 @@ with tab_upload:
         else:
             target = data_dir(url) / "uploads" / f"{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 1_000_000:06d}"
             target.mkdir(parents=True, exist_ok=True)
-            names = set()
+            names: set[str] = set()
             for f in files:
                 name = Path(f.name).name or "upload"
                 while name in names:  # two uploads of one name: keep both

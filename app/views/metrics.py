@@ -5,6 +5,8 @@ model version."""
 
 from __future__ import annotations
 
+from typing import Literal
+
 import pandas as pd
 import plotly.express as px
 import streamlit as st
@@ -22,7 +24,7 @@ from oxnet.vocabulary import (
     FULL, IMAGE_AUC_PREFIX, LOSS_PREFIX, MAP, MEAN_IMAGE_AUC, PER_CLASS_AP_PREFIX, UNLABELED, WEAK,
 )
 
-PLOT = {"width": "stretch"}
+PLOT_WIDTH: Literal["stretch"] = "stretch"
 #: Above this many model versions the points carry no text labels (hover still names the version).
 LABELLED_VERSIONS = 15
 
@@ -67,14 +69,15 @@ else:
     hover = ["version", "round", "state", "full images", "weak images", "unlabeled images"]
     table["label"] = "v" + table["version"].astype(str) + table["state"].map({"serving": " (serving)"}).fillna("")
     left, right = st.columns(2)
-    for col, x, colour, key in ((left, "full images", "weak images", "metrics_full"), (right, "weak images", "full images", "metrics_weak")):
+    for col, x, colour, key in ((left, "full images", "weak images", "metrics_full"),
+                                (right, "weak images", "full images", "metrics_weak")):
         # one line through the versions in order (the live loop's path), the other count as colour
         figure = px.line(table.sort_values("version"), x=x, y="mAP", markers=True, hover_data=hover,
                          text="label" if len(table) <= LABELLED_VERSIONS else None, title=f"mAP (val) vs {x}")
         figure.update_traces(textposition="top center", marker={"size": 9, "color": table.sort_values("version")[colour],
                                                                  "colorscale": "Viridis", "showscale": True,
                                                                  "colorbar": {"title": colour}})
-        col.plotly_chart(readable(figure), key=key, **PLOT)
+        col.plotly_chart(readable(figure), key=key, width=PLOT_WIDTH)
 
 st.subheader("Serving version, candidates, promote and roll back")
 with sessions()() as session:
@@ -111,13 +114,14 @@ st.subheader("Granularity sweep (the paper's Table 2)")
 if not sweeps:
     st.info("No sweep results yet: run the granularity sweep script; each run adds a point here.")
 else:
-    frame = pd.DataFrame([{**{k: r[k] for k in ("id", "method", "seed", "n_full", "n_weak")}, "mAP": r["metrics"].get("mAP")} for r in sweeps])
+    frame = pd.DataFrame([{**{k: r[k] for k in ("id", "method", "seed", "n_full", "n_weak")}, "mAP": r["metrics"].get("mAP")}
+                          for r in sweeps])
     summary = (frame.groupby(["method", "n_full"], as_index=False)
                .agg(mAP=("mAP", "mean"), sd=("mAP", "std"), seeds=("seed", "nunique"), n_weak=("n_weak", "max"), runs=("id", "count")))
     figure = px.line(summary, x="n_full", y="mAP", color="method", error_y="sd", markers=True,
                      hover_data=["n_weak", "seeds", "runs"], title="mAP (mean over seeds, +/- sd) vs full images",
                      labels={"n_full": "full images"})
-    st.plotly_chart(readable(figure), key="metrics_sweep", **PLOT)
+    st.plotly_chart(readable(figure), key="metrics_sweep", width=PLOT_WIDTH)
 
 latest = versions[-1] if versions else None
 val = latest["metrics"].get("val", {}) if latest else {}
@@ -127,12 +131,12 @@ def _class_bars(prefix: str, what: str, axis: str, *, key: str, note: str = "", 
     """A bar per class of the latest version's ``prefix`` metrics (``what``: their name in the message
     shown when it has none; ``axis``: the value axis)."""
     frame = _per_class(val, prefix)
-    if frame.empty:
+    if frame.empty or latest is None:  # no latest version: val is empty too
         st.info(f"The latest model version has no {what}.")
         return
     frame["version"] = latest["id"]
     st.plotly_chart(px.bar(frame, x="class", y="value", hover_data=["version"], labels={"value": axis},
-                           title=f"model version {latest['id']}{note}", **options), key=key, **PLOT)
+                           title=f"model version {latest['id']}{note}", **options), key=key, width=PLOT_WIDTH)
 
 
 left, right = st.columns(2)
@@ -154,7 +158,7 @@ if losses.empty:
     st.info("No training losses recorded yet.")
 else:
     st.plotly_chart(readable(px.line(losses, x="round", y="value", color="loss", markers=True, hover_data=["version"],
-                                     title="mean loss per round")), key="metrics_loss", **PLOT)
+                                     title="mean loss per round")), key="metrics_loss", width=PLOT_WIDTH)
 
 with sessions()() as session:
     agreement = project_agreement(session)

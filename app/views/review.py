@@ -106,7 +106,7 @@ with st.expander(f"Readers per image: **{n}**", expanded=n == 1):
     wanted = st.number_input("Readers per image", min_value=1, max_value=MAX_READERS, value=n, step=1, key="review_readers")
     if not may("admin"):
         st.caption("An admin can change it.")
-    elif st.button("Set", key="review_set_readers", disabled=not who or wanted == n):
+    elif st.button("Set", key="review_set_readers", disabled=not who or wanted == n) and who:  # who: disabled without one
         try:
             with sessions().begin() as session:
                 settled = set_readers_per_image(session, int(wanted), annotator=who, actor=who)

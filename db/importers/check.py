@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import cast
 
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import Table, bindparam, select, update
 from sqlalchemy.orm import Session
 
 from db.importers.write import ImportReport, Progress, each
@@ -60,7 +61,7 @@ def check_files(
             report.errors.append((path, reason))
         updates.append(values)
     if updates:
-        table = Image.__table__
+        table = cast(Table, Image.__table__)
         session.execute(
             update(table).where(table.c.id == bindparam("b_id")).values(
                 {k: bindparam(k) for k in ("sha256", "bit_depth", "photometric", "file_status", "file_error")}

@@ -149,7 +149,7 @@ def _coco_item(
         split=split or parse_split(image.get("split"), "split"),
     )
     for ann in annotations:
-        category = categories.get(ann.get("category_id"))
+        category = categories.get(ann["category_id"]) if "category_id" in ann else None
         if category is None:
             raise ValueError(f"annotation {ann.get('id')}: unknown category_id {ann.get('category_id')!r}")
         bbox = ann.get("bbox")

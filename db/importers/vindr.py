@@ -73,10 +73,10 @@ def import_vindr(
                 if label == VINDR_NO_FINDING:
                     continue
                 try:
-                    coords = [float(row[k]) for k in ("x_min", "y_min", "x_max", "y_max")]
+                    x1, y1, x2, y2 = (float(row[k]) for k in ("x_min", "y_min", "x_max", "y_max"))
                 except ValueError:
                     raise ValueError(f"{label!r} box of {row['rad_id']} has no coordinates") from None
-                item.boxes.append((label, *coords, f"{reader_prefix}:{row['rad_id'].strip()}"))
+                item.boxes.append((label, x1, y1, x2, y2, f"{reader_prefix}:{row['rad_id'].strip()}"))
             if item.boxes:
                 boxed = {b[0] for b in item.boxes}
                 item.labels = {c: c in boxed for c in VINDR_CLASSES} | {c: True for c in boxed}

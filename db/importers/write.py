@@ -14,9 +14,9 @@ import hashlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import false, func, insert, select, update
+from sqlalchemy import Table, false, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from db.lifecycle import EMPTY_STATE, box_state, derive_granularity, make_state
@@ -217,7 +217,7 @@ def write_items(
         }
         for item in accepted
     ]
-    table = Image.__table__
+    table = cast(Table, Image.__table__)
     ids = list(session.scalars(insert(table).returning(table.c.id, sort_by_parameter_order=True), image_rows))
     label_rows, box_rows, audit_rows = [], [], []
     importer_id = annotator_ids[annotator]
@@ -237,7 +237,7 @@ def write_items(
         report.imported.append(item.name)
     for model, rows in ((ImageLabel, label_rows), (Box, box_rows), (AuditEntry, audit_rows)):
         if rows:
-            session.execute(insert(model.__table__), rows)
+            session.execute(insert(cast(Table, model.__table__)), rows)
 
 
 #: Key of the PostgreSQL advisory lock that serialises imports.
