@@ -820,12 +820,13 @@ class Trainer:
                 self._set(progress=TRAIN_SHARE + (1 - TRAIN_SHARE) * finished / len(records),
                           phase=f"scoring {finished}/{len(records)} images{eta}")
 
-            scored, _ = _halving(
-                lambda b, part=part, on_batch=on_batch: score_images(
+            def run(b: int, part: Sequence[Record] = part, on_batch: Callable[[int, int], None] = on_batch,
+                    seed: int = s.seed + number + start) -> list[ImageScore]:
+                return score_images(
                     student, teacher, part, classes, config=s.score, batch_size=b, device=device,
-                    num_workers=s.num_workers, seed=s.seed + number + start, on_batch=on_batch),
-                s.score_batch_size, "scoring",
-            )
+                    num_workers=s.num_workers, seed=seed, on_batch=on_batch)
+
+            scored, _ = _halving(run, s.score_batch_size, "scoring")
             results += scored
             elapsed = time.monotonic() - started
             if budget_s is not None and elapsed + elapsed / (start // chunk + 1) > budget_s:

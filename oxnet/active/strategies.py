@@ -611,7 +611,8 @@ def describe(picks: Sequence[Pick], costs: CostModel, strategy: str,
     for rank, p in enumerate(picks):
         per_unit = p.gain_per_unit
         rows.append({"image_id": p.image_id, "action": p.action, "score": float(len(picks) - rank), "reason": {
-            "text": p.reason, "classes": list(classes.get(p.image_id, ())), "strategy": strategy, "rank": rank + 1, "upgrade": p.upgrade, "cost": p.cost,
+            "text": p.reason, "classes": list(classes.get(p.image_id, ())), "strategy": strategy, "rank": rank + 1,
+            "upgrade": p.upgrade, "cost": p.cost,
             "gain": p.gain, "gain_per_unit": per_unit,
             "gain_per_minute": None if per_unit is None else costs.per_minute(per_unit),
         }})

@@ -113,7 +113,7 @@ class OXNet(nn.Module):
         return getattr(self.backbone, "start", "custom backbone")
 
     @classmethod
-    def from_config(cls, config: ModelConfig) -> "OXNet":
+    def from_config(cls, config: ModelConfig) -> OXNet:
         backbone = resnet_fpn_backbone(
             depth=config.depth,
             levels=config.levels,
@@ -271,7 +271,7 @@ class OXNet(nn.Module):
             [b.to(anchors)[s] if len(b) else anchors.new_zeros(len(anchors), 4) for b, s in zip(boxes, safe)]
         )
         matched_labels = torch.stack(
-            [l.to(anchors.device)[s] if len(l) else s for l, s in zip(labels, safe)]
+            [lab.to(anchors.device)[s] if len(lab) else s for lab, s in zip(labels, safe)]
         )
         onehot = torch.zeros_like(logits)
         onehot.scatter_(2, matched_labels.unsqueeze(-1), fg.unsqueeze(-1).to(logits.dtype))

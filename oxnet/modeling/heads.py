@@ -14,7 +14,7 @@ The detector (:class:`oxnet.modeling.detector.OXNet`) matches anchors to boxes a
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

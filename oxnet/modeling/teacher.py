@@ -32,7 +32,7 @@ class MeanTeacher(nn.Module):
         self.ema_decay = ema_decay
         self.register_buffer("ema_step", torch.zeros((), dtype=torch.int64))
 
-    def train(self, mode: bool = True) -> "MeanTeacher":
+    def train(self, mode: bool = True) -> MeanTeacher:
         super().train(mode)
         self.teacher.eval()  # the teacher always predicts with its running statistics
         return self
