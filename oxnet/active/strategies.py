@@ -33,7 +33,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -101,7 +101,7 @@ class CostModel:
         if upgrade == WEAK_TO_FULL:
             return self.boxes
         if upgrade == UNLABELED_TO_FULL:
-            return float(self.labels_and_boxes)
+            return float(cast(float, self.labels_and_boxes))  # set to a float by __post_init__
         raise ValueError(f"unknown upgrade {upgrade!r}")
 
     def per_minute(self, gain_per_unit: float) -> float | None:
@@ -404,8 +404,10 @@ def _uncertainty(images: Sequence[ImageState]) -> np.ndarray:
     have = [i for i, im in enumerate(images) if im.detection_scores is not None and im.image_probs is not None]
     out = np.full(len(images), np.nan)
     if have:
-        n = len(images[have[0]].image_probs)
-        out[have] = detection_uncertainty([images[i].detection_scores for i in have], [images[i].labels for i in have], n)
+        # ``have`` holds only images whose probabilities and detection scores are not None
+        n = len(cast(np.ndarray, images[have[0]].image_probs))
+        scores = [cast(np.ndarray, images[i].detection_scores) for i in have]
+        out[have] = detection_uncertainty(scores, [images[i].labels for i in have], n)
     return out
 
 
@@ -558,11 +560,11 @@ class CostAwareStrategy(Strategy):
         best = per_unit.argmax(1)
         rest = sorted(np.flatnonzero(~taken).tolist(), key=lambda i: (-per_unit[i, best[i]], images[i].image_id))
         for i in rest:
-            j = int(best[i])
-            gain = float(per_unit[i, j] * costs[j])
+            k = int(best[i])
+            gain = float(per_unit[i, k] * costs[k])
             picks.append(self._pick(images[i], context, gain,
-                                    f"{UPGRADES[(images[i].granularity, actions[j])]}: +{100 * gain:.3f} mAP points "
-                                    f"expected for {costs[j]:g} units ({curve_text})", actions[j]))
+                                    f"{UPGRADES[(images[i].granularity, actions[k])]}: +{100 * gain:.3f} mAP points "
+                                    f"expected for {costs[k]:g} units ({curve_text})", actions[k]))
         return picks
 
 
