@@ -404,10 +404,11 @@ def _uncertainty(images: Sequence[ImageState]) -> np.ndarray:
     have = [i for i, im in enumerate(images) if im.detection_scores is not None and im.image_probs is not None]
     out = np.full(len(images), np.nan)
     if have:
-        # ``have`` holds only images whose probabilities and detection scores are not None
+        # ``have`` holds only images with outputs: probabilities, detection scores and their labels
         n = len(cast(np.ndarray, images[have[0]].image_probs))
         scores = [cast(np.ndarray, images[i].detection_scores) for i in have]
-        out[have] = detection_uncertainty(scores, [images[i].labels for i in have], n)
+        labels = [cast(np.ndarray, images[i].labels) for i in have]
+        out[have] = detection_uncertainty(scores, labels, n)
     return out
 
 
@@ -559,11 +560,11 @@ class CostAwareStrategy(Strategy):
         per_unit = self.gains(granularity, info, curve, weak, full) / costs
         best = per_unit.argmax(1)
         rest = sorted(np.flatnonzero(~taken).tolist(), key=lambda i: (-per_unit[i, best[i]], images[i].image_id))
-        for i in rest:
-            k = int(best[i])
-            gain = float(per_unit[i, k] * costs[k])
-            picks.append(self._pick(images[i], context, gain,
-                                    f"{UPGRADES[(images[i].granularity, actions[k])]}: +{100 * gain:.3f} mAP points "
+        for r in rest:
+            k = int(best[r])
+            gain = float(per_unit[r, k] * costs[k])
+            picks.append(self._pick(images[r], context, gain,
+                                    f"{UPGRADES[(images[r].granularity, actions[k])]}: +{100 * gain:.3f} mAP points "
                                     f"expected for {costs[k]:g} units ({curve_text})", actions[k]))
         return picks
 
