@@ -36,6 +36,9 @@ class ResNetFPN(nn.Module):
     and ReLU(C5) (Tensor[B, c5_channels, h, w]) for the image-level head.
     P6 and P7 are computed from C5 (original RetinaNet)."""
 
+    #: Where the body's weights came from (set by :func:`resnet_fpn_backbone`).
+    start: str
+
     def __init__(self, body: resnet.ResNet, levels: tuple[int, ...], out_channels: int) -> None:
         super().__init__()
         c_levels = [lvl for lvl in levels if lvl <= 5]
