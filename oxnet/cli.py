@@ -23,7 +23,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from oxnet.cli_pretrain import add_parser as add_pretrain_parser
 from oxnet.modeling.config import PRESETS, ModelConfig
@@ -190,7 +190,7 @@ def _read(files: Sequence[str], images: str | None, classes: Sequence[str] | Non
         part = records_from_coco(file, granularity=granularity, image_root=images, classes=classes)
         classes = part.classes
         records.extend(part)
-    return records, list(classes)
+    return records, list(cast("Sequence[str]", classes))  # callers give classes or at least one file
 
 
 def _print_json(value: Any) -> None:

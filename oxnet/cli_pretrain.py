@@ -69,7 +69,7 @@ def add_parser(commands: Any) -> None:
 def run_command(args: argparse.Namespace) -> int:
     from oxnet.cli import _print_json
     from oxnet.data import records_from_coco
-    from oxnet.training.pretrain import PretrainConfig, images_from_folder, images_from_records, pretrain
+    from oxnet.training.pretrain import PretrainConfig, PretrainImage, images_from_folder, images_from_records, pretrain
 
     preset = PRESETS[args.preset]
     config = PretrainConfig(
@@ -88,7 +88,8 @@ def run_command(args: argparse.Namespace) -> int:
         raise ValueError("give the images: --images DIR (a folder) or --data FILE[,FILE] (COCO)")
     else:
         images = []
-    labelled, classes = [], []
+    labelled: list[PretrainImage] = []
+    classes: list[str] = []
     for file in args.labels:
         records = records_from_coco(file, image_root=args.images, classes=classes or None)
         classes = list(records.classes)

@@ -55,7 +55,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -577,10 +577,10 @@ class Trainer:
         snap = self.store.snapshot()
         classes = snap.classes
         missing = self._mark_missing(snap)
-        train = records_from_coco(snap.train, classes=classes, on_error="skip")
+        train: list[Record] = records_from_coco(snap.train, classes=classes, on_error="skip")
         splits = {name: [r for r in records_from_coco(getattr(snap, name), classes=classes, on_error="skip")
                          if r.granularity == FULL] for name in ("val", "test")}
-        counts = {g: sum(r.granularity == g for r in train) for g in GRANULARITIES}
+        counts: dict[str, int] = {g: sum(r.granularity == g for r in train) for g in GRANULARITIES}
         result = RoundResult(round=number, status="waiting", label_counts=counts, marker=snap.marker)
         notes: dict[str, str] = {}
         if missing:
@@ -599,7 +599,8 @@ class Trainer:
             if name != "val" and not any(len(r.boxes) for r in splits[name]):
                 notes[name] = f"skipped: the {name} split has no fully labeled image with boxes"
 
-        ssl_file = ssl_start.ssl_weights(s, getattr(self.store, "models_dir", None))
+        models_dir = getattr(self.store, "models_dir", None)  # not in the Store protocol: only some stores have one
+        ssl_file = ssl_start.ssl_weights(s, models_dir)
         probe = ssl_start.starting_from(s.train_config(out_dir=".", round=number), ssl_file)
         warm = self._warm_start(probe, classes, notes)
         pretrain = s.pretrain_epochs if warm is None and counts[FULL] else 0
@@ -641,7 +642,8 @@ class Trainer:
             while ssl_file is not None and warm is None and not ssl_file.is_file():  # once: the cached file is reused
                 try:
                     self._set(phase="ssl pretraining")
-                    ssl_start.pretrain_for_round(s, train, classes, self.store.models_dir, callback=self._on_ssl_progress)
+                    # ssl_weights returned a file, so the store has a models folder
+                    ssl_start.pretrain_for_round(s, train, classes, cast("str | Path", models_dir), callback=self._on_ssl_progress)
                 except UnreadableImage as e:
                     leave_out(e)
             clock = time.monotonic()
@@ -820,12 +822,13 @@ class Trainer:
                 self._set(progress=TRAIN_SHARE + (1 - TRAIN_SHARE) * finished / len(records),
                           phase=f"scoring {finished}/{len(records)} images{eta}")
 
-            scored, _ = _halving(
-                lambda b, part=part, on_batch=on_batch: score_images(
+            def run(b: int, part: Sequence[Record] = part, on_batch: Callable[[int, int], None] = on_batch,
+                    seed: int = s.seed + number + start) -> list[ImageScore]:
+                return score_images(
                     student, teacher, part, classes, config=s.score, batch_size=b, device=device,
-                    num_workers=s.num_workers, seed=s.seed + number + start, on_batch=on_batch),
-                s.score_batch_size, "scoring",
-            )
+                    num_workers=s.num_workers, seed=seed, on_batch=on_batch)
+
+            scored, _ = _halving(run, s.score_batch_size, "scoring")
             results += scored
             elapsed = time.monotonic() - started
             if budget_s is not None and elapsed + elapsed / (start // chunk + 1) > budget_s:

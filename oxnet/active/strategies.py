@@ -33,7 +33,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -101,7 +101,7 @@ class CostModel:
         if upgrade == WEAK_TO_FULL:
             return self.boxes
         if upgrade == UNLABELED_TO_FULL:
-            return float(self.labels_and_boxes)
+            return float(cast(float, self.labels_and_boxes))  # set to a float by __post_init__
         raise ValueError(f"unknown upgrade {upgrade!r}")
 
     def per_minute(self, gain_per_unit: float) -> float | None:
@@ -404,8 +404,11 @@ def _uncertainty(images: Sequence[ImageState]) -> np.ndarray:
     have = [i for i, im in enumerate(images) if im.detection_scores is not None and im.image_probs is not None]
     out = np.full(len(images), np.nan)
     if have:
-        n = len(images[have[0]].image_probs)
-        out[have] = detection_uncertainty([images[i].detection_scores for i in have], [images[i].labels for i in have], n)
+        # ``have`` holds only images with outputs: probabilities, detection scores and their labels
+        n = len(cast(np.ndarray, images[have[0]].image_probs))
+        scores = [cast(np.ndarray, images[i].detection_scores) for i in have]
+        labels = [cast(np.ndarray, images[i].labels) for i in have]
+        out[have] = detection_uncertainty(scores, labels, n)
     return out
 
 
@@ -557,12 +560,12 @@ class CostAwareStrategy(Strategy):
         per_unit = self.gains(granularity, info, curve, weak, full) / costs
         best = per_unit.argmax(1)
         rest = sorted(np.flatnonzero(~taken).tolist(), key=lambda i: (-per_unit[i, best[i]], images[i].image_id))
-        for i in rest:
-            j = int(best[i])
-            gain = float(per_unit[i, j] * costs[j])
-            picks.append(self._pick(images[i], context, gain,
-                                    f"{UPGRADES[(images[i].granularity, actions[j])]}: +{100 * gain:.3f} mAP points "
-                                    f"expected for {costs[j]:g} units ({curve_text})", actions[j]))
+        for r in rest:
+            k = int(best[r])
+            gain = float(per_unit[r, k] * costs[k])
+            picks.append(self._pick(images[r], context, gain,
+                                    f"{UPGRADES[(images[r].granularity, actions[k])]}: +{100 * gain:.3f} mAP points "
+                                    f"expected for {costs[k]:g} units ({curve_text})", actions[k]))
         return picks
 
 
@@ -611,7 +614,8 @@ def describe(picks: Sequence[Pick], costs: CostModel, strategy: str,
     for rank, p in enumerate(picks):
         per_unit = p.gain_per_unit
         rows.append({"image_id": p.image_id, "action": p.action, "score": float(len(picks) - rank), "reason": {
-            "text": p.reason, "classes": list(classes.get(p.image_id, ())), "strategy": strategy, "rank": rank + 1, "upgrade": p.upgrade, "cost": p.cost,
+            "text": p.reason, "classes": list(classes.get(p.image_id, ())), "strategy": strategy, "rank": rank + 1,
+            "upgrade": p.upgrade, "cost": p.cost,
             "gain": p.gain, "gain_per_unit": per_unit,
             "gain_per_minute": None if per_unit is None else costs.per_minute(per_unit),
         }})

@@ -45,7 +45,7 @@ def box_problem(x1: float, y1: float, x2: float, y2: float, width: float, height
     return None
 
 
-def box_error(x1: float, y1: float, x2: float, y2: float, width: int, height: int) -> str | None:
+def box_error(x1: float, y1: float, x2: float, y2: float, width: float, height: float) -> str | None:
     """Why (x1, y1, x2, y2) is not a valid box on a ``width`` x ``height`` image, or None when it is."""
     problem = box_problem(x1, y1, x2, y2, width, height)
     return None if problem is None else problem[1]
@@ -86,18 +86,18 @@ def annotation_problems(
     labelled (``require_label``), present findings without a box (``complete``). [] when it is good."""
     problems = []
     known = set(classes)
-    for k, (name, *coords) in enumerate(boxes, 1):
+    for k, (name, x1, y1, x2, y2) in enumerate(boxes, 1):
         if not name:
             problems.append(Problem("no_class", f"box {k} has no class: pick a class for it (or delete it)", k - 1, (name,)))
             continue
         if name not in known:
             problems.append(Problem("unknown_class", f"box {k}: unknown class {name!r}", k - 1, (name,)))
             continue
-        reason = box_error(*coords, width, height)
+        reason = box_error(x1, y1, x2, y2, width, height)
         if reason:
             problems.append(Problem("box", f"box {k} ({name}): {reason}; draw it again", k - 1, (name,), reason))
             continue
-        x1, y1, x2, y2 = (float(v) for v in coords)
+        x1, y1, x2, y2 = float(x1), float(y1), float(x2), float(y2)
         if min(x2 - x1, y2 - y1) < min_box:
             problems.append(Problem("small_box", f"box {k} ({name}) is {x2 - x1:.1f} x {y2 - y1:.1f} px, smaller than the "
                                     f"minimum {min_box:g} px per side: drag to draw a box (a click is not a box)", k - 1, (name,)))

@@ -23,6 +23,7 @@ import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pydicom
@@ -181,7 +182,7 @@ def probe_image(path: str | Path, *, verify: bool = True, max_pixels: int = MAX_
             except (OSError, SyntaxError, ValueError, EOFError) as e:
                 raise ValueError(f"{path}: corrupt or truncated {image.format} file ({e})") from e
         return ImageInfo(
-            format=image.format,
+            format=cast(str, image.format),  # _open_pil accepts only PNG / JPEG, so never None
             width=image.width,
             height=image.height,
             bit_depth=_PIL_BIT_DEPTH.get(image.mode, 8),

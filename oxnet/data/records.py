@@ -110,7 +110,7 @@ class Records(list[Record]):
         self.classes: tuple[str, ...] = tuple(classes)
         self.skipped: list[str] = list(skipped)
 
-    def __add__(self, other: Iterable[Record]) -> Records:
+    def __add__(self, other: Iterable[Record]) -> Records:  # type: ignore[override]  # records only, not list's any-list overload
         """Concatenate, keeping ``classes`` (which must agree) and ``skipped``: ``boxes + weak + unlabeled``."""
         classes = getattr(other, "classes", self.classes)
         if tuple(classes) != self.classes:
@@ -166,24 +166,27 @@ def records_from_coco(
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     if granularity is not None and granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be one of {GRANULARITIES} or None, got {granularity!r}")
+    data: Mapping[str, Any]
+    root: Path | None
     if isinstance(coco, (str, Path)):
         source = str(coco)
         try:
             with open(coco, encoding="utf-8") as f:
-                coco = json.load(f)
+                data = json.load(f)
         except (OSError, json.JSONDecodeError) as e:
             raise ValueError(f"{source}: cannot read COCO JSON: {e}") from e
         root = Path(image_root) if image_root is not None else Path(source).resolve().parent
     elif isinstance(coco, Mapping):
         source = "<COCO dict>"
+        data = coco
         root = Path(image_root) if image_root is not None else None
     else:
         raise TypeError(f"coco must be a dict or a path, got {type(coco).__name__}")
-    if not isinstance(coco.get("images"), list):
+    if not isinstance(data.get("images"), list):
         raise ValueError(f"{source}: no 'images' list")
-    images: list[dict] = coco["images"]
-    annotations: list[dict] = coco.get("annotations") or []
-    categories: list[dict] = coco.get("categories") or []
+    images: list[dict] = data["images"]
+    annotations: list[dict] = data.get("annotations") or []
+    categories: list[dict] = data.get("categories") or []
 
     try:
         category_names = {c["id"]: c["name"] for c in categories}
@@ -306,7 +309,7 @@ def _record(
     absent_names = image.get("absent_labels")
     class_of = {i: n for n, i in class_index.items()}
     problems = {p.kind for p in annotation_problems(  # the one annotation check (boxes: checked by _xyxy)
-        [(class_of[c], *b) for b, c in boxes], classes=class_index, width=math.inf, height=math.inf,
+        [(class_of[c], x1, y1, x2, y2) for (x1, y1, x2, y2), c in boxes], classes=class_index, width=math.inf, height=math.inf,
         present=[n for n in names if n != NO_FINDING], no_finding=negative,
     )}
     if "no_finding_with_findings" in problems:
@@ -335,7 +338,7 @@ def _record(
         box_array, label_array = box_array[:0], label_array[:0]
     if granularity == WEAK and not present and not absent and not negative:
         granularity = UNLABELED  # nothing about it is known
-    unknown = set(class_index.values()) - present - absent if granularity == WEAK else set()
+    unknown_classes = set(class_index.values()) - present - absent if granularity == WEAK else set()
     if granularity == UNLABELED:
         present, negative = set(), False
     try:
@@ -350,7 +353,7 @@ def _record(
             image_labels=tuple(present),
             patient_id=image.get("patient_id"),
             negative=negative,
-            unknown_labels=tuple(unknown),
+            unknown_labels=tuple(unknown_classes),
         )
     except (TypeError, ValueError) as e:
         return str(e)

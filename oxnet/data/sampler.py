@@ -63,11 +63,11 @@ class MixedBatchSampler(Sampler[list[int]]):
             raise ValueError(f"need 0 <= rank < world_size, got rank {rank}, world_size {world_size}")
         if num_batches is not None and num_batches < 0:
             raise ValueError(f"num_batches must be >= 0, got {num_batches}")
-        granularities = np.asarray(granularities, dtype=object)
+        granularity_array = np.asarray(granularities, dtype=object)
         #: Dataset indices of each used granularity (non-empty pool and positive proportion).
         self.pools: dict[str, np.ndarray] = {}
         for g in GRANULARITIES:
-            pool = np.flatnonzero(granularities == g)
+            pool = np.flatnonzero(granularity_array == g)
             if len(pool) and proportions.get(g, 0) > 0:
                 self.pools[g] = pool
         if not self.pools:

@@ -30,7 +30,7 @@ import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
@@ -79,7 +79,7 @@ def _rib_curve(d):
 def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
     """Band-limited noise ``ndarray[size, size]`` with unit-ish variance: ``cells`` random values per side, bicubic."""
     coarse = Image.fromarray(rng.normal(0.0, 1.0, (cells, cells)).astype(np.float32))
-    return np.asarray(coarse.resize((size, size), Image.BICUBIC))
+    return np.asarray(coarse.resize((size, size), Image.Resampling.BICUBIC))
 
 
 class _Chest:
@@ -109,7 +109,7 @@ class _Chest:
         self.knob = (self.cx + u(0.075, 0.09), u(0.28, 0.31), u(0.026, 0.032))
         self.rib_spacing = u(0.054, 0.06)
         # a fracture is planned before the ribs are drawn: (side, rib, lateral distance, displacement)
-        self.fracture = (
+        self.fracture: tuple[int, int, float, float] | None = (
             (int(rng.choice([-1, 1])), int(rng.integers(2, 8)), u(0.2, 0.34), u(0.012, 0.02) * rng.choice([-1, 1]))
             if fracture
             else None
@@ -312,7 +312,7 @@ class _Chest:
     def tuberculosis(self) -> tuple[float, ...]:
         rng = self.rng
         x0, y0 = self.lung_point((self.top + 0.04, 0.33))
-        lesion = np.zeros_like(self.opacity)
+        lesion: np.ndarray = np.zeros_like(self.opacity)
         for _ in range(rng.integers(8, 16)):
             nx, ny = x0 + rng.normal(0, 0.02), y0 + rng.normal(0, 0.02)
             lesion = np.maximum(lesion, rng.uniform(0.4, 0.8) * self.ball(nx, ny, rng.uniform(0.004, 0.009), 0.002))
@@ -369,7 +369,8 @@ class _Chest:
         return self.box(self.heart * above, 0.5)
 
     def fracture_box(self) -> tuple[float, ...]:
-        side, k, d, shift = self.fracture
+        # registered as a finding's box only when the fracture was planned (FRACTURE in findings)
+        side, k, d, shift = cast("tuple[int, int, float, float]", self.fracture)
         x = self.cx + side * d
         y = self.top - 0.01 + k * self.rib_spacing + _rib_curve(d) + shift / 2
         half = 0.028

@@ -179,7 +179,7 @@ def _gt_dataset(ground_truth: Mapping[str, Any]) -> dict[str, Any]:
     image_ids = {image["id"] for image in images}
     if len(image_ids) != len(images):
         raise ValueError("ground_truth: duplicate image ids in 'images'")
-    annotations = []
+    annotations: list[dict[str, Any]] = []
     for i, ann in enumerate(ground_truth.get("annotations", [])):
         where = f"ground_truth['annotations'][{i}]"
         image_id = _image_id(ann.get("image_id"), where)

@@ -29,7 +29,8 @@ def ground_truth(records: Sequence[Record], classes: Sequence[str]) -> dict[str,
     Raises:
         ValueError: a record is not "full" (boxes may be missing: it cannot be evaluated).
     """
-    images, annotations = [], []
+    images: list[dict[str, Any]] = []
+    annotations: list[dict[str, Any]] = []
     for r in records:
         if r.granularity != FULL:
             raise ValueError(

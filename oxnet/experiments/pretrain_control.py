@@ -21,7 +21,7 @@ import logging
 import platform
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -90,8 +90,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                  steps_per_epoch=args.steps_per_epoch, batch_size=8, lr=args.lr, seed=seed,
                                  early_stop_patience=None, plateau_patience=2, device="cpu", out_dir=str(out / key))
             history = fit(full, read["val"], config, classes=classes, progress=False)
-            model = load_model(history.best_checkpoint)
-            recorded = load_checkpoint(history.best_checkpoint).get("backbone_start")
+            best = cast(Path, history.best_checkpoint)  # fit with a validation set always has a best epoch
+            model = load_model(best)
+            recorded = load_checkpoint(best).get("backbone_start")
             test = evaluate_model(model, read["test"], classes)
             results["runs"][key] = {
                 "start": start, "seed": seed, "backbone_start": recorded,

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import numpy as np
 
@@ -318,7 +318,7 @@ def run_oracle(store: Any, config: SimulationConfig, seed: int, *, points: list[
             on_point(point)
         if point["done"]:
             return points
-        best = None
+        best: tuple[float, Any, RoundResult, list[Candidate]] | None = None
         for b, batch in enumerate(batches):
             branch = store.clone(branch_root / f"round{result.round}-branch{b}")
             for c in batch:
@@ -331,7 +331,8 @@ def run_oracle(store: Any, config: SimulationConfig, seed: int, *, points: list[
                 best = (value, branch, outcome, batch)
             else:
                 shutil.rmtree(Path(branch.models_dir).parent, ignore_errors=True)
-        _, store, result, bought = best
+        # batches is not empty here, so the loop kept a best branch
+        _, store, result, bought = cast("tuple[float, Any, RoundResult, list[Candidate]]", best)
         spent += sum(c.cost for c in bought)
 
 

@@ -42,9 +42,10 @@ import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -53,7 +54,7 @@ from oxnet.data.splits import patient_key, split_patients
 from oxnet.training.settings import METHODS, TrainConfig
 from oxnet.files import atomic_write, write_json, write_text
 from oxnet.machine import describe
-from oxnet.vocabulary import AP40, AP75, FULL, GRANULARITIES, MAP, METRIC_KEYS, PER_CLASS_AP, UNLABELED, WEAK
+from oxnet.vocabulary import AP40, AP75, FULL, GRANULARITIES, MAP, METRIC_KEYS, PER_CLASS_AP, UNLABELED, WEAK, Granularity
 
 logger = logging.getLogger(__name__)
 SCHEMA = "oxnet.sweep/1"
@@ -272,7 +273,7 @@ def run_sweep(
         for seed in config.seeds:
             mix = relabel(pool, fraction, weak_fraction=config.weak_fraction, seed=seed, weak_labels=weak_labels)
             train = Records(mix + list(extra_weak) + list(extra_unlabeled), classes=classes)
-            counts = {g: sum(r.granularity == g for r in train) for g in GRANULARITIES}
+            counts: dict[str, int] = {g: sum(r.granularity == g for r in train) for g in GRANULARITIES}
             run_dir = out_dir / f"full{fraction:g}_seed{seed}"
             template = replace(config.train, seed=seed)
             pretrain = run_dir / "pretrain.pt"
@@ -393,7 +394,7 @@ def merge_results(paths: Sequence[str | Path], out_dir: str | Path) -> dict[str,
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def _jsonable(value: Any) -> Any:
@@ -456,7 +457,7 @@ def load_study(
     everything = records_from_coco(dataset, image_root=root)
     classes = list(everything.classes)
     folds = {im["id"]: im.get("suggested_fold") for im in coco["images"]}
-    if test_fold is not None:
+    if test is None:  # then test_fold is given (exactly one of them is)
         if all(f is None for f in folds.values()):
             raise ValueError(f"{dataset}: no image has 'suggested_fold'; pass an explicit test file")
         test_records = [r for r in everything if folds[r.image_id] == test_fold]
@@ -476,7 +477,7 @@ def load_study(
     check_patient_disjoint(pool, test_records, "pool and test")
     check_patient_disjoint(val_records, test_records, "validation and test")
 
-    def extra(files: Sequence[str | Path], granularity: str) -> list[Record]:
+    def extra(files: Sequence[str | Path], granularity: Granularity) -> list[Record]:
         out: list[Record] = []
         for f in files:
             out += records_from_coco(f, granularity=granularity, classes=classes,

@@ -6,7 +6,8 @@ from __future__ import annotations
 import warnings
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
+from collections.abc import Mapping
 
 import torch
 from torch import Tensor, nn
@@ -34,6 +35,9 @@ class ResNetFPN(nn.Module):
     """ResNet body + FPN. Returns the pyramid (list of Tensor[B, out_channels, H_l, W_l], finest first)
     and ReLU(C5) (Tensor[B, c5_channels, h, w]) for the image-level head.
     P6 and P7 are computed from C5 (original RetinaNet)."""
+
+    #: Where the body's weights came from (set by :func:`resnet_fpn_backbone`).
+    start: str
 
     def __init__(self, body: resnet.ResNet, levels: tuple[int, ...], out_channels: int) -> None:
         super().__init__()

@@ -95,7 +95,7 @@ PRESETS: dict[str, ModelConfig] = {
 }
 
 
-def build_model(*, preset: str = "cpu", num_classes: int = 9, **overrides: Any) -> "OXNet":
+def build_model(*, preset: str = "cpu", num_classes: int = 9, **overrides: Any) -> OXNet:
     """Build an OXnet detector from a named preset (``paper``, ``cpu``, ``tiny``) and overrides.
 
     Any :class:`ModelConfig` field can be overridden, e.g. ``depth=50``, ``levels=(3, 4, 5, 6, 7)``,

@@ -64,6 +64,12 @@ class OXNet(nn.Module):
     Tensor[D] int64, "image_probs" Tensor[N] and "attention" Tensor[N, h, w] (R_c on the C5 grid).
     """
 
+    # buffers (registered in __init__)
+    prototypes: Tensor
+    prototype_initialized: Tensor
+    pixel_mean: Tensor
+    pixel_std: Tensor
+
     def __init__(
         self,
         backbone: ResNetFPN,
@@ -113,7 +119,7 @@ class OXNet(nn.Module):
         return getattr(self.backbone, "start", "custom backbone")
 
     @classmethod
-    def from_config(cls, config: ModelConfig) -> "OXNet":
+    def from_config(cls, config: ModelConfig) -> OXNet:
         backbone = resnet_fpn_backbone(
             depth=config.depth,
             levels=config.levels,
@@ -157,13 +163,13 @@ class OXNet(nn.Module):
         pyramid, c5 = self.backbone(x)
         level_cls = self.cls_head(pyramid)
         level_reg = self.reg_head(pyramid)
-        grid_sizes = [tuple(p.shape[-2:]) for p in pyramid]
+        grid_sizes = [(p.shape[-2], p.shape[-1]) for p in pyramid]
         return {
             "cls_logits": flatten_levels(level_cls, self.num_classes),
             "bbox_deltas": flatten_levels(level_reg, 4),
             "level_cls": level_cls,
             "c5": c5,
-            "anchors": self.anchors(tuple(x.shape[-2:]), grid_sizes, pyramid[0]),
+            "anchors": self.anchors((x.shape[-2], x.shape[-1]), grid_sizes, pyramid[0]),
         }
 
     def image_level(self, dense: dict[str, Any]) -> tuple[Tensor, Tensor]:
@@ -271,7 +277,7 @@ class OXNet(nn.Module):
             [b.to(anchors)[s] if len(b) else anchors.new_zeros(len(anchors), 4) for b, s in zip(boxes, safe)]
         )
         matched_labels = torch.stack(
-            [l.to(anchors.device)[s] if len(l) else s for l, s in zip(labels, safe)]
+            [lab.to(anchors.device)[s] if len(lab) else s for lab, s in zip(labels, safe)]
         )
         onehot = torch.zeros_like(logits)
         onehot.scatter_(2, matched_labels.unsqueeze(-1), fg.unsqueeze(-1).to(logits.dtype))
@@ -328,7 +334,7 @@ class OXNet(nn.Module):
         image_logits, attention = self.image_level(dense)
         detections = self.postprocess(
             dense["cls_logits"].float(), dense["bbox_deltas"].float(), dense["anchors"],
-            image_size=tuple(images[0].shape[-2:]),
+            image_size=(images[0].shape[-2], images[0].shape[-1]),
             score_thresh=self.config.score_thresh, nms_thresh=self.config.nms_thresh,
         )
         for det, p, att in zip(detections, image_logits.sigmoid(), attention):

@@ -14,7 +14,8 @@ The detector (:class:`oxnet.modeling.detector.OXNet`) matches anchors to boxes a
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -55,7 +56,7 @@ class DenseHead(nn.Module):
                 nn.init.normal_(layer.weight, std=0.01)
                 if layer.bias is not None:
                     nn.init.constant_(layer.bias, 0.0)
-        nn.init.constant_(self.out.bias, bias_init)
+        nn.init.constant_(cast(Tensor, self.out.bias), bias_init)  # a Conv2d made with its bias
         self.outputs_per_anchor = outputs_per_anchor
 
     def forward(self, features: list[Tensor]) -> list[Tensor]:
@@ -154,7 +155,7 @@ class ImageLevelHead(nn.Conv2d):
         for m in level_cls:
             b, _, h, w = m.shape
             level_probs.append(m.float().sigmoid().view(b, -1, n, h, w).amax(1))
-        attention = L.local_attention(level_probs, tuple(c5.shape[-2:]))
+        attention = L.local_attention(level_probs, (c5.shape[-2], c5.shape[-1]))
         cam = self(c5).float()
         return L.dual_attention_logits(cam, attention), attention
 

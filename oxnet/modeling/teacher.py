@@ -23,6 +23,8 @@ class MeanTeacher(nn.Module):
     image-level labels or not assessed (``image_label_mask`` 0); unlabeled images keep all. :meth:`update_teacher` is the explicit EMA step.
     """
 
+    ema_step: Tensor  # buffer: EMA steps taken
+
     def __init__(self, student: OXNet, *, ema_decay: float = 0.99) -> None:
         super().__init__()
         if not 0.0 <= ema_decay <= 1.0:
@@ -32,7 +34,7 @@ class MeanTeacher(nn.Module):
         self.ema_decay = ema_decay
         self.register_buffer("ema_step", torch.zeros((), dtype=torch.int64))
 
-    def train(self, mode: bool = True) -> "MeanTeacher":
+    def train(self, mode: bool = True) -> MeanTeacher:
         super().train(mode)
         self.teacher.eval()  # the teacher always predicts with its running statistics
         return self
@@ -67,7 +69,7 @@ class MeanTeacher(nn.Module):
         logits, deltas = dense["cls_logits"].float(), dense["bbox_deltas"].float()
         cfg = teacher.config
         detections = teacher.postprocess(
-            logits, deltas, dense["anchors"], image_size=tuple(views.shape[-2:]),
+            logits, deltas, dense["anchors"], image_size=(views.shape[-2], views.shape[-1]),
             score_thresh=cfg.pseudo_score_thresh, nms_thresh=cfg.pseudo_nms_thresh,
         )
         probs = logits.sigmoid()
@@ -93,7 +95,7 @@ class MeanTeacher(nn.Module):
         Returns l_t."""
         step = int(self.ema_step)
         decay = min(1.0 - 1.0 / (step + 1), self.ema_decay)
-        t_params = [p for p in self.teacher.parameters()]
+        t_params: list[Tensor] = [p for p in self.teacher.parameters()]
         s_params = [p.detach() for p in self.student.parameters()]
         torch._foreach_lerp_(t_params, s_params, 1.0 - decay)
         for t_buf, s_buf in zip(self.teacher.buffers(), self.student.buffers()):

@@ -45,8 +45,8 @@ FORMAT = "oxnet-checkpoint"
 VERSION = 1
 _REQUIRED = ("format", "version", "classes", "model_config", "student")
 
-__all__ = ["FORMAT", "VERSION", "NoSpaceLeft", "ensure_free_space", "file_sha256", "load_checkpoint", "load_model", "non_finite_weights", "save_checkpoint",
-           "verify_checkpoint"]
+__all__ = ["FORMAT", "VERSION", "NoSpaceLeft", "ensure_free_space", "file_sha256", "load_checkpoint", "load_model",
+           "non_finite_weights", "save_checkpoint", "verify_checkpoint"]
 
 
 #: Free space kept in reserve beyond a checkpoint's estimated size (bytes).

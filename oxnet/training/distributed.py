@@ -8,6 +8,7 @@ import contextlib
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.distributed as dist
@@ -70,7 +71,7 @@ def average_batchnorm_stats(model: nn.Module) -> None:
     """Average BatchNorm running statistics over the processes (DDP syncs gradients, not buffers), so
     every rank keeps identical student and teacher state."""
     buffers = [
-        b
+        cast(Tensor, b)  # running statistics are tensors when track_running_stats is set
         for m in model.modules()
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
         for b in (m.running_mean, m.running_var)

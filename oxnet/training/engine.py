@@ -30,7 +30,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -124,7 +124,8 @@ def train_one_round(
     device = torch.device(device)
     student = teacher.student if teacher is not None else getattr(model, "module", model)
     params = [p for p in student.parameters() if p.requires_grad]
-    amp = scaler is not None and scaler.is_enabled()
+    amp_scaler = scaler if scaler is not None and scaler.is_enabled() else None
+    amp = amp_scaler is not None
     world = current_world_size()
     model.train()
     if teacher is not None:
@@ -154,16 +155,16 @@ def train_one_round(
                 f"non-finite loss at epoch {epoch}, step {step}: {', '.join(bad)} (batch image ids {ids}); "
                 "lower the learning rate or check these images and their boxes"
             )
-        if amp:
-            scaler.scale(total).backward()
-            scaler.unscale_(optimizer)
+        if amp_scaler is not None:
+            amp_scaler.scale(total).backward()
+            amp_scaler.unscale_(optimizer)
         else:
             total.backward()
         if grad_clip:
             nn.utils.clip_grad_norm_(params, grad_clip)
-        if amp:
-            scaler.step(optimizer)
-            scaler.update()
+        if amp_scaler is not None:
+            amp_scaler.step(optimizer)
+            amp_scaler.update()
         else:
             optimizer.step()
         if world > 1:
@@ -248,7 +249,7 @@ class History:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "History":
+    def from_dict(cls, data: Mapping[str, Any]) -> History:
         return cls(**data)
 
 
@@ -274,7 +275,7 @@ def _carry_moments(optimizer: torch.optim.Optimizer, stored: Mapping[str, Any]) 
         if any(torch.is_tensor(v) and v.dim() > 0 and v.shape != p.shape for v in moments.values()):
             return False
     hyper = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
-    optimizer.load_state_dict(stored)
+    optimizer.load_state_dict(dict(stored))  # a shallow copy, as load_state_dict makes itself
     for group, own in zip(optimizer.param_groups, hyper):
         group.update(own)
     return True
@@ -470,7 +471,7 @@ class _Run:
             pools = {r.granularity for r in self.train_records} & set(METHODS[method]["granularities"])
             # BatchNorm statistics are averaged after every step instead of broadcast from rank 0 at
             # every forward (newer torch names the keyword forward_sync_buffers).
-            no_buffer_sync = (
+            no_buffer_sync: dict[str, Any] = (
                 {"forward_sync_buffers": False}
                 if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
                 else {"broadcast_buffers": False}
@@ -516,8 +517,8 @@ class _Run:
         loader = self._loader(method)
         for local in range(self.history.done(phase), epochs):
             epoch = first_epoch + local
-            loader.dataset.set_epoch(epoch)
-            loader.batch_sampler.set_epoch(epoch)
+            cast(OmniDataset, loader.dataset).set_epoch(epoch)  # the loader _loader built
+            cast(MixedBatchSampler, loader.batch_sampler).set_epoch(epoch)
             started = time.perf_counter()
             lr = parts.optimizer.param_groups[0]["lr"]
             losses = self._train_epoch(parts, loader, phase, epoch, lr, started)
@@ -555,7 +556,7 @@ class _Run:
 
     def _validate(self, student: OXNet) -> dict[str, Any]:
         """Rank 0 evaluates; the metrics go to every rank (the scheduler and early stop need them)."""
-        metrics = None
+        metrics: dict[str, Any] | None = None
         if self.env.is_main:
             predictions = predict(
                 student, self.val_records, batch_size=self.config.batch_size, device=self.env.device,
@@ -566,7 +567,7 @@ class _Run:
             box = [metrics]
             dist.broadcast_object_list(box, src=0)
             metrics = box[0]
-        return metrics
+        return cast("dict[str, Any]", metrics)  # set on rank 0, broadcast to the others
 
     def _schedule(self, parts: _Parts, metrics: Mapping[str, Any]) -> None:
         """``ReduceLROnPlateau`` on the validation mAP."""
@@ -586,7 +587,7 @@ class _Run:
         best_epoch, best_metric = history.best(phase)
         if phase == "train":
             history.best_epoch, history.best_metric = best_epoch, best_metric
-        return best_epoch, best_metric
+        return cast(int, best_epoch), cast(float, best_metric)  # not None: this phase has the epoch just appended
 
     def _early_stop(self, phase: str, epoch: int, best_epoch: int, *, more_to_come: bool) -> bool:
         """Whether the "train" phase stops here: ``early_stop_patience`` epochs without a better val mAP

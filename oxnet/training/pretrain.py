@@ -54,7 +54,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -506,13 +506,13 @@ def pretrain(
         return PretrainResult(weights, description, len(images), len(labelled), history, time.perf_counter() - started)
 
     augment = xray_augmentation(config.image_size, crop_scale=config.crop_scale, max_rotation=config.max_rotation)
-    run = dict(scaler=scaler, device=device, callback=callback, progress=progress)
+    run: dict[str, Any] = dict(scaler=scaler, device=device, callback=callback, progress=progress)
     # -- stage 1: SimSiam ---------------------------------------------------------------------------
     if stage == "ssl":
         dataset = _Views(images, augment, views=2, seed=config.seed)
         steps = _steps(len(dataset), config)
         total = max(1, steps * config.epochs)
-        optimizer = torch.optim.SGD([
+        optimizer: torch.optim.Optimizer = torch.optim.SGD([
             {"params": list(model.backbone.parameters()) + list(model.projection_head.parameters())},
             {"params": model.prediction_head.parameters()},  # SimSiam: the predictor's lr is not decayed
         ], lr=config.learning_rate(), momentum=0.9, weight_decay=1e-4)
@@ -553,21 +553,22 @@ def pretrain(
     if stage == "labels":
         dataset = _Views(labelled, augment, views=1, seed=config.seed + 1)
         steps = _steps(len(dataset), config)
-        classifier.to(device)
-        optimizer = torch.optim.Adam(classifier.parameters(), lr=config.label_lr)
+        label_model = cast(ImageLevelClassifier, classifier)  # stage "labels" needs label_epochs, which built it
+        label_model.to(device)
+        optimizer = torch.optim.Adam(label_model.parameters(), lr=config.label_lr)
         if state and state.get("optimizer") is not None and state["stage"] == "labels":
             optimizer.load_state_dict(state["optimizer"])
 
         def label_loss(x: Tensor, y: Tensor, mask: Tensor) -> tuple[Tensor, dict[str, float]]:
             with torch.autocast(device.type, enabled=amp):
-                logits = classifier(x)
+                logits = label_model(x)
             return masked_bce(logits, y, mask), {}
 
         for epoch in range(done, config.label_epochs):
             if stopped():
                 return result()
             clock = time.perf_counter()
-            classifier.train()
+            label_model.train()
             means = train_one_epoch(label_loss, optimizer, _loader(dataset, config, 10_000 + epoch), steps=steps,
                                     stage="labels", epoch=epoch, epochs=config.label_epochs, **run)
             history.append({"stage": "labels", "epoch": epoch + 1, **means, "seconds": round(time.perf_counter() - clock, 2)})
