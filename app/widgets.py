@@ -69,7 +69,7 @@ def promote_button(version_id: int, label: str, *, key: str, on_done: Callable[[
     from db.service import promote
 
     who = annotator()
-    if not may("admin"):
+    if who is None or not may("admin"):
         st.caption("An admin can promote this version.")
         return
     if st.button(label, key=key, help="Recorded in the audit log with your name."):

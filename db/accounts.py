@@ -36,8 +36,11 @@ from datetime import datetime, timedelta
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
+from typing import Any, cast
+
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.engine import CursorResult
 from sqlalchemy.orm import Session
 
 from db.models import LoginAttempt, Role, UserAccount, UserSession, utcnow
@@ -207,7 +210,7 @@ def create_user(
     if clash is not None:
         raise AccountError(f"a user {clash!r} exists already")
     generated = password is None
-    if generated:
+    if password is None:
         password = new_password()
     else:
         check_password_strength(password, name)
@@ -384,7 +387,7 @@ def authenticate(
         ok = False
     else:
         ok = _verify(user.password_hash, password) and user.active
-    if not ok:
+    if not ok or user is None:  # no user is never ok; the second test tells the type checker
         _record(session, (user_key, address_key), False, now)
         return LoginResult(message=WRONG_LOGIN)
     if HASHER.check_needs_rehash(user.password_hash):
@@ -441,10 +444,10 @@ def revoke_session(session: Session, token: str | None) -> bool:
     """Log out: the session ends (True when there was a live one)."""
     if not token:
         return False
-    return bool(session.execute(
+    return bool(cast(CursorResult[Any], session.execute(
         update(UserSession).where(UserSession.token_sha256 == token_digest(token), ~UserSession.revoked)
         .values(revoked=True).execution_options(synchronize_session=False)
-    ).rowcount)
+    )).rowcount)
 
 
 def _revoke_all(session: Session, user_id: int) -> None:

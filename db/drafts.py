@@ -11,9 +11,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import delete, select
+from sqlalchemy.engine import CursorResult
 from sqlalchemy.orm import Session
 
 from db.models import Annotator, Draft, Image, Role, utcnow
@@ -107,7 +108,7 @@ def delete_draft(session: Session, image_id: int, annotator: str, *, actor: str 
     who = _annotator_id(session, annotator)
     if who is None:
         return False
-    return bool(session.execute(delete(Draft).where(Draft.annotator_id == who, Draft.image_id == image_id)).rowcount)
+    return bool(cast(CursorResult[Any], session.execute(delete(Draft).where(Draft.annotator_id == who, Draft.image_id == image_id))).rowcount)
 
 
 def list_drafts(session: Session, annotator: str, *, limit: int = 20) -> list[tuple[int, datetime]]:

@@ -189,7 +189,7 @@ class UserAccount(Base):
     must_change_password: Mapped[bool] = mapped_column(Boolean, default=False)
     annotator_id: Mapped[int] = mapped_column(ForeignKey("annotator.id"), unique=True)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
-    last_login_at: Mapped[Optional[datetime]] = mapped_column(DateTime)
+    last_login_at: Mapped[datetime | None] = mapped_column(DateTime)
 
     annotator: Mapped[Annotator] = relationship(lazy="joined")
 

@@ -10,9 +10,11 @@ from __future__ import annotations
 from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+import typing
 from typing import Any
 
 from sqlalchemy import String, cast, delete, exists, or_, select, update
+from sqlalchemy.engine import CursorResult
 from sqlalchemy.orm import Session
 
 from db.engine import insert_ignore
@@ -56,12 +58,12 @@ def take_lease(
         raise ValueError(f"no image with id {image_id}")
     now = now or utcnow()
     who = get_annotator(session, annotator).id
-    extended = session.execute(
+    extended = typing.cast(CursorResult[Any], session.execute(
         update(Lease)
         .where(Lease.image_id == image_id, or_(Lease.annotator_id == who, Lease.expires_at <= now))
         .values(annotator_id=who, taken_at=now, expires_at=now + ttl)
         .execution_options(synchronize_session=False)
-    )
+    ))
     if extended.rowcount:
         return True
     # No lease row yet, or another's unexpired one. Two annotators can get here at once for the same
@@ -77,7 +79,7 @@ def release_lease(session: Session, image_id: int, annotator: str, *, actor: str
     """Give the image back (only its holder can). True when a lease was released."""
     check_actor(session, actor, Role.ANNOTATOR, action="give an image back", annotator=annotator)
     who = get_annotator(session, annotator).id
-    result = session.execute(delete(Lease).where(Lease.image_id == image_id, Lease.annotator_id == who))
+    result = typing.cast(CursorResult[Any], session.execute(delete(Lease).where(Lease.image_id == image_id, Lease.annotator_id == who)))
     return bool(result.rowcount)
 
 

@@ -264,7 +264,10 @@ def save_annotation(
         image = mark_boxes_complete(session, image_id, annotator=annotator)
     elif not complete and detail.boxes_complete:
         image = downgrade(session, image_id, Granularity.WEAK, annotator=annotator, reason="annotator unticked 'all lesions boxed'")
-    return image if image is not None else session.get(Image, image_id)
+    image = image if image is not None else session.get(Image, image_id)
+    if image is None:
+        raise ValueError(f"no image with id {image_id}")
+    return image
 
 
 # --- models and metrics --------------------------------------------------------------------------

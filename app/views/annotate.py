@@ -174,10 +174,9 @@ def _model_output(url: str, image_id: int):
 
 st.title("Annotate")
 url = store_url()
-who = annotator()
 with sessions()() as session:
     has_project = project_exists(session)
-who = require_project_and_name(has_project, who, why="every label and box is saved under your name")
+who = require_project_and_name(has_project, annotator(), why="every label and box is saved under your name")
 
 s = _state()
 if s.get("annotate_who") not in (None, who):  # another user at this browser: the open image and its draft were the other's
@@ -204,7 +203,7 @@ if s.get(IMAGE_KEY) is None:
             _go_to(image_id, who)
             st.rerun()
     wanted = right.number_input("Image id", min_value=1, step=1, value=None, key="annotate_pick_id")
-    if right.button("Open", key="annotate_open_id", disabled=wanted is None):
+    if right.button("Open", key="annotate_open_id", disabled=wanted is None) and wanted is not None:
         if _open_by_id(int(wanted), who):
             st.rerun()
         right.warning(f"Image {wanted} is being annotated by someone else.")
@@ -480,7 +479,7 @@ if save or save_next:
     granularity = _save()
     if granularity is not None:
         message = f"Saved image {detail.id} ({granularity})."
-        target = detail.id
+        target: int | None = detail.id
         if save_next and reviewed:  # the next image to review is on Review, not in the annotation queue
             _go_to(None, who)
             target, message = None, message + " Pick the next image to review on **Review**."

@@ -126,8 +126,8 @@ def _trainer_panel() -> None:
             except (OSError, PermissionError) as e:
                 st.error(f"Could not start the trainer: {e}")
     owner = row["owner"] if row else None
-    if after.button("Stop after this round", disabled=not alive, key="overview_stop_after_round",
-                    help="the round in progress finishes and its model version is saved; then the trainer exits"):
+    if after.button("Stop after this round", disabled=not alive or who is None, key="overview_stop_after_round",
+                    help="the round in progress finishes and its model version is saved; then the trainer exits") and who is not None:
         stop_trainer_after_round(sessions(), annotator=who, actor=who)
         st.toast("The trainer stops once the round in progress is saved.")
     if now_.button("Stop now", disabled=trainer_pid(owner, url) is None, key="overview_stop",

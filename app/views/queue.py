@@ -53,9 +53,8 @@ def _open(image_id: int, action: str, who: str) -> None:
 
 st.title("Queue")
 url = store_url()
-who = annotator()
 classes = _classes(url)
-who = require_project_and_name(bool(classes), who, why="the queue hands each image to one annotator at a time")
+who = require_project_and_name(bool(classes), annotator(), why="the queue hands each image to one annotator at a time")
 
 left, middle, right, pager = st.columns([2, 2, 1, 1])
 action = left.selectbox("Action", [a.value for a in SuggestedAction], key="queue_action",
