@@ -8,9 +8,10 @@ if anything fails midway the destination keeps its previous content and the temp
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
@@ -69,3 +70,15 @@ def write_text(path: str | Path, text: str, *, private: bool = False) -> Path:
 def write_json(path: str | Path, data: Any, *, indent: int | None = 1, private: bool = False, **dumps: Any) -> Path:
     """Write ``data`` as JSON to ``path`` atomically (see :func:`atomic_write`); returns ``path``."""
     return write_text(path, json.dumps(data, indent=indent, **dumps), private=private)
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` as strict JSON can hold it: mappings with string keys, tuples as lists, and non-finite
+    floats (NaN, inf: no JSON value) as None, all the way down."""
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value

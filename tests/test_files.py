@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from oxnet.files import atomic_write, write_json, write_text
+from oxnet.files import atomic_write, jsonable, write_json, write_text
 from oxnet.machine import describe
 
 
@@ -49,3 +49,9 @@ def test_machine_description_names_torch_only_when_loaded():
 
     full = describe("cpu")
     assert full["torch"] == torch.__version__ and full["device"] == "cpu" and full["threads"] >= 1
+
+
+def test_jsonable_makes_strict_json_all_the_way_down():
+    value = {1: (1.0, float("nan")), "b": [{"c": float("inf")}, "x"], "d": None}
+    assert jsonable(value) == {"1": [1.0, None], "b": [{"c": None}, "x"], "d": None}
+    json.dumps(jsonable(value), allow_nan=False)  # strict JSON: would raise on NaN

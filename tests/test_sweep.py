@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from oxnet.experiments import sweep
+from oxnet.files import jsonable
 from oxnet.training.checkpoint import load_checkpoint
 from oxnet.data.records import Record, Records
 from oxnet.data.synthetic import write_coco
@@ -186,7 +187,7 @@ def _results(tmp_path, name, fractions, seeds, *, lr=1e-4, maps=None, device="au
          **{k: (maps or {}).get((m, f, s), 0.3) for k in sweep.METRIC_KEYS}, "per_class_AP": {}, "teacher_mAP": None}
         for f in fractions for s in seeds for m in ("retinanet", "oxnet")
     ]
-    results = {"schema": sweep.SCHEMA, "config": sweep._jsonable(sweep.asdict(config)), "machine": {"device": name},
+    results = {"schema": sweep.SCHEMA, "config": jsonable(sweep.asdict(config)), "machine": {"device": name},
                "classes": ["a", "b"], "pool": {"images": 100}, "started": f"2026-01-0{len(seeds)}",
                "wall_seconds": 10.0, "rows": rows, "summary": sweep.summarize(rows)}
     path = tmp_path / name / "results.json"

@@ -34,7 +34,7 @@ from oxnet.active.strategies import STRATEGIES as _REGISTRY
 from oxnet.active.strategies import CostModel
 from oxnet.data.splits import SPLITS, patient_key, split_patients
 from oxnet.classes import NO_FINDING
-from oxnet.files import write_json
+from oxnet.files import jsonable, write_json
 from oxnet.machine import describe
 from oxnet.vocabulary import (
     ADD_LABELS, AP40, DRAW_BOXES, FULL, GRANULARITIES, MAP, UNLABELED, UNLABELED_TO_FULL, UNLABELED_TO_WEAK, WEAK,
@@ -225,7 +225,7 @@ def run_simulation(
     runs: list[dict[str, Any]] = []
 
     def results() -> dict[str, Any]:
-        return {"config": _jsonable(asdict(config)), "machine": describe(), "runs": runs, "summary": summarize(runs)}
+        return {"config": jsonable(asdict(config)), "machine": describe(), "runs": runs, "summary": summarize(runs)}
 
     for seed in config.seeds:
         for strategy in config.strategies:
@@ -349,7 +349,7 @@ def _append(log: Path | None, record: Mapping[str, Any]) -> None:
         return
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("a", encoding="utf-8") as f:
-        f.write(json.dumps(_jsonable(record)) + "\n")
+        f.write(json.dumps(jsonable(record)) + "\n")
         f.flush()
         os.fsync(f.fileno())
 
@@ -377,14 +377,6 @@ def _settings(base: LoopSettings, seed: int, strategy: str, per_round: float) ->
     splits = tuple(dict.fromkeys((*base.eval_splits, "val", "test")))
     return replace(base, seed=seed, eval_splits=splits, max_rounds=1, min_interval_s=0.0, suggest=True,
                    strategy=strategy, batch_units=per_round)
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
 
 
 def _units_to_reach(spent: Sequence[float], maps: Sequence[float], target: float) -> float | None:

@@ -52,7 +52,7 @@ import numpy as np
 from oxnet.data.records import Record, Records
 from oxnet.data.splits import patient_key, split_patients
 from oxnet.training.settings import METHODS, TrainConfig
-from oxnet.files import atomic_write, write_json, write_text
+from oxnet.files import atomic_write, jsonable, write_json, write_text
 from oxnet.machine import describe
 from oxnet.vocabulary import AP40, AP75, FULL, GRANULARITIES, MAP, METRIC_KEYS, PER_CLASS_AP, UNLABELED, WEAK, Granularity
 
@@ -253,7 +253,7 @@ def run_sweep(
     previous = json.loads(path.read_text()) if path.is_file() else None
     results = {
         "schema": SCHEMA,
-        "config": _jsonable(asdict(config)),
+        "config": jsonable(asdict(config)),
         "machine": describe(),
         "classes": classes,
         "pool": {"images": len(pool), "val_images": len(val), "test_images": len(test),
@@ -395,16 +395,6 @@ def merge_results(paths: Sequence[str | Path], out_dir: str | Path) -> dict[str,
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 # --------------------------------------------------------------------------------------------------
