@@ -13,8 +13,8 @@ from sqlalchemy import select
 
 from db.engine import init_db, make_sessionmaker
 from db.models import UserSession
-from tests.streamlit_server import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, ROOT, streamlit_server
-from tests.test_security import _free_port
+from tests.streamlit_server import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, ROOT, free_port, streamlit_server
+from tests.test_security import PORTS
 
 pytestmark = [
     pytest.mark.browser,
@@ -32,7 +32,7 @@ def _fill_login(page, name: str, password: str) -> None:
 def test_first_admin_logs_in_changes_the_password_and_logs_out(tmp_path):
     url = f"sqlite:///{tmp_path / 'workbench.db'}"
     log = tmp_path / "streamlit.log"
-    port = _free_port()
+    port = free_port(PORTS)
     env = {**os.environ, "OXNET_DB_URL": url, "OXNET_DEMO": "0"}
     env.pop("OXNET_ADMIN_PASSWORD", None)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
