@@ -51,6 +51,16 @@ def postgres_database(request) -> str:
     return make_url(admin_url).set(database=name).render_as_string(hide_password=False)
 
 
+@pytest.fixture
+def empty(tmp_path, monkeypatch):
+    """The URL of a new workbench store (a SQLite file without a project) as the pages open it:
+    ``OXNET_DB_URL`` names it and no demo project is seeded."""
+    url = f"sqlite:///{tmp_path / 'workbench.db'}"
+    monkeypatch.setenv("OXNET_DB_URL", url)
+    monkeypatch.setenv("OXNET_DEMO", "0")
+    return url
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def db_url(request, tmp_path):
     """URL of a fresh, migrated store: a SQLite file in a temporary folder, or a new PostgreSQL database."""

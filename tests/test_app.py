@@ -60,14 +60,6 @@ SIZE = 64  # demo image side; the canvas shows it at 640 px (scale 10)
 
 
 @pytest.fixture
-def empty(tmp_path, monkeypatch):
-    url = f"sqlite:///{tmp_path / 'workbench.db'}"
-    monkeypatch.setenv("OXNET_DB_URL", url)
-    monkeypatch.setenv("OXNET_DEMO", "0")
-    return url
-
-
-@pytest.fixture
 def demo(empty):
     seed_demo(empty, n=10, size=SIZE)
     return empty

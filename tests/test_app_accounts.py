@@ -21,11 +21,9 @@ MAIN = str(Path(__file__).resolve().parent.parent / "app" / "main.py")
 
 
 @pytest.fixture
-def store(tmp_path, monkeypatch):
-    url = f"sqlite:///{tmp_path / 'workbench.db'}"
-    monkeypatch.setenv("OXNET_DB_URL", url)
-    monkeypatch.setenv("OXNET_DEMO", "0")
-    return url
+def store(empty):
+    """The empty workbench store of tests/conftest.py."""
+    return empty
 
 
 def _sessions(url):

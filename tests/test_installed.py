@@ -30,22 +30,32 @@ def _run(command, *, cwd, env=None, timeout=300):
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.fixture(scope="module")
-def venv(tmp_path_factory):
-    """A new venv with the project installed non-editable from a copy of the checkout."""
-    folder = tmp_path_factory.mktemp("installed")
+def install_checkout(folder: Path, *, site_files: dict[str, str] | None = None) -> tuple[Path, Path]:
+    """(venv, python): a new venv in ``folder`` with the checkout installed non-editable; its dependencies
+    are this environment's (a .pth file points at its site-packages), plus ``site_files`` (name: text)
+    written into the new venv's site-packages, e.g. a .pth that runs a module at start."""
     venv = folder / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     python = venv / "bin" / "python"
-    purelib = _run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"], cwd=folder).stdout.strip()
+    purelib = Path(_run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"], cwd=folder).stdout.strip())
     dependencies = [p for p in site.getsitepackages() if Path(p).is_dir()]
-    (Path(purelib) / "outer.pth").write_text("\n".join(dependencies) + "\n")
+    (purelib / "outer.pth").write_text("\n".join(dependencies) + "\n")
+    for name, text in (site_files or {}).items():
+        (purelib / name).write_text(text)
     # This pip run for the new venv's interpreter (it leaves this environment's editable install alone:
     # outside that prefix); no build isolation: the build backend is this environment's setuptools.
     build = _run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-build-isolation",
                   "--no-index", str(ROOT)],
                  cwd=folder, timeout=600)
     assert build.returncode == 0, build.stdout + build.stderr
+    return venv, python
+
+
+@pytest.fixture(scope="module")
+def venv(tmp_path_factory):
+    """A new venv with the project installed non-editable from a copy of the checkout."""
+    folder = tmp_path_factory.mktemp("installed")
+    venv, _ = install_checkout(folder)
     for script in SCRIPTS:
         assert (venv / "bin" / script).is_file(), f"{script} was not installed"
     # ... and this environment still imports the project (pip did not uninstall it here).

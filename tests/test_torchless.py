@@ -10,14 +10,12 @@ first that ``import torch`` fails there."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from PIL import Image as PILImage
 
-from tests.test_installed import _env, _run
+from tests.test_installed import _env, _run, install_checkout
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -41,20 +39,8 @@ sys.meta_path.insert(0, _NoTorch())
 @pytest.fixture(scope="module")
 def torchless(tmp_path_factory):
     """(venv, python): the project installed non-editable in a venv whose interpreter cannot import torch."""
-    import site
-
-    folder = tmp_path_factory.mktemp("torchless")
-    venv = folder / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
-    python = venv / "bin" / "python"
-    purelib = Path(_run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"], cwd=folder).stdout.strip())
-    (purelib / "outer.pth").write_text("\n".join(p for p in site.getsitepackages() if Path(p).is_dir()) + "\n")
-    (purelib / "_hide_torch.py").write_text(HIDE_TORCH)
-    (purelib / "hide_torch.pth").write_text("import _hide_torch\n")
-    build = _run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-build-isolation",
-                  "--no-index", str(ROOT)], cwd=folder, timeout=600)
-    assert build.returncode == 0, build.stdout + build.stderr
-    return venv, python
+    return install_checkout(tmp_path_factory.mktemp("torchless"),
+                            site_files={"_hide_torch.py": HIDE_TORCH, "hide_torch.pth": "import _hide_torch\n"})
 
 
 def _coco(folder: Path) -> Path:
