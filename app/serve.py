@@ -77,9 +77,20 @@ def first_admin(url: str | None = None) -> None:
               + " (shown only here, once; it must be changed at the first login).", file=sys.stderr, flush=True)
 
 
+USAGE = """usage: oxnet-ui [streamlit run options, e.g. --server.port 8502]
+
+Starts the workbench UI: streamlit run app/main.py with the store's cookie secret (OXNET_COOKIE_SECRET
+or a 0600 file beside the store). The first start creates the admin account and prints its one-time
+password on stderr (or takes OXNET_ADMIN_PASSWORD). The store is OXNET_DB_URL (default
+sqlite:///workbench.db)."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Set the cookie secret, make the first admin, then ``streamlit run app/main.py *argv``."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] in (["-h"], ["--help"]):  # the help touches no store (no admin account, no cookie secret)
+        print(USAGE)
+        return 0
     url = database_url()
     try:
         os.environ[STREAMLIT_COOKIE_ENV] = cookie_secret(url)

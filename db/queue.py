@@ -68,11 +68,16 @@ def take_lease(
         return True
     # No lease row yet, or another's unexpired one. Two annotators can get here at once for the same
     # image: the insert ignores a row that appeared meanwhile (PostgreSQL would raise a unique
-    # violation), and whoever's row is there holds the lease.
-    insert_ignore(session, Lease.__table__, {"image_id": image_id, "annotator_id": who, "taken_at": now,
-                                              "expires_at": now + ttl}, key=["image_id"])
-    holder = session.execute(select(Lease.annotator_id).where(Lease.image_id == image_id)).scalar_one()
-    return holder == who
+    # violation), and whoever's row is there holds the lease. On PostgreSQL the holder can also give
+    # the image back between our insert and our read (its delete commits in between): then the image
+    # is free and the insert is tried again.
+    for _ in range(3):
+        insert_ignore(session, Lease.__table__, {"image_id": image_id, "annotator_id": who, "taken_at": now,
+                                                  "expires_at": now + ttl}, key=["image_id"])
+        holder = session.execute(select(Lease.annotator_id).where(Lease.image_id == image_id)).scalar_one_or_none()
+        if holder is not None:
+            return holder == who
+    return False  # three holders came and went meanwhile: busy, as if held
 
 
 def release_lease(session: Session, image_id: int, annotator: str, *, actor: str | None = None) -> bool:

@@ -237,3 +237,22 @@ def test_export_import_round_trip_keeps_not_assessed(db_sessionmaker, tmp_path):
     with make_sessionmaker(init_db(f"sqlite:///{tmp_path / 'third.db'}")).begin() as s:
         import_coco(s, coco, images=tmp_path)
         assert len(s.scalars(select(ImageLabel)).all()) == len(PAPER_CLASSES)
+
+
+def test_a_lease_given_back_between_the_insert_and_the_read_is_taken(db_sessionmaker, monkeypatch):
+    """On PostgreSQL the holder's release can commit between take_lease's ignored insert and its read of
+    the holder: the image is free then, and take_lease must take it instead of failing on a missing row."""
+    import db.queue
+
+    ids = _images(db_sessionmaker, 1)
+    real, calls = db.queue.insert_ignore, []
+
+    def released_in_between(*args, **kwargs):  # the first insert meets the holder's row, which then goes
+        calls.append(1)
+        if len(calls) > 1:
+            real(*args, **kwargs)
+
+    monkeypatch.setattr(db.queue, "insert_ignore", released_in_between)
+    with db_sessionmaker.begin() as s:
+        assert take_lease(s, ids[0], "dr.a")
+    assert len(calls) == 2

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 #: Every console script of pyproject.toml and the module it runs (``python -m``), with a word its --help says.
 SCRIPTS = {"oxnet": ("oxnet", "train"), "oxnet-trainer": ("app.trainer", "--preset"), "oxnet-db": ("db", "export"),
            "oxnet-sweep": ("app.sweep", "--full"), "oxnet-simulate": ("app.simulate", "--strategy"),
-           "oxnet-bench": ("app.benchmarks", "train-step")}
+           "oxnet-bench": ("app.benchmarks", "train-step"), "oxnet-ui": ("app.serve", "streamlit run")}
 
 
 def _run(command, *, cwd, env=None, timeout=300):
