@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
+import secrets
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,12 +29,8 @@ def atomic_write(path: str | Path, *, binary: bool = False, private: bool = Fals
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _create_temporary(path, 0o600 if private else 0o666)
     try:
-        if not private:  # mkstemp makes 0600 files; a normal file follows the umask like open() would
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)
         with os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8") as f:
             yield f
             f.flush()
@@ -44,6 +40,17 @@ def atomic_write(path: str | Path, *, binary: bool = False, private: bool = Fals
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def _create_temporary(path: Path, mode: int) -> tuple[int, str]:
+    """A new, unique temporary file beside ``path``, created with ``mode`` less the umask by the kernel,
+    as ``open()`` would (no process-wide umask change, so other threads are unaffected)."""
+    while True:
+        tmp = str(path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), mode), tmp
+        except FileExistsError:
+            continue
 
 
 def fsync_dir(folder: str | Path) -> None:

@@ -1,6 +1,7 @@
 """The one atomic file write and the one machine description (oxnet.files, oxnet.machine)."""
 
 import json
+import os
 import stat
 import subprocess
 import sys
@@ -38,6 +39,24 @@ def test_private_files_are_owner_only_and_normal_ones_follow_the_umask(tmp_path)
         f.write(b"\x00\x01")
     assert (tmp_path / "b.bin").read_bytes() == b"\x00\x01"
     assert stat.S_IMODE((tmp_path / "b.bin").stat().st_mode) & 0o044  # group/others may read, as open() would
+
+
+def test_the_mode_comes_from_the_umask_without_changing_it(tmp_path, monkeypatch):
+    # the umask is process-wide: setting it, even for a moment, races with every other thread's open()
+    old = os.umask(0o027)
+    try:
+        def no_umask(mask):
+            raise AssertionError("atomic_write changed the process umask")
+
+        monkeypatch.setattr(os, "umask", no_umask)
+        write_text(tmp_path / "shared.txt", "x")
+        write_text(tmp_path / "own.txt", "y", private=True)
+    finally:
+        monkeypatch.undo()
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "shared.txt").stat().st_mode) == 0o640
+    assert stat.S_IMODE((tmp_path / "own.txt").stat().st_mode) == 0o600
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["own.txt", "shared.txt"]
 
 
 def test_machine_description_names_torch_only_when_loaded():
