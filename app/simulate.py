@@ -204,6 +204,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default="runs/simulation")
     parser.add_argument("--ceiling", action="store_true",
                         help="every training image full from the start, trained budget/per-round + 1 rounds (the ceiling)")
+    parser.add_argument("--plan-seed", type=int,
+                        help="seed of the label plan (which images start full or weak) for every run; default: each "
+                             "run's seed. Fixed, the seeds differ in training only: the noise floor of one label plan")
     parser.add_argument("--fresh", action="store_true", help="start every run over (default: continue finished rounds)")
     return parser
 
@@ -249,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
             return reopen_simulation_store(url, coco, images, models_dir=folder / "models", costs=config.costs)
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
-        plan = plan_labels(coco, seed=seed, initial_full=args.initial_full, initial_weak=args.initial_weak,
+        plan = plan_labels(coco, seed=seed if args.plan_seed is None else args.plan_seed, initial_full=args.initial_full, initial_weak=args.initial_weak,
                            fractions=fractions)
         if args.ceiling:
             plan = {i: (split, FULL) for i, (split, _) in plan.items()}
@@ -259,7 +262,8 @@ def main(argv: list[str] | None = None) -> int:
         logging.info("simulation point: %s", json.dumps(point))
 
     described = {"path": str(dataset), "images": len(coco["images"]), "initial_full": args.initial_full,
-                 "initial_weak": args.initial_weak, "fractions": list(fractions), "ceiling": args.ceiling}
+                 "initial_weak": args.initial_weak, "fractions": list(fractions), "ceiling": args.ceiling,
+                 "plan_seed": args.plan_seed}
     if args.ceiling:  # what boxing every training image costs, from the label plan's start
         start = [g for split, g in plan_labels(coco, seed=0, initial_full=args.initial_full, initial_weak=args.initial_weak,
                                                 fractions=fractions).values() if split == "train"]

@@ -196,6 +196,40 @@ def test_simulation_cli_end_to_end_writes_curves_after_every_round(dataset, tmp_
     assert "plotly" in (out / "simulation.html").read_text()[:5000].lower()
 
 
+def test_a_fixed_plan_seed_gives_every_seed_the_same_start(dataset, tmp_path, monkeypatch):
+    """--plan-seed: the seeds then differ in training only (the noise floor of one label plan)."""
+    import app.simulate as cli
+    import oxnet.experiments.simulate as simulate
+    from oxnet.active.loop import RoundResult
+
+    coco, images = dataset
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(coco))
+    starts: dict[tuple[str, int], list[str]] = {}
+
+    class RecordingTrainer:
+        def __init__(self, store, settings):
+            self.store, self.settings = store, settings
+
+        def run(self):
+            starts.setdefault((str(self.store.models_dir), self.settings.seed),
+                              [self.store.granularity(image["id"]) for image in coco["images"]])
+            return [RoundResult(round=1, status="ready", metrics={"test": {"mAP": 0.0}})]
+
+    monkeypatch.setattr(simulate, "Trainer", RecordingTrainer)
+    common = ["--dataset", str(path), "--images", str(images), "--strategy", "random", "--budget", "6",
+              "--per-round", "6", "--seeds", "0,1", "--initial-full", "3", "--initial-weak", "3", "--fresh"]
+    assert cli.main([*common, "--out", str(tmp_path / "own")]) == 0
+    assert cli.main([*common, "--plan-seed", "0", "--out", str(tmp_path / "fixed")]) == 0
+    own = [v for k, v in sorted(starts.items()) if "/own/" in k[0]]
+    fixed = [v for k, v in sorted(starts.items()) if "/fixed/" in k[0]]
+    assert len(own) == len(fixed) == 2
+    assert own[0] != own[1]  # each seed its own plan by default
+    assert fixed[0] == fixed[1] == own[0]  # --plan-seed 0: seed 0's plan for both
+    results = json.loads((tmp_path / "fixed" / "simulation.json").read_text())
+    assert results["dataset"]["plan_seed"] == 0
+
+
 class _FakeStore:
     """A store of ``n`` unlabeled images whose suggestions are image ids in order, each costing 1."""
 
