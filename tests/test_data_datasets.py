@@ -176,6 +176,19 @@ def test_label_mask_and_weak_images_with_no_known_class(tmp_path):
         OmniDataset([Record(4, tmp_path / "a.png", "weak", 80, 40, unknown_labels=[5])], num_classes=NUM_CLASSES)
 
 
+def test_class_sets_come_from_the_records_without_reading_images(tmp_path):
+    missing = tmp_path / "not-there.png"  # class_sets must not open a file
+    records = [
+        Record(1, missing, "full", 80, 40, boxes=[[1, 1, 5, 5]] * 3, labels=[2, 0, 2], image_labels=[0, 1, 2]),
+        Record(2, missing, "weak", 80, 40, image_labels=[0, 1], unknown_labels=[2]),
+        Record(3, missing, "unlabeled", 80, 40),
+        Record(4, missing, "full", 80, 40, negative=True),
+        Record(5, missing, "weak", 80, 40, unknown_labels=[0, 1, 2]),  # nothing known: trained as unlabeled
+    ]
+    dataset = OmniDataset(records, num_classes=NUM_CLASSES)
+    assert dataset.class_sets == [(0, 2), (0, 1), (), (), ()]  # full: the classes of its boxes
+
+
 def test_dicom_trains_through_the_store_reader(tmp_path):
     """A 12-bit MONOCHROME1 DICOM with a window loads as the UI shows it: windowed, inverted, 16-bit."""
     from tests.test_db_import import write_dicom

@@ -1,10 +1,12 @@
-"""MixedBatchSampler: proportions, empty and small pools, determinism, rank slices."""
+"""MixedBatchSampler: proportions, empty and small pools, determinism, rank slices, class balancing."""
 
+import math
 from collections import Counter
 
+import numpy as np
 import pytest
 
-from oxnet.data.sampler import MixedBatchSampler
+from oxnet.data.sampler import MixedBatchSampler, repeat_factors
 
 
 def _granularities(full, weak, unlabeled):
@@ -97,9 +99,82 @@ def test_length_options():
         ({"proportions": {"unlabeled": 1.0}}, "no images"),
         ({"batch_size": 0}, "batch_size"),
         ({"rank": 2, "world_size": 2}, "rank"),
+        ({"repeat_threshold": 0.1}, "repeat_threshold needs class_sets"),
+        ({"repeat_threshold": 0.0, "class_sets": [()] * 4}, "threshold must be a finite number > 0"),
     ],
 )
 def test_invalid_arguments(kwargs, match):
     arguments = {"granularities": _granularities(2, 2, 0), "batch_size": 2} | kwargs
     with pytest.raises(ValueError, match=match):
         MixedBatchSampler(**arguments)
+
+
+# --------------------------------------------------------------------------------------------------
+# Class-balanced sampling (repeat factors)
+# --------------------------------------------------------------------------------------------------
+def _repeat_factors_loop(class_sets, threshold):
+    """Oracle: the LVIS formula image by image and class by class."""
+    n = len(class_sets)
+    classes = {c for s in class_sets for c in s}
+    share = {c: sum(c in s for s in class_sets) / n for c in classes}
+    per_class = {c: max(1.0, math.sqrt(threshold / share[c])) for c in classes}
+    return [max((per_class[c] for c in s), default=1.0) for s in class_sets]
+
+
+@pytest.mark.parametrize("threshold", [0.01, 0.1, 0.5, 1.0])
+def test_repeat_factors_match_a_loop_oracle(threshold):
+    rng = np.random.default_rng(0)
+    rates = np.array([0.6, 0.3, 0.1, 0.03, 0.005, 0.0, 0.2, 0.01])
+    class_sets = [tuple(int(c) for c in np.flatnonzero(rng.random(len(rates)) < rates)) for _ in range(300)]
+    class_sets[0] = (3, 3, 1)  # a class listed twice counts once
+    expected = _repeat_factors_loop(class_sets, threshold)
+    np.testing.assert_allclose(repeat_factors(class_sets, threshold), expected, rtol=1e-12)
+    assert any(not s for s in class_sets) and min(expected) == 1.0 < max(expected)  # the cases are there
+    assert repeat_factors([], threshold).shape == (0,)
+    np.testing.assert_array_equal(repeat_factors([(), ()], threshold), [1.0, 1.0])
+
+
+def test_class_balanced_draws_rare_images_r_times_as_often():
+    """Full pool: 90 images of class 0, 10 of class 1 (r = sqrt(0.25 / 0.1)); weak pool: 40 of class 0,
+    10 of class 2 (r = sqrt(0.25 / 0.2)); unlabeled: 20 images, drawn evenly. Over many epochs a rare
+    image is drawn r times as often as a common one (balancing off: once as often, and the test fails)."""
+    g = _granularities(100, 50, 20)
+    class_sets = [(0,)] * 90 + [(1,)] * 10 + [(0,)] * 40 + [(2,)] * 10 + [()] * 20
+    sampler = MixedBatchSampler(g, batch_size=10, num_batches=20, class_sets=class_sets, repeat_threshold=0.25)
+    np.testing.assert_allclose(sampler.repeats["full"], [1.0] * 90 + [math.sqrt(2.5)] * 10)
+    assert sampler.repeats["unlabeled"] is None
+    draws: Counter[int] = Counter()
+    for epoch in range(200):
+        sampler.set_epoch(epoch)
+        for batch in sampler:
+            assert _mix(g, batch) == (5, 3, 2) or _mix(g, batch) == (5, 2, 3)  # the proportions hold
+            draws.update(batch)
+    per_image = np.array([draws[i] for i in range(len(g))], dtype=float)
+    for common, rare, r in ((slice(0, 90), slice(90, 100), math.sqrt(2.5)), (slice(100, 140), slice(140, 150), math.sqrt(1.25))):
+        assert per_image[rare].mean() / per_image[common].mean() == pytest.approx(r, rel=0.05)
+    unlabeled = per_image[150:]
+    assert unlabeled.max() / unlabeled.min() < 1.1
+
+
+def test_class_balanced_keeps_determinism_and_rank_slices():
+    g = _granularities(40, 20, 8)
+    class_sets = [(i % 5,) for i in range(40)] + [(0, 3)] * 15 + [(4,)] * 5 + [()] * 8
+    options = dict(class_sets=class_sets, repeat_threshold=0.5, seed=2)
+    a, b = MixedBatchSampler(g, batch_size=8, **options), MixedBatchSampler(g, batch_size=8, **options)
+    assert list(a) == list(b) and list(a) != list(MixedBatchSampler(g, batch_size=8))
+    b.set_epoch(1)
+    assert list(a) != list(b)
+    # Two ranks split the global batch of one process with twice the batch size, with the same mix.
+    ranks = [list(MixedBatchSampler(g, batch_size=4, rank=r, world_size=2, **options)) for r in range(2)]
+    for b0, b1, whole in zip(*ranks, a, strict=True):
+        assert _mix(g, b0) == _mix(g, b1)
+        assert sorted(b0 + b1) == sorted(whole)
+
+
+def test_without_class_balancing_the_batches_are_those_of_before():
+    """Pinned batches of the sampler before class balancing existed (seed 1, epoch 2)."""
+    g = _granularities(6, 3, 3)
+    for extra in ({}, {"class_sets": [(0,)] * 12}):
+        sampler = MixedBatchSampler(g, batch_size=4, seed=1, **extra)
+        sampler.set_epoch(2)
+        assert list(sampler) == [[4, 5, 8, 11], [1, 0, 7, 9], [3, 2, 6, 10]]

@@ -30,7 +30,7 @@ from torch.utils.data import Dataset
 
 from oxnet.data.records import Record
 from oxnet.data.transforms import STUDENT_AUGMENT, TEACHER_AUGMENT, Photometric, load_image, resize_flip
-from oxnet.vocabulary import UNLABELED, WEAK
+from oxnet.vocabulary import FULL, UNLABELED, WEAK
 
 Target = dict[str, Any]
 
@@ -107,6 +107,19 @@ class OmniDataset(Dataset[tuple[Tensor, Tensor, Target]]):
     def granularities(self) -> list[str]:
         """Granularity of each sample, in index order (the input of ``MixedBatchSampler``)."""
         return [self._granularity(r) for r in self.records]
+
+    @property
+    def class_sets(self) -> list[tuple[int, ...]]:
+        """Classes of each sample, in index order, from the records (no image is read): a full image's
+        box classes, a weak image's present classes, none for an unlabeled image (class-balanced
+        sampling in ``MixedBatchSampler``)."""
+        return [self._classes(r) for r in self.records]
+
+    def _classes(self, record: Record) -> tuple[int, ...]:
+        granularity = self._granularity(record)
+        if granularity == FULL:
+            return tuple(np.unique(record.labels).tolist())
+        return record.image_labels if granularity == WEAK else ()
 
     def _granularity(self, record: Record) -> str:
         """A weak image with no known class (every class not assessed) is trained as unlabeled."""

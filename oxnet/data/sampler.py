@@ -1,9 +1,10 @@
-"""A batch sampler that mixes full, weak and unlabeled images in fixed proportions per batch."""
+"""A batch sampler that mixes full, weak and unlabeled images in fixed proportions per batch, optionally
+class-balanced by repeat factors (:func:`repeat_factors`)."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 
 import numpy as np
 from torch.utils.data import Sampler
@@ -12,6 +13,36 @@ from oxnet.vocabulary import FULL, GRANULARITIES, UNLABELED, WEAK
 
 #: Default share of each granularity in a batch.
 DEFAULT_PROPORTIONS: Mapping[str, float] = {FULL: 0.5, WEAK: 0.25, UNLABELED: 0.25}
+
+
+def repeat_factors(class_sets: Sequence[Collection[int]], threshold: float) -> np.ndarray:
+    """Repeat factor of each image for class-balanced sampling (Gupta et al., LVIS, CVPR 2019; detectron2's
+    ``RepeatFactorTrainingSampler``).
+
+    Per class c, f(c) = share of the images whose class set holds c, and r(c) = max(1, sqrt(threshold / f(c)));
+    an image's factor is the largest r(c) of its classes, 1 for an image without a class.
+
+    Args:
+        class_sets: the classes (int indices) of each image.
+        threshold: t > 0; classes in fewer than a share t of the images are repeated.
+
+    Returns:
+        ndarray[N] float64, every value >= 1.
+    """
+    if not threshold > 0 or not math.isfinite(threshold):
+        raise ValueError(f"threshold must be a finite number > 0, got {threshold}")
+    sets = [np.unique(np.asarray(list(classes), dtype=np.int64)) for classes in class_sets]
+    if not sets:
+        return np.ones(0)
+    rows = np.repeat(np.arange(len(sets)), [len(c) for c in sets])
+    columns = np.concatenate(sets)
+    if len(columns) and columns.min() < 0:
+        raise ValueError(f"class indices must be >= 0, got {int(columns.min())}")
+    present = np.zeros((len(sets), int(columns.max(initial=-1)) + 1), dtype=bool)
+    present[rows, columns] = True
+    share = present.mean(axis=0)  # f(c); 0 for an index no image has (its r(c) is never used)
+    per_class = np.maximum(1.0, np.sqrt(threshold / np.where(share > 0, share, threshold)))
+    return np.where(present, per_class, 1.0).max(axis=1, initial=1.0)
 
 
 class MixedBatchSampler(Sampler[list[int]]):
@@ -26,6 +57,13 @@ class MixedBatchSampler(Sampler[list[int]]):
     For distributed training every rank builds the same global batch of ``batch_size * world_size``
     images and takes its own disjoint slice of each pool's share, so every rank's batch has the same mix.
 
+    Class-balanced (``repeat_threshold``): the full and the weak pool are drawn by repeat factors
+    (:func:`repeat_factors` of ``class_sets`` within the pool). Each pass over a pool holds an image
+    floor(r) times plus once more with probability r - floor(r) (detectron2's stochastic rounding), in
+    random order, so an image is drawn r times as often as one of factor 1 on average. The proportions per
+    batch, the number of batches and the determinism per (seed, epoch) stay; a repeated image may appear
+    twice in a batch or on two ranks. The unlabeled pool is drawn as without balancing.
+
     Args:
         granularities: granularity of each dataset index (``OmniDataset.granularities``).
         batch_size: images per batch on each rank.
@@ -35,6 +73,8 @@ class MixedBatchSampler(Sampler[list[int]]):
         seed: base seed; batches are a deterministic function of (seed, epoch).
         drop_last: round the default number of batches down instead of up.
         rank, world_size: this process's rank and the number of processes.
+        class_sets: the classes of each dataset index (``OmniDataset.class_sets``); needed with ``repeat_threshold``.
+        repeat_threshold: class-balanced sampling with this threshold t > 0; ``None``: off.
     """
 
     def __init__(
@@ -48,6 +88,8 @@ class MixedBatchSampler(Sampler[list[int]]):
         drop_last: bool = False,
         rank: int = 0,
         world_size: int = 1,
+        class_sets: Sequence[Collection[int]] | None = None,
+        repeat_threshold: float | None = None,
     ) -> None:
         unknown = set(granularities) - set(GRANULARITIES)
         if unknown:
@@ -63,6 +105,8 @@ class MixedBatchSampler(Sampler[list[int]]):
             raise ValueError(f"need 0 <= rank < world_size, got rank {rank}, world_size {world_size}")
         if num_batches is not None and num_batches < 0:
             raise ValueError(f"num_batches must be >= 0, got {num_batches}")
+        if repeat_threshold is not None and (class_sets is None or len(class_sets) != len(granularities)):
+            raise ValueError("repeat_threshold needs class_sets: the classes of each of the granularities' indices")
         granularity_array = np.asarray(granularities, dtype=object)
         #: Dataset indices of each used granularity (non-empty pool and positive proportion).
         self.pools: dict[str, np.ndarray] = {}
@@ -72,6 +116,12 @@ class MixedBatchSampler(Sampler[list[int]]):
                 self.pools[g] = pool
         if not self.pools:
             raise ValueError(f"no images in a granularity with a positive proportion: {dict(proportions)}")
+        #: Repeat factor of each image of each pool; None: drawn uniformly (no balancing, or the unlabeled pool).
+        self.repeats: dict[str, np.ndarray | None] = {
+            g: repeat_factors([class_sets[i] for i in pool], repeat_threshold)
+            if repeat_threshold is not None and class_sets is not None and g != UNLABELED else None
+            for g, pool in self.pools.items()
+        }
         total = sum(proportions[g] for g in self.pools)
         self.weights = {g: proportions[g] / total for g in self.pools}
         self.batch_size = batch_size
@@ -107,7 +157,7 @@ class MixedBatchSampler(Sampler[list[int]]):
 
     def __iter__(self) -> Iterator[list[int]]:
         streams = {
-            g: _Stream(pool, np.random.default_rng([self.seed, self.epoch, GRANULARITIES.index(g)]))
+            g: _Stream(pool, np.random.default_rng([self.seed, self.epoch, GRANULARITIES.index(g)]), self.repeats[g])
             for g, pool in self.pools.items()
         }
         for counts in self.batch_counts():
@@ -119,14 +169,22 @@ class MixedBatchSampler(Sampler[list[int]]):
 
 
 class _Stream:
-    """Endless draws from ``pool``: successive random permutations, concatenated."""
+    """Endless draws from ``pool``: successive random permutations, concatenated. With ``repeats`` each
+    permutation is of the pool with image i stochastically rounded ``repeats[i]`` times."""
 
-    def __init__(self, pool: np.ndarray, rng: np.random.Generator) -> None:
-        self.pool, self.rng = pool, rng
+    def __init__(self, pool: np.ndarray, rng: np.random.Generator, repeats: np.ndarray | None = None) -> None:
+        self.pool, self.rng, self.repeats = pool, rng, repeats
         self.buffer = pool[:0]
+
+    def _one_pass(self) -> np.ndarray:
+        if self.repeats is None:
+            return self.rng.permutation(self.pool)
+        whole = np.floor(self.repeats)
+        counts = whole.astype(np.int64) + (self.rng.random(len(self.pool)) < self.repeats - whole)
+        return self.rng.permutation(np.repeat(self.pool, counts))
 
     def take(self, n: int) -> np.ndarray:
         while len(self.buffer) < n:
-            self.buffer = np.concatenate([self.buffer, self.rng.permutation(self.pool)])
+            self.buffer = np.concatenate([self.buffer, self._one_pass()])
         drawn, self.buffer = self.buffer[:n], self.buffer[n:]
         return drawn
