@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ from oxnet.data import OmniDataset, collate, records_from_coco
 from oxnet.evaluation.predict import evaluate_model, ground_truth, predict
 from oxnet.training.engine import Progress, fit, train_one_round
 from oxnet.modeling.config import build_model
-from oxnet.training.settings import METHODS, TrainConfig
+from oxnet.training.settings import METHODS, WARMUP_FACTOR, TrainConfig
 from oxnet.modeling.teacher import MeanTeacher
 
 CLASSES = ("Mass", "Nodule")
@@ -309,12 +310,127 @@ def test_fit_plateau_lowers_lr_and_early_stop(data, tmp_path, monkeypatch):
     constant = {**engine.evaluate(ground_truth(data["val"], CLASSES), []), "mAP": 0.25}
     monkeypatch.setattr(engine, "evaluate", lambda *a, **k: constant)
     config = tiny_config(tmp_path, method="retinanet", epochs=6, plateau_patience=0, early_stop_patience=2)
-    history = fit(data["train"], data["val"], config, classes=CLASSES, progress=False)
+    events: list[Progress] = []
+    history = fit(data["train"], data["val"], config, classes=CLASSES, callback=events.append, progress=False)
     assert [e["lr"] for e in history.epochs] == pytest.approx([1e-4, 1e-4, 1e-5])
+    assert [e.lr for e in events if e.kind == "step"] == pytest.approx([1e-4, 1e-4, 1e-5])
     assert history.stopped_early and history.best_epoch == 0 and history.best_metric == 0.25
     assert load_checkpoint(history.best_checkpoint)["epoch"] == 1
     # The stopped run stays stopped when restarted.
     assert fit(data["train"], data["val"], config, classes=CLASSES, progress=False).epochs == history.epochs
+
+
+def _warmup_cosine_loop(lr, warmup, total):
+    """Oracle: the learning rate of each step, one formula per step."""
+    rates = []
+    for step in range(total):
+        if step < warmup:
+            rates.append(lr * (WARMUP_FACTOR + (1 - WARMUP_FACTOR) * step / warmup))
+        else:
+            rates.append(lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup))))
+    return rates
+
+
+def _step_rates(config, total, *, epoch_length=None, metric=0.25):
+    """Per-step learning rates of ``_lr_schedulers`` on a one-parameter Adam; the plateau scheduler (if
+    any) gets a constant ``metric`` every ``epoch_length`` steps."""
+    from oxnet.training.engine import _lr_schedulers
+
+    optimizer = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=config.learning_rate())
+    plateau, per_step = _lr_schedulers(optimizer, config, total)
+    rates = []
+    for step in range(total):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        if per_step is not None:
+            per_step.step()
+        if plateau is not None and epoch_length and (step + 1) % epoch_length == 0:
+            plateau.step(metric)
+    return rates, plateau, per_step
+
+
+@pytest.mark.parametrize("warmup, total", [(0, 12), (3, 12), (5, 6), (8, 6), (1, 1)])
+def test_warmup_and_cosine_follow_the_formula(warmup, total):
+    config = TrainConfig(lr=1e-3, warmup_steps=warmup, schedule="cosine")
+    rates, plateau, _ = _step_rates(config, total)
+    assert plateau is None
+    assert rates == pytest.approx(_warmup_cosine_loop(1e-3, warmup, total), rel=1e-9, abs=1e-15)
+
+
+def test_warmup_with_plateau_warms_per_step_and_divides_per_epoch():
+    """Epochs of 2 steps, a constant val mAP and patience 0: from the second epoch's end on, every epoch
+    divides the rate by 10, also inside the 5-step warm-up."""
+    config = TrainConfig(lr=1e-3, warmup_steps=5, plateau_patience=0)
+    rates, _, _ = _step_rates(config, 8, epoch_length=2)
+    warm = [min(1.0, WARMUP_FACTOR + (1 - WARMUP_FACTOR) * step / 5) for step in range(8)]
+    divisions = [max(0, step // 2 - 1) for step in range(8)]  # plateau steps after epochs 1, 2, ... reduce
+    assert rates == pytest.approx([1e-3 * w * 0.1**d for w, d in zip(warm, divisions)], rel=1e-9)
+
+
+def test_default_schedule_is_the_plateau_alone():
+    rates, plateau, per_step = _step_rates(TrainConfig(lr=1e-3, plateau_patience=0), 6, epoch_length=2)
+    assert per_step is None and isinstance(plateau, torch.optim.lr_scheduler.ReduceLROnPlateau)
+    assert rates == pytest.approx([1e-3, 1e-3, 1e-3, 1e-3, 1e-4, 1e-4])
+
+
+def test_fit_resume_continues_the_warmup_and_cosine_schedule(data, tmp_path):
+    """Warm-up over 4 steps (across the epoch boundary), cosine over the remaining 2 of 2 x 3 steps; a run
+    killed after epoch 1 and resumed has the per-step rates of an uninterrupted run, and the formula's."""
+    options = dict(method="retinanet", epochs=2, steps_per_epoch=3, warmup_steps=4, schedule="cosine",
+                   early_stop_patience=None)
+
+    class Killed(Exception):
+        pass
+
+    def step_rates(run, kill_after_epoch=None):
+        events: list[Progress] = []
+
+        def callback(event: Progress) -> None:
+            events.append(event)
+            if event.kind == "epoch" and event.epoch == kill_after_epoch:  # after last.pt is written
+                raise Killed
+
+        try:
+            fit(data["train"], data["val"], tiny_config(run, **options), classes=CLASSES, callback=callback,
+                progress=False)
+        except Killed:
+            pass
+        return [e.lr for e in events if e.kind == "step"]
+
+    straight = step_rates(tmp_path / "a")
+    resumed = step_rates(tmp_path / "b", kill_after_epoch=0)
+    assert len(resumed) == 3
+    resumed += step_rates(tmp_path / "b")
+    assert straight == pytest.approx(_warmup_cosine_loop(1e-4, 4, 6), rel=1e-9)
+    assert resumed == pytest.approx(straight, rel=1e-12)
+    last = load_checkpoint(tmp_path / "b" / "run" / "last.pt")
+    assert last["scheduler"] is None and last["step_scheduler"]["last_epoch"] == 6
+    assert [e["lr"] for e in last["history"]["epochs"]] == pytest.approx([straight[0], straight[3]])
+
+
+def test_resume_refuses_another_schedule():
+    from oxnet.training.engine import _check_resumable
+
+    before = {k: v for k, v in TrainConfig().to_dict().items() if k not in ("schedule", "warmup_steps", "repeat_threshold")}
+    _check_resumable({"train_config": before, "classes": CLASSES}, TrainConfig(), CLASSES, Path("last.pt"))
+    with pytest.raises(ValueError, match=r"\(schedule, warmup_steps differ"):
+        _check_resumable({"train_config": before, "classes": CLASSES}, TrainConfig(schedule="cosine", warmup_steps=5),
+                         CLASSES, Path("last.pt"))
+    cosine = TrainConfig(schedule="cosine", epochs=4)
+    with pytest.raises(ValueError, match=r"\(epochs differ"):  # the cosine is laid out over the old length
+        _check_resumable({"train_config": cosine.to_dict(), "classes": CLASSES}, replace(cosine, epochs=8), CLASSES,
+                         Path("last.pt"))
+    plateau = TrainConfig(epochs=4)  # a plateau run may be resumed with more epochs
+    _check_resumable({"train_config": plateau.to_dict(), "classes": CLASSES}, replace(plateau, epochs=8), CLASSES,
+                     Path("last.pt"))
+
+
+def test_fit_class_balanced_sampling(data, tmp_path, caplog):
+    config = tiny_config(tmp_path, method="daa", repeat_threshold=0.5)
+    with caplog.at_level(logging.INFO, logger="oxnet.training.engine"):
+        fit(data["train"], data["val"], config, classes=CLASSES, progress=False)
+    assert "class-balanced sampling (threshold 0.5): repeat factors of the full images" in caplog.text
+    assert "repeat factors of the weak images" in caplog.text
 
 
 def test_fit_warm_start_uses_pretrained_lr_and_weights(data, tmp_path):
@@ -366,6 +482,13 @@ def test_train_config_validation():
         TrainConfig(model={"dept": 50})
     with pytest.raises(ValueError, match="proportions"):
         TrainConfig(proportions={"full": -1})
+    with pytest.raises(ValueError, match="warmup_steps must be >= 0"):
+        TrainConfig(warmup_steps=-1)
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        TrainConfig(schedule="step")
+    for bad in (0.0, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="repeat_threshold must be in"):
+            TrainConfig(repeat_threshold=bad)
     config = TrainConfig(method="daa", model={"depth": 34})
     model_config = config.model_config(num_classes=3)
     assert (model_config.daa, model_config.gpa, model_config.sfl, model_config.depth) == (True, False, False, 34)

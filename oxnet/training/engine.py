@@ -1,9 +1,10 @@
 """The training engine: a plain loop in the style of torchvision's detection references.
 
-- :func:`train_one_round`: batches -> loss dict -> sum -> finite check -> backward -> clip -> step -> EMA.
+- :func:`train_one_round`: batches -> loss dict -> sum -> finite check -> backward -> clip -> step -> EMA
+  -> per-step learning-rate schedule (warm-up, cosine).
 - :func:`fit`: datasets, mixed sampler and loaders for the granularities the method can use, optional
   RetinaNet pretraining, epochs, and after each epoch the end-of-epoch steps of :class:`_Run`: validate
-  (mAP), schedule (``ReduceLROnPlateau``), record, early stop, checkpoint (atomic ``last.pt``,
+  (mAP), schedule (``ReduceLROnPlateau``, unless the schedule is cosine), record, early stop, checkpoint (atomic ``last.pt``,
   ``best.pt``), report; resume, progress callback; runs under ``torchrun`` as well
   (:mod:`oxnet.training.distributed`).
 
@@ -50,7 +51,7 @@ from oxnet.modeling.backbone import bn_frozen
 from oxnet.modeling.config import ModelConfig
 from oxnet.modeling.detector import OXNet
 from oxnet.training.distributed import Dist, average_batchnorm_stats, current_world_size, distributed, to_device
-from oxnet.training.settings import METHODS, TrainConfig
+from oxnet.training.settings import METHODS, WARMUP_FACTOR, TrainConfig
 from oxnet.modeling.teacher import MeanTeacher
 from oxnet.vocabulary import AP40, GRANULARITIES, MAP
 
@@ -67,7 +68,9 @@ LAST = "last.pt"
 BEST = "best.pt"
 PRETRAIN_BEST = "pretrain_best.pt"
 #: Settings that must match for a run to resume from an existing ``last.pt``.
-_RESUME_KEYS = ("preset", "model", "method", "pretrain_epochs", "seed")
+_RESUME_KEYS = ("preset", "model", "method", "pretrain_epochs", "seed", "schedule", "warmup_steps")
+#: ... and with ``schedule="cosine"``, which lays the learning rate out over the phase's steps.
+_COSINE_RESUME_KEYS = ("epochs", "steps_per_epoch")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -89,6 +92,7 @@ def train_one_round(
     grad_clip: float = 0.1,
     teacher: MeanTeacher | None = None,
     scaler: torch.amp.GradScaler | None = None,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     epoch: int = 0,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
 ) -> dict[str, float]:
@@ -98,7 +102,7 @@ def train_one_round(
     Tensor[B, 1, S, S] in [0, 1], boxes (x1, y1, x2, y2) in input pixels) goes: teacher pseudo-labels
     (when ``teacher`` is given) -> ``model(images, targets)`` loss dict -> sum (the model applies its
     ``loss_weights``) -> finite check -> backward -> gradient-norm clipping -> optimizer step -> EMA
-    update of the teacher.
+    update of the teacher -> ``scheduler`` step.
 
     Args:
         model: the student :class:`~oxnet.modeling.detector.OXNet`, or it wrapped in ``DistributedDataParallel``.
@@ -109,6 +113,8 @@ def train_one_round(
         teacher: the :class:`~oxnet.modeling.teacher.MeanTeacher` whose student ``model`` is, for methods with
             soft focal loss; ``None`` otherwise.
         scaler: a ``GradScaler`` for mixed precision; autocast (float16) is on when it is enabled.
+        scheduler: a per-step learning-rate schedule, stepped after every step (after ``on_step``, which so
+            sees the learning rate the step used), as the warm-up of torchvision's detection references.
         epoch: only used in messages.
         on_step: called after every step with (step index, the step's losses as floats, "total" included).
 
@@ -175,6 +181,8 @@ def train_one_round(
         steps += 1
         if on_step is not None:
             on_step(step, dict(zip(names + ["total"], floats)))
+        if scheduler is not None:
+            scheduler.step()
     if sums is None:
         raise ValueError("train_one_round: the loader yielded no batch")
     return dict(zip(names + ["total"], [v + 0.0 for v in (sums / steps).tolist()]))
@@ -202,7 +210,7 @@ class Progress:
     steps_per_epoch: int
     global_step: int
     losses: dict[str, float]
-    lr: float
+    lr: float  # of this step ("step"); of the next epoch's first step ("epoch")
     elapsed_s: float
     eta_s: float  # seconds left, estimated
     metrics: dict[str, Any] | None = None
@@ -213,7 +221,8 @@ class History:
     """Per-epoch record of a :func:`fit` run.
 
     ``epochs``: one dict per epoch: "epoch" (0-based over both phases), "phase", "losses" (means),
-    "metrics" (validation metrics of :func:`oxnet.evaluation.metrics.evaluate`), "lr", "steps", "seconds".
+    "metrics" (validation metrics of :func:`oxnet.evaluation.metrics.evaluate`), "lr" (of the epoch's first
+    step), "steps", "seconds".
     ``best_epoch``/``best_metric``: the best validation mAP of the "train" phase; ``best_checkpoint``
     holds that model.
     """
@@ -308,7 +317,9 @@ def _usable_records(records: Sequence[Record], method: str, proportions: Mapping
 
 def _check_resumable(state: Mapping[str, Any], config: TrainConfig, classes: Sequence[str], path: Path) -> None:
     stored = state.get("train_config") or {}
-    diffs = [k for k in _RESUME_KEYS if stored.get(k) != config.to_dict()[k]]
+    ours, defaults = config.to_dict(), TrainConfig().to_dict()  # a setting newer than the checkpoint: its default
+    keys = _RESUME_KEYS + (_COSINE_RESUME_KEYS if config.schedule == "cosine" else ())
+    diffs = [k for k in keys if stored.get(k, defaults[k]) != ours[k]]
     if list(state["classes"]) != list(classes):
         diffs.append("classes")
     if diffs:
@@ -332,8 +343,10 @@ def fit(
     The training records may mix full, weak and unlabeled images; those the method cannot learn from
     are left out with a log line saying so. With ``config.pretrain_epochs`` plain RetinaNet is first
     trained on the full images; its best epoch (by validation mAP) starts student and teacher.
+    The learning rate warms up over ``config.warmup_steps`` steps of each phase, then follows
+    ``config.schedule`` (see :func:`_lr_schedulers`).
     After every epoch: validation mAP (predictions in original pixels against the records' boxes),
-    ``ReduceLROnPlateau`` (mode "max"), ``last.pt`` and, when mAP improved, ``best.pt`` in
+    ``ReduceLROnPlateau`` (mode "max"; schedule "plateau"), ``last.pt`` and, when mAP improved, ``best.pt`` in
     ``config.out_dir``; training stops early after ``config.early_stop_patience`` epochs without
     improvement. If ``out_dir`` holds a ``last.pt`` of the same settings, the run resumes after its last
     complete epoch (``epochs`` may be raised to train longer).
@@ -405,7 +418,35 @@ class _Parts:
     model: nn.Module  # the student, or it wrapped in DistributedDataParallel
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
-    scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau
+    scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau | None  # per epoch, on validation mAP
+    step_scheduler: torch.optim.lr_scheduler.LRScheduler | None  # per optimizer step
+
+
+def _lr_schedulers(
+    optimizer: torch.optim.Optimizer, config: TrainConfig, total_steps: int
+) -> tuple[torch.optim.lr_scheduler.ReduceLROnPlateau | None, torch.optim.lr_scheduler.LRScheduler | None]:
+    """The learning-rate schedule of a phase of ``total_steps`` optimizer steps: (per epoch, per step).
+
+    - warm-up (``warmup_steps`` > 0): ``LinearLR`` from ``WARMUP_FACTOR`` x lr to lr over the first
+      ``warmup_steps`` steps;
+    - "plateau": then ``ReduceLROnPlateau`` on validation mAP after every epoch (it multiplies the
+      current rate, so it also applies during a warm-up that spans epochs);
+    - "cosine": then ``CosineAnnealingLR`` from lr to 0 over the remaining steps (``SequentialLR`` after
+      the warm-up); no plateau scheduler.
+    """
+    per_step: list[torch.optim.lr_scheduler.LRScheduler] = []
+    if config.warmup_steps:
+        per_step.append(torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=WARMUP_FACTOR, total_iters=config.warmup_steps))
+    plateau = None
+    if config.schedule == "cosine":
+        per_step.append(torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total_steps - config.warmup_steps)))
+    else:
+        plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="max", factor=config.plateau_factor, patience=config.plateau_patience
+        )
+    if len(per_step) == 2:
+        return plateau, torch.optim.lr_scheduler.SequentialLR(optimizer, per_step, milestones=[config.warmup_steps])
+    return plateau, per_step[0] if per_step else None
 
 
 class _Run:
@@ -444,7 +485,10 @@ class _Run:
         self.started = time.perf_counter()
         self.epoch_seconds = 0.0  # time spent in the current epoch so far
 
-    def _build(self, method: str, state: Mapping[str, Any] | None, init: Mapping[str, Any] | None) -> _Parts:
+    def _build(
+        self, method: str, state: Mapping[str, Any] | None, init: Mapping[str, Any] | None, total_steps: int
+    ) -> _Parts:
+        """The phase's model, teacher, optimizer, scaler and schedulers (``total_steps`` optimizer steps)."""
         config, device = self.config, self.env.device
         model_config = config.model_config(len(self.classes), method=method)
         torch.manual_seed(config.seed)
@@ -484,27 +528,34 @@ class _Run:
             )
         optimizer = torch.optim.Adam(student.parameters(), lr=config.learning_rate(), weight_decay=config.weight_decay)
         scaler = torch.amp.GradScaler(device.type, enabled=self.amp)
-        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer, mode="max", factor=config.plateau_factor, patience=config.plateau_patience
-        )
+        scheduler, step_scheduler = _lr_schedulers(optimizer, config, total_steps)
         if state is not None:
             optimizer.load_state_dict(state["optimizer"])
             scaler.load_state_dict(state["scaler"])
-            scheduler.load_state_dict(state["scheduler"])
+            if scheduler is not None:
+                scheduler.load_state_dict(state["scheduler"])
+            if step_scheduler is not None:
+                step_scheduler.load_state_dict(state["step_scheduler"])
         elif init is not None and init.get("optimizer") is not None:
             if not _carry_moments(optimizer, init["optimizer"]):
                 self.log(logging.WARNING, "warm start: the checkpoint's optimizer state does not fit; Adam starts afresh")
-        return _Parts(model_config, student, teacher, model, optimizer, scaler, scheduler)
+        return _Parts(model_config, student, teacher, model, optimizer, scaler, scheduler, step_scheduler)
 
     def _loader(self, method: str) -> DataLoader:
         config, env = self.config, self.env
         records = _usable_records(self.train_records, method, config.proportions, self.log)
         size = config.model_config(len(self.classes), method=method).image_size
         dataset = OmniDataset(records, num_classes=len(self.classes), size=size, train=True, seed=config.seed)
+        balanced = config.repeat_threshold is not None
         sampler = MixedBatchSampler(
             dataset.granularities, config.batch_size, config.proportions, num_batches=config.steps_per_epoch,
             seed=config.seed, rank=env.rank, world_size=env.world_size,
+            class_sets=dataset.class_sets if balanced else None, repeat_threshold=config.repeat_threshold,
         )
+        for g, repeats in sampler.repeats.items():
+            if repeats is not None:
+                self.log(logging.INFO, "class-balanced sampling (threshold %g): repeat factors of the %s images: "
+                         "mean %.2f, max %.2f", config.repeat_threshold, g, repeats.mean(), repeats.max())
         return DataLoader(
             dataset, batch_sampler=sampler, collate_fn=collate, num_workers=config.num_workers,
             pin_memory=env.device.type == "cuda",
@@ -513,15 +564,15 @@ class _Run:
     def phase(self, phase: str, method: str, epochs: int, *, first_epoch: int, state, init) -> None:
         """Train ``epochs`` epochs of ``method`` (global epoch numbers start at ``first_epoch``), from
         ``state`` (resume: a ``last.pt``) or ``init`` (warm start: student weights) or scratch."""
-        parts = self._build(method, state, init)
         loader = self._loader(method)
+        parts = self._build(method, state, init, total_steps=epochs * len(loader))
         for local in range(self.history.done(phase), epochs):
             epoch = first_epoch + local
             cast(OmniDataset, loader.dataset).set_epoch(epoch)  # the loader _loader built
             cast(MixedBatchSampler, loader.batch_sampler).set_epoch(epoch)
             started = time.perf_counter()
-            lr = parts.optimizer.param_groups[0]["lr"]
-            losses = self._train_epoch(parts, loader, phase, epoch, lr, started)
+            lr = parts.optimizer.param_groups[0]["lr"]  # recorded: the rate of the epoch's first step
+            losses = self._train_epoch(parts, loader, phase, epoch, started)
             metrics = self._validate(parts.student)
             self._schedule(parts, metrics)
             best_epoch, best_metric = self._record(phase, epoch, losses, metrics, lr, len(loader), started)
@@ -535,7 +586,7 @@ class _Run:
         if self.env.world_size > 1:
             dist.barrier()  # the next phase reads the checkpoints rank 0 wrote
 
-    def _train_epoch(self, parts: _Parts, loader: DataLoader, phase: str, epoch: int, lr: float, started: float) -> dict[str, float]:
+    def _train_epoch(self, parts: _Parts, loader: DataLoader, phase: str, epoch: int, started: float) -> dict[str, float]:
         """One :func:`train_one_round` over ``loader`` with a progress bar and a step callback."""
         bar = tqdm(loader, desc=f"{phase} epoch {epoch + 1}/{self.total_epochs}", disable=not self.progress,
                    leave=False, dynamic_ncols=True)
@@ -544,12 +595,13 @@ class _Run:
             self.global_step += 1
             self.epoch_seconds = time.perf_counter() - started
             bar.set_postfix(loss=f"{losses['total']:.4f}")
-            if self.callback is not None:
+            if self.callback is not None:  # the learning rate of this step: the step scheduler steps after
+                lr = parts.optimizer.param_groups[0]["lr"]
                 self.callback(self._progress("step", phase, epoch, step + 1, len(loader), losses, lr))
 
         losses = train_one_round(
             parts.model, parts.optimizer, bar, device=self.env.device, grad_clip=self.config.grad_clip,
-            teacher=parts.teacher, scaler=parts.scaler, epoch=epoch, on_step=on_step,
+            teacher=parts.teacher, scaler=parts.scaler, scheduler=parts.step_scheduler, epoch=epoch, on_step=on_step,
         )
         bar.close()
         return losses
@@ -570,8 +622,9 @@ class _Run:
         return cast("dict[str, Any]", metrics)  # set on rank 0, broadcast to the others
 
     def _schedule(self, parts: _Parts, metrics: Mapping[str, Any]) -> None:
-        """``ReduceLROnPlateau`` on the validation mAP."""
-        parts.scheduler.step(metrics[MAP])
+        """``ReduceLROnPlateau`` on the validation mAP (schedule "plateau"; a cosine schedule steps per step)."""
+        if parts.scheduler is not None:
+            parts.scheduler.step(metrics[MAP])
 
     def _record(
         self, phase: str, epoch: int, losses: dict[str, float], metrics: dict[str, Any], lr: float, steps: int,
@@ -622,7 +675,9 @@ class _Run:
             "teacher": teacher.teacher.state_dict() if teacher is not None else None,
             "ema_step": int(teacher.ema_step) if teacher is not None else 0,
             "optimizer": parts.optimizer.state_dict(), "scaler": parts.scaler.state_dict(),
-            "scheduler": parts.scheduler.state_dict(), "phase": phase, "epoch": epoch + 1,
+            "scheduler": parts.scheduler.state_dict() if parts.scheduler is not None else None,
+            "step_scheduler": parts.step_scheduler.state_dict() if parts.step_scheduler is not None else None,
+            "phase": phase, "epoch": epoch + 1,
             "step": self.global_step, "best_metric": best_metric, "history": self.history.to_dict(),
             "backbone_start": self.backbone_start,
         }

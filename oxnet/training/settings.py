@@ -37,6 +37,15 @@ METHODS: dict[str, dict[str, Any]] = {
 LR_FROM_SCRATCH = 1e-4
 LR_PRETRAINED = 1e-5
 
+#: Learning-rate schedules of a phase: "plateau" (``ReduceLROnPlateau`` on validation mAP, per epoch) or
+#: "cosine" (per step from ``lr`` to 0 over the phase's epochs x steps per epoch).
+SCHEDULES = ("plateau", "cosine")
+#: Warm-up starts at this fraction of ``lr`` (detectron2's default WARMUP_FACTOR).
+WARMUP_FACTOR = 0.001
+#: ``repeat_threshold`` of ``oxnet train --class-balanced``. detectron2's 0.001 is for LVIS's 1,203
+#: classes; among the 8-14 findings of a chest X-ray set a class is rare at a few percent of the images.
+DEFAULT_REPEAT_THRESHOLD = 0.1
+
 
 def _default_proportions() -> dict[str, float]:
     return {FULL: 0.5, WEAK: 0.25, UNLABELED: 0.25}
@@ -63,8 +72,17 @@ class TrainConfig:
         weight_decay: Adam weight decay.
         grad_clip: maximum gradient norm (the authors clip at 0.1); 0 switches clipping off.
         ema_decay: mean teacher decay lambda.
-        plateau_patience, plateau_factor: ``ReduceLROnPlateau`` on validation mAP (mode "max").
+        warmup_steps: the learning rate rises linearly from ``WARMUP_FACTOR`` x lr to lr over the first
+            optimizer steps of each phase (0: no warm-up).
+        schedule: "plateau": ``ReduceLROnPlateau`` on validation mAP after every epoch; "cosine": cosine
+            decay from lr to 0 after every step, over the phase's epochs x steps per epoch after the
+            warm-up (a cosine run resumes only with the same ``epochs`` and ``steps_per_epoch``).
+        plateau_patience, plateau_factor: ``ReduceLROnPlateau`` on validation mAP (mode "max"); "plateau" only.
         early_stop_patience: stop after this many epochs without a better validation mAP (``None``: never).
+        repeat_threshold: class-balanced sampling (repeat factors of Gupta et al., LVIS, 2019) with this
+            threshold t in (0, 1]: within the full and the weak pool, an image is drawn
+            max(1, sqrt(t / f)) times as often, f the pool's share of images with its rarest class
+            (``oxnet.data.sampler.repeat_factors``); ``None``: every image equally often.
         num_workers: DataLoader worker processes.
         seed: seed of the model initialisation, augmentation and batch order.
         device: "auto" (CUDA when available, else CPU), "cpu", "cuda" or "cuda:N".
@@ -86,9 +104,12 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 0.1
     ema_decay: float = 0.99
+    warmup_steps: int = 0
+    schedule: str = "plateau"
     plateau_patience: int = 2
     plateau_factor: float = 0.1
     early_stop_patience: int | None = 5
+    repeat_threshold: float | None = None
     num_workers: int = 0
     seed: int = 0
     device: str = "auto"
@@ -127,10 +148,16 @@ class TrainConfig:
             raise ValueError("weight_decay and grad_clip must be >= 0")
         if not 0.0 <= self.ema_decay <= 1.0:
             raise ValueError(f"ema_decay must be in [0, 1], got {self.ema_decay}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.plateau_patience < 0 or not 0.0 < self.plateau_factor < 1.0:
             raise ValueError("plateau_patience must be >= 0 and plateau_factor in (0, 1)")
         if self.early_stop_patience is not None and self.early_stop_patience < 1:
             raise ValueError(f"early_stop_patience must be >= 1 or None, got {self.early_stop_patience}")
+        if self.repeat_threshold is not None and not 0.0 < self.repeat_threshold <= 1.0:
+            raise ValueError(f"repeat_threshold must be in (0, 1] or None, got {self.repeat_threshold}")
         if self.num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
         if not (self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda")):
