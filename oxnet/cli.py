@@ -27,7 +27,7 @@ from typing import Any, cast
 
 from oxnet.cli_pretrain import add_parser as add_pretrain_parser
 from oxnet.modeling.config import PRESETS, ModelConfig
-from oxnet.training.settings import METHODS, TrainConfig
+from oxnet.training.settings import DEFAULT_REPEAT_THRESHOLD, METHODS, SCHEDULES, WARMUP_FACTOR, TrainConfig
 from oxnet.vocabulary import FULL, GRANULARITIES, UNLABELED, WEAK
 
 logger = logging.getLogger("oxnet.cli")
@@ -113,8 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     schedule.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
     schedule.add_argument("--grad-clip", type=float, default=defaults.grad_clip, help="max gradient norm (0: off)")
     schedule.add_argument("--ema-decay", type=float, default=defaults.ema_decay, help="mean teacher decay")
+    add_recipe_options(schedule)
     schedule.add_argument("--plateau-patience", type=int, default=defaults.plateau_patience,
-                          help="epochs without better val mAP before the LR is divided by 10")
+                          help="epochs without better val mAP before the LR is divided by 10 (--schedule plateau)")
     schedule.add_argument("--early-stop-patience", type=int, default=defaults.early_stop_patience,
                           help="epochs without better val mAP before training stops (0: never)")
     run = train.add_argument_group("run")
@@ -162,6 +163,27 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_demo)
     add_pretrain_parser(commands)
     return parser
+
+
+def add_recipe_options(group) -> None:
+    """The learning-rate schedule and class balancing of ``oxnet train`` and the sweep (:func:`recipe_options`)."""
+    group.add_argument("--warmup-steps", type=int, default=TrainConfig.warmup_steps, metavar="N",
+                       help=f"raise the LR linearly from {WARMUP_FACTOR:g} x LR over the first N steps of each phase (default 0: off)")
+    group.add_argument("--schedule", choices=SCHEDULES, default=TrainConfig.schedule,
+                       help="plateau: LR / 10 when val mAP stalls (per epoch; default); cosine: per-step cosine "
+                       "decay to 0 over each phase (resumes only with the same epochs and steps per epoch)")
+    group.add_argument("--class-balanced", action="store_true",
+                       help="repeat-factor sampling (LVIS): full and weak images of rare classes are drawn more often")
+    group.add_argument("--repeat-threshold", type=float, metavar="T",
+                       help="classes in fewer than a share T of a pool's images are repeated, sqrt(T / share) times "
+                       f"(implies --class-balanced; default {DEFAULT_REPEAT_THRESHOLD})")
+
+
+def recipe_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The :class:`TrainConfig` fields of the options of :func:`add_recipe_options`."""
+    balanced = args.class_balanced or args.repeat_threshold is not None
+    threshold = args.repeat_threshold if args.repeat_threshold is not None else DEFAULT_REPEAT_THRESHOLD
+    return {"warmup_steps": args.warmup_steps, "schedule": args.schedule, "repeat_threshold": threshold if balanced else None}
 
 
 def _add_runtime(group) -> None:
@@ -218,7 +240,7 @@ def _train(args: argparse.Namespace) -> int:
         steps_per_epoch=args.steps_per_epoch, lr=args.lr, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
         ema_decay=args.ema_decay, plateau_patience=args.plateau_patience,
         early_stop_patience=args.early_stop_patience or None, num_workers=args.num_workers, seed=args.seed,
-        device=args.device, amp=args.amp, out_dir=args.out, init_checkpoint=args.init,
+        device=args.device, amp=args.amp, out_dir=args.out, init_checkpoint=args.init, **recipe_options(args),
     )
     train, classes = _read(args.train, args.images, None, None)
     for files, granularity in ((args.weak, WEAK), (args.unlabeled, UNLABELED)):

@@ -9,6 +9,7 @@ from PIL import Image
 
 from oxnet.training.checkpoint import load_checkpoint
 from oxnet.cli import main
+from oxnet.training.settings import DEFAULT_REPEAT_THRESHOLD
 from tests.test_engine import CLASSES, write_coco
 
 
@@ -102,6 +103,30 @@ def test_clear_errors(files, tmp_path, capsys):
         main(["train", "--train", str(files["full"]), "--val", str(files["val"]), "--proportions", "full=x"])
     assert main(["train", "--train", str(files["full"]), "--val", str(files["val"]), "--model-option", "dept=3"]) == 1
     assert "unknown ModelConfig fields ['dept']" in capsys.readouterr().err
+
+
+def test_train_passes_the_schedule_and_class_balancing_options(files, tmp_path, capsys, monkeypatch):
+    from oxnet.training.engine import History
+
+    seen = []
+
+    def fake_fit(train, val, config, **kwargs):
+        seen.append(config)
+        return History(out_dir=config.out_dir)
+
+    monkeypatch.setattr("oxnet.training.engine.fit", fake_fit)
+    base = ["train", "--train", str(files["full"]), "--val", str(files["val"]), "--out", str(tmp_path / "r")]
+    run(capsys, *base)
+    run(capsys, *base, "--warmup-steps", "100", "--schedule", "cosine", "--class-balanced")
+    run(capsys, *base, "--repeat-threshold", "0.3")
+    assert [(c.warmup_steps, c.schedule, c.repeat_threshold) for c in seen] == [
+        (0, "plateau", None), (100, "cosine", DEFAULT_REPEAT_THRESHOLD), (0, "plateau", 0.3)]
+    assert main([*base, "--warmup-steps", "-1"]) == 1
+    assert "warmup_steps must be >= 0" in capsys.readouterr().err
+    assert main([*base, "--repeat-threshold", "2"]) == 1
+    assert "repeat_threshold must be in (0, 1]" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*base, "--schedule", "step"])
 
 
 def test_demo_trains_both_methods_on_synthetic_data(tmp_path, capsys):

@@ -93,6 +93,15 @@ def test_config_is_validated():
         sweep.SweepConfig(full_fractions=(0.0,))
 
 
+def test_schedule_and_class_balancing_options_reach_every_run():
+    def train(*options):
+        return sweep.config_from_args(sweep.build_parser().parse_args(["--dataset", "d.json", *options])).train
+
+    assert (train().warmup_steps, train().schedule, train().repeat_threshold) == (0, "plateau", None)
+    cosine = train("--warmup-steps", "50", "--schedule", "cosine", "--class-balanced", "--repeat-threshold", "0.2")
+    assert (cosine.warmup_steps, cosine.schedule, cosine.repeat_threshold) == (50, "cosine", 0.2)
+
+
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
     root = tmp_path_factory.mktemp("synth")
@@ -177,10 +186,10 @@ def test_records_of_the_real_nih_pool_split_patient_disjoint():
     sweep.check_patient_disjoint(study.pool, study.test, "pool and test")
 
 
-def _results(tmp_path, name, fractions, seeds, *, lr=1e-4, maps=None, device="auto"):
+def _results(tmp_path, name, fractions, seeds, *, lr=1e-4, maps=None, device="auto", schedule="plateau"):
     """A results.json as run_sweep writes it, with one retinanet and one oxnet row per (fraction, seed)."""
     config = sweep.SweepConfig(full_fractions=fractions, seeds=seeds, out_dir=str(tmp_path / name),
-                               train=TrainConfig(preset="tiny", lr=lr, device=device))
+                               train=TrainConfig(preset="tiny", lr=lr, device=device, schedule=schedule))
     rows = [
         {"method": m, "full_fraction": f, "seed": s, "n_full": int(100 * f), "n_weak": 50, "n_unlabeled": 10,
          "batch_size": 8, "train_seconds": 1.0, "epochs_trained": 2, "best_epoch": 1, "val_mAP": 0.2,
@@ -216,6 +225,15 @@ def test_merge_combines_sweeps_run_apart_and_refuses_other_studies(tmp_path):
     other = _results(tmp_path, "d", (0.1,), (0,), lr=1e-3)
     with pytest.raises(ValueError, match=r"not the same study: their config \(train\) differ"):
         sweep.merge_results([a, other], tmp_path / "m2")
+    # A sweep written before a TrainConfig field existed trained with its default: the same study.
+    older = json.loads(b.read_text())
+    for new_field in ("warmup_steps", "schedule", "repeat_threshold"):
+        del older["config"]["train"][new_field]
+    b.write_text(json.dumps(older))
+    assert len(sweep.merge_results([a, b], tmp_path / "m3")["rows"]) == 6
+    cosine = _results(tmp_path, "e", (0.1,), (0,), schedule="cosine")
+    with pytest.raises(ValueError, match=r"their config \(train\) differ"):
+        sweep.merge_results([a, cosine], tmp_path / "m2")
     with pytest.raises(SystemExit):  # the CLI names the problem and exits non-zero
         sweep.main(["merge", str(a), str(tmp_path / "missing.json"), "--out", str(tmp_path / "m2")])
     assert not (tmp_path / "m2").exists()

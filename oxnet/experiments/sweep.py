@@ -262,7 +262,7 @@ def run_sweep(
         "wall_seconds": previous["wall_seconds"] if previous else 0.0,
         "rows": previous["rows"] if previous else [],
     }
-    if previous and previous["config"] != results["config"]:
+    if previous and _with_train_defaults(previous["config"]) != results["config"]:
         raise ValueError(f"{path} belongs to a sweep with other settings; use another out_dir")
     done = {(r["method"], r["full_fraction"], r["seed"]) for r in results["rows"]}
     device = resolve_device(config.train.device)
@@ -334,6 +334,12 @@ def run_sweep(
 _WHERE_IT_RAN = ("device", "num_workers")  # how a sweep ran, not what it measured
 
 
+def _with_train_defaults(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A stored sweep config with the :class:`TrainConfig` fields added since it was written at their
+    defaults (its runs trained with them), so that an older sweep still resumes and merges."""
+    return {**config, "train": {**jsonable(TrainConfig().to_dict()), **config["train"]}}
+
+
 def merge_results(paths: Sequence[str | Path], out_dir: str | Path) -> dict[str, Any]:
     """Combine the results of sweeps of one study that ran apart (other mixes or seeds) into one
     results.json / results.csv / figure.html in ``out_dir``. Their settings must agree except for the
@@ -352,7 +358,7 @@ def merge_results(paths: Sequence[str | Path], out_dir: str | Path) -> dict[str,
         parts.append((path, part))
 
     def study(part: Mapping[str, Any]) -> dict[str, Any]:
-        config = {k: v for k, v in part["config"].items() if k not in ("full_fractions", "seeds", "out_dir")}
+        config = {k: v for k, v in _with_train_defaults(part["config"]).items() if k not in ("full_fractions", "seeds", "out_dir")}
         config["train"] = {k: v for k, v in config["train"].items() if k not in _WHERE_IT_RAN}
         return {"config": config, "classes": part["classes"], "pool": part["pool"]}
 
@@ -498,6 +504,7 @@ def _seeds(value: str) -> tuple[int, ...]:
 def build_parser():
     import argparse
 
+    from oxnet.cli import add_recipe_options
     from oxnet.modeling.config import PRESETS
 
     p = argparse.ArgumentParser(
@@ -534,6 +541,7 @@ def build_parser():
     t.add_argument("--lr", type=float, default=1e-4,
                    help="Adam learning rate of every run (from scratch; the same for every method)")
     t.add_argument("--early-stop-patience", type=int)
+    add_recipe_options(t)
     t.add_argument("--num-workers", type=int, default=0)
     t.add_argument("--device", default="auto")
     p.add_argument("--out", default="runs/sweep", help="results.json, results.csv, figure.html and checkpoints")
@@ -542,11 +550,13 @@ def build_parser():
 
 
 def config_from_args(args) -> SweepConfig:
+    from oxnet.cli import recipe_options
+
     train = TrainConfig(
         preset=args.preset, epochs=args.epochs, pretrain_epochs=args.pretrain_epochs, batch_size=args.batch_size,
         steps_per_epoch=args.steps_per_epoch, lr=args.lr, early_stop_patience=args.early_stop_patience,
         num_workers=args.num_workers, device=args.device, plateau_patience=2,
-        model={"weights": args.weights} if args.weights else {},
+        model={"weights": args.weights} if args.weights else {}, **recipe_options(args),
     )
     return SweepConfig(full_fractions=args.full, weak_fraction=args.weak_fraction, methods=args.methods,
                        seeds=args.seeds, train=train, out_dir=args.out)
