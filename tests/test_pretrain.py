@@ -237,6 +237,17 @@ def test_resume_refuses_other_settings_and_names_a_corrupt_state(data, tmp_path)
         pretrain(images, tmp_path, PretrainConfig(epochs=2, **TINY), progress=False)
 
 
+def test_a_state_written_before_backbone_norm_existed_resumes(data, tmp_path):
+    images = images_from_folder(data["folder"])
+    config = PretrainConfig(epochs=2, steps_per_epoch=1, **TINY)
+    pretrain(images, tmp_path, config, progress=False, stop_after_epochs=1)
+    state = torch.load(tmp_path / "last.pt", weights_only=True)
+    del state["config"]["backbone_norm"]
+    torch.save(state, tmp_path / "last.pt")
+    resumed = pretrain(images, tmp_path, config, progress=False)
+    assert [h["epoch"] for h in resumed.history] == [1, 2]
+
+
 def test_bad_input_is_refused_clearly(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         images_from_folder(tmp_path / "none")
