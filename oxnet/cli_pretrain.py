@@ -78,8 +78,8 @@ def run_command(args: argparse.Namespace) -> int:
     config = PretrainConfig(
         depth=args.depth or preset.depth, image_size=args.image_size or preset.image_size, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, steps_per_epoch=args.steps_per_epoch, label_epochs=args.label_epochs,
-        label_lr=args.label_lr, freeze_bn=args.freeze_bn, backbone_norm=args.backbone_norm, seed=args.seed, device=args.device, amp=args.amp,
-        num_workers=args.num_workers,
+        label_lr=args.label_lr, freeze_bn=args.freeze_bn, backbone_norm=args.backbone_norm, seed=args.seed,
+        device=args.device, amp=args.amp, num_workers=args.num_workers,
     )
     if args.data:
         images = []
