@@ -1,10 +1,11 @@
-"""The ``oxnet`` command line: train, eval, predict, demo and pretrain (:mod:`oxnet.cli_pretrain`).
+"""The ``oxnet`` command line: train, eval, predict, demo, anchors and pretrain (:mod:`oxnet.cli_pretrain`).
 
     oxnet train --train boxes.json --weak weak.json --unlabeled unlabeled.json --val val.json \\
         --images DIR --method oxnet --preset cpu --epochs 10 --out runs/oxnet
     oxnet eval --checkpoint runs/oxnet/best.pt --data val.json --images DIR
     oxnet predict --checkpoint runs/oxnet/best.pt --data test.json --images DIR --out results.json --overlays overlays/
     oxnet demo
+    oxnet anchors --dataset boxes.json --image-size 512     # anchor sizes fitted to the boxes, and their coverage
     torchrun --nproc_per_node=2 -m oxnet train ...     # one process per GPU (or CPU processes with gloo)
 
 Results go to stdout as JSON; logs and progress bars go to stderr.
@@ -40,7 +41,7 @@ def _files(value: str) -> list[str]:
     return [part for part in value.split(",") if part]
 
 
-def _key_values(value: str) -> tuple[str, Any]:
+def key_value(value: str) -> tuple[str, Any]:
     """KEY=VALUE with VALUE a Python literal (number, tuple, ...) or else a string."""
     key, sep, raw = value.partition("=")
     if not sep or not key:
@@ -52,7 +53,7 @@ def _key_values(value: str) -> tuple[str, Any]:
 
 
 def _proportions(value: str) -> dict[str, float]:
-    pairs = [_key_values(part) for part in value.split(",") if part]
+    pairs = [key_value(part) for part in value.split(",") if part]
     try:
         return {key: float(number) for key, number in pairs}
     except (TypeError, ValueError):
@@ -95,8 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="model size: paper (ResNet-101, 512 px), cpu (ResNet-18, 256 px), tiny; default cpu")
     method.add_argument("--image-size", type=int, help="network input side in pixels (default: the preset's)")
     method.add_argument("--depth", type=int, choices=[18, 34, 50, 101], help="ResNet depth (default: the preset's)")
-    method.add_argument("--model-option", type=_key_values, action="append", default=[], metavar="KEY=VALUE",
-                        help="any ModelConfig field, e.g. levels=(2,3,4,5,6,7) or weights=/path/resnet50.pth")
+    method.add_argument("--model-option", type=key_value, action="append", default=[], metavar="KEY=VALUE",
+                        help="any ModelConfig field, e.g. levels=(2,3,4,5,6,7), backbone_norm=group, "
+                             "anchor_sizes=(24,48,96,192,384) or weights=/path/resnet50.pth")
     method.add_argument("--init", metavar="CKPT", help="warm start from a checkpoint's student weights")
     method.add_argument("--weights", metavar="FILE|random|imagenet",
                         help="backbone start: a torchvision ResNet state_dict (e.g. from oxnet pretrain), random or imagenet")
@@ -161,6 +163,19 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     _add_runtime(demo)
     demo.set_defaults(func=_demo)
+
+    anchors = commands.add_parser(
+        "anchors", help="fit anchor sizes to a COCO file's boxes and print how many boxes they cover (JSON)",
+        description="Fits one anchor size per pyramid level (k-means on log box size at the network input) and "
+        "aspect ratios to the boxes, and prints the box-size quantiles and the share of boxes whose best anchor "
+        "has IoU >= 0.5 under the default and the fitted anchors, centred on the box and on the model's anchor "
+        "grid (see oxnet.data.anchors). Reads the JSON only. Use the result with oxnet train --model-option.",
+    )
+    anchors.add_argument("--dataset", required=True, metavar="FILE", help="COCO file of the training boxes")
+    anchors.add_argument("--image-size", type=int, required=True, help="network input side in pixels")
+    anchors.add_argument("--levels", type=lambda v: tuple(int(x) for x in v.split(",") if x), default=(3, 4, 5, 6, 7),
+                         metavar="L,L,...", help="pyramid levels (default 3,4,5,6,7)")
+    anchors.set_defaults(func=_anchors)
     add_pretrain_parser(commands)
     return parser
 
@@ -364,6 +379,14 @@ def _demo(args: argparse.Namespace) -> int:
         if args.out:
             report["out"] = str(root)
         _print_json(report)
+    return 0
+
+
+def _anchors(args: argparse.Namespace) -> int:
+    from oxnet.data.anchors import anchor_report
+
+    ModelConfig(levels=args.levels, image_size=args.image_size)  # the levels a model can have
+    _print_json(anchor_report(args.dataset, args.image_size, args.levels))
     return 0
 
 

@@ -56,6 +56,9 @@ def add_parser(commands: Any) -> None:
     model.add_argument("--label-lr", type=float, default=defaults.label_lr, help="Adam learning rate of the label stage")
     model.add_argument("--freeze-bn", action="store_true",
                        help="record that detectors should freeze this backbone's BatchNorm (default: train it)")
+    model.add_argument("--backbone-norm", default="batch", choices=["batch", "group"],
+                       help="BatchNorm (default) or GroupNorm in the ResNet; group weights need train --model-option "
+                            "backbone_norm=group")
     run = p.add_argument_group("run")
     run.add_argument("--out", default="runs/pretrain", metavar="DIR", help="state (last.pt) and weights folder")
     run.add_argument("--seed", type=int, default=0)
@@ -75,8 +78,8 @@ def run_command(args: argparse.Namespace) -> int:
     config = PretrainConfig(
         depth=args.depth or preset.depth, image_size=args.image_size or preset.image_size, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, steps_per_epoch=args.steps_per_epoch, label_epochs=args.label_epochs,
-        label_lr=args.label_lr, freeze_bn=args.freeze_bn, seed=args.seed, device=args.device, amp=args.amp,
-        num_workers=args.num_workers,
+        label_lr=args.label_lr, freeze_bn=args.freeze_bn, backbone_norm=args.backbone_norm, seed=args.seed,
+        device=args.device, amp=args.amp, num_workers=args.num_workers,
     )
     if args.data:
         images = []
@@ -107,6 +110,7 @@ def run_command(args: argparse.Namespace) -> int:
         "weights": str(result.weights), "description": result.description, "images": result.images,
         "label_images": result.label_images, "epochs": config.epochs, "label_epochs": config.label_epochs,
         "freeze_bn": config.freeze_bn, "history": result.history, "seconds": round(result.seconds, 1),
-        "use": f"oxnet train ... --weights {result.weights}",
+        "use": f"oxnet train ... --weights {result.weights}"
+               + (" --model-option backbone_norm=group" if config.backbone_norm == "group" else ""),
     })
     return 0

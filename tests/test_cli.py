@@ -30,6 +30,22 @@ def run(capsys, *argv: str) -> dict:
     return json.loads(capsys.readouterr().out)
 
 
+def test_train_takes_group_norm_and_anchor_sizes_as_model_options_and_eval_reloads_them(files, tmp_path, capsys):
+    out = tmp_path / "gn"
+    run(capsys, "train", "--train", str(files["full"]), "--val", str(files["val"]), "--images", str(files["folder"]),
+        "--method", "retinanet", "--preset", "tiny", "--image-size", "64", "--model-option", "backbone_norm=group",
+        "--model-option", "anchor_sizes=(12, 24, 48)", "--model-option", "anchor_ratios=(0.5,1,2)",
+        "--epochs", "1", "--steps-per-epoch", "1", "--batch-size", "1", "--device", "cpu", "--out", str(out), "--no-progress")
+    config = load_checkpoint(out / "last.pt")["model_config"]
+    assert config["backbone_norm"] == "group" and config["anchor_sizes"] == (12.0, 24.0, 48.0)
+    assert config["anchor_ratios"] == (0.5, 1.0, 2.0)
+    metrics = run(capsys, "eval", "--checkpoint", str(out / "last.pt"), "--data", str(files["val"]), "--device", "cpu")
+    assert metrics["num_images"] == 3
+    assert main(["train", "--train", str(files["full"]), "--val", str(files["val"]), "--preset", "tiny",
+                 "--model-option", "anchor_sizes=(12,24)", "--out", str(tmp_path / "bad")]) == 1
+    assert "anchor_sizes needs one size per pyramid level" in capsys.readouterr().err
+
+
 def test_train_eval_predict_end_to_end(files, tmp_path, capsys):
     out = tmp_path / "run"
     summary = run(

@@ -177,6 +177,21 @@ def test_freeze_bn_choice_is_recorded_and_followed(data, tmp_path):
     assert _frozen(model) > 0 and model.backbone_start.endswith("1 epoch) (BatchNorm frozen)")
 
 
+def test_a_group_norm_backbone_is_pretrained_for_group_norm_detectors(data, tmp_path):
+    result = pretrain(images_from_folder(data["folder"]), tmp_path,
+                      PretrainConfig(epochs=1, steps_per_epoch=1, backbone_norm="group", **TINY), progress=False)
+    state = torch.load(result.weights, weights_only=True)
+    assert "layer1.0.bn1.weight" in state and not any(k.endswith("running_mean") for k in state)
+    assert json.loads(Path(f"{result.weights}.json").read_text())["backbone_norm"] == "group"
+    model = build_model(preset="tiny", num_classes=2, backbone_norm="group", weights=str(result.weights))
+    assert model.backbone_start.endswith("1 epoch) (GroupNorm)")
+    torch.testing.assert_close(model.backbone.body["layer1"][0].bn1.weight, state["layer1.0.bn1.weight"])
+    with pytest.raises(ValueError, match="freeze_bn=True needs backbone_norm='batch'"):
+        PretrainConfig(backbone_norm="group", freeze_bn=True)
+    with pytest.raises(ValueError, match="backbone_norm must be one of"):
+        PretrainConfig(backbone_norm="instance")
+
+
 def test_a_broken_description_is_named(trained, tmp_path):
     copy = tmp_path / "w.pth"
     copy.write_bytes(trained.read_bytes())
@@ -220,6 +235,17 @@ def test_resume_refuses_other_settings_and_names_a_corrupt_state(data, tmp_path)
     (tmp_path / "last.pt").write_bytes(b"truncated")
     with pytest.raises(ValueError, match="last.pt cannot be read"):
         pretrain(images, tmp_path, PretrainConfig(epochs=2, **TINY), progress=False)
+
+
+def test_a_state_written_before_backbone_norm_existed_resumes(data, tmp_path):
+    images = images_from_folder(data["folder"])
+    config = PretrainConfig(epochs=2, steps_per_epoch=1, **TINY)
+    pretrain(images, tmp_path, config, progress=False, stop_after_epochs=1)
+    state = torch.load(tmp_path / "last.pt", weights_only=True)
+    del state["config"]["backbone_norm"]
+    torch.save(state, tmp_path / "last.pt")
+    resumed = pretrain(images, tmp_path, config, progress=False)
+    assert [h["epoch"] for h in resumed.history] == [1, 2]
 
 
 def test_bad_input_is_refused_clearly(tmp_path):

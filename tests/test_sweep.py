@@ -102,6 +102,20 @@ def test_schedule_and_class_balancing_options_reach_every_run():
     assert (cosine.warmup_steps, cosine.schedule, cosine.repeat_threshold) == (50, "cosine", 0.2)
 
 
+def test_model_options_reach_every_run_and_are_checked_before_the_data_is_read():
+    base = ["--dataset", "unused.json", "--test-fold", "0", "--preset", "tiny"]
+    args = sweep.build_parser().parse_args(base + ["--model-option", "backbone_norm=group", "--model-option",
+                                                   "anchor_sizes=(8,16,32)", "--weights", "random"])
+    config = sweep.config_from_args(args)
+    assert config.train.model == {"backbone_norm": "group", "anchor_sizes": (8, 16, 32), "weights": "random"}
+    model = config.train.model_config(num_classes=2, method="retinanet")
+    assert model.backbone_norm == "group" and model.anchor_sizes == (8.0, 16.0, 32.0)
+    with pytest.raises(ValueError, match="backbone_norm must be one of"):
+        sweep.config_from_args(sweep.build_parser().parse_args(base + ["--model-option", "backbone_norm=batchy"]))
+    with pytest.raises(ValueError, match="unknown ModelConfig fields"):
+        sweep.config_from_args(sweep.build_parser().parse_args(base + ["--model-option", "anchor_size=(8,16,32)"]))
+
+
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
     root = tmp_path_factory.mktemp("synth")

@@ -504,7 +504,7 @@ def _seeds(value: str) -> tuple[int, ...]:
 def build_parser():
     import argparse
 
-    from oxnet.cli import add_recipe_options
+    from oxnet.cli import add_recipe_options, key_value
     from oxnet.modeling.config import PRESETS
 
     p = argparse.ArgumentParser(
@@ -534,6 +534,9 @@ def build_parser():
     t.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
     t.add_argument("--weights", help="backbone start of every run: a torchvision ResNet state_dict (e.g. from oxnet "
                    "pretrain), random or imagenet (default: the preset's)")
+    t.add_argument("--model-option", type=key_value, action="append", default=[], metavar="KEY=VALUE",
+                   help="a ModelConfig field of every run (repeatable), e.g. backbone_norm=group or "
+                        "anchor_sizes=(24,48,96,192,384); as oxnet train --model-option")
     t.add_argument("--epochs", type=int, default=6, help="epochs of each method after the shared pre-training")
     t.add_argument("--pretrain-epochs", type=int, default=4, help="RetinaNet epochs on the full images that start every method")
     t.add_argument("--batch-size", type=int, default=8)
@@ -556,8 +559,9 @@ def config_from_args(args) -> SweepConfig:
         preset=args.preset, epochs=args.epochs, pretrain_epochs=args.pretrain_epochs, batch_size=args.batch_size,
         steps_per_epoch=args.steps_per_epoch, lr=args.lr, early_stop_patience=args.early_stop_patience,
         num_workers=args.num_workers, device=args.device, plateau_patience=2,
-        model={"weights": args.weights} if args.weights else {}, **recipe_options(args),
+        model={**dict(args.model_option), **({"weights": args.weights} if args.weights else {})}, **recipe_options(args),
     )
+    train.model_config(num_classes=1)  # a bad model option fails here, before the data is read
     return SweepConfig(full_fractions=args.full, weak_fraction=args.weak_fraction, methods=args.methods,
                        seeds=args.seeds, train=train, out_dir=args.out)
 

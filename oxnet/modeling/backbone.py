@@ -1,5 +1,5 @@
 """The ResNet-FPN backbone: torchvision's ResNet body and FeaturePyramidNetwork, pretrained weights
-(ImageNet or a local state_dict) and BatchNorm freezing."""
+(ImageNet or a local state_dict), BatchNorm freezing, or GroupNorm in place of BatchNorm."""
 
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from oxnet.modeling import weights_file
+from oxnet.modeling.config import BACKBONE_NORMS
+from oxnet.modeling.heads import group_norm
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -59,7 +61,8 @@ class ResNetFPN(nn.Module):
 
 
 def resnet_fpn_backbone(
-    *, depth: int, levels: tuple[int, ...], out_channels: int, weights: str = "random", freeze_bn: bool | None = None
+    *, depth: int, levels: tuple[int, ...], out_channels: int, weights: str = "random", freeze_bn: bool | None = None,
+    norm: str = "batch",
 ) -> ResNetFPN:
     """A ResNet-FPN backbone.
 
@@ -69,15 +72,36 @@ def resnet_fpn_backbone(
             state_dict path (``fc.*`` keys are ignored).
         freeze_bn: FrozenBatchNorm2d in the body; ``None`` freezes exactly when pretrained weights were
             loaded (frozen statistics from a random start would never be learnt).
+        norm: the body's normalisation: "batch" (BatchNorm2d, frozen or not per ``freeze_bn``) or "group"
+            (GroupNorm, 32 groups: it normalises each image by itself, so it trains at batch size 1 or 2,
+            where BatchNorm's batch statistics are noise). GroupNorm has no running statistics, so it
+            refuses ``freeze_bn=True`` and BatchNorm weights (ImageNet's, or a file with ``running_mean``
+            keys); it starts from random init or from a GroupNorm state_dict (e.g. written by
+            ``oxnet pretrain --backbone-norm group``). The norm of a file is read from its keys.
 
     The returned backbone's ``start`` says which start it had, e.g. ``"ImageNet weights
     (ResNet101_Weights.IMAGENET1K_V2)"``, ``"weights file resnet50.pth"`` or ``"random init: ImageNet
-    weights unavailable (URLError)"``.
+    weights unavailable (URLError)"``, followed by " (BatchNorm frozen)" or " (GroupNorm)".
     """
+    if norm not in BACKBONE_NORMS:
+        raise ValueError(f"backbone_norm must be one of {BACKBONE_NORMS}, got {norm!r}")
+    if norm == "group" and freeze_bn:
+        raise ValueError("freeze_bn=True needs backbone_norm='batch': GroupNorm has no running statistics to freeze")
+    if norm == "group" and weights == "imagenet":
+        raise ValueError("backbone_norm='group' cannot start from weights='imagenet': torchvision's ImageNet ResNets "
+                         "are BatchNorm networks, whose running statistics GroupNorm cannot take; use weights='random', "
+                         "a GroupNorm state_dict, or backbone_norm='batch'")
     state, start = _backbone_state(depth, weights)
-    # None: frozen when pretrained weights loaded, unless their description says otherwise (oxnet pretrain)
-    frozen = (state is not None and weights_file.freeze_bn_default(weights)) if freeze_bn is None else freeze_bn
-    body = RESNETS[depth](weights=None, norm_layer=FrozenBatchNorm2d if frozen else nn.BatchNorm2d)
+    loaded_norm = state_norm(state) if state is not None else None
+    if loaded_norm is not None and loaded_norm != norm:
+        kind = {"batch": "BatchNorm (it has running_mean keys)", "group": "GroupNorm (it has no running_mean keys)"}
+        raise ValueError(f"weights {weights} are a {kind[loaded_norm]} state_dict, which a backbone_norm={norm!r} "
+                         f"backbone cannot load; use backbone_norm={loaded_norm!r} or other weights")
+    if freeze_bn is None:  # frozen when pretrained weights loaded, unless their description says otherwise (oxnet pretrain)
+        freeze_bn = state is not None and weights_file.freeze_bn_default(weights)
+    frozen = freeze_bn and norm == "batch"  # GroupNorm has nothing to freeze
+    norm_layer = group_norm if norm == "group" else FrozenBatchNorm2d if frozen else nn.BatchNorm2d
+    body = RESNETS[depth](weights=None, norm_layer=norm_layer)
     if state is not None:
         missing, unexpected = body.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.startswith("fc.") and not k.endswith("num_batches_tracked")]
@@ -87,8 +111,17 @@ def resnet_fpn_backbone(
                 f"{weights} is not a ResNet-{depth} state_dict: missing {missing[:3]}..., unexpected {unexpected[:3]}..."
             )
     backbone = ResNetFPN(body, levels, out_channels)
-    backbone.start = start + (" (BatchNorm frozen)" if frozen else "")
+    backbone.start = start + (" (BatchNorm frozen)" if frozen else " (GroupNorm)" if norm == "group" else "")
     return backbone
+
+
+def state_norm(state_dict: Mapping[str, Any]) -> str | None:
+    """The normalisation a torchvision ResNet state_dict was written from: "batch" when it holds BatchNorm
+    running statistics (``running_mean`` keys), "group" when its norm layers have weights but no running
+    statistics, None when it has no norm layers (not a ResNet)."""
+    if any(k.endswith("running_mean") for k in state_dict):
+        return "batch"
+    return "group" if "bn1.weight" in state_dict else None
 
 
 def _backbone_state(depth: int, weights: str) -> tuple[dict[str, Tensor] | None, str]:
@@ -121,5 +154,7 @@ def _backbone_state(depth: int, weights: str) -> tuple[dict[str, Tensor] | None,
 
 
 def bn_frozen(state_dict: Mapping[str, Any]) -> bool:
-    """Whether a model's state_dict comes from a backbone with FrozenBatchNorm2d (no BatchNorm step counters)."""
-    return not any(k.startswith("backbone.body.") and k.endswith("num_batches_tracked") for k in state_dict)
+    """Whether a model's state_dict comes from a backbone with FrozenBatchNorm2d: running statistics but no
+    BatchNorm step counters (a GroupNorm backbone has neither: not frozen)."""
+    body = [k for k in state_dict if k.startswith("backbone.body.")]
+    return any(k.endswith("running_mean") for k in body) and not any(k.endswith("num_batches_tracked") for k in body)

@@ -5,6 +5,7 @@ Imports no torch, so the settings (and the presets) can be read by processes tha
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -13,6 +14,17 @@ if TYPE_CHECKING:
 
 #: ResNet depths the backbone can be built with (:data:`oxnet.modeling.backbone.RESNETS`).
 RESNET_DEPTHS = (18, 34, 50, 101)
+#: Normalisation layers of the backbone (:func:`oxnet.modeling.backbone.resnet_fpn_backbone`).
+BACKBONE_NORMS = ("batch", "group")
+#: The three anchor scales of every pyramid level, as multiples of the level's base size (RetinaNet's octave).
+ANCHOR_SCALES = (1.0, 2 ** (1 / 3), 2 ** (2 / 3))
+#: Anchor aspect ratios (height / width) when ``anchor_ratios`` is None.
+DEFAULT_ANCHOR_RATIOS = (0.5, 1.0, 2.0)
+
+
+def default_anchor_sizes(levels: tuple[int, ...]) -> tuple[float, ...]:
+    """RetinaNet's base anchor size per level: 2^(l+2) pixels on P_l (32 on P3, 512 on P7)."""
+    return tuple(2.0 ** (lvl + 2) for lvl in levels)
 
 
 @dataclass(frozen=True)
@@ -28,6 +40,9 @@ class ModelConfig:
     image_size: int = 512
     weights: str = "random"  # "random", "imagenet" or a path to a torchvision ResNet state_dict
     freeze_bn: bool | None = None  # FrozenBatchNorm2d in the backbone; None: exactly when pretrained weights loaded
+    backbone_norm: str = "batch"  # "batch" (BatchNorm2d) or "group" (GroupNorm, 32 groups: trains at any batch size)
+    anchor_sizes: tuple[float, ...] | None = None  # base size per level in input pixels; None: 2^(l+2)
+    anchor_ratios: tuple[float, ...] | None = None  # aspect ratios (height / width); None: (0.5, 1, 2)
     daa: bool = True  # image-level head with dual attention alignment (Eq. 1-3)
     gpa: bool = True  # global prototype alignment (Eq. 4-6); needs DAA
     sfl: bool = True  # soft focal loss against a mean teacher (Eq. 8); used by MeanTeacher
@@ -65,9 +80,40 @@ class ModelConfig:
             raise ValueError("gpa=True needs daa=True: the class features are pooled with the DAA attention")
         if self.head_norm not in (None, "group"):
             raise ValueError(f"head_norm must be 'group' or None, got {self.head_norm!r}")
+        if self.backbone_norm not in BACKBONE_NORMS:
+            raise ValueError(f"backbone_norm must be one of {BACKBONE_NORMS}, got {self.backbone_norm!r}")
+        if self.backbone_norm == "group" and self.freeze_bn:
+            raise ValueError("freeze_bn=True needs backbone_norm='batch': GroupNorm has no running statistics to freeze")
+        self._check_anchors()
         unknown = set(self.loss_weights) - set(LOSS_NAMES)
         if unknown:
             raise ValueError(f"unknown loss_weights keys {sorted(unknown)}; known: {list(LOSS_NAMES)}")
+
+    def _check_anchors(self) -> None:
+        """``anchor_sizes``: one positive size per level, increasing; ``anchor_ratios``: positive (tuples,
+        also when read back from JSON as lists)."""
+        for name in ("anchor_sizes", "anchor_ratios"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            try:
+                numbers = tuple(float(v) for v in value)
+            except (TypeError, ValueError):
+                raise ValueError(f"{name} must be a tuple of numbers or None, got {value!r}") from None
+            if not numbers or not all(math.isfinite(v) and v > 0 for v in numbers):
+                raise ValueError(f"{name} must be positive finite numbers, got {value!r}")
+            object.__setattr__(self, name, numbers)
+        sizes = self.anchor_sizes
+        if sizes is not None:
+            if len(sizes) != len(self.levels):
+                raise ValueError(f"anchor_sizes needs one size per pyramid level {self.levels}, got {len(sizes)}: {sizes}")
+            if any(b <= a for a, b in zip(sizes, sizes[1:])):
+                raise ValueError(f"anchor_sizes must increase from the finest level to the coarsest, got {sizes}")
+
+    def anchor_settings(self) -> tuple[tuple[tuple[float, ...], ...], tuple[float, ...]]:
+        """The anchor generator's sizes (per level: base size x :data:`ANCHOR_SCALES`) and aspect ratios."""
+        base = self.anchor_sizes or default_anchor_sizes(self.levels)
+        return tuple(tuple(s * k for k in ANCHOR_SCALES) for s in base), self.anchor_ratios or DEFAULT_ANCHOR_RATIOS
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -31,10 +31,11 @@ def flatten_levels(maps: list[Tensor], outputs_per_anchor: int) -> Tensor:
     return torch.cat(flat, dim=1)
 
 
-def default_anchor_generator(levels: tuple[int, ...]) -> AnchorGenerator:
-    """Anchor sizes 2^(l+2) on level P_l, scales {1, 2^(1/3), 2^(2/3)}, ratios {0.5, 1, 2}."""
-    sizes = tuple(tuple(2 ** (lvl + 2) * 2 ** (i / 3) for i in range(3)) for lvl in levels)
-    return AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(levels))
+def default_anchor_generator(config: ModelConfig) -> AnchorGenerator:
+    """The anchors of ``config``: on each level P_l its base size (``anchor_sizes``, default 2^(l+2)) at
+    scales {1, 2^(1/3), 2^(2/3)}, with ``anchor_ratios`` (default {0.5, 1, 2}; ratio = height / width)."""
+    sizes, ratios = config.anchor_settings()
+    return AnchorGenerator(sizes, (ratios,) * len(sizes))
 
 
 def _label_mask(target: dict[str, Any], labels: Tensor) -> Tensor:
@@ -91,7 +92,7 @@ class OXNet(nn.Module):
         cfg = self.config
         self.num_classes = num_classes
         self.backbone = backbone
-        self.anchor_generator = anchor_generator or default_anchor_generator(cfg.levels)
+        self.anchor_generator = anchor_generator or default_anchor_generator(cfg)
         num_anchors = self.anchor_generator.num_anchors_per_location()[0]
         norm = group_norm if cfg.head_norm == "group" else None
         self.cls_head = cls_head or ClassificationHead(
@@ -126,6 +127,7 @@ class OXNet(nn.Module):
             out_channels=config.fpn_width,
             weights=config.weights,
             freeze_bn=config.freeze_bn,
+            norm=config.backbone_norm,
         )
         return cls(backbone, config.num_classes, config=config)
 

@@ -43,6 +43,10 @@ and its FPN and heads start from random, the regime in which the project trains 
 ``PretrainConfig(freeze_bn=True)`` (``oxnet pretrain --freeze-bn``) records the other choice, and
 ``freeze_bn`` in the model options overrides either.
 
+**GroupNorm**: ``PretrainConfig(backbone_norm="group")`` (``oxnet pretrain --backbone-norm group``) pretrains
+a ResNet with GroupNorm in place of BatchNorm; its file has no running statistics and starts detectors
+built with ``backbone_norm="group"`` (the SimSiam heads keep lightly's BatchNorm; they are not saved).
+
 Needs the optional dependency ``lightly`` (``pip install "oxnet-workbench[ssl]"``).
 """
 
@@ -70,6 +74,8 @@ from oxnet.data.records import Record
 from oxnet.data.transforms import load_image
 from oxnet.files import atomic_write, write_json
 from oxnet.modeling.backbone import IMAGENET_MEAN, IMAGENET_STD
+from oxnet.modeling.config import BACKBONE_NORMS
+from oxnet.modeling.heads import group_norm
 from oxnet.modeling.weights_file import FORMAT as INFO_FORMAT
 from oxnet.modeling.weights_file import info_path
 from oxnet.training.checkpoint import save_checkpoint
@@ -121,6 +127,8 @@ class PretrainConfig:
         crop_scale: the random resized crop's area range (a fraction of the image).
         max_rotation: degrees of the random rotation at most.
         freeze_bn: the detector's BatchNorm default recorded for this start (see the module docstring).
+        backbone_norm: "batch" (BatchNorm2d) or "group" (GroupNorm, 32 groups; ``freeze_bn`` must stay False):
+            the detector's ``backbone_norm`` that can take the weights.
         seed: augmentations and order come from (seed, epoch, index).
         device: "auto" (CUDA when available), "cpu", "cuda[:N]".
         amp: mixed precision; None: on with CUDA.
@@ -139,6 +147,7 @@ class PretrainConfig:
     crop_scale: tuple[float, float] = (0.5, 1.0)
     max_rotation: float = 10.0
     freeze_bn: bool = False
+    backbone_norm: str = "batch"
     seed: int = 0
     device: str = "auto"
     amp: bool | None = None
@@ -163,6 +172,10 @@ class PretrainConfig:
             raise ValueError(f"crop_scale must be (low, high) with 0 < low <= high <= 1, got {self.crop_scale}")
         if not 0 <= self.max_rotation <= 45:
             raise ValueError(f"max_rotation must be in [0, 45] degrees, got {self.max_rotation}")
+        if self.backbone_norm not in BACKBONE_NORMS:
+            raise ValueError(f"backbone_norm must be one of {BACKBONE_NORMS}, got {self.backbone_norm!r}")
+        if self.backbone_norm == "group" and self.freeze_bn:
+            raise ValueError("freeze_bn=True needs backbone_norm='batch': GroupNorm has no running statistics to freeze")
 
     def learning_rate(self) -> float:
         return self.lr if self.lr is not None else 0.05 * self.batch_size / 256
@@ -298,8 +311,8 @@ class _Views(Dataset):
 # --------------------------------------------------------------------------------------------------
 # Models
 # --------------------------------------------------------------------------------------------------
-def _backbone(depth: int) -> resnet.ResNet:
-    body = _RESNETS[depth](weights=None)
+def _backbone(depth: int, norm: str = "batch") -> resnet.ResNet:
+    body = _RESNETS[depth](weights=None, norm_layer=group_norm if norm == "group" else nn.BatchNorm2d)
     body.fc = nn.Identity()  # no fc.* keys: the state_dict is the detector's backbone
     return body
 
@@ -319,10 +332,10 @@ class SimSiam(nn.Module):
     the stop-gradient) and the prediction, both Tensor[B, proj_dim].
     """
 
-    def __init__(self, depth: int, proj_dim: int | None = None) -> None:
+    def __init__(self, depth: int, proj_dim: int | None = None, norm: str = "batch") -> None:
         super().__init__()
         projection, prediction, _ = _lightly()
-        self.backbone = _backbone(depth)
+        self.backbone = _backbone(depth, norm)
         features = 512 if depth in (18, 34) else 2048
         dim = proj_dim or features
         self.projection_head = projection(features, dim, dim)
@@ -456,14 +469,14 @@ def pretrain(
     features = 512 if config.depth in (18, 34) else 2048
     with torch.random.fork_rng(devices=[]):  # the same initial weights for the same seed (and a resume)
         torch.manual_seed(config.seed)
-        model = SimSiam(config.depth, config.proj_dim)
+        model = SimSiam(config.depth, config.proj_dim, config.backbone_norm)
         classifier = ImageLevelClassifier(model.backbone, features, len(classes)) if config.label_epochs else None
     _, _, criterion_cls = _lightly()
     criterion = criterion_cls()
     state: dict[str, Any] | None = None
     if state_path.is_file():
         state = _load_state(state_path)
-        if _comparable(state["config"]) != _comparable(config.to_dict()):
+        if _comparable(PretrainConfig.from_dict(state["config"]).to_dict()) != _comparable(config.to_dict()):
             raise ValueError(f"{state_path} was written with other settings ({state['config']}); "
                              "use another out_dir or the same settings to resume")
         if state.get("images") != len(images) or state.get("label_images") != len(labelled):
@@ -657,6 +670,7 @@ def _write_weights(backbone: nn.Module, path: Path, config: PretrainConfig, desc
         raise ValueError(f"pretraining produced non-finite weights in {len(bad)} tensor(s), e.g. {bad[0]}; nothing written")
     write_json(info_path(path), {
         "format": INFO_FORMAT, "version": 1, "description": description, "freeze_bn": config.freeze_bn,
+        "backbone_norm": config.backbone_norm,
         "method": METHOD if config.epochs else None, "depth": config.depth, "image_size": config.image_size,
         "images": images, "epochs": config.epochs, "label_images": labelled, "label_epochs": config.label_epochs,
         "classes": list(classes), "config": config.to_dict(), "history": history,
