@@ -154,6 +154,39 @@ def test_checkpoints_are_checksummed_and_a_bad_one_falls_back_with_a_warning(tmp
     assert f"model version {v2}:" in warning and f"model version {v1}: checkpoint {path1} does not exist" in warning
 
 
+@pytest.mark.slow
+def test_a_checkpoint_from_before_a_model_field_existed_still_warm_starts(tmp_path):
+    """A store's checkpoints outlive upgrades: a model_config without the fields added since (here the
+    backbone's norm and the anchors) is that model with their defaults, so the next round warm-starts
+    from it instead of training from scratch; a field this code does not know is named in the warning."""
+    from oxnet.training.checkpoint import file_sha256, load_checkpoint, save_checkpoint
+
+    url = dicom_store(tmp_path)
+    store = SqlStore.open(url)
+
+    def rewrite(version_id, path, config, change):
+        state = load_checkpoint(path)
+        state["model_config"] = change(dict(state["model_config"]))
+        save_checkpoint({k: v for k, v in state.items() if k not in ("format", "version")}, path)
+        with store.sessions.begin() as session:
+            session.get(ModelVersion, version_id).config = {**config, "checkpoint_sha256": file_sha256(path)}
+
+    [first] = Trainer(store, SETTINGS).run()
+    assert first.status == "ready", first.error
+    (v1, _, path1, config1), = _version_rows(url)
+    rewrite(v1, path1, config1, lambda c: {k: v for k, v in c.items() if k not in ("backbone_norm", "anchor_sizes", "anchor_ratios")})
+    [second] = Trainer(store, SETTINGS).run()
+    assert second.status == "ready", second.error
+    v2, _, path2, config2 = _version_rows(url)[-1]
+    assert config2["warm_start"] == path1 and "warm_start" not in config2["notes"]
+
+    rewrite(v2, path2, config2, lambda c: {**c, "stride_of_the_future": 3})
+    [third] = Trainer(store, SETTINGS).run()
+    config3 = _version_rows(url)[-1][3]
+    assert third.status == "ready" and config3["warm_start"] is None
+    assert "fields this version does not know: ['stride_of_the_future']" in config3["notes"]["warm_start"]
+
+
 def test_a_round_whose_weights_turn_nan_is_not_made_ready(tmp_path, monkeypatch):
     """A NaN checkpoint is never made ready: the round fails with the reason instead."""
     import oxnet.active.loop as loop

@@ -60,7 +60,8 @@ from typing import Any, cast
 import numpy as np
 import torch
 
-from oxnet.training.checkpoint import file_sha256, load_checkpoint, model_from_state, non_finite_weights, save_checkpoint, verify_checkpoint
+from oxnet.training.checkpoint import (file_sha256, load_checkpoint, model_from_state, non_finite_weights, save_checkpoint,
+                                       stored_model_config, verify_checkpoint)
 from oxnet.data.datasets import UnreadableImage
 from oxnet.data.records import Record, records_from_coco
 from oxnet.evaluation.predict import evaluate_model
@@ -553,8 +554,13 @@ class Trainer:
                 continue
             if sha256 is None:
                 problems.append(f"model version {version_id}: no checksum recorded for {path} (not verified)")
-            expected = config.model_config(len(classes)).to_dict()
-            if list(state["classes"]) != list(classes) or dict(state["model_config"]) != expected:
+            try:
+                same = (list(state["classes"]) == list(classes)
+                        and stored_model_config(state) == config.model_config(len(classes)))
+            except ValueError as e:
+                problems.append(f"model version {version_id} ({path}): {e}")
+                break
+            if not same:
                 problems.append(f"model version {version_id} ({path}) has other classes or another model")
                 break
             chosen = str(path)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import shutil
+from dataclasses import fields, replace
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -190,16 +191,29 @@ def verify_checkpoint(path: str | Path, *, sha256: str | None = None) -> dict[st
     return state
 
 
+def stored_model_config(state: Mapping[str, Any]) -> ModelConfig:
+    """The :class:`ModelConfig` a checkpoint was written with; fields added since take their defaults, so
+    an older checkpoint reads as the model it is. ValueError when it names fields this code does not know
+    (written by a newer version)."""
+    stored = dict(state["model_config"])
+    unknown = set(stored) - {f.name for f in fields(ModelConfig)}
+    if unknown:
+        raise ValueError(f"its model_config has fields this version does not know: {sorted(unknown)}")
+    return ModelConfig(**stored)
+
+
 def model_from_state(state: Mapping[str, Any], *, weights: str = "student", source: str = "checkpoint") -> OXNet:
     """Rebuild the model of a loaded checkpoint dict (``weights``: "student" or "teacher"), in eval mode."""
     if weights not in ("student", "teacher"):
         raise ValueError(f"weights must be 'student' or 'teacher', got {weights!r}")
     if state.get(weights) is None:
         raise ValueError(f"{source} holds no {weights} weights")
-    config = dict(state["model_config"])
-    config["weights"] = "random"  # the backbone weights are in the state_dict, and so is its BatchNorm kind
-    config["freeze_bn"] = bn_frozen(state[weights])
-    model = OXNet.from_config(ModelConfig(**config))
+    try:
+        config = stored_model_config(state)
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from e
+    # the backbone weights are in the state_dict, and so is its BatchNorm kind
+    model = OXNet.from_config(replace(config, weights="random", freeze_bn=bn_frozen(state[weights])))
     try:
         model.load_state_dict(state[weights])
     except RuntimeError as e:
