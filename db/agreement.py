@@ -21,21 +21,10 @@ from typing import Any
 
 import numpy as np
 
+from oxnet.data.annotation import iou_matrix
+
 #: IoU at which two readers' boxes of the same class count as the same lesion.
 BOX_IOU = 0.4
-
-
-def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU of every box of ``a`` (Tensor-like [N, 4]) with every box of ``b`` ([M, 4]), (x1, y1, x2, y2) -> [N, M]."""
-    a = np.asarray(a, dtype=np.float64).reshape(-1, 4)
-    b = np.asarray(b, dtype=np.float64).reshape(-1, 4)
-    lt = np.maximum(a[:, None, :2], b[None, :, :2])
-    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.clip(rb - lt, 0, None).prod(axis=2)
-    area_a = np.clip(a[:, 2:] - a[:, :2], 0, None).prod(axis=1)
-    area_b = np.clip(b[:, 2:] - b[:, :2], 0, None).prod(axis=1)
-    union = area_a[:, None] + area_b[None, :] - inter
-    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
 
 
 def greedy_match(iou: np.ndarray, threshold: float = BOX_IOU) -> list[tuple[int, int]]:

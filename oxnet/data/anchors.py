@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from oxnet.data.annotation import iou_matrix
 from oxnet.modeling.config import ANCHOR_SCALES, DEFAULT_ANCHOR_RATIOS, default_anchor_sizes
 
 __all__ = [
@@ -168,17 +169,11 @@ def anchor_grid(sizes: Sequence[float], ratios: Sequence[float], levels: Sequenc
 
 def best_grid_iou(boxes: np.ndarray, anchors: np.ndarray, *, chunk: int = 64) -> np.ndarray:
     """float[N]: each box's largest IoU with any anchor; boxes float[N, 4] and anchors float[A, 4] in
-    (x1, y1, x2, y2) (chunked over boxes to bound memory)."""
-    boxes, anchors = np.asarray(boxes, np.float64), np.asarray(anchors, np.float64)
-    area_a = (anchors[:, 2] - anchors[:, 0]) * (anchors[:, 3] - anchors[:, 1])
+    (x1, y1, x2, y2) (:func:`oxnet.data.annotation.iou_matrix`, chunked over boxes to bound memory)."""
+    boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
     best = np.zeros(len(boxes))
     for start in range(0, len(boxes), chunk):
-        b = boxes[start:start + chunk]
-        w = np.clip(np.minimum(b[:, None, 2], anchors[None, :, 2]) - np.maximum(b[:, None, 0], anchors[None, :, 0]), 0, None)
-        h = np.clip(np.minimum(b[:, None, 3], anchors[None, :, 3]) - np.maximum(b[:, None, 1], anchors[None, :, 1]), 0, None)
-        inter = w * h
-        union = ((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]))[:, None] + area_a[None, :] - inter
-        best[start:start + chunk] = (inter / union).max(axis=1)
+        best[start:start + chunk] = iou_matrix(boxes[start:start + chunk], anchors).max(axis=1)
     return best
 
 

@@ -13,6 +13,9 @@ its own terms (the file and field, the box on the canvas); the rules are here:
 - optionally (``require_label``) something is labelled at all, and (``complete``) a full annotation
   has a box for every present finding.
 
+Also the one box overlap (:func:`iou_matrix`, numpy), shared by the readers' agreement
+(:mod:`db.agreement`) and the anchor coverage (:mod:`oxnet.data.anchors`).
+
 Torch-free: the store imports it.
 """
 
@@ -20,6 +23,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Collection, Sequence
+
+import numpy as np
 from dataclasses import dataclass
 
 #: A box as edited: (class name, x1, y1, x2, y2) in original pixels.
@@ -119,3 +124,16 @@ def annotation_problems(
         problems.append(Problem("unboxed", f"'all lesions are boxed' but {unboxed} have no box: draw them, or untick "
                                 "'all lesions are boxed'", names=tuple(unboxed)))
     return problems
+
+
+def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of every box of ``a`` (Tensor-like [N, 4]) with every box of ``b`` ([M, 4]), (x1, y1, x2, y2) -> [N, M]."""
+    a = np.asarray(a, dtype=np.float64).reshape(-1, 4)
+    b = np.asarray(b, dtype=np.float64).reshape(-1, 4)
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])
+    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.clip(rb - lt, 0, None).prod(axis=2)
+    area_a = np.clip(a[:, 2:] - a[:, :2], 0, None).prod(axis=1)
+    area_b = np.clip(b[:, 2:] - b[:, :2], 0, None).prod(axis=1)
+    union = area_a[:, None] + area_b[None, :] - inter
+    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)

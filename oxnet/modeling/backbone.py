@@ -18,7 +18,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from oxnet.modeling import weights_file
-from oxnet.modeling.config import BACKBONE_NORMS
+from oxnet.modeling.config import check_backbone_norm
 from oxnet.modeling.heads import group_norm
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -83,10 +83,7 @@ def resnet_fpn_backbone(
     (ResNet101_Weights.IMAGENET1K_V2)"``, ``"weights file resnet50.pth"`` or ``"random init: ImageNet
     weights unavailable (URLError)"``, followed by " (BatchNorm frozen)" or " (GroupNorm)".
     """
-    if norm not in BACKBONE_NORMS:
-        raise ValueError(f"backbone_norm must be one of {BACKBONE_NORMS}, got {norm!r}")
-    if norm == "group" and freeze_bn:
-        raise ValueError("freeze_bn=True needs backbone_norm='batch': GroupNorm has no running statistics to freeze")
+    check_backbone_norm(norm, freeze_bn)
     if norm == "group" and weights == "imagenet":
         raise ValueError("backbone_norm='group' cannot start from weights='imagenet': torchvision's ImageNet ResNets "
                          "are BatchNorm networks, whose running statistics GroupNorm cannot take; use weights='random', "

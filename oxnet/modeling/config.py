@@ -22,6 +22,15 @@ ANCHOR_SCALES = (1.0, 2 ** (1 / 3), 2 ** (2 / 3))
 DEFAULT_ANCHOR_RATIOS = (0.5, 1.0, 2.0)
 
 
+def check_backbone_norm(norm: str, freeze_bn: bool | None) -> None:
+    """ValueError unless ``norm`` is one of :data:`BACKBONE_NORMS` and, for GroupNorm, ``freeze_bn`` is not
+    True (GroupNorm has no running statistics to freeze); the one rule of models and pretraining."""
+    if norm not in BACKBONE_NORMS:
+        raise ValueError(f"backbone_norm must be one of {BACKBONE_NORMS}, got {norm!r}")
+    if norm == "group" and freeze_bn:
+        raise ValueError("freeze_bn=True needs backbone_norm='batch': GroupNorm has no running statistics to freeze")
+
+
 def default_anchor_sizes(levels: tuple[int, ...]) -> tuple[float, ...]:
     """RetinaNet's base anchor size per level: 2^(l+2) pixels on P_l (32 on P3, 512 on P7)."""
     return tuple(2.0 ** (lvl + 2) for lvl in levels)
@@ -80,10 +89,7 @@ class ModelConfig:
             raise ValueError("gpa=True needs daa=True: the class features are pooled with the DAA attention")
         if self.head_norm not in (None, "group"):
             raise ValueError(f"head_norm must be 'group' or None, got {self.head_norm!r}")
-        if self.backbone_norm not in BACKBONE_NORMS:
-            raise ValueError(f"backbone_norm must be one of {BACKBONE_NORMS}, got {self.backbone_norm!r}")
-        if self.backbone_norm == "group" and self.freeze_bn:
-            raise ValueError("freeze_bn=True needs backbone_norm='batch': GroupNorm has no running statistics to freeze")
+        check_backbone_norm(self.backbone_norm, self.freeze_bn)
         self._check_anchors()
         unknown = set(self.loss_weights) - set(LOSS_NAMES)
         if unknown:

@@ -74,7 +74,7 @@ from oxnet.data.records import Record
 from oxnet.data.transforms import load_image
 from oxnet.files import atomic_write, write_json
 from oxnet.modeling.backbone import IMAGENET_MEAN, IMAGENET_STD
-from oxnet.modeling.config import BACKBONE_NORMS
+from oxnet.modeling.config import check_backbone_norm
 from oxnet.modeling.heads import group_norm
 from oxnet.modeling.weights_file import FORMAT as INFO_FORMAT
 from oxnet.modeling.weights_file import info_path
@@ -172,10 +172,7 @@ class PretrainConfig:
             raise ValueError(f"crop_scale must be (low, high) with 0 < low <= high <= 1, got {self.crop_scale}")
         if not 0 <= self.max_rotation <= 45:
             raise ValueError(f"max_rotation must be in [0, 45] degrees, got {self.max_rotation}")
-        if self.backbone_norm not in BACKBONE_NORMS:
-            raise ValueError(f"backbone_norm must be one of {BACKBONE_NORMS}, got {self.backbone_norm!r}")
-        if self.backbone_norm == "group" and self.freeze_bn:
-            raise ValueError("freeze_bn=True needs backbone_norm='batch': GroupNorm has no running statistics to freeze")
+        check_backbone_norm(self.backbone_norm, self.freeze_bn)
 
     def learning_rate(self) -> float:
         return self.lr if self.lr is not None else 0.05 * self.batch_size / 256
