@@ -176,3 +176,35 @@ def test_review_buttons_are_a_reviewers_and_a_refused_review_is_a_message(demo, 
         assert image_detail(s, image).version == before and s.get(ImageReview, image).status == "consensus"
         assert s.scalars(select(AuditEntry).where(AuditEntry.action.in_(["review_accept", "set_readers_per_image"]))
                          .where(AuditEntry.annotator.has(name="dr.ann"))).all() == []
+
+
+def test_two_reviewers_on_one_image_the_second_click_acts_on_what_its_page_showed(demo):
+    """Three reviewers have the same disputed image open. The first accepts a read; the second and the
+    third, whose pages still show the image as it was, then click Merge and Edit: both are refused with
+    a message, the first review stays, and neither click acts on the image the list shows by then (the
+    agreed one, first once the disputed image left the list)."""
+    _readers(demo)
+    agreed, disputed = _unlabeled_ids(demo)[:2]
+    _read(demo, agreed, "dr.a", [NODULE])
+    _read(demo, agreed, "dr.b", [NODULE_B])
+    _read(demo, disputed, "dr.a", [NODULE])
+    read_b = _read(demo, disputed, "dr.b", [MASS])
+    first = _app("views/review.py", annotator="dr.rev", role="reviewer")
+    second = _app("views/review.py", annotator="dr.rev2", role="reviewer")
+    third = _app("views/review.py", annotator="dr.rev3", role="reviewer")
+    assert {at.selectbox(key="review_image_id").value for at in (first, second, third)} == {disputed}
+    first.button(key=f"review_accept_{read_b}").click().run()
+    assert f"Image {disputed}: saved as its training label" in _texts(first)
+    second.button(key="review_merge").click().run()
+    assert not second.exception, second.exception
+    assert f"Not saved: image {disputed} was changed by someone else" in _texts(second)
+    third.button(key="review_edit").click().run()
+    assert not third.exception, third.exception
+    assert f"Image {disputed} was reviewed by someone else meanwhile" in _texts(third)
+    assert "annotate_review" not in third.session_state
+    with _sessions(demo)() as s:
+        assert image_detail(s, disputed).boxes == [MASS]  # the first review stands
+        assert s.get(ImageReview, agreed).status == "consensus"  # untouched: nobody reviewed it
+        actions = [(e.action, e.annotator.name) for e in s.scalars(
+            select(AuditEntry).where(AuditEntry.action.like("review_%")).order_by(AuditEntry.id))]
+    assert actions == [("review_accept", "dr.rev")]

@@ -23,12 +23,14 @@ from db.readers import (
     set_readers_per_image,
     take_image,
 )
-from db.service import project_exists
+from db.service import image_detail, project_exists
 
 #: Side (px) of each read's picture.
 SIDE = 320
 SELECTED_KEY = "review_image_id"
-MESSAGE_KEY = "review_message"
+MESSAGE_KEY = "review_message"  # a review's outcome, shown by the reads
+SETTING_MESSAGE_KEY = "review_setting_message"  # the readers setting's, shown under it
+REQUEST_KEY = "review_request"
 #: Annotate's keys (app/views/annotate.py) set to open an image there as the reviewer's edit.
 OPEN_IMAGE_KEY, OPEN_REVIEW_KEY = "annotate_image_id", "annotate_review"
 
@@ -55,6 +57,19 @@ def _findings(labels: dict[str, bool], no_finding: bool, complete: bool, boxes) 
     return " · ".join(parts)
 
 
+def _show_message(key: str) -> None:
+    if message := st.session_state.pop(key, None):
+        (st.success if message[0] == "success" else st.error)(message[1])
+
+
+def _request(action: str, image_id: int, version: int, read_id: int | None = None) -> None:
+    """A review button's callback: remember what the click was for (the image and the version the page
+    showed when it drew the button). The page body carries it out after the login check, so a click
+    after someone else reviewed the image is refused as a conflict instead of acting on whatever image
+    the list shows by then."""
+    st.session_state[REQUEST_KEY] = (action, image_id, version, read_id)
+
+
 def _act(image_id: int, write) -> None:
     """Run one review write (``write(session)``, passing the logged-in user as ``actor``) in its own
     transaction; its refusal (stale version, no reviewer right: a :class:`~db.roles.PermissionDenied`,
@@ -67,11 +82,26 @@ def _act(image_id: int, write) -> None:
         st.session_state[MESSAGE_KEY] = ("error", f"Not saved: {e}")
 
 
-def _edit(image_id: int, who: str) -> None:
+def _carry_out(request: tuple[str, int, int, int | None], who: str) -> None:
+    action, image_id, version, read_id = request
+    if action == "accept" and read_id is not None:
+        _act(image_id, lambda session: accept_read(session, image_id, read_id=read_id, reviewer=who,
+                                                   expected_version=version, actor=who))
+    elif action == "merge":
+        _act(image_id, lambda session: merge_reads(session, image_id, reviewer=who, expected_version=version, actor=who))
+    elif action == "edit":
+        _edit(image_id, version, who)
+
+
+def _edit(image_id: int, version: int, who: str) -> None:
     """Open the image in Annotate as the reviewer's edit of its label (refused with a message for a
-    user who is no reviewer)."""
+    user who is no reviewer, or when the image changed since the page showed it at ``version``)."""
     try:
         with sessions().begin() as session:
+            if image_detail(session, image_id).version != version:
+                st.session_state[MESSAGE_KEY] = ("error", f"Image {image_id} was reviewed by someone else meanwhile: "
+                                                 "look at its label again before editing it.")
+                return
             current = st.session_state.get(OPEN_IMAGE_KEY)
             if current is not None and current != image_id:
                 release_image(session, current, who, actor=who)
@@ -96,6 +126,8 @@ if not has_project:
     st.info("The store has no project yet: see **Overview**.")
     st.stop()
 who = annotator()
+if (request := st.session_state.pop(REQUEST_KEY, None)) and who:
+    _carry_out(request, who)  # a message, or Annotate opens
 
 with sessions()() as session:
     n = readers_per_image(session)
@@ -110,32 +142,32 @@ with st.expander(f"Readers per image: **{n}**", expanded=n == 1):
         try:
             with sessions().begin() as session:
                 settled = set_readers_per_image(session, int(wanted), annotator=who, actor=who)
-            st.session_state[MESSAGE_KEY] = ("success", f"Readers per image: {int(wanted)}"
+            st.session_state[SETTING_MESSAGE_KEY] = ("success", f"Readers per image: {int(wanted)}"
                                              + (f"; {settled} image(s) got their consensus." if settled else "."))
         except (ValueError, PermissionError) as e:
-            st.session_state[MESSAGE_KEY] = ("error", str(e))
+            st.session_state[SETTING_MESSAGE_KEY] = ("error", str(e))
         st.rerun()
 
-if message := st.session_state.pop(MESSAGE_KEY, None):
-    (st.success if message[0] == "success" else st.error)(message[1])
+_show_message(SETTING_MESSAGE_KEY)
 
-st.subheader("Agreement between readers")
 if not agreement["images"]:
-    st.caption("No image has all its reads yet.")
-else:
-    st.caption(f"{agreement['images']} image(s) with all {agreement['readers']} reads; readers disagree on "
-               f"{agreement['disagree']}. Box F1 at IoU 0.4 over every pair of readers: {_number(agreement['box_f1'])}. "
-               "Kappa is n/a where undefined (every reader gave one same answer, or nobody assessed the class).")
-    st.dataframe(pd.DataFrame([{"class": r["class"], "Cohen's kappa": _number(r["cohen_kappa"]),
-                                "Fleiss' kappa": _number(r["fleiss_kappa"]), "box F1": _number(r["box_f1"]),
-                                "boxes": r["boxes"]} for r in agreement["per_class"]]),
-                 hide_index=True, key="review_agreement")
+    st.caption("Agreement between readers: no image has all its reads yet.")
+else:  # folded: the review below is the page's work, the statistics are for looking up
+    with st.expander(f"Agreement between readers: {agreement['images']} image(s) with all {agreement['readers']} "
+                     f"reads, readers disagree on {agreement['disagree']}, box F1 {_number(agreement['box_f1'])}"):
+        st.caption("Box F1 at IoU 0.4 over every pair of readers. Kappa is n/a where undefined (every reader gave "
+                   "one same answer, or nobody assessed the class).")
+        st.dataframe(pd.DataFrame([{"class": r["class"], "Cohen's kappa": _number(r["cohen_kappa"]),
+                                    "Fleiss' kappa": _number(r["fleiss_kappa"]), "box F1": _number(r["box_f1"]),
+                                    "boxes": r["boxes"]} for r in agreement["per_class"]]),
+                     hide_index=True, key="review_agreement")
 
 st.subheader("Waiting for review")
 include_reviewed = st.toggle("Also reviewed images", key="review_include_reviewed")
 with sessions()() as session:
     rows = review_queue(session, include_reviewed=include_reviewed)
 if not rows:
+    _show_message(MESSAGE_KEY)
     st.info("Nothing to review: images appear here once all their readers have read them.")
     st.stop()
 st.dataframe(pd.DataFrame([{"image": r["image_id"], "status": r["status"], "reason": r["reason"],
@@ -153,6 +185,7 @@ reviewer = may("reviewer")  # the buttons are a reviewer's; the writes check the
 if not reviewer:
     st.caption("A reviewer can accept, merge or edit these reads.")
 
+_show_message(MESSAGE_KEY)  # by the reads and their buttons, where the click was
 with sessions()() as session:
     detail = review_detail(session, image_id)
 image, image_reads = detail["image"], detail["reads"]
@@ -167,19 +200,16 @@ for column, read in zip(columns, image_reads):
         _picture(image.path, image.width, image.height, read.boxes)
         st.markdown(_findings(read.labels, read.no_finding, read.complete, read.boxes))
         st.caption(f"read {read.id}, saved {read.saved_at:%Y-%m-%d %H:%M} UTC")
-        if reviewer and st.button("Accept this read", key=f"review_accept_{read.id}"):
-            _act(image.id, lambda session, read_id=read.id: accept_read(
-                session, image.id, read_id=read_id, reviewer=who, expected_version=image.version, actor=who))
-            st.rerun()
+        if reviewer:
+            st.button("Accept this read", key=f"review_accept_{read.id}", on_click=_request,
+                      args=("accept", image.id, image.version, read.id))
 with columns[-1]:
     st.markdown(f"**Training label ({status})**")
     _picture(image.path, image.width, image.height, image.boxes)
     st.markdown(_findings(image.labels, image.no_finding, image.boxes_complete, image.boxes))
-    if reviewer and st.button("Merge boxes (weighted box fusion)", key="review_merge",
-                 help="every reader's boxes fused at IoU 0.4; findings by majority (ties present)"):
-        _act(image.id, lambda session: merge_reads(session, image.id, reviewer=who, expected_version=image.version,
-                                                   actor=who))
-        st.rerun()
-    if reviewer and st.button("Edit in Annotate", key="review_edit", help="open the image in Annotate; your save becomes its label"):
-        _edit(image.id, who)
-        st.rerun()
+    if reviewer:
+        st.button("Merge boxes (weighted box fusion)", key="review_merge",
+                  help="every reader's boxes fused at IoU 0.4; findings by majority (ties present)",
+                  on_click=_request, args=("merge", image.id, image.version))
+        st.button("Edit in Annotate", key="review_edit", help="open the image in Annotate; your save becomes its label",
+                  on_click=_request, args=("edit", image.id, image.version))
