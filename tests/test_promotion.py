@@ -276,17 +276,33 @@ def test_metrics_rolls_back_and_promotes_any_ready_version(two_versions):
     S, v1, v2 = two_versions
     at = _app("views/metrics.py")
     assert at.selectbox(key="metrics_serve_version").value == v2
-    at.button(key="metrics_serve").click().run()  # promote the candidate
+    at.button(key=f"metrics_serve_{v2}").click().run()  # promote the candidate
     assert not at.exception, at.exception
     with S.begin() as s:
         assert serving_model_version(s).id == v2
     assert at.selectbox(key="metrics_serve_version").value == v1
-    assert at.button(key="metrics_serve").label == f"Roll back to version {v1}"
-    at.button(key="metrics_serve").click().run()
+    assert at.button(key=f"metrics_serve_{v1}").label == f"Roll back to version {v1}"
+    at.button(key=f"metrics_serve_{v1}").click().run()
     with S.begin() as s:
         assert serving_model_version(s).id == v1
         actions = [e.action for e in s.scalars(select(AuditEntry).order_by(AuditEntry.id))]
         assert actions[-2:] == [PROMOTE_ACTION, ROLLBACK_ACTION]
+
+
+def test_a_promotion_click_acts_on_the_version_its_page_showed(two_versions):
+    """Two admins have Metrics open with the candidate chosen. The first promotes it; the second's click
+    on their unchanged page ("Promote version 2") must not act on the version the list offers after the
+    rerun (a rollback to version 1): it does nothing, and the candidate serves."""
+    S, v1, v2 = two_versions
+    first, second = _app("views/metrics.py"), _app("views/metrics.py", annotator="dr.other")
+    assert first.selectbox(key="metrics_serve_version").value == second.selectbox(key="metrics_serve_version").value == v2
+    first.button(key=f"metrics_serve_{v2}").click().run()
+    second.button(key=f"metrics_serve_{v2}").click().run()
+    assert not second.exception, second.exception
+    with S.begin() as s:
+        assert serving_model_version(s).id == v2
+        assert [e.action for e in s.scalars(select(AuditEntry).order_by(AuditEntry.id))].count(ROLLBACK_ACTION) == 0
+    assert second.button(key=f"metrics_serve_{v1}").label == f"Roll back to version {v1}"  # what the page offers now
 
 
 def test_trainer_script_refuses_a_bad_tolerance_without_a_traceback(capsys):

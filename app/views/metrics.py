@@ -105,7 +105,8 @@ else:
         with right:
             st.write("")
             promote_button(chosen, f"{'Roll back to' if chosen < serving['id'] else 'Promote'} version {chosen}",
-                           key="metrics_serve", on_done=_data.clear)
+                           key=f"metrics_serve_{chosen}", on_done=_data.clear)  # per version: a click from a page drawn
+            # before someone else changed the serving version acts on the version it showed or not at all
     if summary["history"]:
         with st.expander("Serving history (audit log)"):
             st.dataframe(pd.DataFrame(summary["history"]), hide_index=True, width="stretch", key="metrics_history")
