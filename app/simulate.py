@@ -9,7 +9,8 @@ implements :class:`oxnet.experiments.simulate.SimulationStore`.
 Writes OUT/simulation.json (every round: units spent, test mAP, label mix, what was bought) and
 OUT/simulation.html (plotly, test mAP against units spent, one curve per strategy). One SQLite store and
 one log (OUT/logs/<strategy>-seed<seed>.jsonl) per run: started again with the same OUT, a run continues
-from its last finished round (``--fresh`` starts over).
+from its last finished round (``--fresh`` starts over). Parts run apart (one process per seed) become one
+study with ``oxnet-simulate merge A/simulation.json B/simulation.json --out C``.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ from db.versions import serving_model_version
 from db.workbench import SqlStore
 from oxnet.active.loop import TRAINER_PRESETS
 from oxnet.experiments.simulate import (
-    ORACLE, STRATEGIES, Candidate, CostModel, SimulationConfig, hide_labels, plan_labels, run_simulation, write_results,
+    ORACLE, STRATEGIES, Candidate, CostModel, SimulationConfig, hide_labels, merge_simulations, plan_labels, run_simulation,
+    write_results,
 )
 from oxnet.vocabulary import ADD_LABELS, FULL, UNLABELED, UNLABELED_TO_FULL, WEAK, WEAK_TO_FULL
 
@@ -211,7 +213,25 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def merge(argv: list[str]) -> int:
+    """``merge A/simulation.json B/simulation.json ... --out C``: parts of one study run apart (one process
+    per seed or strategy) as one simulation.json / simulation.html with the summary over all runs."""
+    parser = argparse.ArgumentParser(prog="oxnet-simulate merge", description=merge.__doc__)
+    parser.add_argument("parts", nargs="+", help="simulation.json files of one study")
+    parser.add_argument("--out", required=True, help="folder of the merged simulation.json and simulation.html")
+    args = parser.parse_args(argv)
+    try:
+        results = merge_simulations(args.parts, args.out)
+    except ValueError as exc:
+        parser.error(str(exc))
+    print(json.dumps({"summary": results["summary"], "runs": len(results["runs"]), "out": args.out}, indent=1))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["merge"]:
+        return merge(argv[1:])
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     dataset = Path(args.dataset)

@@ -161,6 +161,49 @@ def test_summary_compares_strategies_per_seed():
     assert goal["controls_ran"] == [] and not goal["not_below_best_control"]
 
 
+def test_merge_joins_parts_run_apart_and_refuses_other_studies(tmp_path, capsys):
+    """One process per seed, then ``oxnet-simulate merge``: the merged summary is the summary over every
+    part's runs; a ceiling (another dataset description), a run held twice and an unreadable file are
+    refused with the file named, by the command line without a traceback."""
+    import app.simulate as cli
+
+    def part(name, runs, **dataset):
+        config = {"strategies": sorted({r[0] for r in runs}), "seeds": sorted({r[1] for r in runs}), "budget": 20.0,
+                  "settings": {"lr": 1e-3, "seed": runs[0][1], "strategy": runs[0][0], "device": name}}
+        results = {"config": config, "machine": {"cpus": len(name)}, "dataset": {"path": "d.json", **dataset},
+                   "runs": [{"strategy": s, "seed": seed, "points": [{"spent": 10.0 * i, "mAP": m, "done": i == len(maps) - 1}
+                                                                  for i, m in enumerate(maps)]} for s, seed, maps in runs]}
+        path = tmp_path / name / "simulation.json"
+        path.parent.mkdir()
+        path.write_text(json.dumps(results))
+        return path
+
+    a = part("a", [("random", 0, [0.1, 0.2, 0.2]), ("cost_aware", 0, [0.1, 0.3, 0.4])])
+    b = part("b", [("random", 1, [0.1, 0.1, 0.3]), ("cost_aware", 1, [0.1, 0.1, 0.2])], ceiling=False)
+    assert cli.main(["merge", str(a), str(b), "--out", str(tmp_path / "merged")]) == 0
+    merged = json.loads((tmp_path / "merged" / "simulation.json").read_text())
+    runs = [*json.loads(a.read_text())["runs"], *json.loads(b.read_text())["runs"]]
+    assert merged["summary"] == json.loads(json.dumps(summarize(runs)))
+    assert merged["summary"]["random"]["mean_mAP"] == pytest.approx([0.1, 0.15, 0.25])
+    assert merged["config"]["seeds"] == [0, 1] and [m["path"] for m in merged["merged_from"]] == [str(a), str(b)]
+    assert (tmp_path / "merged" / "simulation.html").is_file()
+
+    ceiling = part("c", [("random", 2, [0.2, 0.3])], ceiling=True)
+    twice = part("d", [("random", 1, [0.1, 0.1, 0.3])])
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    for parts, message in [([a, ceiling], f"{ceiling} and {a} are not the same study: their dataset differ"),
+                           ([a, b, twice], f"{twice} and {b} both hold the run random seed 1"),
+                           ([a, broken], f"{broken}: not a readable simulation.json"),
+                           ([a], "merge needs at least two simulation.json files")]:
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["merge", *map(str, parts), "--out", str(tmp_path / "refused")])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
+    assert not (tmp_path / "refused").exists()
+
+
 def test_simulation_cli_end_to_end_writes_curves_after_every_round(dataset, tmp_path, monkeypatch):
     """Two strategies, one seed, the tiny trainer: every round is recorded, each strategy spends the
     budget through the oracle (labels 1 unit, boxes 5), and the results are rewritten after every point."""

@@ -55,7 +55,9 @@ __all__ = [
     "run_oracle",
     "run_simulation",
     "spend",
+    "merge_simulations",
     "summarize",
+    "write_results",
 ]
 
 STRATEGIES = tuple(_REGISTRY)
@@ -502,3 +504,63 @@ def write_results(results: Mapping[str, Any], out_dir: str | Path) -> dict[str, 
     write_json(json_path, results)
     figure(results).write_html(html_path, include_plotlyjs=True)
     return {"json": json_path, "html": html_path}
+
+
+#: How a run was executed, not what it measured: may differ between the parts of one merged simulation.
+_WHERE_IT_RAN = ("device", "num_workers")
+#: Dataset fields a simulation written before they existed ran with.
+_DATASET_DEFAULTS = {"ceiling": False, "plan_seed": None}
+
+
+def merge_simulations(paths: Sequence[str | Path], out_dir: str | Path) -> dict[str, Any]:
+    """Combine simulations of one study that ran apart (one process per seed or per strategy) into one
+    ``simulation.json`` / ``simulation.html`` in ``out_dir``, with the summary over all their runs.
+
+    The parts must agree on the dataset (incl. ``ceiling`` and ``plan_seed``: a ceiling or a noise floor
+    is another study) and on the config except the strategies and seeds they ran and where they ran;
+    a (strategy, seed) run may appear only once. Each part's machine is kept in ``merged_from``.
+    Raises ValueError naming the file and what differs."""
+    if len(paths) < 2:
+        raise ValueError("merge needs at least two simulation.json files")
+    parts = []
+    for path in map(Path, paths):
+        try:
+            part = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{path}: not a readable simulation.json ({exc})") from exc
+        if not isinstance(part, dict) or not all(k in part for k in ("config", "runs", "dataset")):
+            raise ValueError(f"{path}: not a simulation.json (needs config, runs and dataset)")
+        parts.append((path, part))
+
+    def study(part: Mapping[str, Any]) -> dict[str, Any]:
+        config = {k: v for k, v in part["config"].items() if k not in ("strategies", "seeds")}
+        config["settings"] = {k: v for k, v in config.get("settings", {}).items()
+                              if k not in ("strategy", "seed", *_WHERE_IT_RAN)}
+        return {**config, "dataset": {**_DATASET_DEFAULTS, **part["dataset"]}}
+
+    first_path, first = parts[0]
+    owner: dict[tuple[str, int], Path] = {}
+    for path, part in parts:
+        if study(part) != study(first):
+            mine, theirs = study(part), study(first)
+            differ = sorted({*mine, *theirs} - {k for k in mine if mine.get(k) == theirs.get(k)})
+            raise ValueError(f"{path} and {first_path} are not the same study: their {', '.join(differ)} differ")
+        for run in part["runs"]:
+            key = (run["strategy"], int(run["seed"]))
+            if key in owner:
+                raise ValueError(f"{path} and {owner[key]} both hold the run {key[0]} seed {key[1]}")
+            owner[key] = path
+    runs = sorted((run for _, part in parts for run in part["runs"]), key=lambda r: (r["seed"], r["strategy"]))
+    results = {
+        "config": {**first["config"],
+                   "strategies": sorted({s for _, part in parts for s in part["config"]["strategies"]}),
+                   "seeds": sorted({int(s) for _, part in parts for s in part["config"]["seeds"]})},
+        "machine": first.get("machine"),
+        "merged_from": [{"path": str(path), "machine": part.get("machine"),
+                         "runs": [f"{r['strategy']} seed {r['seed']}" for r in part["runs"]]} for path, part in parts],
+        "runs": runs,
+        "summary": summarize(runs),
+        "dataset": first["dataset"],
+    }
+    write_results(results, out_dir)
+    return results
