@@ -161,6 +161,28 @@ def test_summary_compares_strategies_per_seed():
     assert goal["controls_ran"] == [] and not goal["not_below_best_control"]
 
 
+def test_the_mean_curve_averages_every_seed_at_every_level():
+    """Seeds that spend unequal units per round (boxes come in 5s) have points at different levels: the
+    mean at a level is over every seed's curve interpolated there (held at its last mAP after its last
+    spend), checked against a loop over seeds; before, a level's "mean" was whichever seed had a point."""
+    runs = [{"strategy": "random_boxes", "seed": seed, "points": [{"spent": x, "mAP": m} for x, m in points]}
+            for seed, points in enumerate([[(0, 0.1), (47, 0.3), (94, 0.2)], [(0, 0.2), (45, 0.0)],
+                                           [(0, 0.1), (50, 0.5), (100, 0.6)]])]
+    entry = summarize(runs)["random_boxes"]
+    assert entry["spent"] == [0, 45, 47, 50, 94, 100]
+
+    def at(points, x):  # the loop oracle: linear between points, the last mAP after the last spend
+        if x >= points[-1][0]:
+            return points[-1][1]
+        (x0, y0), (x1, y1) = next((a, b) for a, b in zip(points, points[1:]) if a[0] <= x <= b[0])
+        return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+
+    for k, x in enumerate(entry["spent"]):
+        values = [at([(p["spent"], p["mAP"]) for p in run["points"]], x) for run in runs]
+        assert entry["mean_mAP"][k] == pytest.approx(np.mean(values)), x
+        assert entry["std_mAP"][k] == pytest.approx(np.std(values)), x
+
+
 def test_merge_joins_parts_run_apart_and_refuses_other_studies(tmp_path, capsys):
     """One process per seed, then ``oxnet-simulate merge``: the merged summary is the summary over every
     part's runs; a ceiling (another dataset description), a run held twice and an unreadable file are

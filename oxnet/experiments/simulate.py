@@ -392,8 +392,19 @@ def _units_to_reach(spent: Sequence[float], maps: Sequence[float], target: float
     return None
 
 
+def _on_common_levels(curves: Sequence[tuple[np.ndarray, np.ndarray]]) -> dict[str, Any]:
+    """Runs' mAP-vs-units curves on one set of levels (every level any of them has), each run's curve
+    linearly interpolated between its points and held at its last mAP after its last spend (a run that
+    found nothing more to buy keeps the model it has). Runs spend unequal units per round (boxes come in
+    5s), so averaging only the runs that happen to have a point at a level would mix different seeds at
+    neighbouring levels; on these levels the mean of the runs' curves is exact."""
+    levels = np.unique(np.concatenate([spent for spent, _ in curves]))
+    return {"spent": levels.tolist(), "maps": np.stack([np.interp(levels, spent, maps) for spent, maps in curves])}
+
+
 def summarize(runs: Sequence[Mapping[str, Any]], *, default: str = "cost_aware") -> dict[str, Any]:
-    """Per strategy: the mean and standard deviation of test mAP at each spent level over seeds, the mean
+    """Per strategy: the mean and standard deviation over seeds of test mAP at every level of units any
+    of its runs spent (each run's curve interpolated there: :func:`_on_common_levels`), the mean
     area under the mAP-vs-units curve (trapezoid, divided by the units spanned), the final mAP and the
     units at which the mean curve reaches random's mean final mAP; per strategy other than random, the
     paired per-seed differences against random (``<strategy>_minus_random``); and ``goal``: whether
@@ -414,18 +425,17 @@ def summarize(runs: Sequence[Mapping[str, Any]], *, default: str = "cost_aware")
         maps = np.array([p[MAP] for p in points], dtype=float)
         area = float(np.trapezoid(maps, spent) / (spent[-1] - spent[0])) if len(points) > 1 and spent[-1] > spent[0] else float(maps.mean())
         per_seed[(run["strategy"], run["seed"])] = {"area": area, "final": float(maps[-1]), "spent": float(spent[-1])}
-        entry = by.setdefault(run["strategy"], {"curve": {}, "areas": [], "finals": []})
+        entry = by.setdefault(run["strategy"], {"curves": [], "areas": [], "finals": []})
         entry["areas"].append(area)
         entry["finals"].append(float(maps[-1]))
-        for x, m in zip(spent.tolist(), maps.tolist()):
-            entry["curve"].setdefault(x, []).append(m)
+        entry["curves"].append((spent, maps))
     summary: dict[str, Any] = {}
     for strategy, entry in by.items():
-        levels = sorted(entry["curve"])
+        curves = _on_common_levels(entry["curves"])
         summary[strategy] = {
-            "spent": levels,
-            "mean_mAP": [float(np.mean(entry["curve"][x])) for x in levels],
-            "std_mAP": [float(np.std(entry["curve"][x])) for x in levels],
+            "spent": curves["spent"],
+            "mean_mAP": curves["maps"].mean(axis=0).tolist(),
+            "std_mAP": curves["maps"].std(axis=0).tolist(),
             "mean_area": float(np.mean(entry["areas"])), "std_area": float(np.std(entry["areas"])),
             "mean_final_mAP": float(np.mean(entry["finals"])), "std_final_mAP": float(np.std(entry["finals"])),
             "seeds": len(entry["areas"]),
