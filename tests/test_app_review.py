@@ -43,13 +43,19 @@ def _read(url, image_id, who, boxes, complete=True):
                          complete=complete, expected_revision=0).id
 
 
+def _agreed_and_disputed(url):
+    """Two readers per image; one image they agree on (Nodule, Nodule), one they do not (Nodule, Mass):
+    (agreed, disputed, the id of the disputed image's Mass read)."""
+    _readers(url)
+    agreed, disputed = _unlabeled_ids(url)[:2]
+    _read(url, agreed, "dr.a", [NODULE])
+    _read(url, agreed, "dr.b", [NODULE_B])
+    _read(url, disputed, "dr.a", [NODULE])
+    return agreed, disputed, _read(url, disputed, "dr.b", [MASS])
+
+
 def test_review_page_lists_disagreements_first_and_accepts_a_read(demo):
-    _readers(demo)
-    agreed, disputed = _unlabeled_ids(demo)[:2]
-    _read(demo, agreed, "dr.a", [NODULE])
-    _read(demo, agreed, "dr.b", [NODULE_B])
-    _read(demo, disputed, "dr.a", [NODULE])
-    read_b = _read(demo, disputed, "dr.b", [MASS])
+    agreed, disputed, read_b = _agreed_and_disputed(demo)
     at = _app("views/review.py", annotator="dr.rev", role="reviewer")
     table = _table(at, "reason")
     assert list(table["image"]) == [disputed, agreed] and "disagree" in table["reason"][0]
@@ -183,12 +189,7 @@ def test_two_reviewers_on_one_image_the_second_click_acts_on_what_its_page_showe
     third, whose pages still show the image as it was, then click Merge and Edit: both are refused with
     a message, the first review stays, and neither click acts on the image the list shows by then (the
     agreed one, first once the disputed image left the list)."""
-    _readers(demo)
-    agreed, disputed = _unlabeled_ids(demo)[:2]
-    _read(demo, agreed, "dr.a", [NODULE])
-    _read(demo, agreed, "dr.b", [NODULE_B])
-    _read(demo, disputed, "dr.a", [NODULE])
-    read_b = _read(demo, disputed, "dr.b", [MASS])
+    agreed, disputed, read_b = _agreed_and_disputed(demo)
     first = _app("views/review.py", annotator="dr.rev", role="reviewer")
     second = _app("views/review.py", annotator="dr.rev2", role="reviewer")
     third = _app("views/review.py", annotator="dr.rev3", role="reviewer")
