@@ -22,6 +22,7 @@ from db.service import image_detail
 from tests.logins import PASSWORD, ensure_user
 from tests.streamlit_server import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, ROOT, free_port, streamlit_server
 from tests.test_app import _unlabeled_ids
+from tests.test_browser_annotate import _canvas_ready
 
 PORTS = range(8650, 8660)  # this file's ports
 NODULE = ("Nodule", 20.0, 20.0, 60.0, 60.0)
@@ -107,8 +108,8 @@ def test_two_reviewers_an_annotator_and_an_edit_on_the_review_page(store, tmp_pa
 
             first.get_by_role("button", name="Edit in Annotate").click()
             first.get_by_text("Reviewing: your save becomes this image's training label").wait_for()
+            _canvas_ready(first, agreed)  # the page has settled (a key pressed during a rerun is lost)
             first.screenshot(path=str(ARTIFACTS / "review-edit-annotate-1400.png"))
-            first.locator(".st-key-annotate_save button").first.wait_for()
             first.keyboard.press("Control+Enter")  # Save, from the keyboard
             first.get_by_text(f"Saved image {agreed}").wait_for()
         finally:
