@@ -222,7 +222,7 @@ def merge(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     try:
         results = merge_simulations(args.parts, args.out)
-    except ValueError as exc:
+    except (ValueError, OSError) as exc:  # a part that is no study of the others, or an unwritable --out
         parser.error(str(exc))
     print(json.dumps({"summary": results["summary"], "runs": len(results["runs"]), "out": args.out}, indent=1))
     return 0

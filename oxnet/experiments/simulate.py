@@ -549,10 +549,10 @@ def merge_simulations(paths: Sequence[str | Path], out_dir: str | Path) -> dict[
         return {**config, "dataset": {**_DATASET_DEFAULTS, **part["dataset"]}}
 
     first_path, first = parts[0]
+    theirs = study(first)
     owner: dict[tuple[str, int], Path] = {}
     for path, part in parts:
-        if study(part) != study(first):
-            mine, theirs = study(part), study(first)
+        if (mine := study(part)) != theirs:
             differ = sorted({*mine, *theirs} - {k for k in mine if mine.get(k) == theirs.get(k)})
             raise ValueError(f"{path} and {first_path} are not the same study: their {', '.join(differ)} differ")
         for run in part["runs"]:
